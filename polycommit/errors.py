@@ -1,0 +1,108 @@
+"""One error hierarchy for polycommit, split by whether trying again can help.
+
+Callers catch by meaning: a `RetriableError` may succeed on a later attempt (a lock timeout, a deadlock, a
+server restarting); a `PermanentError` never will (bad SQL, a wrong vector size, an unknown store), so the
+step fails at once and a poison record goes to the dead-letter topic instead of blocking its partition.
+"""
+
+from __future__ import annotations
+
+
+class PolycommitError(Exception):
+    """Base of every error polycommit raises on purpose."""
+
+    retriable: bool = False
+
+    @property
+    def error_class(self) -> str:
+        return type(self).__name__
+
+
+class RetriableError(PolycommitError):
+    """Trying again later may succeed."""
+
+    retriable = True
+
+
+class PermanentError(PolycommitError):
+    """Trying again cannot succeed; the input or the operation is wrong."""
+
+    retriable = False
+
+
+# -- the event log ---------------------------------------------------------------------------------
+
+
+class CodecError(PermanentError):
+    """An event could not be encoded or decoded."""
+
+
+class CorruptEventError(CodecError):
+    """The bytes are not a polycommit event: bad header, truncated or garbled Avro body."""
+
+
+class UnknownSchemaError(CodecError):
+    """The event names a writer schema (by fingerprint) that this reader has never seen."""
+
+
+class UnexpectedEventTypeError(CodecError):
+    """A valid event of another type arrived on a topic that carries only some types."""
+
+
+class InvalidEventError(CodecError):
+    """A record does not match its schema (a missing field, a wrong type) and cannot be written."""
+
+
+# -- operations and stores -------------------------------------------------------------------------
+
+
+class InvalidOperationError(PermanentError):
+    """The operation cannot run anywhere: unknown store or kind, missing key, wrong vector size."""
+
+
+class UnknownStoreError(InvalidOperationError):
+    """The operation names a store polycommit does not have."""
+
+
+class PayloadTooLargeError(InvalidOperationError):
+    """The operation's payload exceeds the configured limit."""
+
+
+class StoreError(PolycommitError):
+    """A store refused or failed an operation; `retriable` says whether to try again."""
+
+    def __init__(self, message: str, *, retriable: bool, store: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+        self.store = store
+        self.code = code
+
+
+class StoreUnavailableError(RetriableError):
+    """A store cannot be reached right now."""
+
+
+class VersionConflictError(PermanentError):
+    """Optimistic concurrency: the stored version differs from the expected one."""
+
+
+# -- transactions ----------------------------------------------------------------------------------
+
+
+class TransactionError(PolycommitError):
+    """A transaction did not end as the caller asked."""
+
+
+class TransactionTimeoutError(RetriableError):
+    """No result arrived for a transaction before the client's deadline; it may still finish."""
+
+
+class ServerStartError(PolycommitError):
+    """A server did not become ready; the message names it and its log file."""
+
+
+def describe(exc: BaseException) -> tuple[str, str, bool]:
+    """(error class, message, retriable) of any exception, for outcome and dead-letter records."""
+    if isinstance(exc, PolycommitError):
+        return exc.error_class, str(exc), exc.retriable
+    return type(exc).__name__, str(exc) or repr(exc), False

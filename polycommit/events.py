@@ -1,0 +1,160 @@
+"""Typed views of the Avro records in `schemas/`: plain dicts at run time, checked shapes for mypy.
+
+Events are facts in the past tense (StepOutcome, Decision, DeadLetter); a StoreCommand is an order.
+Keeping them as the dicts fastavro reads and writes costs nothing on the hot path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal, TypedDict
+
+Store = Literal["postgres", "qdrant", "neo4j"]
+STORES: tuple[Store, ...] = ("postgres", "qdrant", "neo4j")
+
+StepAction = Literal["EXECUTE", "COMPENSATE", "PREPARE", "COMMIT", "ABORT"]
+OutcomeStatus = Literal["APPLIED", "ALREADY_APPLIED", "SKIPPED", "NOOP", "FAILED", "PREPARED", "VOTED_NO"]
+TransactionStatus = Literal["COMPLETED", "COMPENSATED", "STUCK", "FAILED", "COMMITTED", "ABORTED"]
+Consistency = Literal["EVENTUAL", "STRONG"]
+Isolation = Literal["READ_UNCOMMITTED", "READ_COMMITTED", "REPEATABLE_READ", "SERIALIZABLE"]
+
+
+class NodeRef(TypedDict):
+    label: str
+    key: str
+
+
+class Point(TypedDict):
+    id: str
+    vector: list[float]
+    payload: str
+
+
+class Operation(TypedDict):
+    store: str
+    kind: str
+    target: str
+    key: str
+    values: str
+    points: list[Point]
+    point_ids: list[str]
+    from_node: NodeRef | None
+    to_node: NodeRef | None
+    statement: str
+    params: str
+    lock_keys: list[str]
+    expected_version: int | None
+
+
+class Step(TypedDict):
+    index: int
+    name: str
+    operation: Operation
+    compensation: Operation | None
+    retries: int
+    timeout_ms: int
+
+
+class ErrorInfo(TypedDict):
+    error_class: str
+    message: str
+    retriable: bool
+
+
+class TransactionIntent(TypedDict):
+    tx_id: str
+    name: str
+    consistency: Consistency
+    isolation: Isolation
+    priority: int
+    steps: list[Step]
+    reply_to: str
+    client_id: str
+    created_at_ms: int
+
+
+class StoreCommand(TypedDict):
+    tx_id: str
+    step_index: int
+    action: StepAction
+    attempt: int
+    operation: Operation
+    compensation: Operation | None
+    before_image: str | None
+    issued_at_ms: int
+
+
+class StepOutcome(TypedDict):
+    tx_id: str
+    step_index: int
+    action: StepAction
+    attempt: int
+    store: str
+    status: OutcomeStatus
+    before_image: str | None
+    error: ErrorInfo | None
+    at_ms: int
+    duration_us: int
+
+
+class StepResult(TypedDict):
+    index: int
+    name: str
+    store: str
+    status: str
+    attempts: int
+    compensation_attempts: int
+    error: ErrorInfo | None
+
+
+class TransactionResult(TypedDict):
+    tx_id: str
+    name: str
+    status: TransactionStatus
+    steps: list[StepResult]
+    error: ErrorInfo | None
+    started_at_ms: int
+    finished_at_ms: int
+
+
+class SagaSnapshot(TypedDict):
+    intent: TransactionIntent
+    phase: str
+    current: int
+    attempt: int
+    due_at_ms: int
+    waiting: bool
+    steps: list[StepResult]
+    before_images: list[str | None]
+    error: ErrorInfo | None
+    started_at_ms: int
+    updated_at_ms: int
+
+
+class DeadLetter(TypedDict):
+    original_topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    payload: bytes
+    payload_size: int
+    error_class: str
+    error_message: str
+    tx_id: str | None
+    consumer: str
+    at_ms: int
+
+
+class Alert(TypedDict):
+    kind: str
+    tx_id: str
+    message: str
+    at_ms: int
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def error_info(error_class: str, message: str, retriable: bool) -> ErrorInfo:
+    return {"error_class": error_class, "message": message[:2000], "retriable": retriable}
