@@ -1,0 +1,182 @@
+"""The consume loop every store's consumer group runs: commands in, one store round trip per batch, outcomes out.
+
+Offsets are committed only after the batch's outcomes are acknowledged by the broker, so a crash at any
+point redelivers the batch; the store's applied-step markers make that redelivery change nothing (P4).
+A record that cannot be decoded or names an invalid operation becomes a dead letter (P7) and the loop
+goes on; an invalid operation also gets a FAILED outcome, so its saga compensates instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from consumers.base import Participant, failed
+from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
+from polycommit.codec import EventCodec, default_codec
+from polycommit.config import Settings
+from polycommit.errors import CodecError, InvalidOperationError, PolycommitError, StoreUnavailableError, describe
+from polycommit.events import DeadLetter, StepOutcome, StoreCommand, now_ms
+from polycommit.operations import validate_operation
+
+log = logging.getLogger(__name__)
+DEAD_LETTER_PAYLOAD_LIMIT = 64 * 1024
+
+
+def dead_letter(
+    record: Any, exc: BaseException, consumer: str, tx_id: str | None = None
+) -> DeadLetter:
+    """A dead-letter record for a Kafka record: where it came from, why it failed, and (part of) its bytes."""
+    error_class, message, _ = describe(exc)
+    payload = bytes(record.value or b"")
+    return {
+        "original_topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "key": bytes(record.key) if record.key is not None else None,
+        "payload": payload[:DEAD_LETTER_PAYLOAD_LIMIT],
+        "payload_size": len(payload),
+        "error_class": error_class,
+        "error_message": message[:4000],
+        "tx_id": tx_id,
+        "consumer": consumer,
+        "at_ms": now_ms(),
+    }
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    commands: int = 0
+    dead_letters: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+class StoreWorker:
+    """One member of a store's consumer group (`polycommit-<store>`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        participant: Participant,
+        *,
+        batch_size: int = 500,
+        group_id: str | None = None,
+        codec: EventCodec | None = None,
+        on_batch: Callable[[list[StepOutcome]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.participant = participant
+        self.store = participant.store
+        self.batch_size = batch_size
+        self.group_id = group_id or f"{settings.topic_prefix}-{participant.store}"
+        self.codec = codec or default_codec()
+        self.topics = topics_for(settings)
+        self.stats = WorkerStats()
+        self.on_batch = on_batch
+        self.name = f"{self.store}-worker"
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        consumer = make_consumer(
+            self.settings, self.topics.commands(self.store), group_id=self.group_id, client_id=self.name
+        )
+        publisher = Publisher(self.settings, codec=self.codec, client_id=self.name)
+        await self.participant.start()
+        await publisher.start()
+        await consumer.start()
+        try:
+            if ready is not None:
+                ready.set()
+            while not stop.is_set():
+                batch = await consumer.getmany(timeout_ms=100, max_records=self.batch_size)
+                records = [r for part in batch.values() for r in part]
+                if not records:
+                    continue
+                await self._handle(records, publisher)
+                await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
+        finally:
+            await consumer.stop()
+            await publisher.stop()
+            await self.participant.close()
+
+    async def _handle(self, records: list[Any], publisher: Publisher) -> None:
+        commands: list[StoreCommand] = []
+        sources: list[Any] = []
+        out: list[Outgoing] = []
+        for record in records:
+            try:
+                decoded: Any = self.codec.decode_as(record.value, "StoreCommand")
+            except CodecError as exc:
+                out.append(self._dead(record, exc, None))
+                continue
+            commands.append(decoded)
+            sources.append(record)
+        valid, positions, early = self._validate(commands)
+        outcomes: list[StepOutcome | None] = list(early)
+        for position, result in zip(positions, await self._apply(valid), strict=True):
+            outcomes[position] = result
+        for record, command, maybe in zip(sources, commands, outcomes, strict=True):
+            assert maybe is not None
+            step_outcome: StepOutcome = maybe
+            out.append(Outgoing(self.topics.outcomes, command["tx_id"], "StepOutcome", step_outcome))
+            error = step_outcome["error"]
+            if step_outcome["status"] == "FAILED" and error is not None and not error["retriable"]:
+                poison = PolycommitError(f"{error['error_class']}: {error['message']}")
+                out.append(self._dead(record, poison, command["tx_id"], error["error_class"]))
+            status = step_outcome["status"]
+            self.stats.outcomes[status] = self.stats.outcomes.get(status, 0) + 1
+        await publisher.publish_and_wait(out)
+        self.stats.batches += 1
+        self.stats.commands += len(commands)
+        if self.on_batch is not None:
+            self.on_batch([o for o in outcomes if o is not None])
+
+    def _validate(
+        self, commands: list[StoreCommand]
+    ) -> tuple[list[StoreCommand], list[int], list[StepOutcome | None]]:
+        """Refuse commands no store could run, before they reach the store (and before its batch)."""
+        valid: list[StoreCommand] = []
+        positions: list[int] = []
+        early: list[StepOutcome | None] = [None] * len(commands)
+        for position, command in enumerate(commands):
+            try:
+                for op in (command["operation"], command["compensation"]):
+                    if op is None:
+                        continue
+                    validate_operation(op, self.settings.max_payload_bytes)
+                    if op["store"] != self.store:
+                        raise InvalidOperationError(f"a {op['store']} operation arrived at the {self.store} consumer")
+            except InvalidOperationError as exc:
+                early[position] = failed(command, self.store, exc)
+                continue
+            valid.append(command)
+            positions.append(position)
+        return valid, positions, early
+
+    async def _apply(self, commands: list[StoreCommand]) -> list[StepOutcome]:
+        """Apply a batch; while the store is unreachable, wait and try the same batch again."""
+        delay = 0.2
+        while True:
+            try:
+                return await self.participant.apply_batch(commands)
+            except StoreUnavailableError as exc:
+                log.warning("%s unavailable, retrying the batch in %.1fs: %s", self.store, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                try:
+                    await self.participant.close()
+                    await self.participant.start()
+                except StoreUnavailableError:
+                    continue
+
+    def _dead(self, record: Any, exc: BaseException, tx_id: str | None, error_class: str | None = None) -> Outgoing:
+        self.stats.dead_letters += 1
+        letter = dead_letter(record, exc, self.name, tx_id)
+        if error_class is not None:
+            letter["error_class"] = error_class
+        key = tx_id or f"{record.topic}/{record.partition}/{record.offset}"
+        return Outgoing(self.topics.dead_letters, key, "DeadLetter", letter)
+

@@ -1,0 +1,261 @@
+"""The coordinator process: drives the pure saga state machine from Kafka, exactly once.
+
+Each loop reads a batch of intents and outcomes, folds them through `orchestrator.saga`, fires due timers
+(timeouts, retries), and then, in ONE Kafka transaction, publishes the resulting commands, results,
+alerts and dead letters, the new snapshots of every transaction it touched (the changelog), and the
+consumed offsets. A crash anywhere aborts that transaction: on restart the member restores its
+partitions' snapshots from the changelog and re-reads the same inputs, so no decision is lost or made
+twice. Restarting with the same transactional id fences a zombie predecessor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+
+from consumers.worker import dead_letter
+from orchestrator import saga
+from polycommit.bus import Outgoing, Publisher, key_hash, make_consumer, topics_for
+from polycommit.codec import EventCodec, default_codec
+from polycommit.config import Settings
+from polycommit.errors import CodecError
+from polycommit.events import SagaSnapshot, StepOutcome, TransactionIntent, TransactionResult, now_ms
+from projections import tx_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CoordinatorStats:
+    intents: int = 0
+    outcomes: int = 0
+    commands: int = 0
+    results: dict[str, int] = field(default_factory=dict)
+    dead_letters: int = 0
+    restored: int = 0
+    kafka_transactions: int = 0
+
+
+def reply_target(reply_to: str) -> tuple[str, int | None] | None:
+    """`topic` or `topic:partition` -> (topic, partition); empty -> None."""
+    if not reply_to:
+        return None
+    topic, _, partition = reply_to.rpartition(":")
+    if topic and partition.isdigit():
+        return topic, int(partition)
+    return reply_to, None
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, service: CoordinatorService) -> None:
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self.service.forget({tp.partition for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self.service.restore({tp.partition for tp in assigned})
+
+
+class CoordinatorService:
+    def __init__(
+        self,
+        settings: Settings,
+        policy: saga.SagaPolicy | None = None,
+        *,
+        instance: str = "0",
+        codec: EventCodec | None = None,
+        max_records: int = 2000,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy or saga.SagaPolicy(max_payload_bytes=settings.max_payload_bytes)
+        self.codec = codec or default_codec()
+        self.topics = topics_for(settings)
+        self.group_id = f"{settings.topic_prefix}-coordinator"
+        self.transactional_id = f"{settings.topic_prefix}-coordinator-{instance}"
+        self.max_records = max_records
+        self.sagas: dict[str, SagaSnapshot] = {}
+        self.timers: list[tuple[int, str]] = []
+        self.stats = CoordinatorStats()
+        self._partitions = 0
+
+    # -- state ownership ----------------------------------------------------------------------------
+
+    def partition_of(self, tx_id: str) -> int:
+        return key_hash(tx_id) % max(1, self._partitions)
+
+    def forget(self, partitions: set[int]) -> None:
+        for tx_id in [t for t in self.sagas if self.partition_of(t) in partitions]:
+            del self.sagas[tx_id]
+
+    async def restore(self, partitions: set[int]) -> None:
+        """Fold the changelog partitions this member now owns into its in-memory state."""
+        if not partitions:
+            return
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            client_id="coordinator-restore",
+        )
+        await reader.start()
+        try:
+            tps = [TopicPartition(self.topics.tx_state, p) for p in sorted(partitions)]
+            reader.assign(tps)
+            await reader.seek_to_beginning(*tps)
+            end = await reader.end_offsets(tps)
+            restored: dict[str, SagaSnapshot] = {}
+            while await self._behind(reader, end):
+                batch = await reader.getmany(*tps, timeout_ms=200, max_records=5000)
+                for records in batch.values():
+                    for record in records:
+                        snapshot: Any = None
+                        if record.value is not None:
+                            snapshot = self.codec.decode_as(record.value, "SagaSnapshot")
+                        tx_state.apply(restored, record.key.decode(), snapshot)
+        finally:
+            await reader.stop()
+        for tx_id, snapshot in restored.items():
+            self.sagas[tx_id] = snapshot
+            self._schedule(snapshot)
+        self.stats.restored += len(restored)
+        log.info("restored %d transactions from partitions %s", len(restored), sorted(partitions))
+
+    @staticmethod
+    async def _behind(reader: AIOKafkaConsumer, end: dict[TopicPartition, int]) -> bool:
+        for tp, offset in end.items():
+            if await reader.position(tp) < offset:
+                return True
+        return False
+
+    def _schedule(self, snapshot: SagaSnapshot) -> None:
+        if snapshot["due_at_ms"] and snapshot["phase"] not in saga.TERMINAL:
+            heapq.heappush(self.timers, (snapshot["due_at_ms"], snapshot["intent"]["tx_id"]))
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        publisher = Publisher(
+            self.settings, transactional_id=self.transactional_id, codec=self.codec, client_id="coordinator"
+        )
+        consumer = make_consumer(self.settings, group_id=self.group_id, client_id="coordinator")
+        await publisher.start()
+        self._partitions = len(await publisher.partitions(self.topics.intents))
+        consumer.subscribe(self.topics.coordinator_inputs(), listener=_Rebalance(self))
+        await consumer.start()
+        try:
+            if ready is not None:
+                ready.set()
+            while not stop.is_set():
+                await self._step(consumer, publisher)
+        finally:
+            await consumer.stop()
+            await publisher.stop()
+
+    async def _step(self, consumer: AIOKafkaConsumer, publisher: Publisher) -> None:
+        wait_ms = 100
+        if self.timers:
+            wait_ms = max(0, min(wait_ms, self.timers[0][0] - now_ms()))
+        batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.max_records)
+        now = now_ms()
+        out: list[Outgoing] = []
+        touched: dict[str, SagaSnapshot] = {}
+        for records in batch.values():
+            for record in records:
+                self._consume(record, now, out, touched)
+        self._fire_due(now, out, touched)
+        if not out and not touched and not batch:
+            return
+        for tx_id, snapshot in touched.items():
+            terminal = snapshot["phase"] in saga.TERMINAL
+            out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", None if terminal else snapshot))
+        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
+        await publisher.producer.begin_transaction()
+        try:
+            await publisher.publish(out)
+            if offsets:
+                await publisher.producer.send_offsets_to_transaction(offsets, self.group_id)
+            await publisher.producer.commit_transaction()
+        except BaseException:
+            await publisher.producer.abort_transaction()
+            raise
+        self.stats.kafka_transactions += 1
+
+    def _consume(self, record: Any, now: int, out: list[Outgoing], touched: dict[str, SagaSnapshot]) -> None:
+        try:
+            decoded = self.codec.decode(record.value)
+            if decoded.event_type == "TransactionIntent" and record.topic == self.topics.intents:
+                self._on_intent(decoded.record, record, now, out, touched)  # type: ignore[arg-type]
+            elif decoded.event_type == "StepOutcome" and record.topic == self.topics.outcomes:
+                self._on_outcome(decoded.record, now, out, touched)  # type: ignore[arg-type]
+            else:
+                raise CodecError(f"a {decoded.event_type} does not belong on {record.topic}")
+        except CodecError as exc:
+            self.stats.dead_letters += 1
+            key = record.key.decode(errors="replace") if record.key else f"{record.topic}/{record.offset}"
+            out.append(Outgoing(self.topics.dead_letters, key, "DeadLetter", dead_letter(record, exc, "coordinator")))
+
+    def _on_intent(
+        self, intent: TransactionIntent, record: Any, now: int, out: list[Outgoing], touched: dict[str, SagaSnapshot]
+    ) -> None:
+        self.stats.intents += 1
+        tx_id = intent["tx_id"]
+        if tx_id in self.sagas:
+            return  # a duplicate of an intent already in flight
+        transition = saga.start(intent, now, self.policy)
+        if transition.state["phase"] == "failed" and transition.state["error"] is not None:
+            # An intent no store could run is poison: it fails now (never hangs) and is kept for inspection.
+            error = transition.state["error"]
+            exc = CodecError(f"{error['error_class']}: {error['message']}")
+            letter = dead_letter(record, exc, "coordinator", tx_id)
+            letter["error_class"] = error["error_class"]
+            out.append(Outgoing(self.topics.dead_letters, tx_id, "DeadLetter", letter))
+            self.stats.dead_letters += 1
+        self._apply(transition, out, touched)
+
+    def _on_outcome(self, event: StepOutcome, now: int, out: list[Outgoing], touched: dict[str, SagaSnapshot]) -> None:
+        self.stats.outcomes += 1
+        state = self.sagas.get(event["tx_id"])
+        if state is None:
+            return  # the transaction already ended: a late or redelivered outcome
+        self._apply(saga.on_outcome(state, event, now, self.policy), out, touched)
+
+    def _fire_due(self, now: int, out: list[Outgoing], touched: dict[str, SagaSnapshot]) -> None:
+        while self.timers and self.timers[0][0] <= now:
+            due, tx_id = heapq.heappop(self.timers)
+            state = self.sagas.get(tx_id)
+            if state is None or state["due_at_ms"] != due:
+                continue  # the timer was superseded by a later transition
+            self._apply(saga.on_due(state, now, self.policy), out, touched)
+
+    def _apply(self, transition: saga.Transition, out: list[Outgoing], touched: dict[str, SagaSnapshot]) -> None:
+        state = transition.state
+        tx_id = state["intent"]["tx_id"]
+        touched[tx_id] = state
+        if state["phase"] in saga.TERMINAL:
+            self.sagas.pop(tx_id, None)
+        else:
+            self.sagas[tx_id] = state
+            self._schedule(state)
+        for command in transition.commands:
+            out.append(Outgoing(self.topics.commands(command["operation"]["store"]), tx_id, "StoreCommand", command))
+        self.stats.commands += len(transition.commands)
+        for alert in transition.alerts:
+            out.append(Outgoing(self.topics.alerts, tx_id, "Alert", alert))
+        if transition.result is not None:
+            self._publish_result(state, transition.result, out)
+
+    def _publish_result(self, state: SagaSnapshot, result: TransactionResult, out: list[Outgoing]) -> None:
+        tx_id = result["tx_id"]
+        self.stats.results[result["status"]] = self.stats.results.get(result["status"], 0) + 1
+        out.append(Outgoing(self.topics.results, tx_id, "TransactionResult", result))
+        target = reply_target(state["intent"]["reply_to"])
+        if target is not None:
+            out.append(Outgoing(target[0], tx_id, "TransactionResult", result, partition=target[1]))

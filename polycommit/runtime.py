@@ -1,0 +1,112 @@
+"""Run the coordinator and store consumers as asyncio tasks of one process (`polycommit run all`).
+
+In production each part may run as its own process (`polycommit run coordinator`, `polycommit consumer
+postgres`, ...) and scale by adding members to its consumer group; for the demo, the benchmark and the
+tests they share one event loop. `Runtime` starts them, waits until each has joined its group, and stops
+them cleanly; a part that crashes is reported, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from consumers.base import Participant
+from consumers.worker import StoreWorker
+from orchestrator.saga import SagaPolicy
+from orchestrator.service import CoordinatorService
+from polycommit.config import Settings
+from polycommit.errors import UnknownStoreError
+from polycommit.events import STORES
+
+log = logging.getLogger(__name__)
+
+_PARTICIPANTS = {
+    "postgres": ("consumers.postgres", "PostgresParticipant"),
+    "qdrant": ("consumers.qdrant", "QdrantParticipant"),
+    "neo4j": ("consumers.neo4j", "Neo4jParticipant"),
+}
+
+
+def participant_for(store: str, settings: Settings) -> Participant:
+    """The adapter of one store; imported lazily so a process loads only the drivers it uses."""
+    try:
+        module_name, class_name = _PARTICIPANTS[store]
+    except KeyError:
+        raise UnknownStoreError(f"unknown store {store!r}; polycommit has {', '.join(STORES)}") from None
+    participant: Participant = getattr(importlib.import_module(module_name), class_name)(settings)
+    return participant
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    stores: Sequence[str] = STORES
+    coordinator: bool = True
+    policy: SagaPolicy | None = None
+    batch_size: int = 500
+    service: CoordinatorService | None = None
+    workers: dict[str, StoreWorker] = field(default_factory=dict)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self, timeout: float = 60.0) -> Runtime:
+        readies: list[tuple[str, asyncio.Event]] = []
+        if self.coordinator:
+            self.service = CoordinatorService(self.settings, self.policy)
+            ready = asyncio.Event()
+            readies.append(("coordinator", ready))
+            self._tasks.append(asyncio.create_task(self.service.run(self._stop, ready), name="coordinator"))
+        for store in self.stores:
+            worker = StoreWorker(self.settings, participant_for(store, self.settings), batch_size=self.batch_size)
+            self.workers[store] = worker
+            ready = asyncio.Event()
+            readies.append((store, ready))
+            self._tasks.append(asyncio.create_task(worker.run(self._stop, ready), name=f"{store}-worker"))
+        for name, ready in readies:
+            await self._await_ready(name, ready, timeout)
+        return self
+
+    async def _await_ready(self, name: str, ready: asyncio.Event, timeout: float) -> None:
+        waiter = asyncio.create_task(ready.wait())
+        done, _ = await asyncio.wait([waiter, *self._tasks], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            waiter.cancel()
+            for task in done:
+                task.result()  # a part that died while starting raises here, with its own error
+            raise TimeoutError(f"{name} did not start within {timeout}s")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                try:
+                    await asyncio.wait_for(task, 30)
+                except TimeoutError:
+                    task.cancel()
+        self._tasks.clear()
+
+    async def wait(self) -> None:
+        """Run until stopped or until a part fails (its exception propagates)."""
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+
+    def stats(self) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        if self.service is not None:
+            report["coordinator"] = vars(self.service.stats)
+        for store, worker in self.workers.items():
+            report[store] = vars(worker.stats)
+        return report
+
+    async def __aenter__(self) -> Runtime:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
