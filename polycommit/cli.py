@@ -1,0 +1,162 @@
+"""The `polycommit` command: servers, topics, workers, status, the demo and the benchmark.
+
+Exit codes: 0 success, 1 the action ran but found a problem (unhealthy server, stuck transactions,
+failed transactions in the demo), 2 bad usage. `--json` prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from polycommit.config import load_settings
+from polycommit.events import STORES
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polycommit", description="Atomic changes across PostgreSQL, Qdrant and Neo4j over Kafka."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("services", help="start, stop, status or reset the local servers", add_help=False)
+
+    topics = sub.add_parser("topics", help="create or list the polycommit topics")
+    topics.add_argument("action", choices=["create", "list"])
+    topics.add_argument(
+        "--partitions", action="append", default=[], metavar="TOPIC=N",
+        help="partitions of a topic (short name, e.g. intents=8 or commands.neo4j=2); repeatable",
+    )
+    topics.add_argument("--json", action="store_true")
+
+    run = sub.add_parser("run", help="run the coordinator and/or the store consumers in this process")
+    run.add_argument("what", choices=["all", "coordinator"])
+
+    consumer = sub.add_parser("consumer", help="run one store's consumer group member")
+    consumer.add_argument("store", choices=list(STORES))
+    consumer.add_argument("--batch-size", type=int, default=500)
+
+    status = sub.add_parser("status", help="transactions in flight and stuck, from the coordinator's log")
+    status.add_argument("--json", action="store_true")
+
+    letters = sub.add_parser("dead-letters", help="list dead-letter records")
+    letters.add_argument("--limit", type=int, default=50)
+    letters.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser("demo", help="ingest documents and merge customers across all three stores")
+    demo.add_argument("--json", action="store_true")
+
+    bench = sub.add_parser("bench", help="measure throughput and latency against direct writes")
+    bench.add_argument("--mode", choices=["saga"], default="saga")
+    bench.add_argument("--transactions", type=int, default=10_000)
+    bench.add_argument("--concurrency", type=int, default=256)
+    bench.add_argument("--external", action="store_true", help="the workers already run elsewhere")
+    bench.add_argument("--no-direct", action="store_true", help="skip the direct-write baseline")
+    bench.add_argument("--json", action="store_true")
+    return parser
+
+
+def _partitions(specs: Sequence[str]) -> dict[str, int]:
+    result: dict[str, int] = {}
+    for spec in specs:
+        name, _, count = spec.partition("=")
+        if not count.isdigit() or int(count) < 1:
+            raise SystemExit(f"polycommit: --partitions wants TOPIC=N with N >= 1, got {spec!r}")
+        result[name] = int(count)
+    return result
+
+
+async def _topics(args: argparse.Namespace) -> int:
+    from polycommit.bus import create_topics, topics_for
+
+    settings = load_settings()
+    if args.action == "create":
+        report = await create_topics(settings, _partitions(args.partitions))
+    else:
+        report = {name: "" for name in topics_for(settings).all()}
+    if args.json:
+        _print_json(report)
+    else:
+        for name, state in report.items():
+            print(f"{name:40} {state}")
+    return 0
+
+
+async def _run_until_signal(stores: Sequence[str], coordinator: bool, batch_size: int = 500) -> int:
+    from polycommit.bus import create_topics
+    from polycommit.runtime import Runtime
+
+    settings = load_settings()
+    await create_topics(settings)
+    runtime = Runtime(settings, stores=stores, coordinator=coordinator, batch_size=batch_size)
+    await runtime.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"polycommit running: {'coordinator ' if coordinator else ''}{' '.join(stores)} (Ctrl-C stops)")
+    waiter = asyncio.create_task(runtime.wait())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+    await runtime.stop()
+    if waiter.done() and waiter.exception() is not None:
+        raise waiter.exception()  # type: ignore[misc]
+    waiter.cancel()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "services":
+        from polycommit.services import run_services_command
+
+        return run_services_command(argv[1:])
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
+    )
+    try:
+        return asyncio.run(_dispatch(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "topics":
+        return await _topics(args)
+    if args.command == "run":
+        return await _run_until_signal(STORES if args.what == "all" else (), coordinator=True)
+    if args.command == "consumer":
+        return await _run_until_signal([args.store], coordinator=False, batch_size=args.batch_size)
+    if args.command == "status":
+        from polycommit.inspect import print_status
+
+        return await print_status(load_settings(), as_json=args.json)
+    if args.command == "dead-letters":
+        from polycommit.inspect import print_dead_letters
+
+        return await print_dead_letters(load_settings(), limit=args.limit, as_json=args.json)
+    if args.command == "demo":
+        from polycommit.demo import run_demo
+
+        return await run_demo(load_settings(), as_json=args.json)
+    if args.command == "bench":
+        from polycommit.bench import run_bench
+
+        return await run_bench(load_settings(), args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
