@@ -31,7 +31,7 @@ from consumers.base import Marker, Participant, Plan, failed, generations, marke
 from consumers.qdrant_backends import ClientBackend, EdgeBackend, PointData, QdrantBackend, canonical_id
 from polycommit.config import Settings
 from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError
-from polycommit.events import Operation, Store, StepOutcome, StoreCommand
+from polycommit.events import Operation, StepOutcome, Store, StoreCommand
 from polycommit.operations import dumps, validate_operation
 
 MARKERS = "_polycommit_markers"
@@ -242,7 +242,8 @@ class QdrantParticipant(Participant):
         markers: dict[str, Marker] = {}
         for point_id, point in found.items():
             payload = point["payload"]
-            markers[by_point[point_id]] = Marker(before_image=payload.get("before"), pending=bool(payload.get("pending")))
+            pending = bool(payload.get("pending"))
+            markers[by_point[point_id]] = Marker(before_image=payload.get("before"), pending=pending)
         return markers
 
     # -- planning (pure) ----------------------------------------------------------------------------
@@ -309,7 +310,8 @@ class QdrantParticipant(Participant):
             for p in op["points"]:
                 if len(p["vector"]) != size:
                     raise InvalidOperationError(f"wrong vector size: expected {size}, got {len(p['vector'])}")
-                writes.upsert(target, canonical_id(p["id"]), {"vector": p["vector"], "payload": json.loads(p["payload"])})
+                point: PointData = {"vector": p["vector"], "payload": json.loads(p["payload"])}
+                writes.upsert(target, canonical_id(p["id"]), point)
         else:  # delete_points: validate_operation admits no other qdrant kind
             for point_id in op["point_ids"]:
                 writes.delete(target, canonical_id(point_id))

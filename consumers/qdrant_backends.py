@@ -311,7 +311,7 @@ class ClientBackend:
 
         message = f"Qdrant at {self.address}, {what}: {type(exc).__name__}: {exc}"
         if isinstance(exc, UnexpectedResponse):
-            status = exc.status_code
+            status = exc.status_code or 0
             if status in (408, 429) or status >= 500:
                 return StoreUnavailableError(message)
             return StoreError(message, retriable=False, store="qdrant", code=str(status))
@@ -368,7 +368,9 @@ class ClientBackend:
             return
         from qdrant_client import models
 
-        batch = [models.PointStruct(id=engine_id(i), vector=p["vector"], payload=p["payload"]) for i, p in points.items()]
+        batch = [
+            models.PointStruct(id=engine_id(i), vector=p["vector"], payload=p["payload"]) for i, p in points.items()
+        ]
         # wait=True: the call returns once the points are applied, so a later read sees them.
         await self._call(f"upsert into {collection}", lambda c: c.upsert(collection, points=batch, wait=True))
 
@@ -378,7 +380,9 @@ class ClientBackend:
         from qdrant_client import models
 
         selector = models.PointIdsList(points=[engine_id(i) for i in ids])
-        await self._call(f"delete from {collection}", lambda c: c.delete(collection, points_selector=selector, wait=True))
+        await self._call(
+            f"delete from {collection}", lambda c: c.delete(collection, points_selector=selector, wait=True)
+        )
 
     async def flush(self) -> None:
         """Nothing to do: a server persists through its own WAL, local mode commits on every write."""

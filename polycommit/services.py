@@ -500,7 +500,8 @@ async def _start_postgres(settings: Settings, deadline_s: float) -> str:
     _own_for_postgres(log, 0o640)
     _ensure_traversable_by_postgres(pgdata)
     _ensure_traversable_by_postgres(log)
-    if not (pgdata / "PG_VERSION").exists():
+    fresh = not (pgdata / "PG_VERSION").exists()
+    if fresh:
         await _pg_initdb(settings, pgdata)
     conf = pgdata / "polycommit.conf"
     conf.write_text(_pg_conf(settings, socket_dir))
@@ -522,6 +523,9 @@ async def _start_postgres(settings: Settings, deadline_s: float) -> str:
         await asyncio.sleep(0.5)
 
     provisioned = False
+    if fresh:
+        await _pg_provision(settings, socket_dir)
+        provisioned = True
 
     async def probe(budget_s: float) -> str:
         nonlocal provisioned

@@ -31,8 +31,8 @@ import picocli.CommandLine;
  * Runs Neo4j 5 community edition embedded, serving Bolt on one loopback address.
  *
  * <pre>
- *   POLYCOMMIT_NEO4J_PASSWORD=... java -Xmx512m -cp 'lib/*:classes' polycommit.neo4j.Launcher \
- *       --home DIR --bolt 127.0.0.1:PORT [--set key=value ...]
+ *   POLYCOMMIT_NEO4J_PASSWORD=... java -Xmx512m [@jvm.options] -cp 'lib/*:classes' \
+ *       polycommit.neo4j.Launcher --home DIR --bolt 127.0.0.1:PORT [--set key=value ...]
  * </pre>
  *
  * The password of the user {@code neo4j} comes only from the environment. Before the first start it is
@@ -40,7 +40,7 @@ import picocli.CommandLine;
  * default password; on later starts the stored password is brought in line with the environment. The
  * configuration is generated into {@code DIR/conf/neo4j.conf} at every start (edits there are overwritten;
  * use {@code --set} instead). Prints {@code READY bolt://HOST:PORT} once the default database is available;
- * SIGTERM shuts the DBMS down cleanly.
+ * SIGTERM shuts the DBMS down cleanly. See scripts/neo4j/README.md.
  */
 public final class Launcher {
     static final String PASSWORD_ENV = "POLYCOMMIT_NEO4J_PASSWORD";

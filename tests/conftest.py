@@ -1,0 +1,44 @@
+"""Shared fixtures. Tests that need a server talk to the real one and FAIL when it is down: CI starts them.
+
+Each test session gets its own topic prefix and Qdrant Edge folder, so a run never reads another run's
+events nor fights a running demo for the Edge storage lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from polycommit.config import Settings, load_settings
+
+
+@pytest.fixture(scope="session")
+def session_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session")
+def settings(session_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    base = load_settings()
+    edge = tmp_path_factory.mktemp("qdrant-edge")
+    yield dataclasses.replace(
+        base,
+        topic_prefix=f"test-{session_id}",
+        qdrant=dataclasses.replace(base.qdrant, edge_path=Path(edge)),
+    )
+
+
+@pytest.fixture(scope="session")
+async def topics(settings: Settings) -> AsyncIterator[Settings]:
+    """The session's topics exist (created once); yields the settings that name them."""
+    from polycommit.bus import create_topics, delete_topics
+
+    await create_topics(settings, {"intents": 2, "commands.postgres": 2, "commands.neo4j": 2, "commands.qdrant": 1})
+    yield settings
+    if not os.environ.get("POLYCOMMIT_KEEP_TEST_TOPICS"):
+        await delete_topics(settings)
