@@ -174,7 +174,10 @@ class PostgresParticipant(Participant):
             return None
         key = json.loads(op["key"])
         row = await self._lock_row(conn, op["target"], key)
-        if kind == "upsert_row":
+        if kind == "upsert_row" and row is not None:
+            # An UPDATE, not INSERT .. ON CONFLICT: a partial row must not trip NOT NULL columns it omits.
+            await self._update(conn, op["target"], key, json.loads(op["values"]))
+        elif kind == "upsert_row":
             await self._upsert(conn, op["target"], key, {**json.loads(op["values"]), **key})
         elif kind == "delete_row":
             await self._delete(conn, op["target"], key)
@@ -218,6 +221,17 @@ class PostgresParticipant(Participant):
             f"ON CONFLICT ({', '.join(_q(k) for k in key)}) {conflict}"
         )
         await conn.execute(sql, json.dumps(row))
+
+    async def _update(self, conn: asyncpg.Connection, table: str, key: dict[str, Any], values: dict[str, Any]) -> None:
+        columns = [c for c in values if c not in key]
+        if not columns:
+            return
+        assignments = ", ".join(f"{_q(c)} = r.{_q(c)}" for c in columns)
+        sql = (
+            f"UPDATE {_q(table)} t SET {assignments} FROM jsonb_populate_record(NULL::{_q(table)}, $1::jsonb) r "
+            f"WHERE ({', '.join('t.' + _q(k) for k in key)}) = ({', '.join('r.' + _q(k) for k in key)})"
+        )
+        await conn.execute(sql, json.dumps({**values, **key}))
 
     async def _delete(self, conn: asyncpg.Connection, table: str, key: dict[str, Any]) -> None:
         keys = ", ".join(_q(k) for k in key)

@@ -49,6 +49,7 @@ def dead_letter(
 
 @dataclass
 class WorkerStats:
+    records: int = 0
     batches: int = 0
     commands: int = 0
     dead_letters: int = 0
@@ -130,6 +131,7 @@ class StoreWorker:
             self.stats.outcomes[status] = self.stats.outcomes.get(status, 0) + 1
         await publisher.publish_and_wait(out)
         self.stats.batches += 1
+        self.stats.records += len(records)
         self.stats.commands += len(commands)
         if self.on_batch is not None:
             self.on_batch([o for o in outcomes if o is not None])

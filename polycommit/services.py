@@ -422,24 +422,8 @@ def _pg_provision_sql(settings: Settings) -> str:
 
 async def _pg_provision(settings: Settings, socket_dir: Path) -> None:
     """Create the application role and database (or reset the role's password to the configured one)."""
-    psql = _pg_tool("psql")
-    argv = _as_pg_user(
-        [
-            psql,
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            str(socket_dir),
-            "-p",
-            str(settings.postgres.port),
-            "-U",
-            _pg_superuser(),
-            "-d",
-            "postgres",
-        ]
-    )
+    where = ["-h", str(socket_dir), "-p", str(settings.postgres.port), "-U", _pg_superuser(), "-d", "postgres"]
+    argv = _as_pg_user([_pg_tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", *where])
     code, out = await _run(argv, input_text=_pg_provision_sql(settings), limit_s=30)
     if code != 0:
         raise ServerStartError("postgres", f"provisioning the role and database failed: {_redact(out, settings)}")
@@ -465,20 +449,9 @@ async def _pg_initdb(settings: Settings, pgdata: Path) -> None:
     log = log_path(settings, "postgres")
     if await asyncio.to_thread(lambda: any(pgdata.iterdir())):
         raise ServerStartError("postgres", f"{pgdata} is not empty but holds no cluster; run reset", log)
-    argv = _as_pg_user(
-        [
-            _pg_tool("initdb"),
-            "-D",
-            str(pgdata),
-            "-U",
-            _pg_superuser(),
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--auth-local=peer",
-            "--auth-host=scram-sha-256",
-        ]
-    )
+    auth = ["--auth-local=peer", "--auth-host=scram-sha-256"]
+    initdb = [_pg_tool("initdb"), "-D", str(pgdata), "-U", _pg_superuser(), "-E", "UTF8", "--locale=C"]
+    argv = _as_pg_user([*initdb, *auth])
     code, out = await _run(argv, limit_s=120)
     with log.open("a") as handle:
         handle.write(out)
@@ -956,7 +929,7 @@ async def reset_servers(settings: Settings) -> None:
             await asyncio.to_thread(shutil.rmtree, folder)
 
 
-def kill_server(settings: Settings, name: str, sig: signal.Signals = signal.SIGKILL) -> int:
+def kill_server(settings: Settings, name: str, sig: int = signal.SIGKILL) -> int:
     """Send `sig` to the server's main process (the postmaster for postgres); returns its pid."""
     _check_names([name], SERVERS)
     pid = _server_pid(settings, name)

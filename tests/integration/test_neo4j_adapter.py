@@ -7,6 +7,7 @@ suffix), so tests and other sessions sharing the server do not see each other's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ import pytest
 
 from consumers.neo4j import MARKER_LABEL, Neo4jParticipant
 from polycommit import operations as ops
+from polycommit import services as svc
 from polycommit.config import load_settings
 from polycommit.errors import StoreUnavailableError
 from polycommit.events import Operation, StepAction, StepOutcome, StoreCommand, now_ms
@@ -361,8 +363,8 @@ async def test_invalid_operation_fails_alone(participant: Neo4jParticipant) -> N
 
 async def test_unreachable_server_raises_store_unavailable() -> None:
     settings = load_settings()
-    dead = type(settings.neo4j)(uri="bolt://127.0.0.1:9", user="neo4j", password="x")
-    p = Neo4jParticipant(type(settings)(**{**settings.__dict__, "neo4j": dead}), connection_timeout_s=1.0)
+    dead = dataclasses.replace(settings.neo4j, uri="bolt://127.0.0.1:9")
+    p = Neo4jParticipant(dataclasses.replace(settings, neo4j=dead), connection_timeout_s=1.0)
     with pytest.raises(StoreUnavailableError):
         await p.start()
     assert (await p.health())["healthy"] is False
@@ -372,9 +374,6 @@ async def test_unreachable_server_raises_store_unavailable() -> None:
 
 
 async def test_a_committed_write_survives_a_neo4j_crash_and_restart(participant: Neo4jParticipant) -> None:
-    services = pytest.importorskip("polycommit.services")  # noqa: F841  (documented: the module exists)
-    from polycommit import services as svc
-
     settings = load_settings()
     key = {"id": uid()}
     step = command(ops.merge_node(LABEL, key, {"durable": True}))

@@ -1,0 +1,328 @@
+"""Sagas end to end on the real servers: intents -> coordinator -> per-store consumer groups -> results.
+
+The log decides: orders of compensations and retry delays are read back from the Kafka topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from consumers.worker import StoreWorker
+from orchestrator.saga import SagaPolicy
+from polycommit import operations as ops
+from polycommit import workload
+from polycommit.bus import Outgoing, Publisher, topics_for
+from polycommit.client import Coordinator, Saga
+from polycommit.codec import default_codec
+from polycommit.config import Settings
+from polycommit.inspect import transactions_in_flight
+from polycommit.runtime import Runtime, participant_for
+
+POLICY = SagaPolicy(default_timeout_ms=5000, backoff_base_ms=100, backoff_max_ms=1000, compensation_retries=3)
+pytestmark = pytest.mark.servers
+
+
+@pytest.fixture(scope="module")
+async def runtime(topics: Settings) -> AsyncIterator[Runtime]:
+    await workload.prepare_postgres(topics)
+    rt = Runtime(topics, policy=POLICY, batch_size=200)
+    await rt.start()
+    qdrant = rt.workers["qdrant"].participant
+    await qdrant.ensure_collection(workload.DOCUMENTS, workload.DIMENSIONS)  # type: ignore[attr-defined]
+    yield rt
+    await rt.stop()
+
+
+@pytest.fixture(scope="module")
+async def client(runtime: Runtime) -> AsyncIterator[Coordinator]:
+    async with Coordinator(runtime.settings, timeout=60) as coordinator:
+        yield coordinator
+
+
+async def pg_fetch(settings: Settings, sql: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(settings.postgres.dsn)
+    try:
+        return await conn.fetchrow(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def log_records(settings: Settings, topic: str, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """Decoded records of a topic (read to its current end) that `keep` selects, in log order."""
+    codec = default_codec()
+    reader = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, group_id=None,
+                              isolation_level="read_committed", enable_auto_commit=False)
+    await reader.start()
+    try:
+        await reader._client.force_metadata_update()
+        tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic) or [])]
+        reader.assign(tps)
+        await reader.seek_to_beginning(*tps)
+        end = await reader.end_offsets(tps)
+        found: list[dict[str, Any]] = []
+        for tp in tps:
+            while await reader.position(tp) < end[tp]:
+                for record in (await reader.getmany(tp, timeout_ms=1000)).get(tp, []):
+                    try:
+                        value = codec.decode(record.value).record
+                    except Exception:
+                        continue  # poison records planted by the poison test
+                    if keep(value):
+                        found.append(value)
+        return found
+    finally:
+        await reader.stop()
+
+
+async def test_a_three_store_saga_completes_and_every_store_shows_its_writes(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    customer, doc = f"c-{uuid.uuid4().hex[:8]}", f"d-{uuid.uuid4().hex[:8]}"
+    assert (await client.execute(workload.create_customer(customer, "Ada"))).status == "completed"
+    result = await client.execute(workload.ingest_document(doc, "Ledger", "double entry", customer))
+    assert result.status == "completed", result
+    assert [s.status for s in result.steps] == ["applied"] * 4
+    row = await pg_fetch(runtime.settings, "SELECT title, customer_id FROM documents WHERE id = $1", doc)
+    assert dict(row) == {"title": "Ledger", "customer_id": customer}
+    points = await runtime.workers["qdrant"].participant.read_points(workload.DOCUMENTS, [ops.point_id(doc)])  # type: ignore[attr-defined]
+    assert len(points) == 1
+    neo4j = runtime.workers["neo4j"].participant
+    assert (await neo4j.read_node("Document", {"id": doc}))["title"] == "Ledger"  # type: ignore[attr-defined]
+    wrote = await neo4j.read_relationship(  # type: ignore[attr-defined]
+        "WROTE", ops.node("Customer", {"id": customer}), ops.node("Document", {"id": doc})
+    )
+    assert wrote is not None
+
+
+async def test_a_failing_third_step_compensates_step_two_then_step_one(runtime: Runtime, client: Coordinator) -> None:
+    doc = f"d-{uuid.uuid4().hex[:8]}"
+    before = await client.execute(workload.ingest_document(doc, "Original", "v1", "nobody"))
+    assert before.status == "completed"
+    qdrant = runtime.workers["qdrant"].participant
+    point_before = await qdrant.read_points(workload.DOCUMENTS, [ops.point_id(doc)])  # type: ignore[attr-defined]
+    saga = Saga("fails at step 3")
+    saga.step(ops.upsert_row("documents", {"id": doc}, {"title": "Changed"}))
+    saga.step(ops.upsert_points("documents", [ops.point(doc, workload.embed("changed"), {"title": "Changed"})]))
+    saga.step(ops.sql("UPDATE documents SET title = $1 WHERE id = $2 AND 1/0 = 1", ["Boom", doc]))
+    result = await client.execute(saga)
+    assert result.status == "compensated", result
+    assert [s.status for s in result.steps] == ["compensated", "compensated", "failed"]
+    compensations = await log_records(
+        runtime.settings, topics_for(runtime.settings).outcomes,
+        lambda o: o["tx_id"] == saga.tx_id and o["action"] == "COMPENSATE",
+    )
+    assert [o["step_index"] for o in compensations] == [1, 0]  # one partition per tx: log order is real order
+    row = await pg_fetch(runtime.settings, "SELECT title FROM documents WHERE id = $1", doc)
+    assert row["title"] == "Original"
+    assert await qdrant.read_points(workload.DOCUMENTS, [ops.point_id(doc)]) == point_before  # type: ignore[attr-defined]
+
+
+async def test_a_step_that_fails_twice_is_retried_with_growing_delays(runtime: Runtime, client: Coordinator) -> None:
+    sequence = f"flaky_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(runtime.settings.postgres.dsn)
+    # nextval is not rolled back with the failing transaction, so it counts attempts across retries.
+    await conn.execute(f"CREATE SEQUENCE {sequence}")
+    await conn.execute(f"""CREATE OR REPLACE FUNCTION {sequence}() RETURNS void AS $$
+        BEGIN IF nextval('{sequence}') <= 2 THEN
+            RAISE EXCEPTION 'transient' USING ERRCODE = '40001'; END IF; END $$ LANGUAGE plpgsql""")
+    await conn.close()
+    saga = Saga("flaky").step(ops.sql(f"SELECT {sequence}()"), retries=3)
+    result = await client.execute(saga)
+    assert result.status == "completed", result
+    assert result.steps[0].attempts == 3
+    commands = await log_records(
+        runtime.settings, topics_for(runtime.settings).commands("postgres"), lambda c: c["tx_id"] == saga.tx_id
+    )
+    issued = [c["issued_at_ms"] for c in commands]
+    assert [c["attempt"] for c in commands] == [1, 2, 3]
+    assert issued[2] - issued[1] > issued[1] - issued[0] >= POLICY.backoff_base_ms // 2
+
+
+async def test_a_step_past_its_timeout_is_treated_as_failed(runtime: Runtime, client: Coordinator) -> None:
+    doc = f"d-{uuid.uuid4().hex[:8]}"
+    saga = Saga("slow")
+    saga.step(ops.upsert_row("documents", {"id": doc}, {"title": "t"}))
+    saga.step(ops.sql("SELECT pg_sleep(2)"), timeout=0.3)
+    result = await client.execute(saga)
+    assert result.status == "compensated", result
+    assert result.steps[1].error is not None and "StepTimeout" in result.steps[1].error
+    assert await pg_fetch(runtime.settings, "SELECT id FROM documents WHERE id = $1", doc) is None
+
+
+async def test_a_compensation_that_always_fails_ends_stuck_and_is_listed(runtime: Runtime, client: Coordinator) -> None:
+    saga = Saga("cannot undo")
+    saga.step(ops.sql("SELECT 1"), compensate=ops.sql("SELECT 1/0"))
+    saga.step(ops.sql("SELECT * FROM no_such_table"))
+    result = await client.execute(saga)
+    assert result.status == "stuck", result
+    assert result.steps[0].status == "compensation_failed"
+    assert result.steps[0].compensation_attempts >= POLICY.compensation_retries
+
+    async def listed() -> None:
+        while True:
+            state = await transactions_in_flight(runtime.settings)
+            if state.get(saga.tx_id, {}).get("phase") == "stuck":  # type: ignore[call-overload]
+                return
+
+    await asyncio.wait_for(listed(), 30)
+    alerts = await log_records(runtime.settings, topics_for(runtime.settings).alerts, lambda a: a["tx_id"] == saga.tx_id)
+    assert [a["kind"] for a in alerts][:1] == ["stuck"]
+
+
+async def test_a_compensation_before_its_execute_leaves_the_store_untouched(runtime: Runtime) -> None:
+    settings = runtime.settings
+    names = topics_for(settings)
+    tx, doc = str(uuid.uuid4()), f"d-{uuid.uuid4().hex[:8]}"
+    op = ops.upsert_row("documents", {"id": doc}, {"title": "late"})
+    base = {"tx_id": tx, "step_index": 0, "attempt": 1, "operation": op, "compensation": None,
+            "before_image": None, "issued_at_ms": 0}
+    publisher = Publisher(settings)
+    await publisher.start()
+    try:
+        await publisher.publish_and_wait([
+            Outgoing(names.commands("postgres"), tx, "StoreCommand", {**base, "action": "COMPENSATE"}),
+            Outgoing(names.commands("postgres"), tx, "StoreCommand", {**base, "action": "EXECUTE"}),
+        ])
+    finally:
+        await publisher.stop()
+
+    async def both() -> list[dict[str, Any]]:
+        while True:
+            found = await log_records(settings, names.outcomes, lambda o: o["tx_id"] == tx)
+            if len(found) >= 2:
+                return found
+
+    outcomes = await asyncio.wait_for(both(), 30)
+    assert [(o["action"], o["status"]) for o in outcomes] == [("COMPENSATE", "NOOP"), ("EXECUTE", "SKIPPED")]
+    assert await pg_fetch(settings, "SELECT id FROM documents WHERE id = $1", doc) is None
+
+
+async def test_poison_records_become_dead_letters_and_later_work_completes(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    settings = runtime.settings
+    names = topics_for(settings)
+    codec = default_codec()
+    publisher = Publisher(settings)
+    await publisher.start()
+    good_alert = codec.encode("Alert", {"kind": "x", "tx_id": "x", "message": "", "at_ms": 0})
+    unknown_schema = good_alert[:2] + b"\x01\x02\x03\x04\x05\x06\x07\x08" + good_alert[10:]
+    poisons: list[tuple[str, str]] = []  # (topic, key) of every poison record planted
+    try:
+        # Raw garbage and unknown schemas on the intents topic and on every command topic, on every partition.
+        raw = []
+        for topic in [names.intents, *(names.commands(s) for s in ("postgres", "qdrant", "neo4j"))]:
+            for partition in await publisher.partitions(topic):
+                for label, value in (("random", uuid.uuid4().bytes * 3), ("unknown-schema", unknown_schema)):
+                    key = f"poison-{label}-{uuid.uuid4().hex[:6]}"
+                    raw.append(Outgoing(topic, key, "", None, partition=partition))
+                    poisons.append((topic, key))
+                    await publisher.producer.send_and_wait(topic, value, key=key.encode(), partition=partition)
+        # Invalid operations inside well-formed intents.
+        bad_sagas = {
+            "wrong vector size": Saga("bad").step(ops.upsert_points("documents", [ops.point(1, [0.1, 0.2])])),
+            "unknown store": Saga("bad").step({**ops.upsert_row("documents", {"id": "x"}, {}), "store": "mongodb"}),
+            "sql syntax": Saga("bad").step(ops.sql("SELEKT nothing")),
+            "2 MiB payload": Saga("bad").step(
+                ops.upsert_row("documents", {"id": "big"}, {"title": "x", "body": "x" * (2 * 1024 * 1024)})
+            ),
+        }
+        results = {name: await client.execute(s) for name, s in bad_sagas.items()}
+    finally:
+        await publisher.stop()
+    assert {name: r.status for name, r in results.items()} == {
+        "wrong vector size": "compensated", "unknown store": "failed", "sql syntax": "compensated",
+        "2 MiB payload": "failed",
+    }
+    # Work published after the poison, on the same partitions, still completes.
+    later = [workload.ingest_document(f"d-{uuid.uuid4().hex[:8]}", "after poison", "", "nobody") for _ in range(8)]
+    assert {r.status for r in await client.execute_many(later)} == {"completed"}
+
+    poisoned_keys = {key for _, key in poisons}
+    bad_ids = {s.tx_id for s in bad_sagas.values()}
+
+    async def letters() -> list[dict[str, Any]]:
+        while True:
+            found = await log_records(
+                settings, names.dead_letters,
+                lambda d: (d["key"] or b"").decode() in poisoned_keys or d["tx_id"] in bad_ids,
+            )
+            if len(found) >= len(poisons) + len(bad_sagas):
+                return found
+
+    found = await asyncio.wait_for(letters(), 30)
+    assert len(found) == len(poisons) + len(bad_sagas)  # exactly one dead letter per poison record
+    classes = {d["tx_id"]: d["error_class"] for d in found if d["tx_id"] in bad_ids}
+    assert classes[bad_sagas["unknown store"].tx_id] == "UnknownStoreError"
+    assert classes[bad_sagas["2 MiB payload"].tx_id] == "PayloadTooLargeError"
+    assert classes[bad_sagas["wrong vector size"].tx_id] == "InvalidOperationError"
+    assert {d["error_class"] for d in found if d["tx_id"] is None} == {"CorruptEventError", "UnknownSchemaError"}
+
+
+async def test_redelivering_every_command_from_offset_zero_changes_nothing(runtime: Runtime, client: Coordinator) -> None:
+    settings = runtime.settings
+    customer, doc = f"c-{uuid.uuid4().hex[:8]}", f"d-{uuid.uuid4().hex[:8]}"
+    await client.execute(workload.create_customer(customer, "Grace"))
+    await client.execute(workload.ingest_document(doc, "First", "", customer))
+    await client.execute(workload.ingest_document(doc, "Second", "", customer))  # overwrites: a replay must not undo
+
+    async def snapshot() -> tuple[Any, ...]:
+        qdrant = runtime.workers["qdrant"].participant
+        neo4j = runtime.workers["neo4j"].participant
+        row = await pg_fetch(settings, "SELECT * FROM documents WHERE id = $1", doc)
+        markers = await pg_fetch(settings, "SELECT count(*) AS n FROM polycommit_steps")
+        return (
+            dict(row), markers["n"],
+            await qdrant.read_points(workload.DOCUMENTS, [ops.point_id(doc)]),  # type: ignore[attr-defined]
+            await neo4j.read_node("Document", {"id": doc}),  # type: ignore[attr-defined]
+        )
+
+    before = await snapshot()
+    assert before[0]["title"] == "Second"
+    await runtime.stop()  # the Qdrant Edge shard allows one opener: free it for the replaying group
+    try:
+        await replay_every_command(settings)
+    finally:
+        await runtime.start()
+    assert await snapshot() == before
+
+
+async def replay_every_command(settings: Settings) -> None:
+    """Fresh consumer groups (offset 0) for every store: each re-reads and re-handles every command."""
+    names = topics_for(settings)
+    publisher = Publisher(settings)
+    await publisher.start()
+    ends = {}
+    for store in ("postgres", "qdrant", "neo4j"):
+        topic = names.commands(store)
+        reader = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, group_id=None)
+        await reader.start()
+        tps = [TopicPartition(topic, p) for p in await publisher.partitions(topic)]
+        ends[store] = sum((await reader.end_offsets(tps)).values())
+        await reader.stop()
+    await publisher.stop()
+    stop = asyncio.Event()
+    done = {store: asyncio.Event() for store in ends}
+    workers = []
+    for store in ends:
+        worker = StoreWorker(settings, participant_for(store, settings), group_id=f"replay-{uuid.uuid4().hex}")
+
+        def seen(_: object, store: str = store, worker: StoreWorker = worker) -> None:
+            if worker.stats.records >= ends[store]:
+                done[store].set()
+
+        worker.on_batch = seen
+        workers.append(asyncio.create_task(worker.run(stop)))
+    try:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in done.values())), 120)
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+
