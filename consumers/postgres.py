@@ -52,8 +52,9 @@ def _q(identifier: str) -> str:
 def classify(exc: Exception) -> StoreError:
     code = getattr(exc, "sqlstate", None) or ""
     message = getattr(exc, "message", None) or str(exc)
-    return StoreError(f"{type(exc).__name__}: {message}", retriable=code[:2] in _RETRIABLE_CLASSES,
-                      store="postgres", code=code)
+    return StoreError(
+        f"{type(exc).__name__}: {message}", retriable=code[:2] in _RETRIABLE_CLASSES, store="postgres", code=code
+    )
 
 
 class PostgresParticipant(Participant):
@@ -101,10 +102,13 @@ class PostgresParticipant(Participant):
             return []
         try:
             async with self.pool.acquire() as conn:
+                started = time.perf_counter_ns()
                 try:
                     async with conn.transaction():
                         return await self._apply(conn, commands)
-                except asyncpg.PostgresError:
+                except asyncpg.PostgresError as exc:
+                    if len(commands) == 1:
+                        return [failed(commands[0], self.store, classify(exc), started)]
                     # One statement failed and took the batch's transaction with it: find the guilty
                     # command by running each alone.
                     outcomes = []

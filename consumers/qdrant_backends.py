@@ -55,6 +55,10 @@ class QdrantBackend(Protocol):
 
     async def delete(self, collection: str, ids: Sequence[str]) -> None: ...
 
+    async def set_payload(self, collection: str, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
+        """Merge `payload` into the payload of existing points (all of `ids` must exist)."""
+        ...
+
     async def flush(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -80,9 +84,7 @@ def canonical_id(value: object) -> str:
         try:
             return str(uuid.UUID(str(value)))
         except ValueError:
-            raise InvalidOperationError(
-                f"point id {value!r} is neither an unsigned integer nor a UUID"
-            ) from None
+            raise InvalidOperationError(f"point id {value!r} is neither an unsigned integer nor a UUID") from None
     if number > _MAX_INT_ID:
         raise InvalidOperationError(f"point id {value!r} does not fit an unsigned 64-bit integer")
     return str(number)
@@ -98,8 +100,9 @@ def dense_vector(vector: object) -> list[float]:
     if isinstance(vector, dict):
         vector = vector.get("")
     if not isinstance(vector, list):
-        raise StoreError(f"expected a dense default vector, got {type(vector).__name__}", retriable=False,
-                         store="qdrant")
+        raise StoreError(
+            f"expected a dense default vector, got {type(vector).__name__}", retriable=False, store="qdrant"
+        )
     return [float(x) for x in vector]
 
 
@@ -123,7 +126,7 @@ THREAD_THRESHOLD_POINTS = 1000
 
 # Edge raises plain `Exception`s; these fragments of their messages mean the shard cannot be used right
 # now (another process holds its WAL lock, the shard is closed, the disk failed) rather than a bad input.
-_UNAVAILABLE_MARKERS = ("WAL", "WouldBlock", "not initialized", "No such file", "Io", "I/O", "Permission denied")
+_UNAVAILABLE_MARKERS = ("WAL", "WouldBlock", "not initialized", "os error", "I/O", "Permission denied")
 
 
 class EdgeBackend:
@@ -194,8 +197,9 @@ class EdgeBackend:
     async def _open(self, collection: str) -> Any:
         shard = await self._shard(collection)
         if shard is None:
-            raise StoreError(f"Qdrant Edge collection {collection} does not exist under {self.root}",
-                             retriable=False, store="qdrant")
+            raise StoreError(
+                f"Qdrant Edge collection {collection} does not exist under {self.root}", retriable=False, store="qdrant"
+            )
         return shard
 
     # -- the interface ------------------------------------------------------------------------------
@@ -247,6 +251,15 @@ class EdgeBackend:
 
         shard = await self._open(collection)
         operation = UpdateOperation.delete_points([engine_id(i) for i in ids])
+        await self._call(collection, len(ids), shard.update, operation)
+
+    async def set_payload(self, collection: str, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
+        if not ids:
+            return
+        from qdrant_edge import UpdateOperation
+
+        shard = await self._open(collection)
+        operation = UpdateOperation.set_payload([engine_id(i) for i in ids], dict(payload))
         await self._call(collection, len(ids), shard.update, operation)
 
     async def flush(self) -> None:
@@ -382,6 +395,15 @@ class ClientBackend:
         selector = models.PointIdsList(points=[engine_id(i) for i in ids])
         await self._call(
             f"delete from {collection}", lambda c: c.delete(collection, points_selector=selector, wait=True)
+        )
+
+    async def set_payload(self, collection: str, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
+        if not ids:
+            return
+        keys = [engine_id(i) for i in ids]
+        await self._call(
+            f"set payload in {collection}",
+            lambda c: c.set_payload(collection, payload=dict(payload), points=keys, wait=True),
         )
 
     async def flush(self) -> None:

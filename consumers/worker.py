@@ -26,9 +26,7 @@ log = logging.getLogger(__name__)
 DEAD_LETTER_PAYLOAD_LIMIT = 64 * 1024
 
 
-def dead_letter(
-    record: Any, exc: BaseException, consumer: str, tx_id: str | None = None
-) -> DeadLetter:
+def dead_letter(record: Any, exc: BaseException, consumer: str, tx_id: str | None = None) -> DeadLetter:
     """A dead-letter record for a Kafka record: where it came from, why it failed, and (part of) its bytes."""
     error_class, message, _ = describe(exc)
     payload = bytes(record.value or b"")
@@ -79,6 +77,24 @@ class StoreWorker:
         self.stats = WorkerStats()
         self.on_batch = on_batch
         self.name = f"{self.store}-worker"
+        self._catch_up: tuple[dict[Any, int], asyncio.Event] | None = None
+
+    async def caught_up(self, end_offsets: dict[Any, int]) -> None:
+        """Wait until this member has consumed every partition up to `end_offsets` (used by replays and
+        tests: the positions, not record counts, since transaction markers take offsets too)."""
+        event = asyncio.Event()
+        self._catch_up = (end_offsets, event)
+        await event.wait()
+
+    async def _check_caught_up(self, consumer: Any) -> None:
+        if self._catch_up is None:
+            return
+        ends, event = self._catch_up
+        assigned = consumer.assignment()
+        for tp, end in ends.items():
+            if tp not in assigned or await consumer.position(tp) < end:
+                return
+        event.set()
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         consumer = make_consumer(
@@ -95,9 +111,11 @@ class StoreWorker:
                 batch = await consumer.getmany(timeout_ms=100, max_records=self.batch_size)
                 records = [r for part in batch.values() for r in part]
                 if not records:
+                    await self._check_caught_up(consumer)
                     continue
                 await self._handle(records, publisher)
                 await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
+                await self._check_caught_up(consumer)
         finally:
             await consumer.stop()
             await publisher.stop()
@@ -136,9 +154,7 @@ class StoreWorker:
         if self.on_batch is not None:
             self.on_batch([o for o in outcomes if o is not None])
 
-    def _validate(
-        self, commands: list[StoreCommand]
-    ) -> tuple[list[StoreCommand], list[int], list[StepOutcome | None]]:
+    def _validate(self, commands: list[StoreCommand]) -> tuple[list[StoreCommand], list[int], list[StepOutcome | None]]:
         """Refuse commands no store could run, before they reach the store (and before its batch)."""
         valid: list[StoreCommand] = []
         positions: list[int] = []
@@ -181,4 +197,3 @@ class StoreWorker:
             letter["error_class"] = error_class
         key = tx_id or f"{record.topic}/{record.partition}/{record.offset}"
         return Outgoing(self.topics.dead_letters, key, "DeadLetter", letter)
-

@@ -100,7 +100,10 @@ def _send(state: SagaSnapshot, action: Literal["EXECUTE", "COMPENSATE"], now: in
     """Mark the current step's command as in flight and build it."""
     index = state["current"]
     state["waiting"] = True
-    state["due_at_ms"] = now + _timeout_ms(state, index, policy)
+    # A step's timeout bounds its execution; its compensation gets the default, since it must queue
+    # behind whatever the store is still doing (often the very execution that timed out).
+    timeout = _timeout_ms(state, index, policy) if action == "EXECUTE" else policy.default_timeout_ms
+    state["due_at_ms"] = now + timeout
     if action == "EXECUTE":
         state["steps"][index]["attempts"] = state["attempt"]
     else:

@@ -35,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     topics = sub.add_parser("topics", help="create or list the polycommit topics")
     topics.add_argument("action", choices=["create", "list"])
     topics.add_argument(
-        "--partitions", action="append", default=[], metavar="TOPIC=N",
+        "--partitions",
+        action="append",
+        default=[],
+        metavar="TOPIC=N",
         help="partitions of a topic (short name, e.g. intents=8 or commands.neo4j=2); repeatable",
     )
     topics.add_argument("--json", action="store_true")

@@ -70,7 +70,12 @@ class TransactionResult:
 
         steps = tuple(
             StepOutcomeView(
-                s["index"], s["name"], s["store"], s["status"], s["attempts"], s["compensation_attempts"],
+                s["index"],
+                s["name"],
+                s["store"],
+                s["status"],
+                s["attempts"],
+                s["compensation_attempts"],
                 describe(s["error"]),
             )
             for s in event["steps"]
@@ -182,22 +187,35 @@ class _Neo4jSteps:
     def __init__(self, tx: Transaction) -> None:
         self._tx = tx
 
-    def merge_node(self, label: str, key: Mapping[str, Any], properties: Mapping[str, Any] | None = None,
-                   **step: Any) -> None:
+    def merge_node(
+        self, label: str, key: Mapping[str, Any], properties: Mapping[str, Any] | None = None, **step: Any
+    ) -> None:
         self._tx.add(ops.merge_node(label, key, properties), **step)
 
     def delete_node(self, label: str, key: Mapping[str, Any], **step: Any) -> None:
         self._tx.add(ops.delete_node(label, key), **step)
 
-    def merge_relationship(self, rel_type: str, from_node: NodeRef, to_node: NodeRef,
-                           properties: Mapping[str, Any] | None = None, **step: Any) -> None:
+    def merge_relationship(
+        self,
+        rel_type: str,
+        from_node: NodeRef,
+        to_node: NodeRef,
+        properties: Mapping[str, Any] | None = None,
+        **step: Any,
+    ) -> None:
         self._tx.add(ops.merge_relationship(rel_type, from_node, to_node, properties), **step)
 
     def delete_relationship(self, rel_type: str, from_node: NodeRef, to_node: NodeRef, **step: Any) -> None:
         self._tx.add(ops.delete_relationship(rel_type, from_node, to_node), **step)
 
-    def run(self, statement: str, params: Mapping[str, Any] | None = None, *,
-            compensate: Operation | None = None, **step: Any) -> None:
+    def run(
+        self,
+        statement: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        compensate: Operation | None = None,
+        **step: Any,
+    ) -> None:
         self._tx.add(ops.cypher(statement, params), compensate=compensate, **step)
 
 

@@ -50,10 +50,7 @@ class PostgresSettings:
 
     @property
     def dsn(self) -> str:
-        return (
-            f"postgresql://{quote(self.user)}:{quote(self.password)}@{self.host}:{self.port}/"
-            f"{quote(self.database)}"
-        )
+        return f"postgresql://{quote(self.user)}:{quote(self.password)}@{self.host}:{self.port}/{quote(self.database)}"
 
     @property
     def public_dsn(self) -> str:

@@ -22,8 +22,16 @@ from polycommit.client import Coordinator, Saga, TransactionResult
 from polycommit.config import Settings
 from polycommit.runtime import Runtime
 
-GLYPH = {"applied": "✓", "compensated": "↺", "failed": "✗", "pending": "·", "not_applied": "∅",
-         "timed_out": "⌛", "skipped": "⤼", "compensation_failed": "‼"}
+GLYPH = {
+    "applied": "✓",
+    "compensated": "↺",
+    "failed": "✗",
+    "pending": "·",
+    "not_applied": "∅",
+    "timed_out": "⌛",
+    "skipped": "⤼",
+    "compensation_failed": "‼",
+}
 STATUS_STYLE = {"completed": "green", "compensated": "yellow", "failed": "red", "stuck": "bold red"}
 
 
@@ -65,10 +73,18 @@ async def _stores(settings: Settings, runtime: Runtime, run: str) -> dict[str, A
 
     conn = await asyncpg.connect(settings.postgres.dsn)
     try:
-        customers = [dict(r) for r in await conn.fetch(
-            "SELECT id, name, credit, merged_into FROM customers WHERE id LIKE $1 ORDER BY id", f"{run}-%")]
-        documents = [dict(r) for r in await conn.fetch(
-            "SELECT id, title, customer_id FROM documents WHERE id LIKE $1 ORDER BY id", f"{run}-%")]
+        customers = [
+            dict(r)
+            for r in await conn.fetch(
+                "SELECT id, name, credit, merged_into FROM customers WHERE id LIKE $1 ORDER BY id", f"{run}-%"
+            )
+        ]
+        documents = [
+            dict(r)
+            for r in await conn.fetch(
+                "SELECT id, title, customer_id FROM documents WHERE id LIKE $1 ORDER BY id", f"{run}-%"
+            )
+        ]
     finally:
         await conn.close()
     qdrant = runtime.workers["qdrant"].participant
@@ -78,10 +94,13 @@ async def _stores(settings: Settings, runtime: Runtime, run: str) -> dict[str, A
     async with neo4j.driver.session() as session:  # type: ignore[attr-defined]
         result = await session.run(
             "MATCH (a)-[r]->(b) WHERE a.id STARTS WITH $run RETURN labels(a)[0] + ':' + a.id AS src, "
-            "type(r) AS rel, labels(b)[0] + ':' + b.id AS dst ORDER BY src, rel, dst", run=run)
+            "type(r) AS rel, labels(b)[0] + ':' + b.id AS dst ORDER BY src, rel, dst",
+            run=run,
+        )
         edges = [dict(r) for r in await result.data()]
         result = await session.run(
-            "MATCH (n) WHERE n.id STARTS WITH $run RETURN labels(n)[0] AS label, n.id AS id ORDER BY id", run=run)
+            "MATCH (n) WHERE n.id STARTS WITH $run RETURN labels(n)[0] AS label, n.id AS id ORDER BY id", run=run
+        )
         nodes = [dict(r) for r in await result.data()]
     return {
         "postgres": {"customers": customers, "documents": documents},
@@ -101,7 +120,9 @@ def _print_stores(console: Console, stores: dict[str, Any]) -> None:
         documents.add_column(column)
     in_qdrant = {p["id"] for p in stores["qdrant"]["documents"]}
     for row in stores["postgres"]["documents"]:
-        documents.add_row(row["id"], row["title"], row["customer_id"], "yes" if ops.point_id(row["id"]) in in_qdrant else "NO")
+        documents.add_row(
+            row["id"], row["title"], row["customer_id"], "yes" if ops.point_id(row["id"]) in in_qdrant else "NO"
+        )
     graph = Table(title="Neo4j relationships")
     for column in ("from", "type", "to"):
         graph.add_column(column)
@@ -132,20 +153,35 @@ async def run_demo(settings: Settings, *, as_json: bool = False) -> int:
         await runtime.stop()
     surprises = [saga.name for saga, result, expected in rows if result.status != expected]
     if as_json:
-        print(json.dumps({
-            "run": run,
-            "transactions": [
-                {"name": s.name, "tx_id": r.tx_id, "status": r.status, "expected": e, "duration_ms": r.duration_ms,
-                 "steps": [{"name": x.name, "status": x.status, "error": x.error} for x in r.steps]}
-                for s, r, e in rows
-            ],
-            "stores": stores,
-            "ok": not surprises,
-        }, indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    "run": run,
+                    "transactions": [
+                        {
+                            "name": s.name,
+                            "tx_id": r.tx_id,
+                            "status": r.status,
+                            "expected": e,
+                            "duration_ms": r.duration_ms,
+                            "steps": [{"name": x.name, "status": x.status, "error": x.error} for x in r.steps],
+                        }
+                        for s, r, e in rows
+                    ],
+                    "stores": stores,
+                    "ok": not surprises,
+                },
+                indent=2,
+                default=str,
+            )
+        )
     else:
         console.print(_transactions_table(rows))
         console.print("steps: ✓ applied  ↺ compensated  ✗ failed  · not run  ∅ compensation was a no-op")
         _print_stores(console, stores)
-        console.print("[green]every transaction ended as expected[/]" if not surprises
-                      else f"[red]unexpected outcomes: {surprises}[/]")
+        console.print(
+            "[green]every transaction ended as expected[/]"
+            if not surprises
+            else f"[red]unexpected outcomes: {surprises}[/]"
+        )
     return 1 if surprises else 0

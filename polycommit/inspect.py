@@ -10,11 +10,11 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from rich.console import Console
 from rich.table import Table
 
-from polycommit.bus import topics_for
+from polycommit.bus import topic_partitions, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.events import SagaSnapshot
@@ -33,11 +33,7 @@ async def read_topic(settings: Settings, topic: str, handle: Callable[[Any], Non
     await reader.start()
     count = 0
     try:
-        partitions = reader.partitions_for_topic(topic) or set()
-        if not partitions:
-            await reader._client.force_metadata_update()  # a fresh client may not know the topic yet
-            partitions = reader.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = await topic_partitions(reader, topic)
         if not tps:
             return 0
         reader.assign(tps)
@@ -87,7 +83,7 @@ def _describe(snapshot: SagaSnapshot) -> dict[str, Any]:
 async def print_status(settings: Settings, *, as_json: bool) -> int:
     state = await transactions_in_flight(settings)
     stuck = tx_state.stuck(state)
-    report = {
+    report: dict[str, Any] = {
         "in_flight": tx_state.summary(state),
         "stuck": [_describe(s) for s in stuck],
         "transactions": [_describe(s) for s in state.values()],
@@ -131,7 +127,8 @@ async def print_dead_letters(settings: Settings, *, limit: int, as_json: bool) -
         table.add_column(column)
     for letter in letters:
         where = f"{letter['original_topic']}/{letter['partition']}/{letter['offset']}"
-        table.add_row(where, f"{letter['error_class']}: {letter['error_message'][:80]}", letter["tx_id"] or "",
-                      letter["consumer"])
+        table.add_row(
+            where, f"{letter['error_class']}: {letter['error_message'][:80]}", letter["tx_id"] or "", letter["consumer"]
+        )
     Console().print(table)
     return 0

@@ -22,9 +22,7 @@ IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 KINDS: dict[str, frozenset[str]] = {
     "postgres": frozenset({"upsert_row", "delete_row", "sql"}),
     "qdrant": frozenset({"upsert_points", "delete_points"}),
-    "neo4j": frozenset(
-        {"merge_node", "delete_node", "merge_relationship", "delete_relationship", "cypher"}
-    ),
+    "neo4j": frozenset({"merge_node", "delete_node", "merge_relationship", "delete_relationship", "cypher"}),
 }
 RAW_KINDS = frozenset({"sql", "cypher"})
 _POINT_NAMESPACE = uuid.UUID("6f1c2b1e-4a7d-4d2a-9a53-2f0d3c1f0b5e")

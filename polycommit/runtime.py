@@ -56,6 +56,8 @@ class Runtime:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self, timeout: float = 60.0) -> Runtime:
+        self._stop = asyncio.Event()  # a runtime may be started again after stop()
+        self.workers = {}
         readies: list[tuple[str, asyncio.Event]] = []
         if self.coordinator:
             self.service = CoordinatorService(self.settings, self.policy)

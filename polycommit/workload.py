@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from typing import Any
 
 import asyncpg
 
@@ -64,16 +63,21 @@ def ingest_document(doc_id: str, title: str, body: str, customer_id: str, *, ret
     saga = Saga(f"ingest {doc_id}")
     saga.step(
         ops.upsert_row(DOCUMENTS, {"id": doc_id}, {"title": title, "body": body, "customer_id": customer_id}),
-        name="row", retries=retries,
+        name="row",
+        retries=retries,
     )
     saga.step(
         ops.upsert_points(DOCUMENTS, [ops.point(doc_id, embed(f"{title} {body}"), {"doc_id": doc_id, "title": title})]),
-        name="embedding", retries=retries,
+        name="embedding",
+        retries=retries,
     )
     saga.step(ops.merge_node("Document", {"id": doc_id}, {"title": title}), name="node", retries=retries)
     saga.step(
-        ops.merge_relationship("WROTE", ops.node("Customer", {"id": customer_id}), ops.node("Document", {"id": doc_id})),
-        name="authorship", retries=retries,
+        ops.merge_relationship(
+            "WROTE", ops.node("Customer", {"id": customer_id}), ops.node("Document", {"id": doc_id})
+        ),
+        name="authorship",
+        retries=retries,
     )
     return saga
 
@@ -92,7 +96,9 @@ def merge_customers(survivor: str, merged: str, *, transfer_credit: int) -> Saga
     saga = Saga(f"merge {merged} into {survivor}")
     saga.step(ops.upsert_row(CUSTOMERS, {"id": merged}, {"merged_into": survivor}), name="mark merged")
     saga.step(
-        ops.merge_relationship("MERGED_INTO", ops.node("Customer", {"id": merged}), ops.node("Customer", {"id": survivor})),
+        ops.merge_relationship(
+            "MERGED_INTO", ops.node("Customer", {"id": merged}), ops.node("Customer", {"id": survivor})
+        ),
         name="link nodes",
     )
     saga.step(
@@ -106,4 +112,3 @@ def merge_customers(survivor: str, merged: str, *, transfer_credit: int) -> Saga
         name="debit merged",
     )
     return saga
-

@@ -14,7 +14,9 @@ from polycommit.config import Settings
 async def _read_all(settings: Settings, topic: str, partition: int, group: str | None = None) -> list[object]:
     """Every committed record now in the partition (read_committed), read to its end offset."""
     reader = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap, group_id=group, isolation_level="read_committed",
+        bootstrap_servers=settings.kafka.bootstrap,
+        group_id=group,
+        isolation_level="read_committed",
         enable_auto_commit=False,
     )
     await reader.start()

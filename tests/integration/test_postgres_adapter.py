@@ -13,15 +13,21 @@ import pytest
 from consumers.postgres import PostgresParticipant
 from polycommit import operations as ops
 from polycommit.config import Settings
-from polycommit.events import Operation, StoreCommand
+from polycommit.events import Operation, StepAction, StoreCommand
 
 TABLE = "adapter_test_rows"
 
 
-def command(tx: str, step: int, action: str, op: Operation, compensation: Operation | None = None) -> StoreCommand:
+def command(tx: str, step: int, action: StepAction, op: Operation, compensation: Operation | None = None) -> StoreCommand:
     return {
-        "tx_id": tx, "step_index": step, "action": action, "attempt": 1,  # type: ignore[typeddict-item]
-        "operation": op, "compensation": compensation, "before_image": None, "issued_at_ms": 0,
+        "tx_id": tx,
+        "step_index": step,
+        "action": action,
+        "attempt": 1,
+        "operation": op,
+        "compensation": compensation,
+        "before_image": None,
+        "issued_at_ms": 0,
     }
 
 
@@ -106,10 +112,12 @@ async def test_a_bad_statement_fails_alone_and_the_rest_of_the_batch_applies(pg:
 
 async def test_the_same_key_twice_in_a_batch_gives_one_by_one_before_images(pg: PostgresParticipant) -> None:
     k = key()
-    outcomes = await pg.apply_batch([
-        command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row(TABLE, k, {"v": 1})),
-        command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row(TABLE, k, {"v": 2})),
-    ])
+    outcomes = await pg.apply_batch(
+        [
+            command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row(TABLE, k, {"v": 1})),
+            command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row(TABLE, k, {"v": 2})),
+        ]
+    )
     assert json.loads(outcomes[1]["before_image"] or "")["row"]["v"] == 1
 
 

@@ -6,9 +6,9 @@ and reads can be compared exactly.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
-import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -84,8 +84,9 @@ def settings(tmp_path: Path) -> Settings:
     return dataclasses.replace(load_settings(), qdrant=qdrant, max_payload_bytes=1024 * 1024)
 
 
-async def open_participant(kind: str, root: Path, settings: Settings, backend: QdrantBackend | None = None
-                           ) -> QdrantParticipant:
+async def open_participant(
+    kind: str, root: Path, settings: Settings, backend: QdrantBackend | None = None
+) -> QdrantParticipant:
     participant = QdrantParticipant(settings, backend=backend or make_backend(kind, root))
     await participant.start()
     await participant.ensure_collection(COLLECTION, DIM)
@@ -106,8 +107,9 @@ async def points(qp: QdrantParticipant, *ids: int | str) -> dict[str, PointData]
 # -- storage ----------------------------------------------------------------------------------------
 
 
-async def test_upsert_reads_back_and_survives_reopen(qp: QdrantParticipant, kind: str, tmp_path: Path,
-                                                     settings: Settings) -> None:
+async def test_upsert_reads_back_and_survives_reopen(
+    qp: QdrantParticipant, kind: str, tmp_path: Path, settings: Settings
+) -> None:
     uid = "0e5b1f0c-4bb4-4a0e-9d55-6f1d8a3b2c11"
     [result] = await qp.apply_batch([upsert("t1", (1, 0, {"n": 1}), (uid, 2, {"tag": "x"}))])
     assert result["status"] == "APPLIED"
@@ -153,8 +155,11 @@ async def test_write_survives_a_killed_process(kind: str, tmp_path: Path) -> Non
         asyncio.run(main())
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(child.communicate(), timeout=120)
+    assert child.returncode == 0, stderr.decode()
     qp = QdrantParticipant(load_settings(), backend=make_backend(kind, tmp_path))
     await qp.start()
     try:
@@ -165,8 +170,9 @@ async def test_write_survives_a_killed_process(kind: str, tmp_path: Path) -> Non
         await qp.close()
 
 
-async def test_a_second_opener_of_the_storage_is_refused(qp: QdrantParticipant, kind: str, tmp_path: Path,
-                                                         settings: Settings) -> None:
+async def test_a_second_opener_of_the_storage_is_refused(
+    qp: QdrantParticipant, kind: str, tmp_path: Path, settings: Settings
+) -> None:
     other = QdrantParticipant(settings, backend=make_backend(kind, tmp_path))
     with pytest.raises(StoreUnavailableError) as refused:
         await other.start()
@@ -175,6 +181,25 @@ async def test_a_second_opener_of_the_storage_is_refused(qp: QdrantParticipant, 
     # The first opener is unaffected.
     [result] = await qp.apply_batch([upsert("t1", (1, 0, {}))])
     assert result["status"] == "APPLIED"
+
+
+async def test_the_backend_is_chosen_from_the_settings(kind: str, tmp_path: Path, settings: Settings) -> None:
+    if kind == "local":
+        local = dataclasses.replace(settings.qdrant, local_path=tmp_path / "loc")
+        settings = dataclasses.replace(settings, qdrant=local)
+    qp = QdrantParticipant(settings)
+    assert qp.backend.name == kind
+    await qp.start()
+    try:
+        await qp.ensure_collection(COLLECTION, DIM)
+        [result] = await qp.apply_batch([upsert("t1", (1, 0, {}))])
+        assert result["status"] == "APPLIED"
+        health = await qp.health()
+        assert health["healthy"] is True
+        assert health["address"] == settings.qdrant.address
+    finally:
+        await qp.close()
+    assert (tmp_path / ("edge" if kind == "edge" else "loc")).is_dir()
 
 
 async def test_health_and_idempotent_ensure_collection(qp: QdrantParticipant, kind: str) -> None:
@@ -295,12 +320,20 @@ async def test_compensate_without_execute_is_noop_and_late_execute_is_skipped(qp
 # -- a crash between the pending marker and the done marker -----------------------------------------
 
 
-class CrashingBackend:
-    """Delegates to a real backend, but fails the first upsert that `crash_on` picks, like a dying process."""
+Crash = Callable[[str, str], bool]  # (backend method, collection) -> crash here?
 
-    def __init__(self, inner: QdrantBackend, crash_on: Callable[[str, Mapping[str, PointData]], bool]) -> None:
+
+class CrashingBackend:
+    """Delegates to a real backend, but fails the first write that `crash_on` picks, like a dying process."""
+
+    def __init__(self, inner: QdrantBackend, crash_on: Crash) -> None:
         self.inner, self.crash_on, self.crashed = inner, crash_on, False
         self.name, self.address = inner.name, inner.address
+
+    def _maybe_crash(self, method: str, collection: str) -> None:
+        if not self.crashed and self.crash_on(method, collection):
+            self.crashed = True
+            raise StoreUnavailableError("simulated crash")
 
     async def ensure_collection(self, name: str, size: int, distance: str) -> int:
         return await self.inner.ensure_collection(name, size, distance)
@@ -312,13 +345,16 @@ class CrashingBackend:
         return await self.inner.retrieve(collection, ids, with_vectors)
 
     async def upsert(self, collection: str, points: Mapping[str, PointData]) -> None:
-        if not self.crashed and self.crash_on(collection, points):
-            self.crashed = True
-            raise StoreUnavailableError("simulated crash")
+        self._maybe_crash("upsert", collection)
         await self.inner.upsert(collection, points)
 
     async def delete(self, collection: str, ids: Sequence[str]) -> None:
+        self._maybe_crash("delete", collection)
         await self.inner.delete(collection, ids)
+
+    async def set_payload(self, collection: str, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
+        self._maybe_crash("set_payload", collection)
+        await self.inner.set_payload(collection, ids, payload)
 
     async def flush(self) -> None:
         await self.inner.flush()
@@ -330,17 +366,18 @@ class CrashingBackend:
         return await self.inner.version()
 
 
-def before_data_write(collection: str, points: Mapping[str, PointData]) -> bool:
+def before_data_write(method: str, collection: str) -> bool:
     return collection == COLLECTION
 
 
-def before_done_marker(collection: str, points: Mapping[str, PointData]) -> bool:
-    return collection == MARKERS and not any(p["payload"].get("pending") for p in points.values())
+def before_done_marker(method: str, collection: str) -> bool:
+    """After the data write: the pending marker is never confirmed."""
+    return collection == MARKERS and method == "set_payload"
 
 
 @pytest.mark.parametrize("crash_on", [before_data_write, before_done_marker])
 async def test_pending_marker_is_completed_with_the_recorded_before_image(
-    kind: str, tmp_path: Path, settings: Settings, crash_on: Callable[[str, Mapping[str, PointData]], bool]
+    kind: str, tmp_path: Path, settings: Settings, crash_on: Crash
 ) -> None:
     qp = await open_participant(kind, tmp_path, settings)
     await qp.apply_batch([upsert("seed", (1, 0, {"v": 0}))])
@@ -381,8 +418,9 @@ async def test_pending_marker_is_completed_with_the_recorded_before_image(
         await qp.close()
 
 
-async def test_compensate_after_a_crash_with_a_pending_execute_marker(kind: str, tmp_path: Path,
-                                                                      settings: Settings) -> None:
+async def test_compensate_after_a_crash_with_a_pending_execute_marker(
+    kind: str, tmp_path: Path, settings: Settings
+) -> None:
     crashing = CrashingBackend(make_backend(kind, tmp_path), before_done_marker)
     qp = await open_participant(kind, tmp_path, settings, backend=crashing)
     execute = upsert("t1", (3, 0, {"v": 1}))
@@ -418,8 +456,11 @@ async def test_invalid_commands_fail_alone(qp: QdrantParticipant) -> None:
     assert all(e is not None and e["error_class"] == "InvalidOperationError" for e in errors)
     assert all(e is not None and e["retriable"] is False for e in errors)
     messages = [e["message"] for e in errors if e is not None]
-    assert messages == ["wrong vector size: expected 4, got 3", "collection nope does not exist",
-                        "collection nope does not exist"]
+    assert messages == [
+        "wrong vector size: expected 4, got 3",
+        "collection nope does not exist",
+        "collection nope does not exist",
+    ]
     assert await points(qp, 1, 2, 3) == {"1": stored(0, {}), "2": stored(1, {})}
     assert await qp.read_marker("bad1", 0, "EXECUTE") is None  # a failed command leaves no marker
 
@@ -452,7 +493,9 @@ async def test_repeated_point_in_a_batch_gives_one_by_one_before_images(
 
     # The same commands one batch each, in a second collection, give the same before-images.
     await qp.ensure_collection("docs_one_by_one", DIM)
-    relocated = [command(c["tx_id"] + "'", 0, "EXECUTE", {**c["operation"], "target": "docs_one_by_one"})
-                 for c in [upsert("seed", (1, 0, {"v": 0})), *batch]]
+    relocated = [
+        command(c["tx_id"] + "'", 0, "EXECUTE", {**c["operation"], "target": "docs_one_by_one"})
+        for c in [upsert("seed", (1, 0, {"v": 0})), *batch]
+    ]
     one_by_one = [(await qp.apply_batch([c]))[0] for c in relocated]
     assert [before(r) for r in one_by_one[1:]] == [before(r) for r in results]

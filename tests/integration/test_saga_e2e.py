@@ -12,13 +12,13 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from consumers.worker import StoreWorker
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
 from polycommit import workload
-from polycommit.bus import Outgoing, Publisher, topics_for
+from polycommit.bus import Outgoing, Publisher, topic_partitions, topics_for
 from polycommit.client import Coordinator, Saga
 from polycommit.codec import default_codec
 from polycommit.config import Settings
@@ -43,7 +43,11 @@ async def runtime(topics: Settings) -> AsyncIterator[Runtime]:
 @pytest.fixture(scope="module")
 async def client(runtime: Runtime) -> AsyncIterator[Coordinator]:
     async with Coordinator(runtime.settings, timeout=60) as coordinator:
+        assert (await coordinator.execute(workload.create_customer(AUTHOR, "Author"))).status == "completed"
         yield coordinator
+
+
+AUTHOR = f"author-{uuid.uuid4().hex[:8]}"
 
 
 async def pg_fetch(settings: Settings, sql: str, *args: Any) -> Any:
@@ -57,12 +61,15 @@ async def pg_fetch(settings: Settings, sql: str, *args: Any) -> Any:
 async def log_records(settings: Settings, topic: str, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
     """Decoded records of a topic (read to its current end) that `keep` selects, in log order."""
     codec = default_codec()
-    reader = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, group_id=None,
-                              isolation_level="read_committed", enable_auto_commit=False)
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap,
+        group_id=None,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+    )
     await reader.start()
     try:
-        await reader._client.force_metadata_update()
-        tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic) or [])]
+        tps = await topic_partitions(reader, topic)
         reader.assign(tps)
         await reader.seek_to_beginning(*tps)
         end = await reader.end_offsets(tps)
@@ -103,7 +110,7 @@ async def test_a_three_store_saga_completes_and_every_store_shows_its_writes(
 
 async def test_a_failing_third_step_compensates_step_two_then_step_one(runtime: Runtime, client: Coordinator) -> None:
     doc = f"d-{uuid.uuid4().hex[:8]}"
-    before = await client.execute(workload.ingest_document(doc, "Original", "v1", "nobody"))
+    before = await client.execute(workload.ingest_document(doc, "Original", "v1", AUTHOR))
     assert before.status == "completed"
     qdrant = runtime.workers["qdrant"].participant
     point_before = await qdrant.read_points(workload.DOCUMENTS, [ops.point_id(doc)])  # type: ignore[attr-defined]
@@ -115,7 +122,8 @@ async def test_a_failing_third_step_compensates_step_two_then_step_one(runtime: 
     assert result.status == "compensated", result
     assert [s.status for s in result.steps] == ["compensated", "compensated", "failed"]
     compensations = await log_records(
-        runtime.settings, topics_for(runtime.settings).outcomes,
+        runtime.settings,
+        topics_for(runtime.settings).outcomes,
         lambda o: o["tx_id"] == saga.tx_id and o["action"] == "COMPENSATE",
     )
     assert [o["step_index"] for o in compensations] == [1, 0]  # one partition per tx: log order is real order
@@ -172,7 +180,9 @@ async def test_a_compensation_that_always_fails_ends_stuck_and_is_listed(runtime
                 return
 
     await asyncio.wait_for(listed(), 30)
-    alerts = await log_records(runtime.settings, topics_for(runtime.settings).alerts, lambda a: a["tx_id"] == saga.tx_id)
+    alerts = await log_records(
+        runtime.settings, topics_for(runtime.settings).alerts, lambda a: a["tx_id"] == saga.tx_id
+    )
     assert [a["kind"] for a in alerts][:1] == ["stuck"]
 
 
@@ -181,15 +191,24 @@ async def test_a_compensation_before_its_execute_leaves_the_store_untouched(runt
     names = topics_for(settings)
     tx, doc = str(uuid.uuid4()), f"d-{uuid.uuid4().hex[:8]}"
     op = ops.upsert_row("documents", {"id": doc}, {"title": "late"})
-    base = {"tx_id": tx, "step_index": 0, "attempt": 1, "operation": op, "compensation": None,
-            "before_image": None, "issued_at_ms": 0}
+    base = {
+        "tx_id": tx,
+        "step_index": 0,
+        "attempt": 1,
+        "operation": op,
+        "compensation": None,
+        "before_image": None,
+        "issued_at_ms": 0,
+    }
     publisher = Publisher(settings)
     await publisher.start()
     try:
-        await publisher.publish_and_wait([
-            Outgoing(names.commands("postgres"), tx, "StoreCommand", {**base, "action": "COMPENSATE"}),
-            Outgoing(names.commands("postgres"), tx, "StoreCommand", {**base, "action": "EXECUTE"}),
-        ])
+        await publisher.publish_and_wait(
+            [
+                Outgoing(names.commands("postgres"), tx, "StoreCommand", {**base, "action": "COMPENSATE"}),
+                Outgoing(names.commands("postgres"), tx, "StoreCommand", {**base, "action": "EXECUTE"}),
+            ]
+        )
     finally:
         await publisher.stop()
 
@@ -238,11 +257,13 @@ async def test_poison_records_become_dead_letters_and_later_work_completes(
     finally:
         await publisher.stop()
     assert {name: r.status for name, r in results.items()} == {
-        "wrong vector size": "compensated", "unknown store": "failed", "sql syntax": "compensated",
+        "wrong vector size": "compensated",
+        "unknown store": "failed",
+        "sql syntax": "compensated",
         "2 MiB payload": "failed",
     }
     # Work published after the poison, on the same partitions, still completes.
-    later = [workload.ingest_document(f"d-{uuid.uuid4().hex[:8]}", "after poison", "", "nobody") for _ in range(8)]
+    later = [workload.ingest_document(f"d-{uuid.uuid4().hex[:8]}", "after poison", "", AUTHOR) for _ in range(8)]
     assert {r.status for r in await client.execute_many(later)} == {"completed"}
 
     poisoned_keys = {key for _, key in poisons}
@@ -251,7 +272,8 @@ async def test_poison_records_become_dead_letters_and_later_work_completes(
     async def letters() -> list[dict[str, Any]]:
         while True:
             found = await log_records(
-                settings, names.dead_letters,
+                settings,
+                names.dead_letters,
                 lambda d: (d["key"] or b"").decode() in poisoned_keys or d["tx_id"] in bad_ids,
             )
             if len(found) >= len(poisons) + len(bad_sagas):
@@ -266,7 +288,9 @@ async def test_poison_records_become_dead_letters_and_later_work_completes(
     assert {d["error_class"] for d in found if d["tx_id"] is None} == {"CorruptEventError", "UnknownSchemaError"}
 
 
-async def test_redelivering_every_command_from_offset_zero_changes_nothing(runtime: Runtime, client: Coordinator) -> None:
+async def test_redelivering_every_command_from_offset_zero_changes_nothing(
+    runtime: Runtime, client: Coordinator
+) -> None:
     settings = runtime.settings
     customer, doc = f"c-{uuid.uuid4().hex[:8]}", f"d-{uuid.uuid4().hex[:8]}"
     await client.execute(workload.create_customer(customer, "Grace"))
@@ -279,7 +303,8 @@ async def test_redelivering_every_command_from_offset_zero_changes_nothing(runti
         row = await pg_fetch(settings, "SELECT * FROM documents WHERE id = $1", doc)
         markers = await pg_fetch(settings, "SELECT count(*) AS n FROM polycommit_steps")
         return (
-            dict(row), markers["n"],
+            dict(row),
+            markers["n"],
             await qdrant.read_points(workload.DOCUMENTS, [ops.point_id(doc)]),  # type: ignore[attr-defined]
             await neo4j.read_node("Document", {"id": doc}),  # type: ignore[attr-defined]
         )
@@ -297,32 +322,24 @@ async def test_redelivering_every_command_from_offset_zero_changes_nothing(runti
 async def replay_every_command(settings: Settings) -> None:
     """Fresh consumer groups (offset 0) for every store: each re-reads and re-handles every command."""
     names = topics_for(settings)
-    publisher = Publisher(settings)
-    await publisher.start()
+    reader = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, group_id=None)
+    await reader.start()
     ends = {}
-    for store in ("postgres", "qdrant", "neo4j"):
-        topic = names.commands(store)
-        reader = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, group_id=None)
-        await reader.start()
-        tps = [TopicPartition(topic, p) for p in await publisher.partitions(topic)]
-        ends[store] = sum((await reader.end_offsets(tps)).values())
-        await reader.stop()
-    await publisher.stop()
-    stop = asyncio.Event()
-    done = {store: asyncio.Event() for store in ends}
-    workers = []
-    for store in ends:
-        worker = StoreWorker(settings, participant_for(store, settings), group_id=f"replay-{uuid.uuid4().hex}")
-
-        def seen(_: object, store: str = store, worker: StoreWorker = worker) -> None:
-            if worker.stats.records >= ends[store]:
-                done[store].set()
-
-        worker.on_batch = seen
-        workers.append(asyncio.create_task(worker.run(stop)))
     try:
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in done.values())), 120)
+        for store in ("postgres", "qdrant", "neo4j"):
+            topic = names.commands(store)
+            ends[store] = await reader.end_offsets(await topic_partitions(reader, topic))
+    finally:
+        await reader.stop()
+    stop = asyncio.Event()
+    workers = [
+        StoreWorker(settings, participant_for(store, settings), group_id=f"replay-{uuid.uuid4().hex}") for store in ends
+    ]
+    tasks = [asyncio.create_task(worker.run(stop)) for worker in workers]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(w.caught_up(ends[w.store]) for w in workers)), 120)
+        assert sum(w.stats.outcomes.get("APPLIED", 0) for w in workers) == 0, [w.stats for w in workers]
+        assert sum(w.stats.outcomes.get("ALREADY_APPLIED", 0) for w in workers) > 0
     finally:
         stop.set()
-        await asyncio.gather(*workers)
-
+        await asyncio.gather(*tasks)
