@@ -3,10 +3,13 @@
 One MERGE per Neo4j transaction runs at ~450 tx/s on this kind of machine, while UNWIND batches reach
 ~15 000 nodes/s (DESIGN.md), so a whole batch of commands becomes ONE write transaction: the markers are
 read in one query, the commands are split into generations in which no key repeats, and each generation
-reads its before-images and applies its writes with one UNWIND query per shape. Every step's effect and
-its `(:PolycommitStep {id, before})` marker commit together, so "applied" and "recorded as applied"
-cannot disagree after a crash. If the batch transaction fails (bad Cypher, a constraint, a deadlock), it
-is rolled back and the commands run one by one, each in its own transaction, so only the guilty one fails.
+applies its effects with one UNWIND query per (kind, shape) that also returns the before-images it saw
+(one round trip instead of a read and a write; within a generation every key is distinct, so the image
+a row sees is its own target's state before the generation). Raw Cypher steps run alone, in order,
+inside the same transaction. Every step's effect and its `(:PolycommitStep {id, before})` marker commit
+together, so "applied" and "recorded as applied" cannot disagree after a crash. If the batch transaction
+fails (bad Cypher, a constraint, a deadlock), it is rolled back and the commands run one by one, each in
+its own transaction, so only the guilty one fails.
 """
 
 from __future__ import annotations
@@ -381,9 +384,7 @@ def constraint_statement(shape: NodeShape) -> str:
 _CREATE_MARKER_CONSTRAINT = (
     f"CREATE CONSTRAINT polycommit_step_id IF NOT EXISTS FOR (m:{MARKER_LABEL}) REQUIRE m.id IS UNIQUE"
 )
-_READ_MARKERS = (
-    f"UNWIND $ids AS id MATCH (m:{MARKER_LABEL} {{id: id}}) RETURN collect([m.id, m.before]) AS markers"
-)
+_READ_MARKERS = f"UNWIND $ids AS id MATCH (m:{MARKER_LABEL} {{id: id}}) RETURN collect([m.id, m.before]) AS markers"
 # CREATE, not MERGE: a second writer of the same marker (a redelivery racing on another consumer) then
 # fails on the uniqueness constraint and rolls back its whole effect instead of applying it twice.
 _WRITE_MARKERS = f"UNWIND $rows AS row CREATE (:{MARKER_LABEL} {{id: row.id, before: row.before}})"
@@ -411,7 +412,7 @@ def classify(exc: BaseException) -> BaseException:
 
 @dataclass(frozen=True)
 class Seen:
-    """A target as the group's read found it: properties (None: absent), degree, whether its ends exist."""
+    """A target as its effect query found it: properties (None: absent), degree, whether its ends exist."""
 
     properties: dict[str, Any] | None
     degree: int = 0
@@ -554,6 +555,8 @@ class Neo4jParticipant(Participant):
         return self._driver
 
     async def start(self) -> None:
+        if self._driver is not None:
+            return
         cfg = self.settings.neo4j
         self._driver = AsyncGraphDatabase.driver(
             cfg.uri,

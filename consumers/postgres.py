@@ -11,14 +11,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import asyncpg
 
+from consumers import postgres_sql as sql
 from consumers.base import Marker, Participant, Plan, failed, marker_id, outcome, plan, status_for
 from polycommit.config import Settings
 from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError
 from polycommit.events import Operation, StepOutcome, Store, StoreCommand
+from polycommit.operations import lock_keys
 
 MARKER_TABLE = "polycommit_steps"
 _CREATE_MARKERS = f"""
@@ -55,6 +59,97 @@ def classify(exc: Exception) -> StoreError:
     return StoreError(
         f"{type(exc).__name__}: {message}", retriable=code[:2] in _RETRIABLE_CLASSES, store="postgres", code=code
     )
+
+
+@dataclass
+class _Step:
+    """One command of a batch: what the markers allow it to do, and what doing it produced."""
+
+    command: StoreCommand
+    decision: Plan
+    execute: Marker | None
+    own: Marker | None
+    started_ns: int = field(default_factory=time.perf_counter_ns)
+    before: str | None = None
+    error: Exception | None = None
+
+    @property
+    def set_based(self) -> bool:
+        return self.decision is Plan.APPLY_EXECUTE and self.command["operation"]["kind"] in SET_BASED
+
+    @property
+    def writes_marker(self) -> bool:
+        return self.decision in (Plan.APPLY_EXECUTE, Plan.APPLY_COMPENSATION, Plan.RECORD_NOOP_COMPENSATION)
+
+    @property
+    def marker_before(self) -> str | None:
+        return self.before if self.command["action"] == "EXECUTE" else None
+
+    @cached_property
+    def key(self) -> dict[str, Any]:
+        return dict(json.loads(self.command["operation"]["key"]))
+
+    @cached_property
+    def values(self) -> dict[str, Any]:
+        return {k: v for k, v in json.loads(self.command["operation"]["values"]).items() if k not in self.key}
+
+    def shape(self) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
+        op = self.command["operation"]
+        return op["kind"], op["target"], tuple(sorted(self.key)), tuple(sorted(self.values))
+
+    def outcome(self, store: Store) -> StepOutcome:
+        if self.error is not None:
+            return failed(self.command, store, self.error, self.started_ns)
+        before = self.before
+        if self.decision is Plan.ALREADY_APPLIED and self.own is not None:
+            before = self.own.before_image
+        return outcome(self.command, store, status_for(self.decision), before_image=before, started_ns=self.started_ns)
+
+
+SET_BASED = frozenset({"upsert_row", "delete_row"})
+
+
+def _plan_batch(commands: Sequence[StoreCommand], markers: dict[str, Marker]) -> list[_Step]:
+    """Plan every command in order; a step planned to write its marker counts as recorded for the
+    commands after it (e.g. a compensation of a step executed earlier in the same batch)."""
+    steps = []
+    for command in commands:
+        tx, index, action = command["tx_id"], command["step_index"], command["action"]
+        execute = markers.get(marker_id(tx, index, "EXECUTE"))
+        compensate = markers.get(marker_id(tx, index, "COMPENSATE"))
+        step = _Step(
+            command, plan(command, execute, compensate), execute, execute if action == "EXECUTE" else compensate
+        )
+        if step.writes_marker:
+            markers[marker_id(tx, index, action)] = Marker(None)
+        steps.append(step)
+    return steps
+
+
+def _groups(steps: list[_Step]) -> list[list[_Step]]:
+    """Consecutive set-based steps on distinct keys form one group; anything else (raw SQL, a
+    compensation, a key seen again) runs on its own, in order, so the batch behaves as if one by one."""
+    groups: list[list[_Step]] = []
+    current: list[_Step] = []
+    seen: set[str] = set()
+    for step in steps:
+        if not step.writes_marker:
+            continue
+        if not step.set_based:
+            if current:
+                groups.append(current)
+            groups.append([step])
+            current, seen = [], set()
+            continue
+        keys = lock_keys(step.command["operation"])
+        if any(k in seen for k in keys):
+            groups.append(current)
+            current, seen = [], set()
+        current.append(step)
+        seen.update(keys)
+    if current:
+        groups.append(current)
+    return groups
 
 
 class PostgresParticipant(Participant):
@@ -128,38 +223,51 @@ class PostgresParticipant(Participant):
 
     async def _apply(self, conn: asyncpg.Connection, commands: Sequence[StoreCommand]) -> list[StepOutcome]:
         markers = await self._read_markers(conn, commands)
-        new_markers: list[tuple[str, int, str, str | None]] = []
-        outcomes: list[StepOutcome] = []
-        for command in commands:
-            started = time.perf_counter_ns()
-            tx, step = command["tx_id"], command["step_index"]
-            execute = markers.get(marker_id(tx, step, "EXECUTE"))
-            compensate = markers.get(marker_id(tx, step, "COMPENSATE"))
-            decision = plan(command, execute, compensate)
-            before: str | None = None
-            try:
-                if decision is Plan.APPLY_EXECUTE:
-                    before = await self._run(conn, command["operation"])
-                elif decision is Plan.APPLY_COMPENSATION:
-                    assert execute is not None
-                    await self._compensate(conn, command, execute.before_image)
-                elif decision is Plan.ALREADY_APPLIED:
-                    own = execute if command["action"] == "EXECUTE" else compensate
-                    before = own.before_image if own is not None else None
-            except InvalidOperationError as exc:
-                outcomes.append(failed(command, self.store, exc, started))
-                continue
-            if decision in (Plan.APPLY_EXECUTE, Plan.APPLY_COMPENSATION, Plan.RECORD_NOOP_COMPENSATION):
-                action = command["action"]
-                marker_before = before if action == "EXECUTE" else None
-                new_markers.append((tx, step, action, marker_before))
-                # Later commands of this batch must see this step's marker (e.g. its compensation).
-                markers[marker_id(tx, step, action)] = Marker(marker_before)
-            outcomes.append(outcome(command, self.store, status_for(decision), before_image=before, started_ns=started))
+        steps = _plan_batch(commands, markers)
+        for group in _groups(steps):
+            if len(group) == 1 and not group[0].set_based:
+                await self._run_one(conn, group[0])
+            else:
+                await self._run_set(conn, group)
+        new_markers = [
+            (s.command["tx_id"], s.command["step_index"], s.command["action"], s.marker_before)
+            for s in steps
+            if s.writes_marker and s.error is None
+        ]
         if new_markers:
-            columns = list(zip(*new_markers, strict=True))
-            await conn.execute(_WRITE_MARKERS, *columns)
-        return outcomes
+            await conn.execute(_WRITE_MARKERS, *list(zip(*new_markers, strict=True)))
+        return [s.outcome(self.store) for s in steps]
+
+    async def _run_one(self, conn: asyncpg.Connection, step: _Step) -> None:
+        try:
+            if step.decision is Plan.APPLY_EXECUTE:
+                step.before = await self._run(conn, step.command["operation"])
+            elif step.decision is Plan.APPLY_COMPENSATION:
+                assert step.execute is not None
+                await self._compensate(conn, step.command, step.execute.before_image)
+        except InvalidOperationError as exc:
+            step.error = exc
+
+    async def _run_set(self, conn: asyncpg.Connection, group: list[_Step]) -> None:
+        """Structured EXECUTEs on distinct keys: a few statements per table, whatever the group's size."""
+        shapes: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], list[_Step]] = {}
+        for step in group:
+            shapes.setdefault(step.shape(), []).append(step)
+        for (kind, table, keys, columns), members in shapes.items():
+            docs = [json.dumps(m.key) for m in members]
+            rows = dict(await conn.fetch(sql.lock_rows(table, keys), docs))  # ordinal (from 1) -> row JSON
+            for ordinal, member in enumerate(members, 1):
+                member.before = '{"row":' + rows.get(ordinal, "null") + "}"
+            if kind == "delete_row":
+                await conn.execute(sql.delete_rows(table, keys), docs)
+                continue
+            full = [json.dumps({**m.values, **m.key}) for m in members]
+            existing = [doc for ordinal, doc in enumerate(full, 1) if ordinal in rows]
+            missing = [doc for ordinal, doc in enumerate(full, 1) if ordinal not in rows]
+            if existing and columns:
+                await conn.execute(sql.update_rows(table, keys, columns), existing)
+            if missing:
+                await conn.execute(sql.insert_rows(table, keys, keys + columns), missing)
 
     async def _read_markers(self, conn: asyncpg.Connection, commands: Sequence[StoreCommand]) -> dict[str, Marker]:
         rows = await conn.fetch(_READ_MARKERS, [c["tx_id"] for c in commands], [c["step_index"] for c in commands])

@@ -70,8 +70,12 @@ class Runtime:
             ready = asyncio.Event()
             readies.append((store, ready))
             self._tasks.append(asyncio.create_task(worker.run(self._stop, ready), name=f"{store}-worker"))
-        for name, ready in readies:
-            await self._await_ready(name, ready, timeout)
+        try:
+            for name, ready in readies:
+                await self._await_ready(name, ready, timeout)
+        except BaseException:
+            await self.stop()  # the parts that did start must not outlive a failed start
+            raise
         return self
 
     async def _await_ready(self, name: str, ready: asyncio.Event, timeout: float) -> None:

@@ -7,6 +7,7 @@ suffix), so tests and other sessions sharing the server do not see each other's 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import uuid
@@ -14,12 +15,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from neo4j.exceptions import Neo4jError
 
-from consumers.neo4j import MARKER_LABEL, Neo4jParticipant
+from consumers.neo4j import MARKER_LABEL, Neo4jParticipant, classify
 from polycommit import operations as ops
 from polycommit import services as svc
-from polycommit.config import load_settings
-from polycommit.errors import StoreUnavailableError
+from polycommit.config import Settings, load_settings
+from polycommit.errors import StoreError, StoreUnavailableError
 from polycommit.events import Operation, StepAction, StepOutcome, StoreCommand, now_ms
 
 pytestmark = pytest.mark.servers
@@ -30,8 +32,8 @@ REL = "POLYCOMMIT_TEST_OWNS"
 
 
 @pytest.fixture(scope="session")
-async def participant() -> AsyncIterator[Neo4jParticipant]:
-    p = Neo4jParticipant(load_settings())
+async def participant(settings: Settings) -> AsyncIterator[Neo4jParticipant]:
+    p = Neo4jParticipant(settings)
     await p.start()
     yield p
     await p.close()
@@ -309,6 +311,67 @@ async def test_one_bad_cypher_fails_alone_and_the_others_apply_once(participant:
     assert [len(await marker(participant, c)) for c in batch] == [1, 0, 1]
 
 
+async def test_a_constraint_violation_fails_alone_and_permanently(participant: Neo4jParticipant) -> None:
+    taken, fresh = {"id": uid()}, {"id": uid()}
+    await apply_one(participant, command(ops.merge_node(LABEL, taken)))
+    results = await participant.apply_batch(
+        [
+            command(ops.cypher(f"CREATE (:{LABEL} {{id: $id}})", taken)),  # the key MERGE relies on is unique
+            command(ops.merge_node(LABEL, fresh, {"v": 1})),
+        ]
+    )
+    assert [r["status"] for r in results] == ["FAILED", "APPLIED"]
+    error = results[0]["error"]
+    assert error is not None
+    assert error["error_class"] == "StoreError"
+    assert error["retriable"] is False
+    assert "ConstraintValidationFailed" in error["message"]
+
+
+async def test_a_property_neo4j_cannot_store_fails_alone(participant: Neo4jParticipant) -> None:
+    a, b = {"id": uid()}, {"id": uid()}
+    results = await participant.apply_batch(
+        [
+            command(ops.merge_node(LABEL, a, {"nested": {"no": "maps"}})),
+            command(ops.merge_node(LABEL, a, {"mixed": [1, "a"]})),
+            command(ops.merge_node(LABEL, b, {"ok": [1, 2]})),
+        ]
+    )
+    assert [r["status"] for r in results] == ["FAILED", "FAILED", "APPLIED"]
+    assert {r["error"]["error_class"] for r in results[:2] if r["error"]} == {"InvalidOperationError"}
+    assert await participant.read_node(LABEL, a) is None
+
+
+async def test_a_deadlock_is_classified_retriable(participant: Neo4jParticipant) -> None:
+    a, b = uid(), uid()
+    await participant.apply_batch([command(ops.merge_node(LABEL, {"id": k})) for k in (a, b)])
+    write = f"MATCH (n:{LABEL} {{id: $id}}) SET n.touched = true"
+
+    async def lock(tx: Any, key: str) -> Neo4jError | None:
+        try:
+            await (await tx.run(write, id=key)).consume()
+        except Neo4jError as exc:
+            return exc
+        return None
+
+    async with participant.driver.session() as one, participant.driver.session() as two:
+        first, second = await one.begin_transaction(), await two.begin_transaction()
+        try:
+            assert await lock(first, a) is None
+            assert await lock(second, b) is None
+            async with asyncio.timeout(30):  # each now waits for the other's lock: the server must pick a victim
+                verdicts = await asyncio.gather(lock(first, b), lock(second, a))
+        finally:
+            await first.close()
+            await second.close()
+    errors = [v for v in verdicts if v is not None]
+    assert len(errors) == 1, verdicts
+    classified = classify(errors[0])
+    assert isinstance(classified, StoreError)
+    assert classified.retriable is True
+    assert classified.code == "Neo.TransientError.Transaction.DeadlockDetected"
+
+
 async def test_a_key_twice_in_a_batch_gives_one_by_one_before_images(participant: Neo4jParticipant) -> None:
     key, other = {"id": uid()}, {"id": uid()}
     batch = [
@@ -373,15 +436,17 @@ async def test_unreachable_server_raises_store_unavailable() -> None:
 # -- durability -----------------------------------------------------------------------------------------
 
 
-async def test_a_committed_write_survives_a_neo4j_crash_and_restart(participant: Neo4jParticipant) -> None:
-    settings = load_settings()
+async def test_a_committed_write_survives_a_neo4j_crash_and_restart(
+    participant: Neo4jParticipant, settings: Settings
+) -> None:
+    """Runs last in this file: it SIGKILLs the shared Neo4j and waits until it answers again."""
     key = {"id": uid()}
     step = command(ops.merge_node(LABEL, key, {"durable": True}))
     assert (await apply_one(participant, step))["status"] == "APPLIED"
 
     svc.kill_server(settings, "neo4j")  # SIGKILL: no clean shutdown, only the transaction log survives
-    await svc.stop_servers(settings, ["neo4j"])  # waits until the killed process is gone
-    await svc.start_servers(settings, ["neo4j"])
+    await svc.stop_servers(settings, ["neo4j"])  # returns once the killed process is gone
+    await svc.start_servers(settings, ["neo4j"])  # returns once Neo4j answers a query
 
     fresh = Neo4jParticipant(settings)
     await fresh.start()
@@ -390,3 +455,15 @@ async def test_a_committed_write_survives_a_neo4j_crash_and_restart(participant:
         assert (await apply_one(fresh, step))["status"] == "ALREADY_APPLIED"
     finally:
         await fresh.close()
+
+    # The participant connected before the crash holds dead connections: a batch may raise
+    # StoreUnavailableError (the consume loop's cue to retry it), never a FAILED outcome, then recovers.
+    later = command(ops.merge_node(LABEL, {"id": uid()}))
+    statuses: list[str] = []
+    for _ in range(3):
+        try:
+            statuses.append((await apply_one(participant, later))["status"])
+            break
+        except StoreUnavailableError:
+            statuses.append("unavailable")
+    assert statuses[-1] == "APPLIED", statuses

@@ -1,0 +1,68 @@
+"""SQL text for the PostgreSQL participant: set-based statements over a JSON array of rows.
+
+Every statement takes its rows as one `jsonb[]` parameter and types them with
+`jsonb_populate_record(NULL::table, ...)`, so one statement serves a whole group of steps on the same
+table whatever its column types, and PostgreSQL, not Python, converts JSON values to column types.
+Identifiers were checked by operations.validate_operation and are quoted here as well.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+
+def quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _rows(table: str) -> str:
+    return (
+        "unnest($1::jsonb[]) WITH ORDINALITY AS i(doc, ord) "
+        f"CROSS JOIN LATERAL jsonb_populate_record(NULL::{quote(table)}, i.doc) AS r"
+    )
+
+
+def _match(keys: tuple[str, ...], left: str = "t", right: str = "r") -> str:
+    return f"({', '.join(f'{left}.{quote(k)}' for k in keys)}) = ({', '.join(f'{right}.{quote(k)}' for k in keys)})"
+
+
+@lru_cache(maxsize=256)
+def lock_rows(table: str, keys: tuple[str, ...]) -> str:
+    """(ordinal, current row as JSON) of every row the keys name, locked until the transaction ends.
+
+    FOR UPDATE returns the newest committed version, so each before-image is exactly what its step
+    overwrites, and nobody can change the row between this read and the write."""
+    return (
+        f"SELECT i.ord::int, to_jsonb(t)::text FROM {_rows(table)} "
+        f"JOIN {quote(table)} t ON {_match(keys)} FOR UPDATE OF t"
+    )
+
+
+@lru_cache(maxsize=256)
+def update_rows(table: str, keys: tuple[str, ...], columns: tuple[str, ...]) -> str:
+    """UPDATE existing rows: a partial row must not trip NOT NULL columns it leaves out, as an
+    INSERT .. ON CONFLICT would (the proposed row is checked before the conflict is found)."""
+    assignments = ", ".join(f"{quote(c)} = r.{quote(c)}" for c in columns)
+    return f"UPDATE {quote(table)} t SET {assignments} FROM {_rows(table)} WHERE {_match(keys)}"
+
+
+@lru_cache(maxsize=256)
+def insert_rows(table: str, keys: tuple[str, ...], columns: tuple[str, ...]) -> str:
+    names = ", ".join(quote(c) for c in columns)
+    updates = [f"{quote(c)} = EXCLUDED.{quote(c)}" for c in columns if c not in keys]
+    conflict = f"DO UPDATE SET {', '.join(updates)}" if updates else "DO NOTHING"
+    picked = ", ".join(f"r.{quote(c)}" for c in columns)
+    return (
+        f"INSERT INTO {quote(table)} ({names}) SELECT {picked} FROM {_rows(table)} "
+        f"ON CONFLICT ({', '.join(quote(k) for k in keys)}) {conflict}"
+    )
+
+
+@lru_cache(maxsize=256)
+def delete_rows(table: str, keys: tuple[str, ...]) -> str:
+    return f"DELETE FROM {quote(table)} t USING {_rows(table)} WHERE {_match(keys)}"
+
+
+@lru_cache(maxsize=256)
+def read_row(table: str, keys: tuple[str, ...]) -> str:
+    return f"SELECT to_jsonb(t)::text FROM {_rows(table)} JOIN {quote(table)} t ON {_match(keys)}"
