@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import time
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +86,7 @@ class CoordinatorService:
         self.transactional_id = f"{settings.topic_prefix}-coordinator-{instance}"
         self.max_records = max_records
         self.sagas: dict[str, SagaSnapshot] = {}
+        self.intent_bytes: dict[str, bytes] = {}  # each saga's intent as published, for its snapshots
         self.timers: list[tuple[int, str]] = []
         self.stats = CoordinatorStats()
         self._partitions = 0
@@ -98,6 +99,7 @@ class CoordinatorService:
     def forget(self, partitions: set[int]) -> None:
         for tx_id in [t for t in self.sagas if self.partition_of(t) in partitions]:
             del self.sagas[tx_id]
+            self.intent_bytes.pop(tx_id, None)
 
     async def restore(self, partitions: set[int]) -> None:
         """Fold the changelog partitions this member now owns into its in-memory state."""
@@ -117,18 +119,20 @@ class CoordinatorService:
             await reader.seek_to_beginning(*tps)
             end = await reader.end_offsets(tps)
             restored: dict[str, SagaSnapshot] = {}
+            blobs: dict[str, bytes] = {}
             while await self._behind(reader, end):
                 batch = await reader.getmany(*tps, timeout_ms=200, max_records=5000)
                 for records in batch.values():
                     for record in records:
-                        snapshot: Any = None
-                        if record.value is not None:
-                            snapshot = self.codec.decode_as(record.value, "SagaSnapshot")
-                        tx_state.apply(restored, record.key.decode(), snapshot)
+                        decoded = tx_state.decode(self.codec, record.value)
+                        tx_state.apply(restored, record.key.decode(), decoded[0] if decoded else None)
+                        if decoded is not None:
+                            blobs[record.key.decode()] = decoded[1]
         finally:
             await reader.stop()
         for tx_id, snapshot in restored.items():
             self.sagas[tx_id] = snapshot
+            self.intent_bytes[tx_id] = blobs[tx_id]
             self._schedule(snapshot)
         self.stats.restored += len(restored)
         log.info("restored %d transactions from partitions %s", len(restored), sorted(partitions))
@@ -182,8 +186,12 @@ class CoordinatorService:
         if not out and not touched and not batch:
             return
         for tx_id, snapshot in touched.items():
-            terminal = snapshot["phase"] in saga.TERMINAL
-            out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", None if terminal else snapshot))
+            if snapshot["phase"] in saga.TERMINAL:
+                out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", None))
+                self.intent_bytes.pop(tx_id, None)
+            else:
+                record = tx_state.to_record(snapshot, self.intent_bytes[tx_id])
+                out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", record))
         offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
         committing = time.perf_counter()
         self.stats.fold_s += committing - folded
@@ -220,6 +228,7 @@ class CoordinatorService:
         tx_id = intent["tx_id"]
         if tx_id in self.sagas:
             return  # a duplicate of an intent already in flight
+        self.intent_bytes[tx_id] = bytes(record.value)
         transition = saga.start(intent, now, self.policy)
         if transition.state["phase"] == "failed" and transition.state["error"] is not None:
             # An intent no store could run is poison: it fails now (never hangs) and is kept for inspection.

@@ -59,8 +59,8 @@ async def transactions_in_flight(settings: Settings) -> dict[str, SagaSnapshot]:
     state: dict[str, SagaSnapshot] = {}
 
     def handle(record: Any) -> None:
-        snapshot: Any = None if record.value is None else codec.decode_as(record.value, "SagaSnapshot")
-        tx_state.apply(state, record.key.decode(), snapshot)
+        decoded = tx_state.decode(codec, record.value)
+        tx_state.apply(state, record.key.decode(), decoded[0] if decoded else None)
 
     await read_topic(settings, topics_for(settings).tx_state, handle)
     return state

@@ -8,8 +8,10 @@ offset 0 therefore gives exactly the transactions still in flight (or stuck) and
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
-from polycommit.events import SagaSnapshot
+from polycommit.codec import EventCodec
+from polycommit.events import SagaSnapshot, TransactionIntent
 
 IN_FLIGHT_PHASES = frozenset({"forward", "compensating", "stuck"})
 
@@ -39,3 +41,23 @@ def summary(state: Mapping[str, SagaSnapshot]) -> dict[str, int]:
     for snapshot in state.values():
         counts[snapshot["phase"]] = counts.get(snapshot["phase"], 0) + 1
     return counts
+
+
+def to_record(state: SagaSnapshot, intent_bytes: bytes) -> dict[str, Any]:
+    """The changelog record of a state: the intent travels as the bytes it was published as, so a
+    snapshot costs the encoding of a few progress fields, not of every operation and vector again."""
+    return {**state, "intent": intent_bytes}
+
+
+def from_record(codec: EventCodec, record: dict[str, Any]) -> tuple[SagaSnapshot, bytes]:
+    intent_bytes = bytes(record["intent"])
+    intent: TransactionIntent = codec.decode_as(intent_bytes, "TransactionIntent")  # type: ignore[assignment]
+    state: SagaSnapshot = {**record, "intent": intent}  # type: ignore[typeddict-item]
+    return state, intent_bytes
+
+
+def decode(codec: EventCodec, value: bytes | None) -> tuple[SagaSnapshot, bytes] | None:
+    """A changelog record's value: a snapshot, or None for a tombstone."""
+    if value is None:
+        return None
+    return from_record(codec, codec.decode_as(value, "SagaSnapshot"))

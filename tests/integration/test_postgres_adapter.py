@@ -18,7 +18,9 @@ from polycommit.events import Operation, StepAction, StoreCommand
 TABLE = "adapter_test_rows"
 
 
-def command(tx: str, step: int, action: StepAction, op: Operation, compensation: Operation | None = None) -> StoreCommand:
+def command(
+    tx: str, step: int, action: StepAction, op: Operation, compensation: Operation | None = None
+) -> StoreCommand:
     return {
         "tx_id": tx,
         "step_index": step,
