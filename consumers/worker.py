@@ -21,6 +21,7 @@ from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError, InvalidOperationError, PolycommitError, StoreUnavailableError, describe
 from polycommit.events import DeadLetter, StepOutcome, StoreCommand, now_ms
+from polycommit.failpoints import failpoint
 from polycommit.operations import validate_operation
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class StoreWorker:
         for position, result in zip(positions, await self._apply(valid), strict=True):
             outcomes[position] = result
         self.stats.apply_s += time.perf_counter() - started
+        failpoint("worker.after_apply")
         for record, command, maybe in zip(sources, commands, outcomes, strict=True):
             assert maybe is not None
             step_outcome: StepOutcome = maybe
@@ -162,6 +164,7 @@ class StoreWorker:
         started = time.perf_counter()
         await publisher.publish_and_wait(out)
         self.stats.publish_s += time.perf_counter() - started
+        failpoint("worker.after_publish")
         self.stats.batches += 1
         self.stats.records += len(records)
         self.stats.commands += len(commands)

@@ -27,6 +27,7 @@ from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
 from polycommit.events import SagaSnapshot, StepOutcome, TransactionIntent, TransactionResult, now_ms
+from polycommit.failpoints import failpoint
 from projections import tx_state
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,9 @@ class CoordinatorService:
             await publisher.publish(out)
             if offsets:
                 await publisher.producer.send_offsets_to_transaction(offsets, self.group_id)
+            failpoint("coordinator.before_commit")
             await publisher.producer.commit_transaction()
+            failpoint("coordinator.after_commit")
         except BaseException:
             await publisher.producer.abort_transaction()
             raise

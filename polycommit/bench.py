@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,8 @@ from polycommit.bus import create_topics
 from polycommit.client import Coordinator, Saga, TransactionResult
 from polycommit.config import Settings
 from polycommit.errors import PolycommitError
-from polycommit.runtime import Runtime
+from polycommit.processes import PartProcess, start_parts
+from polycommit.runtime import Runtime, participant_for
 from polycommit.workload import embed
 
 TABLE = "bench_rows"
@@ -67,15 +69,28 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def prepare(settings: Settings, runtime: Runtime | None) -> None:
+async def prepare(settings: Settings) -> None:
+    """Table, collection and node key of the workload; run before any consumer holds the Edge storage."""
     conn = await asyncpg.connect(settings.postgres.dsn)
     try:
         await conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id text PRIMARY KEY, v integer NOT NULL)")
     finally:
         await conn.close()
-    if runtime is not None:
-        await runtime.workers["qdrant"].participant.ensure_collection(COLLECTION, DIMENSIONS)  # type: ignore[attr-defined]
-        await runtime.workers["neo4j"].participant.ensure_node_key(LABEL, ["id"])  # type: ignore[attr-defined]
+    async with _stores(settings) as (qdrant, neo4j):
+        await qdrant.ensure_collection(COLLECTION, DIMENSIONS)
+        await neo4j.ensure_node_key(LABEL, ["id"])
+
+
+@contextlib.asynccontextmanager
+async def _stores(settings: Settings) -> AsyncIterator[tuple[Any, Any]]:
+    qdrant, neo4j = participant_for("qdrant", settings), participant_for("neo4j", settings)
+    await qdrant.start()
+    await neo4j.start()
+    try:
+        yield qdrant, neo4j
+    finally:
+        await qdrant.close()
+        await neo4j.close()
 
 
 async def run_sagas(
@@ -103,10 +118,14 @@ async def run_sagas(
     return latencies, results, time.perf_counter() - started
 
 
-async def run_direct(settings: Settings, runtime: Runtime, items: Sequence[Write]) -> float:
-    """The same writes with no coordination, batched like the consumers; returns elapsed seconds."""
-    qdrant = runtime.workers["qdrant"].participant.backend  # type: ignore[attr-defined]
-    neo4j = runtime.workers["neo4j"].participant.driver  # type: ignore[attr-defined]
+async def run_direct(settings: Settings, items: Sequence[Write]) -> float:
+    """The same writes with no coordination, batched like the consumers; returns elapsed seconds.
+    Runs when no consumer is up (Qdrant Edge allows one opener)."""
+    async with _stores(settings) as (qdrant_participant, neo4j_participant):
+        return await _direct(settings, qdrant_participant.backend, neo4j_participant.driver, items)
+
+
+async def _direct(settings: Settings, qdrant: Any, neo4j: Any, items: Sequence[Write]) -> float:
     batches = [items[i : i + BATCH] for i in range(0, len(items), BATCH)]
     conn = await asyncpg.connect(settings.postgres.dsn)
 
@@ -168,12 +187,28 @@ def report(
     }
 
 
+async def _start_workers(settings: Settings, args: argparse.Namespace) -> Runtime | list[PartProcess] | None:
+    if args.external:
+        return None
+    if args.processes:
+        return await start_parts(settings, ["coordinator", "postgres", "qdrant", "neo4j"])
+    return await Runtime(settings).start()
+
+
+async def _stop_workers(workers: Runtime | list[PartProcess] | None) -> None:
+    if isinstance(workers, Runtime):
+        await workers.stop()
+    elif workers is not None:
+        await asyncio.gather(*(p.stop() for p in workers))
+
+
 async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     await create_topics(settings)
-    runtime = None if args.external else await Runtime(settings).start()
+    if not args.external:
+        await prepare(settings)
+    workers = await _start_workers(settings, args)
     try:
-        await prepare(settings, runtime)
         run = f"b{uuid.uuid4().hex[:6]}"
         async with Coordinator(settings, timeout=300) as client:
             await run_sagas(client, writes(f"{run}w", min(200, args.transactions)), 32, None)  # warm up
@@ -181,16 +216,17 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
             columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
             with Progress(*columns, console=console, transient=args.json) as progress:
                 latencies, results, elapsed = await run_sagas(client, items, args.concurrency, progress)
-        direct_s = None
-        if runtime is not None and not args.no_direct:
-            with console.status("the same writes directly, batched like the consumers"):
-                direct_s = await run_direct(settings, runtime, writes(f"{run}d", args.transactions))
-        summary = report(args.transactions, args.concurrency, latencies, results, elapsed, direct_s)
-        if runtime is not None:
-            summary["workers"] = runtime.stats()
+        stats = workers.stats() if isinstance(workers, Runtime) else {}
     finally:
-        if runtime is not None:
-            await runtime.stop()
+        await _stop_workers(workers)
+    direct_s = None
+    if not args.external and not args.no_direct:
+        with console.status("the same writes directly, batched like the consumers"):
+            direct_s = await run_direct(settings, writes(f"{run}d", args.transactions))
+    summary = report(args.transactions, args.concurrency, latencies, results, elapsed, direct_s)
+    summary["processes"] = "separate" if args.processes else ("external" if args.external else "one")
+    if stats:
+        summary["workers"] = stats
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:

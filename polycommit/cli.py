@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--transactions", type=int, default=10_000)
     bench.add_argument("--concurrency", type=int, default=256)
     bench.add_argument("--external", action="store_true", help="the workers already run elsewhere")
+    bench.add_argument(
+        "--processes", action="store_true", help="run the coordinator and each consumer as its own process"
+    )
     bench.add_argument("--no-direct", action="store_true", help="skip the direct-write baseline")
     bench.add_argument("--json", action="store_true")
     return parser

@@ -1,0 +1,40 @@
+"""Named crash points for fault tests: `POLYCOMMIT_FAILPOINT=name[:n]` kills this process with SIGKILL
+the n-th time (default 1st) execution reaches `failpoint("name")`.
+
+The point is to crash *between* two protocol steps (after the store committed, before the outcome was
+published; after the outcome, before the offset commit; ...) exactly as kill -9 would, so recovery is
+tested at every step rather than wherever a random kill happens to land. Unset, a failpoint costs one
+dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+# Every failpoint the code has, so a test (or a typo) can be checked against the list.
+FAILPOINTS = (
+    "coordinator.before_commit",  # decisions folded, Kafka transaction not yet committed
+    "coordinator.after_commit",  # Kafka transaction committed (commands, snapshots, offsets)
+    "worker.after_apply",  # the store committed the batch, no outcome published yet
+    "worker.after_publish",  # outcomes acknowledged by Kafka, command offsets not yet committed
+)
+
+_hits: dict[str, int] = {}
+
+
+def _armed() -> tuple[str, int] | None:
+    spec = os.environ.get("POLYCOMMIT_FAILPOINT", "")
+    if not spec:
+        return None
+    name, _, count = spec.partition(":")
+    return name, int(count) if count.isdigit() else 1
+
+
+def failpoint(name: str) -> None:
+    armed = _armed()
+    if armed is None or armed[0] != name:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] >= armed[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
