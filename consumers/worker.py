@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka.errors import KafkaError
+
 from consumers.base import Participant, failed
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
 from polycommit.codec import EventCodec, default_codec
@@ -50,6 +52,7 @@ def dead_letter(record: Any, exc: BaseException, consumer: str, tx_id: str | Non
 @dataclass
 class WorkerStats:
     records: int = 0
+    restarts: int = 0
     batches: int = 0
     commands: int = 0
     dead_letters: int = 0
@@ -104,6 +107,23 @@ class StoreWorker:
         event.set()
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        """Run until `stop`; when Kafka fails under it, start a new session from the committed offsets
+        (whatever was applied but not committed is redelivered, and the markers make that a no-op)."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await self._session(stop, ready)
+            except (KafkaError, OSError) as exc:
+                self.stats.restarts += 1
+                log.warning(
+                    "%s session failed (%s: %s); restarting in %.1fs", self.name, type(exc).__name__, exc, delay
+                )
+                await asyncio.sleep(delay)  # backoff while the broker comes back
+                delay = min(delay * 2, 10.0)
+            else:
+                return
+
+    async def _session(self, stop: asyncio.Event, ready: asyncio.Event | None) -> None:
         consumer = make_consumer(
             self.settings, self.topics.commands(self.store), group_id=self.group_id, client_id=self.name
         )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
 
 from consumers.worker import dead_letter
 from orchestrator import saga
@@ -41,6 +42,7 @@ class CoordinatorStats:
     results: dict[str, int] = field(default_factory=dict)
     dead_letters: int = 0
     restored: int = 0
+    restarts: int = 0
     kafka_transactions: int = 0
     # Where the loop's time goes (seconds, cumulative): reading, folding events, the Kafka transaction.
     read_s: float = 0.0
@@ -152,6 +154,34 @@ class CoordinatorService:
     # -- the loop -----------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        """Run until `stop`; when Kafka fails under it (broker restart, lost connection), drop the
+        in-memory state, which may be ahead of the log, and start over from the changelog."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await self._session(stop, ready)
+            except ProducerFenced:
+                raise  # another member took this transactional id over: this one is a zombie and must end
+            except (KafkaError, OSError) as exc:
+                self.stats.restarts += 1
+                log.warning(
+                    "coordinator session failed (%s: %s); restoring from the log in %.1fs",
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                self.forget_all()
+                await asyncio.sleep(delay)  # backoff while the broker comes back
+                delay = min(delay * 2, 10.0)
+            else:
+                return
+
+    def forget_all(self) -> None:
+        self.sagas.clear()
+        self.intent_bytes.clear()
+        self.timers.clear()
+
+    async def _session(self, stop: asyncio.Event, ready: asyncio.Event | None) -> None:
         publisher = Publisher(
             self.settings, transactional_id=self.transactional_id, codec=self.codec, client_id="coordinator"
         )
