@@ -228,6 +228,10 @@ class QdrantParticipant(Participant):
             keys = {position: s.keys for position, s in enumerate(active)}
             for group in generations([s.command for s in active], keys):
                 await self._run_group([active[position] for position in group])
+            if active:
+                # Edge does not fsync its WAL per update: make the batch durable before its outcomes
+                # are published, so "applied" survives a power loss, not only a killed process.
+                await self.backend.flush()
             return [self._outcome(s) for s in steps]
 
     async def _read_state(self, commands: Sequence[StoreCommand]) -> tuple[dict[str, Marker], dict[str, int]]:
@@ -353,6 +357,9 @@ class QdrantParticipant(Participant):
         data = [s for s in steps if s.decision in _WRITES_DATA]
         if data:
             await self._write_markers(data, pending=True)
+            # The pending markers (with the before-images) must be on disk before the data they guard:
+            # markers and points are separate shards with separate WALs.
+            await self.backend.flush()
             await self._write_data(data)
             await self._confirm_markers(data)
         noops = [s for s in steps if s.decision is Plan.RECORD_NOOP_COMPENSATION]

@@ -190,9 +190,9 @@ def report(
 async def _start_workers(settings: Settings, args: argparse.Namespace) -> Runtime | list[PartProcess] | None:
     if args.external:
         return None
-    if args.processes:
-        return await start_parts(settings, ["coordinator", "postgres", "qdrant", "neo4j"])
-    return await Runtime(settings).start()
+    if args.in_process:
+        return await Runtime(settings).start()
+    return await start_parts(settings, ["coordinator", "postgres", "qdrant", "neo4j"])
 
 
 async def _stop_workers(workers: Runtime | list[PartProcess] | None) -> None:
@@ -224,7 +224,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         with console.status("the same writes directly, batched like the consumers"):
             direct_s = await run_direct(settings, writes(f"{run}d", args.transactions))
     summary = report(args.transactions, args.concurrency, latencies, results, elapsed, direct_s)
-    summary["processes"] = "separate" if args.processes else ("external" if args.external else "one")
+    summary["workers_ran"] = "external" if args.external else ("in-process" if args.in_process else "subprocesses")
     if stats:
         summary["workers"] = stats
     if args.json:

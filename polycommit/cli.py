@@ -66,10 +66,23 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=256)
     bench.add_argument("--external", action="store_true", help="the workers already run elsewhere")
     bench.add_argument(
-        "--processes", action="store_true", help="run the coordinator and each consumer as its own process"
+        "--in-process",
+        action="store_true",
+        help="run the coordinator and the consumers in this process (default: one process each, as deployed)",
     )
     bench.add_argument("--no-direct", action="store_true", help="skip the direct-write baseline")
     bench.add_argument("--json", action="store_true")
+
+    chaos = sub.add_parser("chaos", help="kill processes and the broker under load, then check the stores")
+    chaos.add_argument("--transactions", type=int, default=2000, help="transactions to send (default 2000)")
+    chaos.add_argument("--kills", type=int, default=5, help="kills of a process or the broker (default 5)")
+    chaos.add_argument("--seed", type=int, default=0, help="seed of the kill schedule and targets")
+    chaos.add_argument("--concurrency", type=int, default=64, help="transactions in flight (default 64)")
+    chaos.add_argument("--targets", default="", help="comma-separated subset of coordinator,postgres,qdrant,neo4j,kafka")
+    chaos.add_argument("--step-timeout", type=float, default=30.0, help="each step's timeout, seconds (default 30)")
+    chaos.add_argument("--timeout", type=float, default=300.0, help="the client's wait for a result, seconds")
+    chaos.add_argument("--keep", action="store_true", help="keep the run's topics and Qdrant storage")
+    chaos.add_argument("--json", action="store_true")
     return parser
 
 
@@ -161,6 +174,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from polycommit.bench import run_bench
 
         return await run_bench(load_settings(), args)
+    if args.command == "chaos":
+        from polycommit.chaos import run_chaos
+
+        return await run_chaos(load_settings(), args)
     raise AssertionError(args.command)
 
 

@@ -9,12 +9,29 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from polycommit.config import Settings, load_settings
+
+_STOP_CONTAINERS = pytest.StashKey[Callable[[], None]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """POLYCOMMIT_TESTCONTAINERS=1: run the servers in containers (tests/containers.py) before any fixture."""
+    from containers import start_if_requested  # tests/ is on sys.path: this conftest has no __init__.py
+
+    stop = start_if_requested()
+    if stop is not None:
+        config.stash[_STOP_CONTAINERS] = stop
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    stop = config.stash.get(_STOP_CONTAINERS, None)
+    if stop is not None:
+        stop()
 
 
 @pytest.fixture(scope="session")

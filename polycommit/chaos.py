@@ -1,0 +1,624 @@
+"""`polycommit chaos`: run the system as separate processes, kill them (and the broker) under load, judge.
+
+The coordinator and the three store consumers run as subprocesses (`polycommit run coordinator`,
+`polycommit consumer <store>`), ready once they print their "polycommit running" line. This process
+sends bench-style transactions (a PostgreSQL row, a Qdrant point and a Neo4j node on keys of their own)
+keeping `--concurrency` in flight, and meanwhile, `--kills` times, SIGKILLs one seeded-random target, a
+subprocess or the Kafka broker, and restarts it. Each kill's *recovery time* runs from the kill to the
+first result received after the restarted target was ready again (for the coordinator and the broker
+every result needs them, so this is the true stall; for a store consumer, results of transactions already
+past that store may arrive sooner, and are not counted).
+
+A subprocess that exits on its own (say, when the broker vanishes under it) is restarted, as a supervisor
+would, and listed in the report. At the end every subprocess is stopped cleanly, results the clients
+missed are read back from the `results` topic, and `polycommit.checker` judges the stores. The exit code
+is 0 only when there is no violation and every transaction has a result.
+
+Each run has its own topic prefix (`chaos-<id>`) and its own Qdrant Edge storage under the data folder,
+so it never fights a running demo. The same `Cluster` drives the fault tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from polycommit import operations as ops
+from polycommit.bench import COLLECTION, DIMENSIONS, LABEL, TABLE, Write, writes
+from polycommit.checker import CheckReport, History, check
+from polycommit.client import Coordinator, Saga, TransactionResult
+from polycommit.config import Settings
+from polycommit.errors import TransactionTimeoutError
+
+READY_LINE = "polycommit running"
+PROCESSES: tuple[str, ...] = ("coordinator", "postgres", "qdrant", "neo4j")
+TARGETS: tuple[str, ...] = (*PROCESSES, "kafka")
+ENV_DROPPED = ("POLYCOMMIT_FAILPOINT",)  # never inherited: only the process a test arms gets one
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+
+
+# -- settings and data of one run -------------------------------------------------------------------
+
+
+def run_settings(base: Settings, run_id: str, *, prefix: str = "chaos", edge_path: Path | None = None) -> Settings:
+    """The settings of a run: its own topic prefix and Qdrant Edge folder."""
+    edge = edge_path if edge_path is not None else base.data_dir / "chaos" / run_id / "qdrant-edge"
+    return dataclasses.replace(
+        base, topic_prefix=f"{prefix}-{run_id}", qdrant=dataclasses.replace(base.qdrant, edge_path=edge)
+    )
+
+
+async def prepare(settings: Settings) -> None:
+    """Create the workload's table, collection and node key (before the Qdrant consumer holds its storage)."""
+    from consumers.neo4j import Neo4jParticipant
+    from consumers.qdrant import QdrantParticipant
+    from polycommit.bench import prepare as prepare_table
+
+    await prepare_table(settings, None)
+    qdrant = QdrantParticipant(settings)
+    try:
+        await qdrant.start()
+        await qdrant.ensure_collection(COLLECTION, DIMENSIONS)
+    finally:
+        await qdrant.close()
+    neo4j = Neo4jParticipant(settings)
+    try:
+        await neo4j.start()
+        await neo4j.ensure_node_key(LABEL, ["id"])
+    finally:
+        await neo4j.close()
+
+
+def saga_of(write: Write, *, retries: int = 3, timeout: float = 30.0) -> Saga:
+    """The benchmark's three writes, with retries and a timeout generous enough to ride out a restart:
+    a step that times out is retried (its redelivery is a no-op), not compensated at the first stall."""
+    saga = Saga("chaos")
+    saga.step(ops.upsert_row(TABLE, {"id": write.key}, {"v": write.value}), retries=retries, timeout=timeout)
+    saga.step(
+        ops.upsert_points(COLLECTION, [ops.point(write.key, write.vector, {"v": write.value})]),
+        retries=retries,
+        timeout=timeout,
+    )
+    saga.step(ops.merge_node(LABEL, {"id": write.key}, {"v": write.value}), retries=retries, timeout=timeout)
+    return saga
+
+
+# -- processes --------------------------------------------------------------------------------------
+
+
+def command_for(name: str) -> list[str]:
+    """The argv of a polycommit process: `run coordinator` or `consumer <store>`."""
+    script = Path(sys.executable).parent / "polycommit"
+    base = [str(script)] if script.is_file() else [sys.executable, "-m", "polycommit.cli"]
+    return [*base, "run", "coordinator"] if name == "coordinator" else [*base, "consumer", name]
+
+
+def process_env(settings: Settings, failpoint: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ENV_DROPPED}
+    env["POLYCOMMIT_TOPIC_PREFIX"] = settings.topic_prefix
+    env["POLYCOMMIT_QDRANT_EDGE_PATH"] = str(settings.qdrant.edge_path)
+    env["PYTHONUNBUFFERED"] = "1"
+    if failpoint:
+        env["POLYCOMMIT_FAILPOINT"] = failpoint
+    return env
+
+
+class ProcessStartError(RuntimeError):
+    """A polycommit process exited, or stayed silent, before printing its ready line."""
+
+
+async def await_pid_exit(pid: int, timeout: float) -> bool:
+    """Wait until a process that is not our child (e.g. the broker) is gone; False at the deadline."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await asyncio.wait_for(gone, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+@dataclass
+class Managed:
+    """One polycommit subprocess; `start()` returns once it printed its ready line."""
+
+    name: str
+    settings: Settings
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    expected_exit: bool = False
+    starts: int = 0
+    ready_at: float = 0.0
+    _drain: asyncio.Task[None] | None = None
+    _log: IO[bytes] | None = None
+
+    async def start(self, failpoint: str | None = None, timeout: float = START_TIMEOUT_S) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._close_log()
+        self._log = self.log_path.open("ab")
+        header = f"--- start {self.starts + 1} of {self.name}{f' (failpoint {failpoint})' if failpoint else ''}\n"
+        self._log.write(header.encode())
+        self._log.flush()
+        self.expected_exit = False
+        self.proc = await asyncio.create_subprocess_exec(
+            *command_for(self.name),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self._log,
+            env=process_env(self.settings, failpoint),
+            start_new_session=True,  # a Ctrl-C of the harness reaches the harness, which stops them in order
+        )
+        self.starts += 1
+        try:
+            await asyncio.wait_for(self._await_ready(self.proc), timeout)
+        except (TimeoutError, ProcessStartError) as exc:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+            raise ProcessStartError(f"{self.name} did not start: {exc or 'no ready line'} (log: {self.log_path})") from exc
+        self.ready_at = time.monotonic()
+        self._drain = asyncio.create_task(self._copy_stdout(self.proc), name=f"{self.name}-stdout")
+
+    async def _await_ready(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                raise ProcessStartError(f"exited with {await proc.wait()} before its ready line")
+            self._write(line)
+            if line.decode(errors="replace").startswith(READY_LINE):
+                return
+
+    async def _copy_stdout(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            self._write(line)
+
+    def _write(self, line: bytes) -> None:
+        if self._log is not None:
+            self._log.write(line)
+            self._log.flush()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def kill(self) -> None:
+        """SIGKILL (an expected exit: the supervisor leaves it to the caller to restart)."""
+        self.expected_exit = True
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+
+    async def wait_exit(self, timeout: float) -> int:
+        """The exit code once the process has exited (-9 after SIGKILL); TimeoutError at the deadline."""
+        assert self.proc is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self._drain is not None:
+            await self._drain
+            self._drain = None
+        return code
+
+    async def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM and wait for a clean exit; SIGKILL after `timeout`. Returns the exit code."""
+        self.expected_exit = True
+        if self.proc is None:
+            return None
+        if self.running:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = await self.wait_exit(timeout)
+        except TimeoutError:
+            self.proc.send_signal(signal.SIGKILL)
+            code = await self.wait_exit(timeout)
+        self._close_log()
+        return code
+
+
+@dataclass(frozen=True)
+class Exit:
+    """A subprocess that exited on its own (not killed or stopped by the harness)."""
+
+    name: str
+    code: int
+    at_s: float
+
+
+@dataclass
+class Cluster:
+    """The coordinator and the store consumers as subprocesses, optionally restarted when they die alone."""
+
+    settings: Settings
+    log_dir: Path
+    names: Sequence[str] = PROCESSES
+    supervise: bool = True
+    processes: dict[str, Managed] = field(default_factory=dict)
+    unexpected_exits: list[Exit] = field(default_factory=list)
+    on_exit: Callable[[Exit], None] | None = None
+    _watchers: list[asyncio.Task[None]] = field(default_factory=list)
+    _closing: asyncio.Event = field(default_factory=asyncio.Event)
+    _started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        for name in self.names:
+            self.processes[name] = Managed(name, self.settings, self.log_dir / f"{name}.log")
+
+    def __getitem__(self, name: str) -> Managed:
+        return self.processes[name]
+
+    async def start(self, failpoints: Mapping[str, str] | None = None) -> None:
+        """Start every process side by side; `failpoints` arms some (name -> POLYCOMMIT_FAILPOINT)."""
+        armed = dict(failpoints or {})
+        await asyncio.gather(*(self.start_one(name, armed.get(name)) for name in self.names))
+
+    async def start_one(self, name: str, failpoint: str | None = None) -> None:
+        managed = self.processes[name]
+        await managed.start(failpoint)
+        if self.supervise:
+            self._watchers.append(asyncio.create_task(self._watch(managed), name=f"watch-{name}"))
+
+    async def restart(self, name: str) -> float:
+        """Start a process that was killed (without any failpoint); returns when it is ready."""
+        await self.start_one(name)
+        return self.processes[name].ready_at
+
+    async def _watch(self, managed: Managed) -> None:
+        proc = managed.proc
+        assert proc is not None
+        code = await proc.wait()
+        if managed.expected_exit or self._closing.is_set() or managed.proc is not proc:
+            return
+        event = Exit(managed.name, code, round(time.monotonic() - self._started, 3))
+        self.unexpected_exits.append(event)
+        if self.on_exit is not None:
+            self.on_exit(event)
+        delay = 0.5
+        while not self._closing.is_set():
+            try:
+                await self.start_one(managed.name)
+                return
+            except ProcessStartError:
+                # Its dependency (the broker, a store) is still down: try again, backing off, until closing.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), delay)
+                delay = min(delay * 2, 5.0)
+
+    async def stop(self) -> dict[str, int | None]:
+        """Stop every process cleanly (SIGTERM, wait); returns their exit codes."""
+        self._closing.set()
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        self._watchers.clear()
+        codes = await asyncio.gather(*(m.stop() for m in self.processes.values()))
+        return dict(zip(self.processes, codes, strict=True))
+
+
+# -- the broker -------------------------------------------------------------------------------------
+
+
+async def kill_broker(settings: Settings) -> float:
+    """SIGKILL the Kafka broker, wait until it is gone, start it again; returns when it is ready."""
+    from polycommit.services import kill_server, start_servers
+
+    pid = kill_server(settings, "kafka")
+    if not await await_pid_exit(pid, 30):
+        raise RuntimeError(f"the Kafka broker (pid {pid}) survived SIGKILL for 30 s")
+    await start_servers(settings, ["kafka"])
+    return time.monotonic()
+
+
+# -- the workload and its progress ------------------------------------------------------------------
+
+
+@dataclass
+class Progressed:
+    """Results as they arrive, for kill schedules and recovery times (no sleeping: waiters are woken)."""
+
+    results: int = 0
+    last_at: float = 0.0
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def arrived(self) -> None:
+        async with self._changed:
+            self.results += 1
+            self.last_at = time.monotonic()
+            self._changed.notify_all()
+
+    async def wake(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
+
+async def execute(client: Coordinator, saga: Saga, errors: list[str]) -> TransactionResult | None:
+    """Run one transaction; None when the client gave up waiting (its result is read from the log later).
+
+    Publishing the intent may fail while the broker is down: it is published again (the coordinator
+    ignores a duplicate of an intent in flight, and a replay of a finished one changes nothing).
+    """
+    for _ in range(20):
+        try:
+            return await client.execute(saga)
+        except TransactionTimeoutError:
+            return None
+        except Exception as exc:  # the broker refused or timed out the intent: publish it again
+            errors.append(f"{saga.tx_id}: {type(exc).__name__}: {exc}")
+    return None
+
+
+async def run_workload(
+    client: Coordinator,
+    history: History,
+    sagas: Iterable[Saga],
+    concurrency: int,
+    progressed: Progressed,
+    errors: list[str],
+    on_result: Callable[[], None] | None = None,
+) -> None:
+    queue = iter(sagas)
+
+    async def lane() -> None:
+        for saga in queue:
+            history.invoke(saga)
+            result = await execute(client, saga, errors)
+            if result is not None:
+                history.record_result(result)
+            await progressed.arrived()
+            if on_result is not None:
+                on_result()
+
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+
+
+async def recover_results(settings: Settings, history: History, deadline_s: float) -> int:
+    """Read results the clients missed from the `results` topic until none is missing or the deadline."""
+    deadline = time.monotonic() + deadline_s
+    recovered = await history.recover_from_log(settings)
+    while history.missing() and time.monotonic() < deadline:
+        recovered += await history.recover_from_log(settings)
+    return recovered
+
+
+# -- kills ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Kill:
+    target: str
+    at_result: int
+    killed_at_s: float
+    restart_s: float = 0.0  # kill -> the target answers again (ready line, or broker probe)
+    recovery_s: float | None = None  # kill -> first result after the target was back
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def kill_schedule(rng: random.Random, transactions: int, kills: int, targets: Sequence[str]) -> list[tuple[int, str]]:
+    """(result count to wait for, target) for each kill, spread over the middle of the run."""
+    low, high = max(1, transactions // 10), max(2, transactions * 85 // 100)
+    points = sorted(rng.randrange(low, high) for _ in range(kills))
+    return [(point, rng.choice(list(targets))) for point in points]
+
+
+async def run_kills(
+    settings: Settings,
+    cluster: Cluster,
+    schedule: Sequence[tuple[int, str]],
+    progressed: Progressed,
+    total: int,
+    started: float,
+    kills: list[Kill],
+    describe: Callable[[str], None],
+) -> None:
+    for at_result, target in schedule:
+
+        def reached(at: int = at_result) -> bool:
+            return progressed.results >= at
+
+        await progressed.wait_for(reached)
+        if progressed.results >= total:
+            return
+        kill = Kill(target, progressed.results, round(time.monotonic() - started, 3))
+        kills.append(kill)
+        describe(f"killing {target}")
+        killed = time.monotonic()
+        if target == "kafka":
+            back = await kill_broker(settings)
+        else:
+            managed = cluster[target]
+            managed.kill()
+            await managed.wait_exit(STOP_TIMEOUT_S)
+            back = await cluster.restart(target)
+        kill.restart_s = back - killed
+        describe(f"{target} restarted; waiting for results")
+        await progressed.wait_for(lambda: progressed.last_at > back or progressed.results >= total)
+        if progressed.last_at > back:
+            kill.recovery_s = progressed.last_at - killed
+        describe(f"{target} recovered" if kill.recovery_s is not None else f"{target}: run ended first")
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+
+def summarize(
+    run_id: str,
+    history: History,
+    kills: Sequence[Kill],
+    exits: Sequence[Exit],
+    report: CheckReport,
+    elapsed_s: float,
+    errors: Sequence[str],
+) -> dict[str, Any]:
+    recoveries = [k.recovery_s for k in kills if k.recovery_s is not None]
+    statuses: dict[str, int] = {}
+    for tx_id in history.intents:
+        status = history.final(tx_id) or "none"
+        statuses[status] = statuses.get(status, 0) + 1
+    return {
+        "run": run_id,
+        "transactions": len(history.intents),
+        "statuses": dict(sorted(statuses.items())),
+        "missing_results": len(history.missing()),
+        "elapsed_s": round(elapsed_s, 3),
+        "kills": [k.to_json() for k in kills],
+        "recovery_s": [round(r, 3) for r in recoveries],
+        "recovery_max_s": round(max(recoveries), 3) if recoveries else None,
+        "unexpected_exits": [dataclasses.asdict(e) for e in exits],
+        "publish_errors": len(errors),
+        "violations": len(report.violations),
+        "check": report.to_json(limit=50),
+    }
+
+
+def print_summary(console: Console, summary: dict[str, Any]) -> None:
+    table = Table(title=f"polycommit chaos {summary['run']}: {summary['transactions']} transactions")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("statuses", json.dumps(summary["statuses"]))
+    table.add_row("missing results", str(summary["missing_results"]))
+    table.add_row("kills", str(len(summary["kills"])))
+    table.add_row("recovery (s)", ", ".join(f"{r:.2f}" for r in summary["recovery_s"]) or "-")
+    table.add_row("max recovery (s)", str(summary["recovery_max_s"] or "-"))
+    table.add_row("processes that exited alone", str(len(summary["unexpected_exits"])))
+    table.add_row("intent re-publishes", str(summary["publish_errors"]))
+    ok = summary["violations"] == 0
+    table.add_row("violations", f"[{'green' if ok else 'red'}]{summary['violations']}[/]")
+    table.add_row("elapsed (s)", str(summary["elapsed_s"]))
+    console.print(table)
+    if summary["kills"]:
+        kills = Table(title="kills")
+        for column in ("target", "at result", "at (s)", "restart (s)", "recovery (s)"):
+            kills.add_column(column)
+        for k in summary["kills"]:
+            recovery = "-" if k["recovery_s"] is None else f"{k['recovery_s']:.2f}"
+            kills.add_row(k["target"], str(k["at_result"]), str(k["killed_at_s"]), f"{k['restart_s']:.2f}", recovery)
+        console.print(kills)
+    if summary["check"]["violations"]:
+        table = Table(title="violations (first 50)")
+        for column in ("tx", "kind", "store", "step", "what"):
+            table.add_column(column)
+        for v in summary["check"]["violations"]:
+            table.add_row(v["tx_id"], v["kind"], v["store"] or "", "" if v["step"] is None else str(v["step"]), v["what"])
+        console.print(table)
+
+
+async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
+    from polycommit.bus import create_topics, delete_topics
+
+    console = Console(stderr=True)
+    run_id = uuid.uuid4().hex[:8]
+    settings = run_settings(base, run_id)
+    log_dir = base.log_dir / f"chaos-{run_id}"
+    targets = [t for t in args.targets.split(",") if t] if args.targets else list(TARGETS)
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        console.print(f"[red]unknown targets {unknown}; choose from {', '.join(TARGETS)}[/red]")
+        return 2
+    rng = random.Random(args.seed)
+    schedule = kill_schedule(rng, args.transactions, args.kills, targets)
+    history, progressed = History(), Progressed()
+    kills: list[Kill] = []
+    errors: list[str] = []
+    console.print(f"chaos run {run_id}: topics {settings.topic_prefix}.*, logs {log_dir}, seed {args.seed}")
+    await create_topics(settings)
+    await prepare(settings)
+    cluster = Cluster(settings, log_dir)
+    started = time.monotonic()
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    try:
+        with Progress(*columns, console=console, transient=args.json) as progress:
+            bar = progress.add_task("starting processes", total=args.transactions)
+            chaos = progress.add_task("chaos: waiting", total=len(schedule))
+            cluster.on_exit = lambda e: progress.console.print(f"[yellow]{e.name} exited alone ({e.code}); restarting")
+            await cluster.start()
+            progress.update(bar, description="transactions")
+            items = writes(f"x{run_id}", args.transactions)
+            sagas = (saga_of(w, timeout=args.step_timeout) for w in items)
+
+            def describe(text: str) -> None:
+                progress.update(chaos, description=f"chaos: {text}", completed=len(kills))
+
+            async with Coordinator(settings, timeout=args.timeout) as client:
+                killer = asyncio.create_task(
+                    run_kills(settings, cluster, schedule, progressed, args.transactions, started, kills, describe)
+                )
+                try:
+                    await run_workload(
+                        client,
+                        history,
+                        sagas,
+                        args.concurrency,
+                        progressed,
+                        errors,
+                        lambda: progress.advance(bar),
+                    )
+                    await progressed.wake()
+                    await killer
+                finally:
+                    killer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await killer
+            describe("done")
+            progress.update(bar, description="recovering missed results from the log")
+            await recover_results(settings, history, 60.0)
+            progress.update(bar, description="stopping processes")
+    finally:
+        codes = await cluster.stop()
+    elapsed = time.monotonic() - started
+    with console.status("checking the stores"):
+        report = await check(settings, history)
+    summary = summarize(run_id, history, kills, cluster.unexpected_exits, report, elapsed, errors)
+    summary["exit_codes"] = codes
+    ok = report.ok and not history.missing()
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print_summary(console, summary)
+    if ok and not args.keep:
+        await delete_topics(settings)
+        shutil.rmtree(settings.data_dir / "chaos" / run_id, ignore_errors=True)
+    else:
+        console.print(f"kept: topics {settings.topic_prefix}.*, Qdrant Edge {settings.qdrant.edge_path}, logs {log_dir}")
+    return 0 if ok else 1
+
