@@ -21,32 +21,13 @@ from consumers.base import Participant, failed
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
-from polycommit.errors import CodecError, InvalidOperationError, PolycommitError, StoreUnavailableError, describe
-from polycommit.events import DeadLetter, StepOutcome, StoreCommand, now_ms
+from polycommit.deadletters import dead_letter
+from polycommit.errors import CodecError, InvalidOperationError, PolycommitError, StoreUnavailableError
+from polycommit.events import StepOutcome, StoreCommand
 from polycommit.failpoints import failpoint
 from polycommit.operations import validate_operation
 
 log = logging.getLogger(__name__)
-DEAD_LETTER_PAYLOAD_LIMIT = 64 * 1024
-
-
-def dead_letter(record: Any, exc: BaseException, consumer: str, tx_id: str | None = None) -> DeadLetter:
-    """A dead-letter record for a Kafka record: where it came from, why it failed, and (part of) its bytes."""
-    error_class, message, _ = describe(exc)
-    payload = bytes(record.value or b"")
-    return {
-        "original_topic": record.topic,
-        "partition": record.partition,
-        "offset": record.offset,
-        "key": bytes(record.key) if record.key is not None else None,
-        "payload": payload[:DEAD_LETTER_PAYLOAD_LIMIT],
-        "payload_size": len(payload),
-        "error_class": error_class,
-        "error_message": message[:4000],
-        "tx_id": tx_id,
-        "consumer": consumer,
-        "at_ms": now_ms(),
-    }
 
 
 @dataclass

@@ -21,11 +21,11 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from consumers.worker import dead_letter
 from orchestrator import saga
 from polycommit.bus import Outgoing, Publisher, key_hash, make_consumer, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
+from polycommit.deadletters import dead_letter
 from polycommit.errors import CodecError
 from polycommit.events import SagaSnapshot, StepOutcome, TransactionIntent, TransactionResult, now_ms
 from polycommit.failpoints import failpoint

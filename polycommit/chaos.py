@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import asyncpg
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -45,13 +45,13 @@ from polycommit import operations as ops
 from polycommit.bench import COLLECTION, DIMENSIONS, LABEL, TABLE, Write, writes
 from polycommit.checker import CheckReport, History, check
 from polycommit.client import Coordinator, Saga, TransactionResult
-from polycommit.config import Settings
+from polycommit.config import REPO_ROOT, Settings
 from polycommit.errors import TransactionTimeoutError
+from polycommit.processes import part_command, part_environment
 
 READY_LINE = "polycommit running"
 PROCESSES: tuple[str, ...] = ("coordinator", "postgres", "qdrant", "neo4j")
 TARGETS: tuple[str, ...] = (*PROCESSES, "kafka")
-ENV_DROPPED = ("POLYCOMMIT_FAILPOINT",)  # never inherited: only the process a test arms gets one
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 
@@ -71,9 +71,12 @@ async def prepare(settings: Settings) -> None:
     """Create the workload's table, collection and node key (before the Qdrant consumer holds its storage)."""
     from consumers.neo4j import Neo4jParticipant
     from consumers.qdrant import QdrantParticipant
-    from polycommit.bench import prepare as prepare_table
 
-    await prepare_table(settings, None)
+    conn = await asyncpg.connect(settings.postgres.dsn)
+    try:
+        await conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id text PRIMARY KEY, v integer NOT NULL)")
+    finally:
+        await conn.close()
     qdrant = QdrantParticipant(settings)
     try:
         await qdrant.start()
@@ -105,21 +108,13 @@ def saga_of(write: Write, *, retries: int = 3, timeout: float = 30.0) -> Saga:
 # -- processes --------------------------------------------------------------------------------------
 
 
-def command_for(name: str) -> list[str]:
-    """The argv of a polycommit process: `run coordinator` or `consumer <store>`."""
-    script = Path(sys.executable).parent / "polycommit"
-    base = [str(script)] if script.is_file() else [sys.executable, "-m", "polycommit.cli"]
-    return [*base, "run", "coordinator"] if name == "coordinator" else [*base, "consumer", name]
-
-
 def process_env(settings: Settings, failpoint: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ENV_DROPPED}
-    env["POLYCOMMIT_TOPIC_PREFIX"] = settings.topic_prefix
-    env["POLYCOMMIT_QDRANT_EDGE_PATH"] = str(settings.qdrant.edge_path)
-    env["PYTHONUNBUFFERED"] = "1"
+    """The environment of a part: the run's prefix and Edge path, unbuffered output (the ready line must
+    reach the pipe at once), and a failpoint only when one is asked for."""
+    extra = {"PYTHONUNBUFFERED": "1"}
     if failpoint:
-        env["POLYCOMMIT_FAILPOINT"] = failpoint
-    return env
+        extra["POLYCOMMIT_FAILPOINT"] = failpoint
+    return part_environment(settings, extra)
 
 
 class ProcessStartError(RuntimeError):
@@ -134,7 +129,12 @@ async def await_pid_exit(pid: int, timeout: float) -> bool:
         return True
     loop = asyncio.get_running_loop()
     gone: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(fd, readable)
     try:
         await asyncio.wait_for(gone, timeout)
         return True
@@ -168,7 +168,8 @@ class Managed:
         self._log.flush()
         self.expected_exit = False
         self.proc = await asyncio.create_subprocess_exec(
-            *command_for(self.name),
+            *part_command(self.name),
+            cwd=REPO_ROOT,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=self._log,
@@ -182,7 +183,9 @@ class Managed:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             await self.proc.wait()
-            raise ProcessStartError(f"{self.name} did not start: {exc or 'no ready line'} (log: {self.log_path})") from exc
+            raise ProcessStartError(
+                f"{self.name} did not start: {exc or 'no ready line'} (log: {self.log_path})"
+            ) from exc
         self.ready_at = time.monotonic()
         self._drain = asyncio.create_task(self._copy_stdout(self.proc), name=f"{self.name}-stdout")
 
@@ -472,7 +475,11 @@ async def run_kills(
             back = await cluster.restart(target)
         kill.restart_s = back - killed
         describe(f"{target} restarted; waiting for results")
-        await progressed.wait_for(lambda: progressed.last_at > back or progressed.results >= total)
+
+        def recovered(back: float = back) -> bool:
+            return progressed.last_at > back or progressed.results >= total
+
+        await progressed.wait_for(recovered)
         if progressed.last_at > back:
             kill.recovery_s = progressed.last_at - killed
         describe(f"{target} recovered" if kill.recovery_s is not None else f"{target}: run ended first")
@@ -539,7 +546,9 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
         for column in ("tx", "kind", "store", "step", "what"):
             table.add_column(column)
         for v in summary["check"]["violations"]:
-            table.add_row(v["tx_id"], v["kind"], v["store"] or "", "" if v["step"] is None else str(v["step"]), v["what"])
+            table.add_row(
+                v["tx_id"], v["kind"], v["store"] or "", "" if v["step"] is None else str(v["step"]), v["what"]
+            )
         console.print(table)
 
 
@@ -619,6 +628,7 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
         await delete_topics(settings)
         shutil.rmtree(settings.data_dir / "chaos" / run_id, ignore_errors=True)
     else:
-        console.print(f"kept: topics {settings.topic_prefix}.*, Qdrant Edge {settings.qdrant.edge_path}, logs {log_dir}")
+        console.print(
+            f"kept: topics {settings.topic_prefix}.*, Qdrant Edge {settings.qdrant.edge_path}, logs {log_dir}"
+        )
     return 0 if ok else 1
-

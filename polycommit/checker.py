@@ -188,7 +188,6 @@ class SeenMarker:
 
 
 MarkerKey = tuple[str, int, str]  # (tx_id, step_index, action)
-Missing = object()
 
 
 @dataclass
@@ -418,15 +417,13 @@ async def check(
     own_qdrant = qdrant is None
     participant = qdrant if qdrant is not None else QdrantParticipant(settings)
     try:
-        return await _check(settings, history, _Stores(settings, participant), keys_owned, started)
+        return await _check(history, _Stores(settings, participant), keys_owned, started)
     finally:
         if own_qdrant:
             await participant.close()
 
 
-async def _check(
-    settings: Settings, history: History, stores: _Stores, keys_owned: bool, started: float
-) -> CheckReport:
+async def _check(history: History, stores: _Stores, keys_owned: bool, started: float) -> CheckReport:
     violations: list[Violation] = []
     statuses: dict[str, int] = {}
     wanted: dict[str, list[MarkerKey]] = {"postgres": [], "qdrant": [], "neo4j": []}
@@ -465,12 +462,12 @@ async def _check(
             execute = markers.get((tx_id, index, EXECUTE))
             compensate = markers.get((tx_id, index, COMPENSATE))
 
-            def flag(kind: str, what: str, store: str = store, index: int = index) -> None:
+            def flag(kind: str, what: str, tx_id: str = tx_id, store: str = store, index: int = index) -> None:
                 violations.append(Violation(tx_id, kind, what, store, index))
 
-            if execute is not None and compensate is not None and execute.at and compensate.at:
-                if execute.at > compensate.at:
-                    flag(HANGING, f"EXECUTE recorded at {execute.at} after its COMPENSATE at {compensate.at}")
+            if execute and compensate and execute.at and compensate.at and execute.at > compensate.at:
+                # P4: EXECUTE after its COMPENSATE must be skipped; a later EXECUTE marker is a hanging step.
+                flag(HANGING, f"EXECUTE recorded at {execute.at}, after its COMPENSATE at {compensate.at}")
             if final in ("completed", "committed"):
                 if execute is None:
                     flag(MISSING_EXECUTE, "no EXECUTE marker")
@@ -502,7 +499,9 @@ async def _check(
         if final in ("completed", "committed"):
             if e.values is None:
                 if actual is not None:
-                    violations.append(Violation(e.tx_id, EFFECT_WRONG, f"{e.describe()} was deleted but exists", e.store, e.step))
+                    violations.append(
+                        Violation(e.tx_id, EFFECT_WRONG, f"{e.describe()} was deleted but exists", e.store, e.step)
+                    )
             elif actual is None:
                 violations.append(Violation(e.tx_id, EFFECT_MISSING, f"{e.describe()} is missing", e.store, e.step))
             else:

@@ -78,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     chaos.add_argument("--kills", type=int, default=5, help="kills of a process or the broker (default 5)")
     chaos.add_argument("--seed", type=int, default=0, help="seed of the kill schedule and targets")
     chaos.add_argument("--concurrency", type=int, default=64, help="transactions in flight (default 64)")
-    chaos.add_argument("--targets", default="", help="comma-separated subset of coordinator,postgres,qdrant,neo4j,kafka")
+    chaos.add_argument(
+        "--targets", default="", help="comma-separated subset of coordinator,postgres,qdrant,neo4j,kafka"
+    )
     chaos.add_argument("--step-timeout", type=float, default=30.0, help="each step's timeout, seconds (default 30)")
     chaos.add_argument("--timeout", type=float, default=300.0, help="the client's wait for a result, seconds")
     chaos.add_argument("--keep", action="store_true", help="keep the run's topics and Qdrant storage")
