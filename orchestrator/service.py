@@ -308,7 +308,8 @@ class CoordinatorService:
     def _publish_result(self, state: SagaSnapshot, result: TransactionResult, out: list[Outgoing]) -> None:
         tx_id = result["tx_id"]
         self.stats.results[result["status"]] = self.stats.results.get(result["status"], 0) + 1
-        out.append(Outgoing(self.topics.results, tx_id, "TransactionResult", result))
+        encoded = self.codec.encode("TransactionResult", result)  # once, for both topics
+        out.append(Outgoing(self.topics.results, tx_id, "TransactionResult", result, encoded=encoded))
         target = reply_target(state["intent"]["reply_to"])
         if target is not None:
-            out.append(Outgoing(target[0], tx_id, "TransactionResult", result, partition=target[1]))
+            out.append(Outgoing(target[0], tx_id, "TransactionResult", result, partition=target[1], encoded=encoded))

@@ -182,6 +182,7 @@ class Outgoing:
     event_type: str
     record: Any
     partition: int | None = None
+    encoded: bytes | None = None  # the record already encoded (one event published to several topics)
 
 
 class Publisher:
@@ -229,6 +230,8 @@ class Publisher:
         return parts[key_hash(key) % len(parts)]
 
     def encode(self, item: Outgoing) -> bytes | None:
+        if item.encoded is not None:
+            return item.encoded
         return None if item.record is None else self.codec.encode(item.event_type, item.record)
 
     async def publish(self, items: Sequence[Outgoing]) -> list[asyncio.Future[Any]]:

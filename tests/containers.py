@@ -97,7 +97,7 @@ _KAFKA_ENV: dict[str, str] = {
 _KAFKA_COMMAND = [
     "sh",
     "-c",
-    f'while [ ! -s {_KAFKA_ADVERTISED_FILE} ]; do sleep 0.1; done; '
+    f"while [ ! -s {_KAFKA_ADVERTISED_FILE} ]; do sleep 0.1; done; "
     f'KAFKA_ADVERTISED_LISTENERS="$(cat {_KAFKA_ADVERTISED_FILE})"; export KAFKA_ADVERTISED_LISTENERS; '
     "exec /etc/kafka/docker/run",
 ]

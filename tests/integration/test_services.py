@@ -1,0 +1,349 @@
+"""The local servers as `scripts/services` runs them: status, listening addresses, a whole lifecycle.
+
+Real servers, real processes: a server that is down makes these tests FAIL (CI starts them with
+`scripts/services start`); nothing here skips for that. The lifecycle test runs its own PostgreSQL and
+Kafka on an isolated POLYCOMMIT_HOME and free ports, so the shared servers are left alone. Waits are
+events with deadlines (a pidfd for a process's exit, a subprocess's end), never fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from polycommit.config import Settings, load_settings
+from polycommit.services import (
+    SERVERS,
+    STATUS_NAMES,
+    ServerStatus,
+    data_path,
+    pid_path,
+    reset_servers,
+    server_status,
+    start_servers,
+    statuses_to_json,
+    stop_servers,
+)
+
+pytestmark = pytest.mark.servers
+
+LOOPBACK = frozenset({"127.0.0.1", "::ffff:127.0.0.1"})
+CLI_DEADLINE_S = 60.0
+EXIT_DEADLINE_S = 15.0
+
+# Under POLYCOMMIT_TESTCONTAINERS (tests/containers.py) the shared servers are containers: there are no
+# local processes or pid files to check. Only the tests about those local processes step aside then.
+local_processes = pytest.mark.skipif(
+    bool(os.environ.get("POLYCOMMIT_TESTCONTAINERS_STARTED")),
+    reason="the servers run in containers (POLYCOMMIT_TESTCONTAINERS): no local server processes to check",
+)
+
+
+# -- helpers: processes and their listening sockets, from /proc -------------------------------------------
+
+
+def _decode_address(field: str) -> tuple[str, int]:
+    """`0100007F:D8F0` from /proc/<pid>/net/tcp{,6} → ('127.0.0.1', 55536)."""
+    hex_ip, hex_port = field.split(":")
+    raw = bytes.fromhex(hex_ip)
+    if sys.byteorder == "little":
+        # The kernel prints the address as 32-bit words in host byte order.
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, raw), int(hex_port, 16)
+
+
+def _process_tree(pid: int) -> set[int]:
+    """`pid` and its descendants (a postmaster's children, say), from the parent pid in /proc/*/stat."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+    tree = {pid}
+    grew = True
+    while grew:
+        grew = False
+        for child, parent in parents.items():
+            if parent in tree and child not in tree:
+                tree.add(child)
+                grew = True
+    return tree
+
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """Every TCP (v4 and v6) address:port in LISTEN state held by `pid` or one of its descendants."""
+    inodes: set[str] = set()
+    for member in _process_tree(pid):
+        try:
+            fds = list(Path(f"/proc/{member}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    found: set[tuple[str, int]] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:  # 0A = TCP_LISTEN
+                found.add(_decode_address(local))
+    return found
+
+
+def _assert_loopback_only(name: str, pid: int, ports: set[int]) -> None:
+    addresses = _listening(pid)
+    assert addresses, f"{name} (pid {pid}) listens on nothing"
+    beyond = sorted(a for a in addresses if a[0] not in LOOPBACK)
+    assert not beyond, f"{name} (pid {pid}) listens beyond 127.0.0.1: {beyond} (all: {sorted(addresses)})"
+    assert ports <= {port for _, port in addresses}, (
+        f"{name} (pid {pid}) should listen on ports {sorted(ports)}; it listens on {sorted(addresses)}"
+    )
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot), which tells it apart from a later user of its pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _gone(pid: int, started: str | None) -> bool:
+    """No such process any more: absent from /proc, its pid reused, or a zombie awaiting its reaper."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return _start_time(pid) != started or state in ("Z", "X")
+
+
+async def _wait_exit(pid: int, deadline_s: float) -> None:
+    """Return once `pid` has exited (its pidfd turns readable), or when the deadline passes."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, on_exit)
+    try:
+        await asyncio.wait_for(exited, deadline_s)
+    except TimeoutError:
+        pass  # the caller's assertion reports it
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def _run(argv: list[str], deadline_s: float) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), deadline_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"{' '.join(argv)} did not finish within {deadline_s:.0f} s") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now, all different (each socket is held open until all are picked)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _assert_no_secret(text: str, settings: Settings) -> None:
+    for secret in (settings.postgres.password, settings.neo4j.password):
+        assert secret, "a password is empty: run scripts/setup"
+        assert secret not in text, "a password leaked into the status output"
+
+
+# -- the shared servers ---------------------------------------------------------------------------------
+
+
+@local_processes
+async def test_server_status_reports_every_server_healthy_with_its_address(settings: Settings) -> None:
+    statuses = await server_status(settings)
+
+    assert tuple(statuses) == STATUS_NAMES == ("postgres", "kafka", "neo4j", "qdrant")
+    for name, status in statuses.items():
+        assert status.healthy, f"{name} is not healthy: {status.extra.get('error')}"
+        assert status.version, f"{name} reports no version"
+    for name in ("postgres", "kafka", "neo4j"):
+        assert statuses[name].pid is not None, f"{name} has no pid"
+
+    pg, kafka, neo4j, qdrant = (statuses[n] for n in STATUS_NAMES)
+    assert pg.address == settings.postgres.address == f"{settings.postgres.host}:{settings.postgres.port}"
+    dsn = urlsplit(pg.extra["dsn"])
+    assert dsn.scheme == "postgresql"
+    assert dsn.password is None, "the dsn in the status must not carry the password"
+    pg_settings = settings.postgres
+    assert (dsn.username, dsn.hostname, dsn.port) == (pg_settings.user, pg_settings.host, pg_settings.port)
+    assert dsn.path == f"/{settings.postgres.database}"
+    assert kafka.address == kafka.extra["bootstrap"] == settings.kafka.bootstrap
+    assert neo4j.extra["uri"] == settings.neo4j.uri
+    assert neo4j.address == settings.neo4j.address
+    assert qdrant.address == settings.qdrant.address
+    assert qdrant.extra["backend"] == settings.qdrant.backend
+    _assert_no_secret(json.dumps(statuses_to_json(statuses)) + repr(statuses), settings)
+
+
+@local_processes
+async def test_cli_services_status_json_prints_one_object_and_exits_0(settings: Settings) -> None:
+    cli = Path(sys.executable).parent / "polycommit"
+    code, out, err = await _run([str(cli), "services", "status", "--json"], CLI_DEADLINE_S)
+
+    assert code == 0, f"exit {code}\nstdout:\n{out}\nstderr:\n{err}"
+    document = json.loads(out)  # the whole of stdout is one JSON document
+    assert isinstance(document, dict)
+    assert set(document) == set(STATUS_NAMES)
+    for name, entry in document.items():
+        assert entry["healthy"] is True, f"{name}: {entry}"
+        assert entry["address"] and entry["version"], f"{name}: {entry}"
+    assert document["postgres"]["dsn"] == settings.postgres.public_dsn
+    assert urlsplit(document["postgres"]["dsn"]).password is None
+    assert document["kafka"]["bootstrap"] == settings.kafka.bootstrap
+    assert document["neo4j"]["uri"] == settings.neo4j.uri
+    _assert_no_secret(out + err, settings)
+
+
+@local_processes
+async def test_every_server_process_listens_on_127_0_0_1_only(settings: Settings) -> None:
+    statuses = await server_status(settings)
+    kafka_port = int(settings.kafka.bootstrap.rsplit(":", 1)[1])
+    neo4j_port = urlsplit(settings.neo4j.uri).port
+    assert neo4j_port is not None
+    expected = {
+        "postgres": {settings.postgres.port},
+        "kafka": {kafka_port, settings.kafka.controller_port},
+        "neo4j": {neo4j_port},
+    }
+    for name, ports in expected.items():
+        pid = statuses[name].pid
+        assert pid is not None, f"{name} is not running: {statuses[name].extra.get('error')}"
+        assert pid_path(settings, name).read_text().split()[0] == str(pid), f"{name}: pid file disagrees"
+        _assert_loopback_only(name, pid, ports)
+
+
+# -- a whole lifecycle on an isolated home -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Settings]:
+    """Settings for a fresh POLYCOMMIT_HOME under tmp_path, on free ports, with the shared passwords."""
+    shared = load_settings()
+    assert shared.postgres.password, "no PostgreSQL password: run scripts/setup"
+    home = tmp_path / "home"
+    home.mkdir()
+    pg_port, kafka_port, controller_port = _free_ports(3)
+    for name in ("POLYCOMMIT_PG_USER", "POLYCOMMIT_PG_DATABASE", "POLYCOMMIT_QDRANT_EDGE_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("POLYCOMMIT_HOME", str(home))
+    monkeypatch.setenv("POLYCOMMIT_PG_HOST", "127.0.0.1")
+    monkeypatch.setenv("POLYCOMMIT_PG_PORT", str(pg_port))
+    monkeypatch.setenv("POLYCOMMIT_PG_PASSWORD", shared.postgres.password)
+    monkeypatch.setenv("POLYCOMMIT_NEO4J_PASSWORD", shared.neo4j.password)
+    monkeypatch.setenv("POLYCOMMIT_KAFKA_BOOTSTRAP", f"127.0.0.1:{kafka_port}")
+    monkeypatch.setenv("POLYCOMMIT_KAFKA_CONTROLLER_PORT", str(controller_port))
+    # A secrets file as scripts/setup writes it: reset must keep it.
+    secrets = home / "secrets.env"
+    secrets.write_text(
+        f"POLYCOMMIT_PG_PASSWORD={shared.postgres.password}\nPOLYCOMMIT_NEO4J_PASSWORD={shared.neo4j.password}\n"
+    )
+    secrets.chmod(0o600)
+    settings = load_settings()
+    assert settings.home == home.resolve()
+    assert settings.postgres.port == pg_port and settings.kafka.bootstrap == f"127.0.0.1:{kafka_port}"
+    assert settings.kafka.controller_port == controller_port
+    try:
+        yield settings
+    finally:
+        # Whatever happened, leave no server of this home running and no data behind.
+        await reset_servers(settings)
+
+
+async def test_start_stop_reset_on_an_isolated_home(isolated: Settings, settings: Settings) -> None:
+    home = isolated
+    shared = settings  # the shared servers' settings: their pid files must not change
+    shared_before = _pid_files(shared)
+    assert home.run_dir != shared.run_dir and home.data_dir != shared.data_dir
+    assert _pid_files(home) == dict.fromkeys(SERVERS), "the isolated home is not fresh"
+
+    statuses = await start_servers(home, ["postgres", "kafka"])
+
+    assert set(statuses) == {"postgres", "kafka"}
+    for name, status in statuses.items():
+        assert status.healthy, f"{name}: {status.extra.get('error')}"
+        assert status.version and status.pid is not None, f"{name}: {status}"
+    assert statuses["postgres"].address == home.postgres.address
+    assert statuses["kafka"].address == home.kafka.bootstrap
+    assert (data_path(home, "postgres") / "PG_VERSION").is_file()
+    assert (data_path(home, "kafka") / "kraft" / "meta.properties").is_file()
+    pids = {name: _pid(status) for name, status in statuses.items()}
+    started = {name: _start_time(pid) for name, pid in pids.items()}
+    kafka_port = int(home.kafka.bootstrap.rsplit(":", 1)[1])
+    _assert_loopback_only("postgres", pids["postgres"], {home.postgres.port})
+    _assert_loopback_only("kafka", pids["kafka"], {kafka_port, home.kafka.controller_port})
+
+    await stop_servers(home)
+
+    await asyncio.gather(*(_wait_exit(pid, EXIT_DEADLINE_S) for pid in pids.values()))
+    for name, pid in pids.items():
+        assert _gone(pid, started[name]), f"{name} (pid {pid}) still runs after stop_servers"
+        assert not pid_path(home, name).exists(), f"{name}: pid file left behind"
+    assert home.data_dir.is_dir(), "stop must keep the data"
+
+    secrets = home.home / "secrets.env"
+    kept = secrets.read_bytes()
+    await reset_servers(home)
+
+    assert not home.data_dir.exists(), "reset must delete the data"
+    assert not home.log_dir.exists() and not home.run_dir.exists(), "reset must delete the logs and pids"
+    assert secrets.read_bytes() == kept, "reset must keep secrets.env"
+    assert _pid_files(shared) == shared_before, "the shared servers' pid files changed"
+
+
+def _pid_files(settings: Settings) -> dict[str, str | None]:
+    return {
+        name: (pid_path(settings, name).read_text() if pid_path(settings, name).exists() else None) for name in SERVERS
+    }
+
+
+def _pid(status: ServerStatus) -> int:
+    assert status.pid is not None, f"{status.name} has no pid"
+    return status.pid
