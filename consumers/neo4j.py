@@ -36,7 +36,7 @@ from polycommit.errors import (
     StoreUnavailableError,
 )
 from polycommit.events import NodeRef, Operation, StepOutcome, Store, StoreCommand
-from polycommit.operations import IDENTIFIER, dumps, lock_keys, validate_operation
+from polycommit.operations import IDENTIFIER, dumps, json_object, lock_keys, validate_operation
 
 STORE: Store = "neo4j"
 MARKER_LABEL = "PolycommitStep"
@@ -130,16 +130,6 @@ class Parsed:
         return [e.target for e in (self.effect, self.compensation) if e is not None and e.target is not None]
 
 
-def _json_object(text: str, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except (TypeError, ValueError) as exc:
-        raise InvalidOperationError(f"{what} is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidOperationError(f"{what} must be a JSON object")
-    return value
-
-
 def _kind_of(value: Any) -> str:
     if isinstance(value, bool):
         return "boolean"
@@ -171,7 +161,7 @@ def _check_storable(properties: Mapping[str, Any], what: str) -> None:
 
 
 def _node_target(label: str, key_text: str) -> NodeTarget:
-    key = _json_object(key_text, "node key")
+    key = json_object(key_text, "node key")
     if any(v is None for v in key.values()):
         raise InvalidOperationError(f"node key {key_text} of :{label} has a null value; MERGE cannot match it")
     _check_storable(key, "key property")
@@ -188,8 +178,8 @@ def effect_of(op: Operation) -> Effect:
     """The effect of a validated neo4j operation, applied as an EXECUTE."""
     kind = op["kind"]
     if kind == "cypher":
-        return Effect("cypher", statement=op["statement"], params=_json_object(op["params"], "params"))
-    values = _json_object(op["values"], "values")
+        return Effect("cypher", statement=op["statement"], params=json_object(op["params"], "params"))
+    values = json_object(op["values"], "values")
     _check_storable(values, "property")
     if kind in ("merge_node", "delete_node"):
         target = _node_target(op["target"], op["key"])

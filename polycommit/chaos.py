@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import random
 import shutil
@@ -556,6 +557,9 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     from polycommit.bus import create_topics, delete_topics
 
     console = Console(stderr=True)
+    if not getattr(args, "verbose", False):
+        # The broker going away is the point of the run: the client's retry warnings would drown the progress.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     run_id = uuid.uuid4().hex[:8]
     settings = run_settings(base, run_id)
     log_dir = base.log_dir / f"chaos-{run_id}"

@@ -136,7 +136,8 @@ def cypher(statement: str, params: Mapping[str, Any] | None = None, lock_keys: I
 # -- validation -------------------------------------------------------------------------------------
 
 
-def _json_object(text: str, what: str) -> dict[str, Any]:
+def json_object(text: str, what: str) -> dict[str, Any]:
+    """Parse JSON text that must be an object; anything else is an InvalidOperationError."""
     try:
         value = json.loads(text)
     except (TypeError, ValueError) as exc:
@@ -177,16 +178,16 @@ def validate_operation(op: Operation, max_payload_bytes: int) -> None:
     if kind not in ("merge_relationship", "delete_relationship"):
         _identifiers([op["target"]], "target")
     if kind in ("upsert_row", "delete_row", "merge_node", "delete_node"):
-        key = _json_object(op["key"], "key")
+        key = json_object(op["key"], "key")
         if not key:
             raise InvalidOperationError(f"{kind} needs a non-empty key")
         _identifiers(key, "key column")
-        _identifiers(_json_object(op["values"], "values"), "column")
+        _identifiers(json_object(op["values"], "values"), "column")
     elif kind == "upsert_points":
         if not op["points"]:
             raise InvalidOperationError("upsert_points needs at least one point")
         for p in op["points"]:
-            _json_object(p["payload"], "point payload")
+            json_object(p["payload"], "point payload")
             if not p["vector"]:
                 raise InvalidOperationError(f"point {p['id']} has no vector")
     elif kind == "delete_points":
@@ -198,8 +199,8 @@ def validate_operation(op: Operation, max_payload_bytes: int) -> None:
             if end is None:
                 raise InvalidOperationError(f"{kind} needs both end nodes")
             _identifiers([end["label"]], "label")
-            _identifiers(_json_object(end["key"], "node key"), "key property")
-        _identifiers(_json_object(op["values"], "values"), "property")
+            _identifiers(json_object(end["key"], "node key"), "key property")
+        _identifiers(json_object(op["values"], "values"), "property")
 
 
 # -- lock keys --------------------------------------------------------------------------------------
