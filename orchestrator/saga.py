@@ -24,6 +24,7 @@ from polycommit.events import (
     TransactionResult,
     TransactionStatus,
     error_info,
+    store_command,
 )
 from polycommit.operations import validate_operation
 
@@ -84,16 +85,16 @@ def _timeout_ms(state: SagaSnapshot, index: int, policy: SagaPolicy) -> int:
 
 def _command(state: SagaSnapshot, index: int, action: Literal["EXECUTE", "COMPENSATE"], now: int) -> StoreCommand:
     step = state["intent"]["steps"][index]
-    return {
-        "tx_id": state["intent"]["tx_id"],
-        "step_index": index,
-        "action": action,
-        "attempt": state["attempt"],
-        "operation": step["operation"],
-        "compensation": step["compensation"],
-        "before_image": state["before_images"][index],
-        "issued_at_ms": now,
-    }
+    return store_command(
+        state["intent"]["tx_id"],
+        index,
+        action,
+        step["operation"],
+        compensation=step["compensation"],
+        attempt=state["attempt"],
+        before_image=state["before_images"][index],
+        issued_at_ms=now,
+    )
 
 
 def _send(state: SagaSnapshot, action: Literal["EXECUTE", "COMPENSATE"], now: int, policy: SagaPolicy) -> StoreCommand:

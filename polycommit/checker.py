@@ -436,7 +436,9 @@ async def _check(history: History, stores: _Stores, keys_owned: bool, started: f
             violations.append(Violation(tx_id, LOST, "no result after recovery"))
             continue
         if len(terminal) > 1:
+            # No state of the stores can agree with both: that is the violation, the rest would be noise.
             violations.append(Violation(tx_id, CONFLICTING, f"reported {' then '.join(terminal)}"))
+            continue
         if final not in (*TERMINAL, "stuck"):
             violations.append(Violation(tx_id, UNKNOWN, f"reported {final!r}"))
             continue

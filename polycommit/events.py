@@ -156,5 +156,28 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def store_command(
+    tx_id: str,
+    step_index: int,
+    action: StepAction,
+    operation: Operation,
+    *,
+    compensation: Operation | None = None,
+    attempt: int = 1,
+    before_image: str | None = None,
+    issued_at_ms: int | None = None,
+) -> StoreCommand:
+    return {
+        "tx_id": tx_id,
+        "step_index": step_index,
+        "action": action,
+        "attempt": attempt,
+        "operation": operation,
+        "compensation": compensation,
+        "before_image": before_image,
+        "issued_at_ms": now_ms() if issued_at_ms is None else issued_at_ms,
+    }
+
+
 def error_info(error_class: str, message: str, retriable: bool) -> ErrorInfo:
     return {"error_class": error_class, "message": message[:2000], "retriable": retriable}

@@ -22,7 +22,7 @@ from polycommit import operations as ops
 from polycommit import services as svc
 from polycommit.config import Settings, load_settings
 from polycommit.errors import StoreError, StoreUnavailableError
-from polycommit.events import Operation, StepAction, StepOutcome, StoreCommand, now_ms
+from polycommit.events import Operation, StepAction, StepOutcome, StoreCommand, store_command
 
 pytestmark = pytest.mark.servers
 
@@ -51,16 +51,7 @@ def command(
     step: int = 0,
     compensation: Operation | None = None,
 ) -> StoreCommand:
-    return {
-        "tx_id": tx_id or f"tx-{uid()}",
-        "step_index": step,
-        "action": action,
-        "attempt": 1,
-        "operation": op,
-        "compensation": compensation,
-        "before_image": None,
-        "issued_at_ms": now_ms(),
-    }
+    return store_command(tx_id or f"tx-{uid()}", step, action, op, compensation=compensation)
 
 
 def undo(cmd: StoreCommand) -> StoreCommand:

@@ -13,7 +13,7 @@ import pytest
 from consumers.postgres import PostgresParticipant
 from polycommit import operations as ops
 from polycommit.config import Settings
-from polycommit.events import Operation, StepAction, StoreCommand
+from polycommit.events import Operation, StepAction, StoreCommand, store_command
 
 TABLE = "adapter_test_rows"
 
@@ -21,16 +21,7 @@ TABLE = "adapter_test_rows"
 def command(
     tx: str, step: int, action: StepAction, op: Operation, compensation: Operation | None = None
 ) -> StoreCommand:
-    return {
-        "tx_id": tx,
-        "step_index": step,
-        "action": action,
-        "attempt": 1,
-        "operation": op,
-        "compensation": compensation,
-        "before_image": None,
-        "issued_at_ms": 0,
-    }
+    return store_command(tx, step, action, op, compensation=compensation, issued_at_ms=0)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from consumers.qdrant import MARKERS, QdrantParticipant
 from consumers.qdrant_backends import ClientBackend, EdgeBackend, PointData, QdrantBackend
 from polycommit.config import QdrantSettings, Settings, load_settings
 from polycommit.errors import StoreUnavailableError
-from polycommit.events import Operation, StepAction, StepOutcome, StoreCommand
+from polycommit.events import Operation, StepAction, StepOutcome, StoreCommand, store_command
 from polycommit.operations import delete_points, point, upsert_points
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,16 +37,7 @@ def unit(axis: int) -> list[float]:
 def command(
     tx: str, step: int, action: StepAction, op: Operation, compensation: Operation | None = None
 ) -> StoreCommand:
-    return {
-        "tx_id": tx,
-        "step_index": step,
-        "action": action,
-        "attempt": 1,
-        "operation": op,
-        "compensation": compensation,
-        "before_image": None,
-        "issued_at_ms": 0,
-    }
+    return store_command(tx, step, action, op, compensation=compensation, issued_at_ms=0)
 
 
 def upsert(tx: str, *points: tuple[int | str, int, dict[str, Any]], collection: str = COLLECTION) -> StoreCommand:
