@@ -65,6 +65,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.service = service
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        # The transaction in flight still commits offsets of these partitions: finish it first.
+        await self.service.drain(reraise=False)
         self.service.forget({tp.partition for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
@@ -93,6 +95,9 @@ class CoordinatorService:
         self.timers: list[tuple[int, str]] = []
         self.stats = CoordinatorStats()
         self._partitions = 0
+        # The Kafka transaction of the previous loop, committing while the next batch is read and folded.
+        self._committing: asyncio.Task[None] | None = None
+        self._commit_failure: BaseException | None = None
 
     # -- state ownership ----------------------------------------------------------------------------
 
@@ -176,6 +181,19 @@ class CoordinatorService:
             else:
                 return
 
+    async def drain(self, *, reraise: bool = True) -> None:
+        """Wait for the Kafka transaction in flight. Its failure means the in-memory state is ahead of
+        the log: it is kept and raised (now, or by the next loop) so the session starts over."""
+        task, self._committing = self._committing, None
+        if task is not None:
+            try:
+                await task
+            except Exception as exc:
+                self._commit_failure = exc
+        if reraise and self._commit_failure is not None:
+            failure, self._commit_failure = self._commit_failure, None
+            raise failure
+
     def forget_all(self) -> None:
         self.sagas.clear()
         self.intent_bytes.clear()
@@ -195,7 +213,11 @@ class CoordinatorService:
                 ready.set()
             while not stop.is_set():
                 await self._step(consumer, publisher)
+            await self.drain()
         finally:
+            if self._committing is not None:
+                await self.drain(reraise=False)
+            self._commit_failure = None
             await consumer.stop()
             await publisher.stop()
 
@@ -214,6 +236,8 @@ class CoordinatorService:
             for record in records:
                 self._consume(record, now, out, touched)
         self._fire_due(now, out, touched)
+        if self._commit_failure is not None or (self._committing is not None and self._committing.done()):
+            await self.drain()  # surface a failed commit before building on the state it left
         if not out and not touched and not batch:
             return
         for tx_id, snapshot in touched.items():
@@ -224,8 +248,13 @@ class CoordinatorService:
                 record = tx_state.to_record(snapshot, self.intent_bytes[tx_id])
                 out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", record))
         offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
+        self.stats.fold_s += time.perf_counter() - folded
+        # One Kafka transaction at a time, but the next batch is read and folded while this one commits.
+        await self.drain()
+        self._committing = asyncio.create_task(self._commit(publisher, out, offsets))
+
+    async def _commit(self, publisher: Publisher, out: list[Outgoing], offsets: dict[TopicPartition, int]) -> None:
         committing = time.perf_counter()
-        self.stats.fold_s += committing - folded
         await publisher.producer.begin_transaction()
         try:
             await publisher.publish(out)

@@ -21,11 +21,23 @@ _STOP_CONTAINERS = pytest.StashKey[Callable[[], None]]()
 
 def pytest_configure(config: pytest.Config) -> None:
     """POLYCOMMIT_TESTCONTAINERS=1: run the servers in containers (tests/containers.py) before any fixture."""
-    from containers import start_if_requested  # tests/ is on sys.path: this conftest has no __init__.py
+    from containers import ContainersError, start_if_requested  # tests/ is on sys.path (no __init__.py)
 
-    stop = start_if_requested()
+    try:
+        stop = start_if_requested()
+    except ContainersError as exc:
+        raise pytest.UsageError(str(exc)) from exc
     if stop is not None:
         config.stash[_STOP_CONTAINERS] = stop
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not os.environ.get("POLYCOMMIT_TESTCONTAINERS_STARTED"):
+        return
+    local = [item for item in items if item.get_closest_marker("local_processes")]
+    if local:
+        config.hook.pytest_deselected(items=local)
+        items[:] = [item for item in items if not item.get_closest_marker("local_processes")]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

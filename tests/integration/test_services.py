@@ -40,11 +40,9 @@ CLI_DEADLINE_S = 60.0
 EXIT_DEADLINE_S = 15.0
 
 # Under POLYCOMMIT_TESTCONTAINERS (tests/containers.py) the shared servers are containers: there are no
-# local processes or pid files to check. Only the tests about those local processes step aside then.
-local_processes = pytest.mark.skipif(
-    bool(os.environ.get("POLYCOMMIT_TESTCONTAINERS_STARTED")),
-    reason="the servers run in containers (POLYCOMMIT_TESTCONTAINERS): no local server processes to check",
-)
+# local processes or pid files to check, so conftest deselects the tests marked with this (a server that
+# is down still fails every test).
+local_processes = pytest.mark.local_processes
 
 
 # -- helpers: processes and their listening sockets, from /proc -------------------------------------------
@@ -254,6 +252,7 @@ async def test_every_server_process_listens_on_127_0_0_1_only(settings: Settings
         "neo4j": {neo4j_port},
     }
     for name, ports in expected.items():
+        assert statuses[name].healthy, f"{name} is not healthy: {statuses[name].extra.get('error')}"
         pid = statuses[name].pid
         assert pid is not None, f"{name} is not running: {statuses[name].extra.get('error')}"
         assert pid_path(settings, name).read_text().split()[0] == str(pid), f"{name}: pid file disagrees"
@@ -281,11 +280,10 @@ async def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
     monkeypatch.setenv("POLYCOMMIT_KAFKA_BOOTSTRAP", f"127.0.0.1:{kafka_port}")
     monkeypatch.setenv("POLYCOMMIT_KAFKA_CONTROLLER_PORT", str(controller_port))
     # A secrets file as scripts/setup writes it: reset must keep it.
-    secrets = home / "secrets.env"
-    secrets.write_text(
-        f"POLYCOMMIT_PG_PASSWORD={shared.postgres.password}\nPOLYCOMMIT_NEO4J_PASSWORD={shared.neo4j.password}\n"
-    )
-    secrets.chmod(0o600)
+    lines = f"POLYCOMMIT_PG_PASSWORD={shared.postgres.password}\nPOLYCOMMIT_NEO4J_PASSWORD={shared.neo4j.password}\n"
+    fd = os.open(home / "secrets.env", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(lines)
     settings = load_settings()
     assert settings.home == home.resolve()
     assert settings.postgres.port == pg_port and settings.kafka.bootstrap == f"127.0.0.1:{kafka_port}"
