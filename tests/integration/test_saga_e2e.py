@@ -343,3 +343,26 @@ async def replay_every_command(settings: Settings) -> None:
     finally:
         stop.set()
         await asyncio.gather(*tasks)
+
+
+async def test_the_module_level_transaction_shape_commits_on_exit(runtime: Runtime) -> None:
+    import polycommit
+
+    doc = f"d-{uuid.uuid4().hex[:8]}"
+    async with polycommit.transaction(runtime.settings, name="module shape") as tx:
+        tx.postgres.upsert("documents", key={"id": doc}, values={"title": "via polycommit.transaction"})
+        tx.neo4j.merge_node("Document", key={"id": doc}, properties={"title": "via polycommit.transaction"})
+    assert tx.result is not None and tx.result.status == "completed"
+    row = await pg_fetch(runtime.settings, "SELECT title FROM documents WHERE id = $1", doc)
+    assert row["title"] == "via polycommit.transaction"
+
+
+async def test_an_exception_inside_the_block_publishes_nothing(runtime: Runtime, client: Coordinator) -> None:
+    doc = f"d-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(RuntimeError):
+        async with client.transaction(name="aborted") as tx:
+            tx.postgres.upsert("documents", key={"id": doc}, values={"title": "never"})
+            raise RuntimeError("the application changed its mind")
+    assert tx.result is None
+    assert await pg_fetch(runtime.settings, "SELECT id FROM documents WHERE id = $1", doc) is None
+    assert tx.tx_id not in await transactions_in_flight(runtime.settings)
