@@ -6,6 +6,9 @@ The log decides: orders of compensations and retry delays are read back from the
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -184,6 +187,14 @@ async def test_a_compensation_that_always_fails_ends_stuck_and_is_listed(runtime
         runtime.settings, topics_for(runtime.settings).alerts, lambda a: a["tx_id"] == saga.tx_id
     )
     assert [a["kind"] for a in alerts][:1] == ["stuck"]
+    # What an operator sees: `polycommit status --json` lists it, and exits 1 while anything is stuck.
+    env = {**os.environ, "POLYCOMMIT_TOPIC_PREFIX": runtime.settings.topic_prefix}
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "polycommit.cli", "status", "--json", env=env, stdout=asyncio.subprocess.PIPE
+    )
+    stdout, _ = await asyncio.wait_for(cli.communicate(), 60)
+    assert cli.returncode == 1
+    assert saga.tx_id in {row["tx_id"] for row in json.loads(stdout)["stuck"]}
 
 
 async def test_a_compensation_before_its_execute_leaves_the_store_untouched(runtime: Runtime) -> None:
