@@ -79,7 +79,7 @@ class CoordinatorService:
         settings: Settings,
         policy: saga.SagaPolicy | None = None,
         *,
-        instance: str = "0",
+        instance: str | None = None,
         codec: EventCodec | None = None,
         max_records: int = 2000,
     ) -> None:
@@ -88,7 +88,7 @@ class CoordinatorService:
         self.codec = codec or default_codec()
         self.topics = topics_for(settings)
         self.group_id = f"{settings.topic_prefix}-coordinator"
-        self.transactional_id = f"{settings.topic_prefix}-coordinator-{instance}"
+        self.transactional_id = f"{settings.topic_prefix}-coordinator-{instance or settings.coordinator_instance}"
         self.max_records = max_records
         self.sagas: dict[str, SagaSnapshot] = {}
         self.intent_bytes: dict[str, bytes] = {}  # each saga's intent as published, for its snapshots

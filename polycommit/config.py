@@ -118,6 +118,9 @@ class Settings:
     qdrant: QdrantSettings
     topic_prefix: str
     max_payload_bytes: int
+    # Each coordinator process needs its own Kafka transactional id; a restarted process that keeps its
+    # instance name fences the predecessor it replaces (a zombie can no longer commit).
+    coordinator_instance: str = "0"
 
     @property
     def cache_dir(self) -> Path:
@@ -167,4 +170,5 @@ def load_settings() -> Settings:
         ),
         topic_prefix=_env("POLYCOMMIT_TOPIC_PREFIX", "polycommit"),
         max_payload_bytes=int(_env("POLYCOMMIT_MAX_PAYLOAD_BYTES", str(1024 * 1024))),
+        coordinator_instance=_env("POLYCOMMIT_COORDINATOR_INSTANCE", "0"),
     )
