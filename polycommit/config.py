@@ -91,6 +91,7 @@ class QdrantSettings:
     api_key: str | None = field(repr=False)
     edge_path: Path
     local_path: Path | None
+    fsync: bool = False  # flush the Edge shards after every batch (POLYCOMMIT_QDRANT_FSYNC=1)
 
     @property
     def backend(self) -> str:
@@ -167,6 +168,7 @@ def load_settings() -> Settings:
             api_key=os.environ.get("QDRANT_API_KEY") or None,
             edge_path=Path(_env("POLYCOMMIT_QDRANT_EDGE_PATH", str(home / "data" / "qdrant-edge"))),
             local_path=Path(local) if local else None,
+            fsync=_env("POLYCOMMIT_QDRANT_FSYNC", "0") not in ("", "0", "false", "no"),
         ),
         topic_prefix=_env("POLYCOMMIT_TOPIC_PREFIX", "polycommit"),
         max_payload_bytes=int(_env("POLYCOMMIT_MAX_PAYLOAD_BYTES", str(1024 * 1024))),
