@@ -398,8 +398,12 @@ async def run_workload(
     progressed: Progressed,
     errors: list[str],
     on_result: Callable[[], None] | None = None,
+    retried: list[str] | None = None,
 ) -> None:
+    """Keep `concurrency` transactions in flight; `retried` collects those with a step run more than once
+    (after a step timeout: an outcome was lost or late)."""
     queue = iter(sagas)
+    retried = retried if retried is not None else []
 
     async def lane() -> None:
         for saga in queue:
@@ -407,6 +411,8 @@ async def run_workload(
             result = await execute(client, saga, errors)
             if result is not None:
                 history.record_result(result)
+                if any(step.attempts > 1 for step in result.steps):
+                    retried.append(saga.tx_id)
             await progressed.arrived()
             if on_result is not None:
                 on_result()
@@ -530,6 +536,7 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
     table.add_row("max recovery (s)", str(summary["recovery_max_s"] or "-"))
     table.add_row("processes that exited alone", str(len(summary["unexpected_exits"])))
     table.add_row("intent re-publishes", str(summary["publish_errors"]))
+    table.add_row("transactions with a step retried", str(summary.get("retried_after_timeout", 0)))
     ok = summary["violations"] == 0
     table.add_row("violations", f"[{'green' if ok else 'red'}]{summary['violations']}[/]")
     table.add_row("elapsed (s)", str(summary["elapsed_s"]))
@@ -573,6 +580,7 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     history, progressed = History(), Progressed()
     kills: list[Kill] = []
     errors: list[str] = []
+    retried: list[str] = []
     console.print(f"chaos run {run_id}: topics {settings.topic_prefix}.*, logs {log_dir}, seed {args.seed}")
     await create_topics(settings)
     await prepare(settings)
@@ -605,6 +613,7 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
                         progressed,
                         errors,
                         lambda: progress.advance(bar),
+                        retried,
                     )
                     await progressed.wake()
                     await killer
@@ -622,6 +631,7 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     with console.status("checking the stores"):
         report = await check(settings, history)
     summary = summarize(run_id, history, kills, cluster.unexpected_exits, report, elapsed, errors)
+    summary["retried_after_timeout"] = len(retried)
     summary["exit_codes"] = codes
     ok = report.ok and not history.missing()
     if args.json:
@@ -631,6 +641,7 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     if ok and not args.keep:
         await delete_topics(settings)
         shutil.rmtree(settings.data_dir / "chaos" / run_id, ignore_errors=True)
+        shutil.rmtree(log_dir, ignore_errors=True)
     else:
         console.print(
             f"kept: topics {settings.topic_prefix}.*, Qdrant Edge {settings.qdrant.edge_path}, logs {log_dir}"
