@@ -36,6 +36,10 @@ PENDING, APPLIED, FAILED, TIMED_OUT = "pending", "applied", "failed", "timed_out
 COMPENSATED, NOT_APPLIED, SKIPPED = "compensated", "not_applied", "skipped"
 # A step in one of these states may have changed its store, so compensation must visit it.
 MAY_HAVE_APPLIED = frozenset({APPLIED, TIMED_OUT})
+# Compensation also visits a step that failed: it changed nothing, but its COMPENSATE marker fences the
+# step in its store, so the same intent sent again (a client retry, a replay of the topic) finds it
+# SKIPPED and ends compensated again, instead of applying it this time and ending completed.
+TO_COMPENSATE = MAY_HAVE_APPLIED | {FAILED}
 
 
 @dataclass(frozen=True)
@@ -249,8 +253,9 @@ def _retry_or_compensate(
         return transition
     state["steps"][index]["status"] = TIMED_OUT if may_have_applied else FAILED
     state["error"] = error_info(error["error_class"], f"step {index}: {error['message']}", error["retriable"])
-    # A step that timed out may still have applied: compensate it too (a no-op if it never ran).
-    return _begin_compensation(transition, index if may_have_applied else index - 1, now, policy)
+    # The failed step itself is compensated first: undone if it timed out and may have applied after
+    # all, fenced (a recorded no-op) if its store reported the failure.
+    return _begin_compensation(transition, index, now, policy)
 
 
 def _begin_compensation(transition: Transition, from_index: int, now: int, policy: SagaPolicy) -> Transition:
@@ -263,7 +268,7 @@ def _compensate_next(transition: Transition, from_index: int, now: int, policy: 
     """Compensate the highest step at or below `from_index` that may have applied, or finish."""
     state = transition.state
     index = from_index
-    while index >= 0 and state["steps"][index]["status"] not in MAY_HAVE_APPLIED:
+    while index >= 0 and state["steps"][index]["status"] not in TO_COMPENSATE:
         index -= 1
     if index < 0:
         status: TransactionStatus = "COMPENSATED"
@@ -277,7 +282,9 @@ def _on_compensate_outcome(state: SagaSnapshot, event: StepOutcome, now: int, po
     index = state["current"]
     transition = Transition(state)
     if event["status"] in ("APPLIED", "ALREADY_APPLIED", "NOOP"):
-        state["steps"][index]["status"] = COMPENSATED if event["status"] != "NOOP" else NOT_APPLIED
+        step = state["steps"][index]
+        if step["status"] != FAILED:  # a failed step stays "failed" in the result once fenced
+            step["status"] = COMPENSATED if event["status"] != "NOOP" else NOT_APPLIED
         if state["phase"] == "stuck":
             transition.alerts.append(_alert("resolved", state, f"step {index} compensated", now))
             state["phase"] = "compensating"

@@ -88,7 +88,8 @@ class CoordinatorService:
         self.codec = codec or default_codec()
         self.topics = topics_for(settings)
         self.group_id = f"{settings.topic_prefix}-coordinator"
-        self.transactional_id = f"{settings.topic_prefix}-coordinator-{instance or settings.coordinator_instance}"
+        self.instance = instance or settings.coordinator_instance
+        self.transactional_id = f"{settings.topic_prefix}-coordinator-{self.instance}"
         self.max_records = max_records
         self.sagas: dict[str, SagaSnapshot] = {}
         self.intent_bytes: dict[str, bytes] = {}  # each saga's intent as published, for its snapshots
@@ -98,6 +99,8 @@ class CoordinatorService:
         # The Kafka transaction of the previous loop, committing while the next batch is read and folded.
         self._committing: asyncio.Task[None] | None = None
         self._commit_failure: BaseException | None = None
+        self._restored: set[int] = set()  # partitions whose changelog is folded into `sagas`
+        self._restore_lock = asyncio.Lock()
 
     # -- state ownership ----------------------------------------------------------------------------
 
@@ -105,14 +108,24 @@ class CoordinatorService:
         return key_hash(tx_id) % max(1, self._partitions)
 
     def forget(self, partitions: set[int]) -> None:
+        self._restored -= partitions
         for tx_id in [t for t in self.sagas if self.partition_of(t) in partitions]:
             del self.sagas[tx_id]
             self.intent_bytes.pop(tx_id, None)
 
     async def restore(self, partitions: set[int]) -> None:
-        """Fold the changelog partitions this member now owns into its in-memory state."""
-        if not partitions:
-            return
+        """Fold the changelog partitions this member now owns into its in-memory state, once each.
+
+        aiokafka may hand out records of a new partition before its rebalance callback has finished
+        restoring it, so the loop also calls this for every partition in a batch: the lock and the
+        restored set make the second caller wait for the first and then do nothing."""
+        async with self._restore_lock:
+            todo = set(partitions) - self._restored
+            if todo:
+                await self._restore(todo)
+                self._restored |= todo
+
+    async def _restore(self, partitions: set[int]) -> None:
         reader = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka.bootstrap,
             group_id=None,
@@ -195,15 +208,22 @@ class CoordinatorService:
             raise failure
 
     def forget_all(self) -> None:
+        self._restored.clear()
         self.sagas.clear()
         self.intent_bytes.clear()
         self.timers.clear()
 
     async def _session(self, stop: asyncio.Event, ready: asyncio.Event | None) -> None:
+        self.forget_all()  # a session owns nothing until the group assigns it partitions
         publisher = Publisher(
             self.settings, transactional_id=self.transactional_id, codec=self.codec, client_id="coordinator"
         )
-        consumer = make_consumer(self.settings, group_id=self.group_id, client_id="coordinator")
+        consumer = make_consumer(
+            self.settings,
+            group_id=self.group_id,
+            client_id="coordinator",
+            instance_id=f"coordinator-{self.instance}",  # unique per process, like the transactional id
+        )
         await publisher.start()
         self._partitions = len(await publisher.partitions(self.topics.intents))
         consumer.subscribe(self.topics.coordinator_inputs(), listener=_Rebalance(self))
@@ -227,6 +247,9 @@ class CoordinatorService:
             wait_ms = max(0, min(wait_ms, self.timers[0][0] - now_ms()))
         started = time.perf_counter()
         batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.max_records)
+        unrestored = {tp.partition for tp in batch} - self._restored
+        if unrestored:
+            await self.restore(unrestored)  # never fold an event over state not yet loaded
         folded = time.perf_counter()
         self.stats.read_s += folded - started
         now = now_ms()

@@ -294,8 +294,13 @@ def make_consumer(
     client_id: str = "polycommit",
     auto_offset_reset: str = "earliest",
     max_poll_records: int | None = None,
+    instance_id: str | None = None,
 ) -> AIOKafkaConsumer:
-    """A read_committed consumer with manual offset commits (the caller commits after acting)."""
+    """A read_committed consumer with manual offset commits (the caller commits after acting).
+
+    With `instance_id` it is a *static* member (KIP-345): a process restarted under the same name gets
+    its partitions back at once instead of after the session timeout, which is most of the recovery time
+    after a kill -9. Two live processes must never share one."""
     return AIOKafkaConsumer(
         *topics,
         bootstrap_servers=settings.kafka.bootstrap,
@@ -309,7 +314,9 @@ def make_consumer(
         partition_assignment_strategy=(RangePartitionAssignor,),
         max_poll_records=max_poll_records,
         fetch_max_wait_ms=20,
-        session_timeout_ms=10000,
+        group_instance_id=instance_id,
+        # The broker's minimum (group.min.session.timeout.ms): a dead member's partitions move on soonest.
+        session_timeout_ms=6000,
         heartbeat_interval_ms=1000,
         max_partition_fetch_bytes=MAX_RECORD_BYTES,
     )

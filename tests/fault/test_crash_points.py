@@ -123,12 +123,10 @@ async def judge(settings: Settings, cluster: Cluster, history: History, results:
     report = await check(settings, history)
     assert report.ok, report.to_json()
     assert report.statuses == {"completed": len(history.intents)}, report.to_json()
-    # Correct so far. But recovery should also lose no outcome: a step run twice was retried after its
-    # timeout, i.e. its first outcome was dropped and the saga hung until then. Flagged, not failed: the
-    # coordinator folds records of newly assigned partitions before restore() has finished (see report).
+    # Recovery also loses no outcome: a step run twice would mean its first outcome was dropped (the
+    # coordinator folded it before restoring its state) and the saga hung until the step's timeout.
     retried = [r.tx_id for r in results if any(step.attempts > 1 for step in r.steps)]
-    if retried:
-        pytest.xfail(f"{len(retried)} transactions waited out a step timeout (an outcome was lost): {retried}")
+    assert not retried, f"{len(retried)} transactions waited out a step timeout (an outcome was lost): {retried}"
 
 
 @pytest.mark.parametrize(("failpoint", "owner", "spec"), CASES, ids=[f"{f}@{o}" for f, o, _ in CASES])

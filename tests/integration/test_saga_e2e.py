@@ -129,7 +129,9 @@ async def test_a_failing_third_step_compensates_step_two_then_step_one(runtime: 
         topics_for(runtime.settings).outcomes,
         lambda o: o["tx_id"] == saga.tx_id and o["action"] == "COMPENSATE",
     )
-    assert [o["step_index"] for o in compensations] == [1, 0]  # one partition per tx: log order is real order
+    # One partition per tx: log order is real order. The failed step is fenced first (a recorded no-op,
+    # so the same intent sent again cannot apply it), then step 2 and step 1 are undone.
+    assert [(o["step_index"], o["status"]) for o in compensations] == [(2, "NOOP"), (1, "APPLIED"), (0, "APPLIED")]
     row = await pg_fetch(runtime.settings, "SELECT title FROM documents WHERE id = $1", doc)
     assert row["title"] == "Original"
     assert await qdrant.read_points(workload.DOCUMENTS, [ops.point_id(doc)]) == point_before  # type: ignore[attr-defined]

@@ -68,8 +68,10 @@ def test_third_step_failing_compensates_step_two_then_step_one() -> None:
     while t.commands:
         (command,) = t.commands
         order.append((command["step_index"], command["action"], command["before_image"]))
-        t = saga.on_outcome(t.state, reply(command, "APPLIED"), 4, POLICY)
-    assert order == [(1, "COMPENSATE", "b1"), (0, "COMPENSATE", "b0")]
+        status = "NOOP" if command["step_index"] == 2 else "APPLIED"  # the failed step changed nothing
+        t = saga.on_outcome(t.state, reply(command, status), 4, POLICY)
+    # The failed step is fenced first (its store records a no-op compensation), then 2, then 1 are undone.
+    assert order == [(2, "COMPENSATE", None), (1, "COMPENSATE", "b1"), (0, "COMPENSATE", "b0")]
     assert t.result is not None and t.result["status"] == "COMPENSATED"
     assert [s["status"] for s in t.result["steps"]] == ["compensated", "compensated", "failed"]
 
@@ -95,7 +97,9 @@ def test_permanent_failure_is_not_retried() -> None:
     t = saga.start(intent(2, retries=5), 0, POLICY)
     t = saga.on_outcome(t.state, reply(t.commands[0], "APPLIED"), 1, POLICY)
     t = saga.on_outcome(t.state, reply(t.commands[0], "FAILED", retriable=False), 2, POLICY)
-    assert t.commands[0]["action"] == "COMPENSATE" and t.commands[0]["step_index"] == 0
+    assert [(c["step_index"], c["action"]) for c in t.commands] == [(1, "COMPENSATE")]  # fence, not retry
+    t = saga.on_outcome(t.state, reply(t.commands[0], "NOOP"), 3, POLICY)
+    assert [(c["step_index"], c["action"]) for c in t.commands] == [(0, "COMPENSATE")]
 
 
 def test_a_step_past_its_timeout_counts_as_failed_and_is_itself_compensated() -> None:
@@ -128,6 +132,7 @@ def test_a_compensation_that_always_fails_ends_stuck_and_keeps_being_retried() -
     t = saga.start(intent(2), 0, POLICY)
     t = saga.on_outcome(t.state, reply(t.commands[0], "APPLIED"), 0, POLICY)
     t = saga.on_outcome(t.state, reply(t.commands[0], "FAILED"), 0, POLICY)
+    t = saga.on_outcome(t.state, reply(t.commands[0], "NOOP"), 0, POLICY)  # the failed step, fenced
     results, alerts, now = [], [], 0
     for _ in range(6):
         (command,) = t.commands
