@@ -379,3 +379,22 @@ async def test_an_exception_inside_the_block_publishes_nothing(runtime: Runtime,
     assert tx.result is None
     assert await pg_fetch(runtime.settings, "SELECT id FROM documents WHERE id = $1", doc) is None
     assert tx.tx_id not in await transactions_in_flight(runtime.settings)
+
+
+async def test_an_intent_sent_again_after_its_saga_ended_cannot_change_the_outcome(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    sequence, doc = f"once_{uuid.uuid4().hex[:8]}", f"d-{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(runtime.settings.postgres.dsn)
+    await conn.execute(f"CREATE SEQUENCE {sequence}")
+    await conn.execute(f"""CREATE OR REPLACE FUNCTION {sequence}() RETURNS void AS $$
+        BEGIN IF nextval('{sequence}') <= 1 THEN RAISE EXCEPTION 'fails the first time only'; END IF; END $$
+        LANGUAGE plpgsql""")
+    await conn.close()
+    saga = Saga("fails once").step(ops.sql(f"SELECT {sequence}()"))
+    saga.step(ops.upsert_row("documents", {"id": doc}, {"title": "must not appear"}))
+    first = await client.execute(saga)
+    assert first.status == "compensated", first
+    again = await client.execute(saga)  # the same intent (same tx id): a client retry, or a topic replay
+    assert again.status == "compensated", again
+    assert await pg_fetch(runtime.settings, "SELECT id FROM documents WHERE id = $1", doc) is None
