@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from orchestrator import saga
-from polycommit.bus import Outgoing, Publisher, key_hash, make_consumer, topics_for
+from polycommit.bus import Outgoing, Publisher, key_hash, make_consumer, read_topic, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.deadletters import dead_letter
@@ -43,6 +43,7 @@ class CoordinatorStats:
     dead_letters: int = 0
     restored: int = 0
     restarts: int = 0
+    corrupt_snapshots: int = 0
     kafka_transactions: int = 0
     # Where the loop's time goes (seconds, cumulative): reading, folding events, the Kafka transaction.
     read_s: float = 0.0
@@ -126,44 +127,23 @@ class CoordinatorService:
                 self._restored |= todo
 
     async def _restore(self, partitions: set[int]) -> None:
-        reader = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka.bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            client_id="coordinator-restore",
-        )
-        await reader.start()
-        try:
-            tps = [TopicPartition(self.topics.tx_state, p) for p in sorted(partitions)]
-            reader.assign(tps)
-            await reader.seek_to_beginning(*tps)
-            end = await reader.end_offsets(tps)
-            restored: dict[str, SagaSnapshot] = {}
-            blobs: dict[str, bytes] = {}
-            while await self._behind(reader, end):
-                batch = await reader.getmany(*tps, timeout_ms=200, max_records=5000)
-                for records in batch.values():
-                    for record in records:
-                        decoded = tx_state.decode(self.codec, record.value)
-                        tx_state.apply(restored, record.key.decode(), decoded[0] if decoded else None)
-                        if decoded is not None:
-                            blobs[record.key.decode()] = decoded[1]
-        finally:
-            await reader.stop()
+        raw: list[tuple[str, bytes | None]] = []
+        topic = self.topics.tx_state
+        await read_topic(self.settings, topic, lambda r: raw.append((r.key.decode(), r.value)), partitions)
+        restored, intents, corrupt = tx_state.fold_raw(self.codec, raw)
+        if corrupt:
+            # Not ours (someone wrote to the changelog): skipped, since refusing to start would stop
+            # every transaction; counted and logged for the operator.
+            self.stats.corrupt_snapshots += corrupt
+            log.error("skipped %d corrupt changelog records in partitions %s", corrupt, sorted(partitions))
         for tx_id, snapshot in restored.items():
             self.sagas[tx_id] = snapshot
-            self.intent_bytes[tx_id] = blobs[tx_id]
+            self.intent_bytes[tx_id] = intents[tx_id]
             self._schedule(snapshot)
         self.stats.restored += len(restored)
-        log.info("restored %d transactions from partitions %s", len(restored), sorted(partitions))
-
-    @staticmethod
-    async def _behind(reader: AIOKafkaConsumer, end: dict[TopicPartition, int]) -> bool:
-        for tp, offset in end.items():
-            if await reader.position(tp) < offset:
-                return True
-        return False
+        log.info(
+            "restored %d transactions from partitions %s (%d records)", len(restored), sorted(partitions), len(raw)
+        )
 
     def _schedule(self, snapshot: SagaSnapshot) -> None:
         if snapshot["due_at_ms"] and snapshot["phase"] not in saga.TERMINAL:

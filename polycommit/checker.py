@@ -106,9 +106,8 @@ class History:
     async def recover_from_log(self, settings: Settings) -> int:
         """Read the `results` topic from the start and record every result of an invoked transaction;
         returns how many transactions gained a terminal status."""
-        from polycommit.bus import topics_for
+        from polycommit.bus import read_topic, topics_for
         from polycommit.codec import default_codec
-        from polycommit.inspect import read_topic
 
         codec = default_codec()
         before = set(self.missing())

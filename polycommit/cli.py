@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -15,7 +16,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from aiokafka.errors import KafkaError
+
 from polycommit.config import load_settings
+from polycommit.errors import PolycommitError
 from polycommit.events import STORES
 
 
@@ -45,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the coordinator and/or the store consumers in this process")
     run.add_argument("what", choices=["all", "coordinator"])
+    run.add_argument(
+        "--instance",
+        default=None,
+        help="this coordinator's name (default $POLYCOMMIT_COORDINATOR_INSTANCE or 0); one per coordinator process",
+    )
+
+    recover = sub.add_parser("recover", help="finish every transaction the log has in flight, and report")
+    recover.add_argument("--external", action="store_true", help="the coordinator and consumers already run")
+    recover.add_argument("--wait", type=float, default=300.0, help="seconds to wait for results (default 300)")
+    recover.add_argument("--json", action="store_true")
 
     consumer = sub.add_parser("consumer", help="run one store's consumer group member")
     consumer.add_argument("store", choices=list(STORES))
@@ -114,11 +128,15 @@ async def _topics(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_until_signal(stores: Sequence[str], coordinator: bool, batch_size: int = 500) -> int:
+async def _run_until_signal(
+    stores: Sequence[str], coordinator: bool, batch_size: int = 500, instance: str | None = None
+) -> int:
     from polycommit.bus import create_topics
     from polycommit.runtime import Runtime
 
     settings = load_settings()
+    if instance is not None:
+        settings = dataclasses.replace(settings, coordinator_instance=instance)
     await create_topics(settings)
     runtime = Runtime(settings, stores=stores, coordinator=coordinator, batch_size=batch_size)
     await runtime.start()
@@ -126,7 +144,8 @@ async def _run_until_signal(stores: Sequence[str], coordinator: bool, batch_size
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"polycommit running: {'coordinator ' if coordinator else ''}{' '.join(stores)} (Ctrl-C stops)")
+    # Supervisors (and polycommit.processes) wait for this line: flush it even when stdout is a pipe.
+    print(f"polycommit running: {'coordinator ' if coordinator else ''}{' '.join(stores)} (Ctrl-C stops)", flush=True)
     waiter = asyncio.create_task(runtime.wait())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -151,13 +170,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_dispatch(args))
     except KeyboardInterrupt:
         return 130
+    except (PolycommitError, KafkaError, OSError) as exc:
+        # An expected failure (a server down, a bad record) is a message and exit 1, not a traceback.
+        print(f"polycommit {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "topics":
         return await _topics(args)
     if args.command == "run":
-        return await _run_until_signal(STORES if args.what == "all" else (), coordinator=True)
+        stores = STORES if args.what == "all" else ()
+        return await _run_until_signal(stores, coordinator=True, instance=args.instance)
+    if args.command == "recover":
+        from polycommit.recovery import run_recover
+
+        return await run_recover(load_settings(), external=args.external, wait=args.wait, as_json=args.json)
     if args.command == "consumer":
         return await _run_until_signal([args.store], coordinator=False, batch_size=args.batch_size)
     if args.command == "status":

@@ -7,63 +7,23 @@ never moves anybody's offsets.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
 from rich.console import Console
 from rich.table import Table
 
-from polycommit.bus import topic_partitions, topics_for
+from polycommit.bus import read_topic, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
+from polycommit.errors import CodecError
 from polycommit.events import SagaSnapshot
 from projections import tx_state
 
 
-async def read_topic(settings: Settings, topic: str, handle: Callable[[Any], None]) -> int:
-    """Call `handle` on every committed record of `topic`, from the start to the end it has now."""
-    reader = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        client_id="polycommit-inspect",
-    )
-    await reader.start()
-    count = 0
-    try:
-        tps = await topic_partitions(reader, topic)
-        if not tps:
-            return 0
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
-        end = await reader.end_offsets(tps)
-        remaining = {tp for tp in tps if end[tp] > 0}
-        while remaining:
-            batch = await reader.getmany(*remaining, timeout_ms=500, max_records=5000)
-            for records in batch.values():
-                for record in records:
-                    handle(record)
-                    count += 1
-            for tp in list(remaining):
-                if await reader.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-    finally:
-        await reader.stop()
-    return count
-
-
 async def transactions_in_flight(settings: Settings) -> dict[str, SagaSnapshot]:
-    codec = default_codec()
-    state: dict[str, SagaSnapshot] = {}
-
-    def handle(record: Any) -> None:
-        decoded = tx_state.decode(codec, record.value)
-        tx_state.apply(state, record.key.decode(), decoded[0] if decoded else None)
-
-    await read_topic(settings, topics_for(settings).tx_state, handle)
-    return state
+    raw: list[tuple[str, bytes | None]] = []
+    await read_topic(settings, topics_for(settings).tx_state, lambda r: raw.append((r.key.decode(), r.value)))
+    return tx_state.fold_raw(default_codec(), raw)[0]
 
 
 def _describe(snapshot: SagaSnapshot) -> dict[str, Any]:
@@ -107,7 +67,10 @@ async def dead_letters(settings: Settings, limit: int | None = None) -> list[dic
     letters: list[dict[str, Any]] = []
 
     def handle(record: Any) -> None:
-        letter = codec.decode_as(record.value, "DeadLetter")
+        try:
+            letter = codec.decode_as(record.value, "DeadLetter")
+        except CodecError:
+            return
         letter["payload"] = f"{letter['payload_size']} bytes"
         letter["key"] = letter["key"].decode(errors="replace") if letter["key"] else None
         letters.append(letter)

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from polycommit.codec import EventCodec
+from polycommit.errors import CodecError
 from polycommit.events import SagaSnapshot, TransactionIntent
 
 IN_FLIGHT_PHASES = frozenset({"forward", "compensating", "stuck"})
@@ -57,7 +58,33 @@ def from_record(codec: EventCodec, record: dict[str, Any]) -> tuple[SagaSnapshot
 
 
 def decode(codec: EventCodec, value: bytes | None) -> tuple[SagaSnapshot, bytes] | None:
-    """A changelog record's value: a snapshot, or None for a tombstone."""
+    """A changelog record's value: a snapshot, or None for a tombstone. Raises CodecError for bytes
+    that are not a snapshot: callers skip and count them (a bad record must not stop a restore)."""
     if value is None:
         return None
     return from_record(codec, codec.decode_as(value, "SagaSnapshot"))
+
+
+def fold_raw(
+    codec: EventCodec, records: Iterable[tuple[str, bytes | None]]
+) -> tuple[dict[str, SagaSnapshot], dict[str, bytes], int]:
+    """Fold raw changelog records: keep the last value per key first, then decode only the survivors.
+
+    Most keys end in a tombstone (the transaction finished), so this decodes the transactions still in
+    flight rather than every snapshot ever written: restore time follows what is open, not the history
+    that compaction has not yet removed. Returns (states, intent bytes, corrupt records skipped)."""
+    latest: dict[str, bytes | None] = {}
+    for key, value in records:
+        latest[key] = value
+    states: dict[str, SagaSnapshot] = {}
+    intents: dict[str, bytes] = {}
+    corrupt = 0
+    for key, value in latest.items():
+        try:
+            decoded = decode(codec, value)
+        except CodecError:
+            corrupt += 1  # not a snapshot of ours: skipping it loses nothing we wrote
+            continue
+        if decoded is not None and decoded[0]["phase"] in IN_FLIGHT_PHASES:
+            states[key], intents[key] = decoded
+    return states, intents, corrupt

@@ -21,10 +21,11 @@ from consumers.worker import StoreWorker
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
 from polycommit import workload
-from polycommit.bus import Outgoing, Publisher, topic_partitions, topics_for
+from polycommit.bus import Outgoing, Publisher, read_topic, topic_partitions, topics_for
 from polycommit.client import Coordinator, Saga
 from polycommit.codec import default_codec
 from polycommit.config import Settings
+from polycommit.errors import CodecError
 from polycommit.inspect import transactions_in_flight
 from polycommit.runtime import Runtime, participant_for
 
@@ -64,31 +65,18 @@ async def pg_fetch(settings: Settings, sql: str, *args: Any) -> Any:
 async def log_records(settings: Settings, topic: str, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
     """Decoded records of a topic (read to its current end) that `keep` selects, in log order."""
     codec = default_codec()
-    reader = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap,
-        group_id=None,
-        isolation_level="read_committed",
-        enable_auto_commit=False,
-    )
-    await reader.start()
-    try:
-        tps = await topic_partitions(reader, topic)
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
-        end = await reader.end_offsets(tps)
-        found: list[dict[str, Any]] = []
-        for tp in tps:
-            while await reader.position(tp) < end[tp]:
-                for record in (await reader.getmany(tp, timeout_ms=1000)).get(tp, []):
-                    try:
-                        value = codec.decode(record.value).record
-                    except Exception:
-                        continue  # poison records planted by the poison test
-                    if keep(value):
-                        found.append(value)
-        return found
-    finally:
-        await reader.stop()
+    found: list[dict[str, Any]] = []
+
+    def handle(record: Any) -> None:
+        try:
+            value = codec.decode(record.value).record
+        except CodecError:
+            return  # poison records planted by the poison test
+        if keep(value):
+            found.append(value)
+
+    await read_topic(settings, topic, handle)
+    return found
 
 
 async def test_a_three_store_saga_completes_and_every_store_shows_its_writes(
