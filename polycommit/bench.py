@@ -16,9 +16,9 @@ import json
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from rich.console import Console
@@ -30,7 +30,7 @@ from polycommit.bus import create_topics
 from polycommit.client import Coordinator, Saga, TransactionResult
 from polycommit.config import Settings
 from polycommit.errors import PolycommitError
-from polycommit.processes import PartProcess, start_parts
+from polycommit.processes import Cluster
 from polycommit.runtime import Runtime, participant_for
 from polycommit.workload import embed
 
@@ -39,6 +39,8 @@ COLLECTION = "bench"
 LABEL = "BenchNode"
 DIMENSIONS = 16
 BATCH = 500
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,12 +56,27 @@ def writes(run: str, count: int) -> list[Write]:
     return [Write(f"{run}-{i}", i, embed(f"{run}-{i}", DIMENSIONS)) for i in range(count)]
 
 
-def saga_of(write: Write) -> Saga:
-    saga = Saga("bench")
-    saga.step(ops.upsert_row(TABLE, {"id": write.key}, {"v": write.value}))
-    saga.step(ops.upsert_points(COLLECTION, [ops.point(write.key, write.vector, {"v": write.value})]))
-    saga.step(ops.merge_node(LABEL, {"id": write.key}, {"v": write.value}))
+def saga_of(write: Write, *, name: str = "bench", retries: int = 0, timeout: float = 0.0) -> Saga:
+    """The three writes as one saga; `retries` and `timeout` apply to each step (0: the client's defaults)."""
+    saga = Saga(name)
+    for operation in (
+        ops.upsert_row(TABLE, {"id": write.key}, {"v": write.value}),
+        ops.upsert_points(COLLECTION, [ops.point(write.key, write.vector, {"v": write.value})]),
+        ops.merge_node(LABEL, {"id": write.key}, {"v": write.value}),
+    ):
+        saga.step(operation, retries=retries, timeout=timeout)
     return saga
+
+
+async def keep_in_flight(items: Iterable[T], concurrency: int, run: Callable[[T], Awaitable[None]]) -> None:
+    """`run` each item, `concurrency` at a time: each of that many lanes takes the next item when it is free."""
+    queue = iter(items)
+
+    async def lane() -> None:
+        for item in queue:
+            await run(item)
+
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -100,21 +117,19 @@ async def run_sagas(
     latencies: list[float] = []
     results: list[TransactionResult | Exception] = []
     task = progress.add_task("sagas", total=len(items)) if progress else None
-    queue = iter(items)
 
-    async def lane() -> None:
-        for write in queue:
-            started = time.perf_counter()
-            try:
-                results.append(await client.execute(saga_of(write)))
-            except PolycommitError as exc:
-                results.append(exc)
-            latencies.append((time.perf_counter() - started) * 1000)
-            if progress is not None and task is not None:
-                progress.advance(task)
+    async def one(write: Write) -> None:
+        started = time.perf_counter()
+        try:
+            results.append(await client.execute(saga_of(write)))
+        except PolycommitError as exc:
+            results.append(exc)
+        latencies.append((time.perf_counter() - started) * 1000)
+        if progress is not None and task is not None:
+            progress.advance(task)
 
     started = time.perf_counter()
-    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    await keep_in_flight(items, concurrency, one)
     return latencies, results, time.perf_counter() - started
 
 
@@ -187,19 +202,17 @@ def report(
     }
 
 
-async def _start_workers(settings: Settings, args: argparse.Namespace) -> Runtime | list[PartProcess] | None:
+async def _start_workers(settings: Settings, args: argparse.Namespace) -> Runtime | Cluster | None:
     if args.external:
         return None
     if args.in_process:
         return await Runtime(settings).start()
-    return await start_parts(settings, ["coordinator", "postgres", "qdrant", "neo4j"])
+    return await Cluster(settings, supervise=False, own_session=False).start()
 
 
-async def _stop_workers(workers: Runtime | list[PartProcess] | None) -> None:
-    if isinstance(workers, Runtime):
+async def _stop_workers(workers: Runtime | Cluster | None) -> None:
+    if workers is not None:
         await workers.stop()
-    elif workers is not None:
-        await asyncio.gather(*(p.stop() for p in workers))
 
 
 async def run_bench(settings: Settings, args: argparse.Namespace) -> int:

@@ -15,7 +15,8 @@ missed are read back from the `results` topic, and `polycommit.checker` judges t
 is 0 only when there is no violation and every transaction has a result.
 
 Each run has its own topic prefix (`chaos-<id>`) and its own Qdrant Edge storage under the data folder,
-so it never fights a running demo. The same `Cluster` drives the fault tests.
+so it never fights a running demo. The subprocesses are a `polycommit.processes.Cluster`, as in the
+fault tests.
 """
 
 from __future__ import annotations
@@ -26,35 +27,30 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
 import shutil
-import signal
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import asyncpg
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from polycommit import operations as ops
-from polycommit.bench import COLLECTION, DIMENSIONS, LABEL, TABLE, Write, writes
+from polycommit import bench
+from polycommit.bench import Write, keep_in_flight, prepare, writes
 from polycommit.checker import CheckReport, History, check
 from polycommit.client import Coordinator, Saga, TransactionResult
-from polycommit.config import REPO_ROOT, Settings
+from polycommit.config import Settings
 from polycommit.errors import TransactionTimeoutError
-from polycommit.processes import part_command, part_environment
+from polycommit.processes import PARTS, STOP_TIMEOUT_S, Cluster, Exit
 
-READY_LINE = "polycommit running"
-PROCESSES: tuple[str, ...] = ("coordinator", "postgres", "qdrant", "neo4j")
-TARGETS: tuple[str, ...] = (*PROCESSES, "kafka")
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 30.0
+TARGETS: tuple[str, ...] = (*PARTS, "kafka")
+STEP_RETRIES = 3
+STEP_TIMEOUT_S = 30.0
 
 
 # -- settings and data of one run -------------------------------------------------------------------
@@ -68,270 +64,10 @@ def run_settings(base: Settings, run_id: str, *, prefix: str = "chaos", edge_pat
     )
 
 
-async def prepare(settings: Settings) -> None:
-    """Create the workload's table, collection and node key (before the Qdrant consumer holds its storage)."""
-    from consumers.neo4j import Neo4jParticipant
-    from consumers.qdrant import QdrantParticipant
-
-    conn = await asyncpg.connect(settings.postgres.dsn)
-    try:
-        await conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id text PRIMARY KEY, v integer NOT NULL)")
-    finally:
-        await conn.close()
-    qdrant = QdrantParticipant(settings)
-    try:
-        await qdrant.start()
-        await qdrant.ensure_collection(COLLECTION, DIMENSIONS)
-    finally:
-        await qdrant.close()
-    neo4j = Neo4jParticipant(settings)
-    try:
-        await neo4j.start()
-        await neo4j.ensure_node_key(LABEL, ["id"])
-    finally:
-        await neo4j.close()
-
-
-def saga_of(write: Write, *, retries: int = 3, timeout: float = 30.0) -> Saga:
+def saga_of(write: Write, *, timeout: float = STEP_TIMEOUT_S) -> Saga:
     """The benchmark's three writes, with retries and a timeout generous enough to ride out a restart:
     a step that times out is retried (its redelivery is a no-op), not compensated at the first stall."""
-    saga = Saga("chaos")
-    saga.step(ops.upsert_row(TABLE, {"id": write.key}, {"v": write.value}), retries=retries, timeout=timeout)
-    saga.step(
-        ops.upsert_points(COLLECTION, [ops.point(write.key, write.vector, {"v": write.value})]),
-        retries=retries,
-        timeout=timeout,
-    )
-    saga.step(ops.merge_node(LABEL, {"id": write.key}, {"v": write.value}), retries=retries, timeout=timeout)
-    return saga
-
-
-# -- processes --------------------------------------------------------------------------------------
-
-
-def process_env(settings: Settings, failpoint: str | None = None) -> dict[str, str]:
-    """The environment of a part: the run's prefix and Edge path, unbuffered output (the ready line must
-    reach the pipe at once), and a failpoint only when one is asked for."""
-    extra = {"PYTHONUNBUFFERED": "1"}
-    if failpoint:
-        extra["POLYCOMMIT_FAILPOINT"] = failpoint
-    return part_environment(settings, extra)
-
-
-class ProcessStartError(RuntimeError):
-    """A polycommit process exited, or stayed silent, before printing its ready line."""
-
-
-async def await_pid_exit(pid: int, timeout: float) -> bool:
-    """Wait until a process that is not our child (e.g. the broker) is gone; False at the deadline."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    loop = asyncio.get_running_loop()
-    gone: asyncio.Future[None] = loop.create_future()
-
-    def readable() -> None:
-        if not gone.done():
-            gone.set_result(None)
-
-    loop.add_reader(fd, readable)
-    try:
-        await asyncio.wait_for(gone, timeout)
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-
-
-@dataclass
-class Managed:
-    """One polycommit subprocess; `start()` returns once it printed its ready line."""
-
-    name: str
-    settings: Settings
-    log_path: Path
-    proc: asyncio.subprocess.Process | None = None
-    expected_exit: bool = False
-    starts: int = 0
-    ready_at: float = 0.0
-    _drain: asyncio.Task[None] | None = None
-    _log: IO[bytes] | None = None
-
-    async def start(self, failpoint: str | None = None, timeout: float = START_TIMEOUT_S) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._close_log()
-        self._log = self.log_path.open("ab")
-        header = f"--- start {self.starts + 1} of {self.name}{f' (failpoint {failpoint})' if failpoint else ''}\n"
-        self._log.write(header.encode())
-        self._log.flush()
-        self.expected_exit = False
-        self.proc = await asyncio.create_subprocess_exec(
-            *part_command(self.name),
-            cwd=REPO_ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=self._log,
-            env=process_env(self.settings, failpoint),
-            start_new_session=True,  # a Ctrl-C of the harness reaches the harness, which stops them in order
-        )
-        self.starts += 1
-        try:
-            await asyncio.wait_for(self._await_ready(self.proc), timeout)
-        except (TimeoutError, ProcessStartError) as exc:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            await self.proc.wait()
-            raise ProcessStartError(
-                f"{self.name} did not start: {exc or 'no ready line'} (log: {self.log_path})"
-            ) from exc
-        self.ready_at = time.monotonic()
-        self._drain = asyncio.create_task(self._copy_stdout(self.proc), name=f"{self.name}-stdout")
-
-    async def _await_ready(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        while True:
-            line = await proc.stdout.readline()
-            if not line:
-                raise ProcessStartError(f"exited with {await proc.wait()} before its ready line")
-            self._write(line)
-            if line.decode(errors="replace").startswith(READY_LINE):
-                return
-
-    async def _copy_stdout(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        while line := await proc.stdout.readline():
-            self._write(line)
-
-    def _write(self, line: bytes) -> None:
-        if self._log is not None:
-            self._log.write(line)
-            self._log.flush()
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def kill(self) -> None:
-        """SIGKILL (an expected exit: the supervisor leaves it to the caller to restart)."""
-        self.expected_exit = True
-        if self.running:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGKILL)
-
-    async def wait_exit(self, timeout: float) -> int:
-        """The exit code once the process has exited (-9 after SIGKILL); TimeoutError at the deadline."""
-        assert self.proc is not None
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        if self._drain is not None:
-            await self._drain
-            self._drain = None
-        return code
-
-    async def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM and wait for a clean exit; SIGKILL after `timeout`. Returns the exit code."""
-        self.expected_exit = True
-        if self.proc is None:
-            return None
-        if self.running:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = await self.wait_exit(timeout)
-        except TimeoutError:
-            self.proc.send_signal(signal.SIGKILL)
-            code = await self.wait_exit(timeout)
-        self._close_log()
-        return code
-
-
-@dataclass(frozen=True)
-class Exit:
-    """A subprocess that exited on its own (not killed or stopped by the harness)."""
-
-    name: str
-    code: int
-    at_s: float
-
-
-@dataclass
-class Cluster:
-    """The coordinator and the store consumers as subprocesses, optionally restarted when they die alone."""
-
-    settings: Settings
-    log_dir: Path
-    names: Sequence[str] = PROCESSES
-    supervise: bool = True
-    processes: dict[str, Managed] = field(default_factory=dict)
-    unexpected_exits: list[Exit] = field(default_factory=list)
-    on_exit: Callable[[Exit], None] | None = None
-    _watchers: list[asyncio.Task[None]] = field(default_factory=list)
-    _closing: asyncio.Event = field(default_factory=asyncio.Event)
-    _started: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        for name in self.names:
-            self.processes[name] = Managed(name, self.settings, self.log_dir / f"{name}.log")
-
-    def __getitem__(self, name: str) -> Managed:
-        return self.processes[name]
-
-    async def start(self, failpoints: Mapping[str, str] | None = None) -> None:
-        """Start every process side by side; `failpoints` arms some (name -> POLYCOMMIT_FAILPOINT)."""
-        armed = dict(failpoints or {})
-        await asyncio.gather(*(self.start_one(name, armed.get(name)) for name in self.names))
-
-    async def start_one(self, name: str, failpoint: str | None = None) -> None:
-        managed = self.processes[name]
-        await managed.start(failpoint)
-        if self.supervise:
-            self._watchers.append(asyncio.create_task(self._watch(managed), name=f"watch-{name}"))
-
-    async def restart(self, name: str) -> float:
-        """Start a process that was killed (without any failpoint); returns when it is ready."""
-        await self.start_one(name)
-        return self.processes[name].ready_at
-
-    async def _watch(self, managed: Managed) -> None:
-        proc = managed.proc
-        assert proc is not None
-        code = await proc.wait()
-        if managed.expected_exit or self._closing.is_set() or managed.proc is not proc:
-            return
-        event = Exit(managed.name, code, round(time.monotonic() - self._started, 3))
-        self.unexpected_exits.append(event)
-        if self.on_exit is not None:
-            self.on_exit(event)
-        delay = 0.5
-        while not self._closing.is_set():
-            try:
-                await self.start_one(managed.name)
-                return
-            except ProcessStartError:
-                # Its dependency (the broker, a store) is still down: try again, backing off, until closing.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), delay)
-                delay = min(delay * 2, 5.0)
-
-    async def stop(self) -> dict[str, int | None]:
-        """Stop every process cleanly (SIGTERM, wait); returns their exit codes."""
-        self._closing.set()
-        for watcher in self._watchers:
-            watcher.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
-        self._watchers.clear()
-        codes = await asyncio.gather(*(m.stop() for m in self.processes.values()))
-        return dict(zip(self.processes, codes, strict=True))
+    return bench.saga_of(write, name="chaos", retries=STEP_RETRIES, timeout=timeout)
 
 
 # -- the broker -------------------------------------------------------------------------------------
@@ -339,7 +75,7 @@ class Cluster:
 
 async def kill_broker(settings: Settings) -> float:
     """SIGKILL the Kafka broker, wait until it is gone, start it again; returns when it is ready."""
-    from polycommit.services import kill_server, start_servers
+    from polycommit.services import await_pid_exit, kill_server, start_servers
 
     pid = kill_server(settings, "kafka")
     if not await await_pid_exit(pid, 30):
@@ -402,22 +138,20 @@ async def run_workload(
 ) -> None:
     """Keep `concurrency` transactions in flight; `retried` collects those with a step run more than once
     (after a step timeout: an outcome was lost or late)."""
-    queue = iter(sagas)
     retried = retried if retried is not None else []
 
-    async def lane() -> None:
-        for saga in queue:
-            history.invoke(saga)
-            result = await execute(client, saga, errors)
-            if result is not None:
-                history.record_result(result)
-                if any(step.attempts > 1 for step in result.steps):
-                    retried.append(saga.tx_id)
-            await progressed.arrived()
-            if on_result is not None:
-                on_result()
+    async def one(saga: Saga) -> None:
+        history.invoke(saga)
+        result = await execute(client, saga, errors)
+        if result is not None:
+            history.record_result(result)
+            if any(step.attempts > 1 for step in result.steps):
+                retried.append(saga.tx_id)
+        await progressed.arrived()
+        if on_result is not None:
+            on_result()
 
-    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    await keep_in_flight(sagas, concurrency, one)
 
 
 async def recover_results(settings: Settings, history: History, deadline_s: float) -> int:
@@ -476,9 +210,9 @@ async def run_kills(
         if target == "kafka":
             back = await kill_broker(settings)
         else:
-            managed = cluster[target]
-            managed.kill()
-            await managed.wait_exit(STOP_TIMEOUT_S)
+            part = cluster[target]
+            part.kill()
+            await part.exited(STOP_TIMEOUT_S)
             back = await cluster.restart(target)
         kill.restart_s = back - killed
         describe(f"{target} restarted; waiting for results")

@@ -1,6 +1,6 @@
 """Crash every process at every named failpoint, and the broker mid-run; the checker judges the stores.
 
-The coordinator and the three store consumers run as subprocesses (`polycommit.chaos.Cluster`). One of
+The coordinator and the three store consumers run as subprocesses (`polycommit.processes.Cluster`). One of
 them is armed with `POLYCOMMIT_FAILPOINT`, which SIGKILLs it between two protocol steps; the test waits
 for that death (exit by SIGKILL), starts the process again without the failpoint, waits for every
 result, stops everything cleanly, and runs `polycommit.checker`: every transaction must have completed,
@@ -24,9 +24,9 @@ import pytest
 from neo4j import AsyncGraphDatabase
 
 from polycommit import operations as ops
-from polycommit.bench import LABEL, TABLE, writes
+from polycommit.bench import LABEL, TABLE, prepare, writes
 from polycommit.bus import create_topics, delete_topics
-from polycommit.chaos import Cluster, kill_broker, prepare, run_settings, saga_of
+from polycommit.chaos import kill_broker, run_settings, saga_of
 from polycommit.checker import (
     COMPENSATED_IN_COMPLETED,
     CONFLICTING,
@@ -42,6 +42,7 @@ from polycommit.checker import (
 from polycommit.client import Coordinator, Saga, TransactionResult
 from polycommit.config import Settings
 from polycommit.failpoints import FAILPOINTS
+from polycommit.processes import Cluster
 
 pytestmark = pytest.mark.servers
 
@@ -100,7 +101,7 @@ async def await_results(
     """Every result, failing fast if a process dies meanwhile (nothing here should, uninvited)."""
     results: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*futures))
     exits: dict[asyncio.Future[Any], str] = {
-        asyncio.ensure_future(m.proc.wait()): name for name, m in cluster.processes.items() if m.proc is not None
+        asyncio.ensure_future(part.exited()): name for name, part in cluster.processes.items() if part.running
     }
     try:
         done, _ = await asyncio.wait([results, *exits], timeout=deadline_s, return_when=asyncio.FIRST_COMPLETED)
@@ -139,7 +140,7 @@ async def test_a_process_killed_at_a_failpoint_recovers_and_every_transaction_co
     try:
         async with Coordinator(fault_settings, timeout=CLIENT_TIMEOUT_S) as client:
             futures = await submit(client, history, sagas(TRANSACTIONS))
-            code = await cluster[owner].wait_exit(DEATH_DEADLINE_S)
+            code = await cluster[owner].exited(DEATH_DEADLINE_S)
             assert code == -signal.SIGKILL, f"{owner} exited with {code}, not by its failpoint {spec}"
             assert sum(1 for f in futures if f.done()) < TRANSACTIONS, "the crash came after the whole run"
             await cluster.restart(owner)

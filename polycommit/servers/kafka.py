@@ -1,0 +1,173 @@
+"""The local Kafka broker: a single KRaft node (broker and controller) from the jars scripts/setup fetched.
+
+Its properties are written at every start; readiness is a metadata request that lists a live broker.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from pathlib import Path
+
+from polycommit.config import Settings
+from polycommit.servers.process import (
+    ProbeFailed,
+    Server,
+    ServerStartError,
+    data_path,
+    java,
+    launch_until_ready,
+    log_path,
+    log_tail,
+    marked_pid,
+    port_open,
+    run,
+    terminate,
+)
+
+KAFKA_MAIN = "kafka.Kafka"
+
+
+def _kafka_libs(settings: Settings) -> Path:
+    return settings.cache_dir / "kafka" / "libs"
+
+
+def kafka_version(settings: Settings) -> str | None:
+    """The broker's version, read from the jar that scripts/setup fetched (kafka_2.13-<version>.jar)."""
+    for jar in sorted(_kafka_libs(settings).glob("kafka_2.13-*.jar")):
+        version = jar.name.removeprefix("kafka_2.13-").removesuffix(".jar")
+        if version and version[0].isdigit() and "-" not in version:
+            return version
+    return None
+
+
+def _kafka_properties(settings: Settings, log_dirs: Path) -> str:
+    port = int(settings.kafka.bootstrap.rsplit(":", 1)[1])
+    controller = settings.kafka.controller_port
+    max_bytes = 4 * 1024 * 1024 + 64 * 1024
+    return "\n".join(
+        [
+            "# Written by polycommit/servers/kafka.py at every start; edit there, not here.",
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{controller}",
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            f"log.dirs={log_dirs}",
+            # A broker restarted after kill -9 is fenced until its old session expires; keep that short.
+            "broker.session.timeout.ms=3000",
+            "broker.heartbeat.interval.ms=500",
+            "offsets.topic.num.partitions=1",
+            "offsets.topic.replication.factor=1",
+            "transaction.state.log.num.partitions=1",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "min.insync.replicas=1",
+            "default.replication.factor=1",
+            "num.partitions=1",
+            "group.initial.rebalance.delay.ms=0",
+            # KIP-890's server-side check that a partition joined the transaction answers clients
+            # that predate it (aiokafka) with a retriable NOT_ENOUGH_REPLICAS, and each retry waits
+            # retry_backoff_ms: 100 ms added to most transactional produces. Transaction protocol
+            # v2 clients would not need this.
+            "transaction.partition.verification.enable=false",
+            "auto.create.topics.enable=false",
+            f"message.max.bytes={max_bytes}",
+            f"replica.fetch.max.bytes={max_bytes}",
+            "num.network.threads=2",
+            "num.io.threads=4",
+            "log.retention.hours=168",
+            "",
+        ]
+    )
+
+
+_KAFKA_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
+<!-- Written by polycommit/servers/kafka.py: everything to stdout, which the launcher sends to kafka.log. -->
+<Configuration status="WARN">
+  <Appenders>
+    <Console name="STDOUT" target="SYSTEM_OUT">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+    </Console>
+  </Appenders>
+  <Loggers>
+    <Root level="INFO"><AppenderRef ref="STDOUT"/></Root>
+    <Logger name="kafka.request.logger" level="WARN"/>
+    <Logger name="state.change.logger" level="WARN"/>
+    <Logger name="org.apache.kafka.common.config.AbstractConfig" level="WARN"/>
+    <Logger name="kafka.server.KafkaConfig" level="WARN"/>
+  </Loggers>
+</Configuration>
+"""
+
+
+def _kafka_cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+async def probe(settings: Settings, budget_s: float) -> str:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    # aiokafka logs an error for every refused connection; do not let a probe loop flood the caller's log.
+    await port_open(settings.kafka.bootstrap, budget_s)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka.bootstrap,
+        client_id="polycommit-services",
+        request_timeout_ms=max(500, int(budget_s * 1000)),
+    )
+    try:
+        await admin.start()
+        cluster = await admin.describe_cluster()
+    finally:
+        await admin.close()
+    # A broker restarted after a crash answers metadata requests while still fenced; it lists no live
+    # broker until the controller lets it in.
+    if not cluster.get("brokers"):
+        raise ProbeFailed("the broker answers but lists no live broker yet")
+    return kafka_version(settings) or "unknown"
+
+
+def server_pid(settings: Settings) -> int | None:
+    return marked_pid(settings, "kafka", KAFKA_MAIN)
+
+
+async def start(settings: Settings, deadline_s: float) -> str:
+    libs = _kafka_libs(settings)
+    log = log_path(settings, "kafka")
+    if kafka_version(settings) is None:
+        raise ServerStartError("kafka", f"no Kafka jars in {libs}: run scripts/setup", log)
+    home = data_path(settings, "kafka")
+    log_dirs = home / "kraft"
+    log_dirs.mkdir(parents=True, exist_ok=True)
+    props = home / "server.properties"
+    props.write_text(_kafka_properties(settings, log_dirs))
+    log4j = home / "log4j2.xml"
+    log4j.write_text(_KAFKA_LOG4J2)
+    java_bin = java()
+    classpath = f"{libs}/*"
+    jvm_logging = f"-Dlog4j2.configurationFile={log4j}"
+    if not (log_dirs / "meta.properties").exists():
+        argv = [java_bin, jvm_logging, "-cp", classpath, "kafka.tools.StorageTool", "format"]
+        argv += ["-t", _kafka_cluster_id(), "-c", str(props)]
+        code, out = await run(argv, limit_s=deadline_s)
+        with log.open("a") as handle:
+            handle.write(out)
+        if code != 0:
+            raise ServerStartError("kafka", f"formatting the KRaft storage failed (exit {code})", log, log_tail(log))
+    argv = [java_bin, "-Xmx256m", "-Xms256m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
+    argv += ["-Djava.awt.headless=true", jvm_logging, "-cp", classpath, KAFKA_MAIN, str(props)]
+    return await launch_until_ready("kafka", settings, argv, cwd=home, deadline_s=deadline_s, probe=probe)
+
+
+async def stop(settings: Settings) -> None:
+    await terminate(settings, "kafka", server_pid(settings))
+
+
+def address(settings: Settings) -> tuple[str, dict[str, str]]:
+    return settings.kafka.address, {"bootstrap": settings.kafka.bootstrap}
+
+
+SERVER = Server("kafka", 60.0, start, probe, server_pid, stop, address, installed_version=kafka_version)
