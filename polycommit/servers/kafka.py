@@ -6,6 +6,7 @@ Its properties are written at every start; readiness is a metadata request that 
 from __future__ import annotations
 
 import base64
+import contextlib
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from polycommit.servers.process import (
     port_open,
     run,
     terminate,
+    wait_until_ready,
 )
 
 KAFKA_MAIN = "kafka.Kafka"
@@ -74,6 +76,11 @@ def _kafka_properties(settings: Settings, log_dirs: Path) -> str:
             # retry_backoff_ms: 100 ms added to most transactional produces. Transaction protocol
             # v2 clients would not need this.
             "transaction.partition.verification.enable=false",
+            # Small segments let compaction keep the offsets and transaction logs short (the defaults
+            # roll at 100 MB, which a test machine never reaches): after a crash the coordinators
+            # reload a few thousand records, not every commit ever made.
+            "offsets.topic.segment.bytes=1048576",
+            "transaction.state.log.segment.bytes=1048576",
             "auto.create.topics.enable=false",
             f"message.max.bytes={max_bytes}",
             f"replica.fetch.max.bytes={max_bytes}",
@@ -159,7 +166,56 @@ async def start(settings: Settings, deadline_s: float) -> str:
             raise ServerStartError("kafka", f"formatting the KRaft storage failed (exit {code})", log, log_tail(log))
     argv = [java_bin, "-Xmx256m", "-Xms256m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
     argv += ["-Djava.awt.headless=true", jvm_logging, "-cp", classpath, KAFKA_MAIN, str(props)]
-    return await launch_until_ready("kafka", settings, argv, cwd=home, deadline_s=deadline_s, probe=probe)
+    version = await launch_until_ready("kafka", settings, argv, cwd=home, deadline_s=deadline_s, probe=probe)
+    try:
+        await wait_until_ready("kafka", settings, GROUP_PROBE_DEADLINE_S, lambda t: group_probe(settings, t))
+    except ServerStartError:
+        # Seen with Kafka 4.4 after a kill -9: the group coordinator reloads __consumer_offsets and then
+        # finds itself "out of sync with the underlying log" on every write, forever; no consumer group
+        # can form. A clean restart reloads it correctly, so do that once, and say so in the log.
+        with log.open("a") as handle:
+            handle.write("polycommit: the group coordinator does not accept writes; restarting the broker cleanly\n")
+        await terminate(settings, "kafka", server_pid(settings))
+        version = await launch_until_ready("kafka", settings, argv, cwd=home, deadline_s=deadline_s, probe=probe)
+        await wait_until_ready("kafka", settings, GROUP_PROBE_DEADLINE_S, lambda t: group_probe(settings, t))
+    return version
+
+
+GROUP_PROBE_DEADLINE_S = 20.0
+PROBE_TOPIC = "polycommit-probe"
+
+
+async def group_probe(settings: Settings, budget_s: float) -> str:
+    """Commit an offset for a probe group: proves the group coordinator loads and accepts writes, which a
+    metadata request does not."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    timeout_ms = max(500, int(budget_s * 1000))
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=timeout_ms)
+    await admin.start()
+    try:
+        if PROBE_TOPIC not in await admin.list_topics():
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics([NewTopic(PROBE_TOPIC, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap,
+        group_id="polycommit-probe",
+        enable_auto_commit=False,
+        request_timeout_ms=timeout_ms,
+        client_id="polycommit-services",
+    )
+    await consumer.start()
+    try:
+        tp = TopicPartition(PROBE_TOPIC, 0)
+        consumer.assign([tp])
+        await consumer.commit({tp: 0})
+    finally:
+        await consumer.stop()
+    return "group coordinator ready"
 
 
 async def stop(settings: Settings) -> None:
