@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import enum
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,17 +103,26 @@ def status_for(plan_: Plan) -> OutcomeStatus:
     return statuses[plan_]
 
 
-def generations(commands: Sequence[StoreCommand], keys: Mapping[int, Sequence[str]]) -> list[list[int]]:
+def generations(
+    commands: Sequence[StoreCommand], keys: Mapping[int, Sequence[str]], alone: Collection[int] = ()
+) -> list[list[int]]:
     """Split a batch (by position) into consecutive groups in which no resource key repeats.
 
     Within a group, writes to different keys may be applied together (one UNWIND, one upsert call),
     and each before-image is read before the group's writes. A key seen again starts a new group, so
-    the second writer's before-image is the first writer's result, as if applied one by one.
+    the second writer's before-image is the first writer's result, as if applied one by one. A position
+    in `alone` (a raw statement whose keys are unknown) is a group of its own, in order.
     """
     groups: list[list[int]] = []
     seen: set[str] = set()
     current: list[int] = []
     for position in range(len(commands)):
+        if position in alone:
+            if current:
+                groups.append(current)
+            groups.append([position])
+            current, seen = [], set()
+            continue
         command_keys = keys.get(position, ())
         if any(k in seen for k in command_keys):
             groups.append(current)

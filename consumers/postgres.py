@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from consumers import postgres_sql as sql
-from consumers.base import Marker, Participant, Plan, failed, marker_id, outcome, plan, status_for
+from consumers.base import Marker, Participant, Plan, failed, generations, marker_id, outcome, plan, status_for
 from polycommit.config import Settings
 from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError
 from polycommit.events import Operation, StepOutcome, Store, StoreCommand
@@ -128,28 +128,11 @@ def _plan_batch(commands: Sequence[StoreCommand], markers: dict[str, Marker]) ->
 
 def _groups(steps: list[_Step]) -> list[list[_Step]]:
     """Consecutive set-based steps on distinct keys form one group; anything else (raw SQL, a
-    compensation, a key seen again) runs on its own, in order, so the batch behaves as if one by one."""
-    groups: list[list[_Step]] = []
-    current: list[_Step] = []
-    seen: set[str] = set()
-    for step in steps:
-        if not step.writes_marker:
-            continue
-        if not step.set_based:
-            if current:
-                groups.append(current)
-            groups.append([step])
-            current, seen = [], set()
-            continue
-        keys = lock_keys(step.command["operation"])
-        if any(k in seen for k in keys):
-            groups.append(current)
-            current, seen = [], set()
-        current.append(step)
-        seen.update(keys)
-    if current:
-        groups.append(current)
-    return groups
+    compensation) runs on its own, in order, so the batch behaves as if applied one by one."""
+    active = [s for s in steps if s.writes_marker]
+    keys = {i: lock_keys(s.command["operation"]) for i, s in enumerate(active) if s.set_based}
+    alone = {i for i, s in enumerate(active) if not s.set_based}
+    return [[active[i] for i in group] for group in generations([s.command for s in active], keys, alone)]
 
 
 class PostgresParticipant(Participant):

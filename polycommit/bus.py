@@ -295,6 +295,18 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[Topic
     return [TopicPartition(topic, p) for p in sorted(partitions)]
 
 
+def make_reader(settings: Settings, client_id: str, fetch_max_wait_ms: int = 100) -> AIOKafkaConsumer:
+    """A group-less read_committed consumer: the caller assigns partitions; it moves nobody's offsets."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        client_id=client_id,
+        fetch_max_wait_ms=fetch_max_wait_ms,
+    )
+
+
 def make_consumer(
     settings: Settings,
     *topics: str,
@@ -335,13 +347,7 @@ async def read_topic(
 ) -> int:
     """Call `handle` on every committed record of `topic` (or of some of its partitions), from the start
     to the end it has now, with a group-less consumer: reading moves nobody's offsets."""
-    reader = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        client_id="polycommit-inspect",
-    )
+    reader = make_reader(settings, "polycommit-inspect")
     await reader.start()
     count = 0
     try:

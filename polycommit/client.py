@@ -30,7 +30,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from polycommit import operations as ops
-from polycommit.bus import Outgoing, Publisher, topics_for
+from polycommit.bus import Outgoing, Publisher, make_reader, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings, load_settings
 from polycommit.errors import TransactionError, TransactionTimeoutError
@@ -275,14 +275,7 @@ class Coordinator:
         partitions = await self._publisher.partitions(self.topics.replies)
         partition = random.Random(self.client_id).choice(partitions)
         self._reply_to = f"{self.topics.replies}:{partition}"
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka.bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            client_id=self.client_id,
-            fetch_max_wait_ms=10,
-        )
+        consumer = make_reader(self.settings, self.client_id, fetch_max_wait_ms=10)
         await consumer.start()
         tp = TopicPartition(self.topics.replies, partition)
         consumer.assign([tp])

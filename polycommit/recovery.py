@@ -14,7 +14,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 
-from polycommit.bus import create_topics, topic_partitions, topics_for
+from polycommit.bus import create_topics, make_reader, topic_partitions, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.inspect import transactions_in_flight
@@ -54,13 +54,7 @@ def _count(values: Any) -> dict[str, int]:
 
 async def _results_from_now(settings: Settings) -> AIOKafkaConsumer:
     """A reader of `polycommit.results` positioned at its current end, before anything runs."""
-    reader = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        client_id="polycommit-recover",
-    )
+    reader = make_reader(settings, "polycommit-recover")
     await reader.start()
     tps = await topic_partitions(reader, topics_for(settings).results)
     reader.assign(tps)

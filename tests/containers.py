@@ -262,6 +262,7 @@ async def _wait_all_ready(settings: Settings, containers: dict[str, DockerContai
     import logging
     import time
 
+    from polycommit.servers.process import wait_until_ready
     from polycommit.services import ServicesError, wait_ready
 
     # The probes hit ports that do not answer yet; the client libraries would log every refusal.
@@ -274,14 +275,16 @@ async def _wait_all_ready(settings: Settings, containers: dict[str, DockerContai
             if name != "qdrant":
                 await wait_ready(settings, name, READY_DEADLINE_S[name])
                 return
-            # For Qdrant, wait_ready is a single status check: poll it until the deadline.
-            while True:
+            # For Qdrant, wait_ready is a single status check: let the servers' own readiness loop
+            # repeat it until the deadline.
+
+            async def healthy(_: float) -> str:
                 status = await wait_ready(settings, name, READY_DEADLINE_S[name])
-                if status.healthy:
-                    return
-                if time.monotonic() >= deadline:
+                if not status.healthy:
                     raise ServicesError(f"qdrant: not ready: {status.extra.get('error', 'unhealthy')}")
-                await asyncio.sleep(0.2)
+                return status.version or ""
+
+            await wait_until_ready(name, settings, max(1.0, deadline - time.monotonic()), healthy)
         except ServicesError as exc:
             raise ContainersError(
                 f"{name} container not ready: {exc}\n--- container log ---\n{_logs_tail(containers[name])}"
