@@ -141,7 +141,10 @@ class StoreWorker:
             try:
                 decoded: Any = self.codec.decode_as(record.value, "StoreCommand")
             except CodecError as exc:
-                out.append(self._dead(record, exc, None))
+                # Records are keyed by transaction id: name it, so the operator can find the saga (which
+                # times out and compensates, since its command can never run).
+                key = record.key.decode(errors="replace") if record.key else None
+                out.append(self._dead(record, exc, key))
                 continue
             commands.append(decoded)
             sources.append(record)

@@ -283,8 +283,11 @@ class CoordinatorService:
                 raise CodecError(f"a {decoded.event_type} does not belong on {record.topic}")
         except CodecError as exc:
             self.stats.dead_letters += 1
-            key = record.key.decode(errors="replace") if record.key else f"{record.topic}/{record.offset}"
-            out.append(Outgoing(self.topics.dead_letters, key, "DeadLetter", dead_letter(record, exc, "coordinator")))
+            tx_id = record.key.decode(errors="replace") if record.key else None  # records are keyed by tx id
+            letter = dead_letter(record, exc, "coordinator", tx_id)
+            out.append(
+                Outgoing(self.topics.dead_letters, tx_id or f"{record.topic}/{record.offset}", "DeadLetter", letter)
+            )
 
     def _on_intent(
         self, intent: TransactionIntent, record: Any, now: int, out: list[Outgoing], touched: dict[str, SagaSnapshot]
