@@ -63,6 +63,9 @@ class StoreWorker:
         self.store = participant.store
         self.batch_size = batch_size
         self.group_id = group_id or f"{settings.topic_prefix}-{participant.store}"
+        # A static member name only in the store's own group (a replay under another group stays dynamic).
+        instance = settings.consumer_instance
+        self.instance_id = f"{participant.store}-{instance}" if instance and group_id is None else None
         self.codec = codec or default_codec()
         self.topics = topics_for(settings)
         self.stats = WorkerStats()
@@ -106,7 +109,11 @@ class StoreWorker:
 
     async def _session(self, stop: asyncio.Event, ready: asyncio.Event | None) -> None:
         consumer = make_consumer(
-            self.settings, self.topics.commands(self.store), group_id=self.group_id, client_id=self.name
+            self.settings,
+            self.topics.commands(self.store),
+            group_id=self.group_id,
+            client_id=self.name,
+            instance_id=self.instance_id,
         )
         publisher = Publisher(self.settings, codec=self.codec, client_id=self.name)
         await self.participant.start()

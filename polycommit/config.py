@@ -122,6 +122,10 @@ class Settings:
     # Each coordinator process needs its own Kafka transactional id; a restarted process that keeps its
     # instance name fences the predecessor it replaces (a zombie can no longer commit).
     coordinator_instance: str = "0"
+    # Set, it makes each store consumer a static group member named `<store>-<instance>` (back in under
+    # a second after a crash, instead of after the session timeout); two live consumers of one store must
+    # then have different names. Unset (the default), members are dynamic and need no names.
+    consumer_instance: str | None = None
 
     @property
     def cache_dir(self) -> Path:
@@ -173,4 +177,5 @@ def load_settings() -> Settings:
         topic_prefix=_env("POLYCOMMIT_TOPIC_PREFIX", "polycommit"),
         max_payload_bytes=int(_env("POLYCOMMIT_MAX_PAYLOAD_BYTES", str(1024 * 1024))),
         coordinator_instance=_env("POLYCOMMIT_COORDINATOR_INSTANCE", "0"),
+        consumer_instance=os.environ.get("POLYCOMMIT_CONSUMER_INSTANCE") or None,
     )

@@ -49,6 +49,8 @@ def part_environment(settings: Settings, extra: Mapping[str, str] | None = None)
     env["POLYCOMMIT_TOPIC_PREFIX"] = settings.topic_prefix
     env["POLYCOMMIT_QDRANT_EDGE_PATH"] = str(settings.qdrant.edge_path)
     env["PYTHONUNBUFFERED"] = "1"
+    # One process per part: each may be a static group member, so a restarted part is back at once.
+    env.setdefault("POLYCOMMIT_CONSUMER_INSTANCE", "0")
     env.pop("POLYCOMMIT_FAILPOINT", None)
     env.update(extra or {})
     return env
