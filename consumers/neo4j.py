@@ -10,24 +10,52 @@ inside the same transaction. Every step's effect and its `(:PolycommitStep {id, 
 together, so "applied" and "recorded as applied" cannot disagree after a crash. If the batch transaction
 fails (bad Cypher, a constraint, a deadlock), it is rolled back and the commands run one by one, each in
 its own transaction, so only the guilty one fails.
+
+What a command does to the graph and how a batch is grouped live in `consumers/neo4j_effects.py`; the
+Cypher text in `consumers/neo4j_cypher.py`. This module does the I/O: the driver, schema, transactions.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import json
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal
 
 from neo4j import AsyncDriver, AsyncGraphDatabase, AsyncTransaction
 from neo4j.exceptions import DriverError, Neo4jError, ServiceUnavailable, SessionExpired
 
-from consumers.base import Marker, Participant, Plan, failed, generations, marker_id, outcome, plan, status_for
+from consumers.base import Marker, Participant, Plan, failed, outcome, plan, status_for
+from consumers.neo4j_cypher import (
+    CREATE_MARKER_CONSTRAINT,
+    MARKER_LABEL,
+    READ_MARKERS,
+    WRITE_MARKERS,
+    Seen,
+    constraint_statement,
+    effect_query,
+    read_query,
+    refusal,
+    row_of,
+)
+from consumers.neo4j_effects import (
+    STORE,
+    Effect,
+    EffectKind,
+    NodeShape,
+    NodeTarget,
+    Parsed,
+    RelShape,
+    RelTarget,
+    batch_groups,
+    before_image_of,
+    end_target,
+    nodes_of,
+    parse,
+    restoring,
+)
 from polycommit.config import Settings
 from polycommit.errors import (
     InvalidOperationError,
@@ -35,11 +63,10 @@ from polycommit.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from polycommit.events import NodeRef, Operation, StepOutcome, Store, StoreCommand
-from polycommit.operations import IDENTIFIER, dumps, json_object, lock_keys, validate_operation
+from polycommit.events import NodeRef, StepOutcome, Store, StoreCommand
 
-STORE: Store = "neo4j"
-MARKER_LABEL = "PolycommitStep"
+# Imported from here by the runtime, the consistency checker (markers by label) and the tests.
+__all__ = ["MARKER_LABEL", "Neo4jParticipant", "classify"]
 
 # A timeout or a termination ends the transaction, not the request: the same work may succeed later.
 _RETRIABLE_CLIENT_CODES = frozenset(
@@ -54,330 +81,6 @@ _RETRIABLE_CLIENT_CODES = frozenset(
 _ALREADY_EXISTS_CODES = frozenset(
     {"Neo.ClientError.Schema.EquivalentSchemaRuleAlreadyExists", "Neo.ClientError.Schema.ConstraintAlreadyExists"}
 )
-
-NodeShape: TypeAlias = tuple[str, tuple[str, ...]]  # (label, sorted key property names)
-RelShape: TypeAlias = tuple[str, NodeShape, NodeShape]  # (type, start shape, end shape)
-EffectKind = Literal["merge", "replace", "delete", "erase", "cypher", "noop"]
-
-
-# -- what a command does to the graph ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NodeTarget:
-    label: str
-    key: dict[str, Any]
-
-    @functools.cached_property
-    def shape(self) -> NodeShape:
-        return (self.label, tuple(sorted(self.key)))
-
-    @functools.cached_property
-    def lock_key(self) -> str:
-        return f"neo4j:{self.label}:{dumps(self.key)}"  # the format of operations.lock_keys
-
-
-@dataclass(frozen=True)
-class RelTarget:
-    type: str
-    start: NodeTarget
-    end: NodeTarget
-
-    @functools.cached_property
-    def shape(self) -> RelShape:
-        return (self.type, self.start.shape, self.end.shape)
-
-
-Target: TypeAlias = NodeTarget | RelTarget
-
-
-@dataclass(frozen=True)
-class Effect:
-    """One change: merge (SET +=), replace (SET =, creating if absent), delete, erase (a restore to
-    "absent": DETACH DELETE for a node), a raw statement, or nothing (a raw step with no compensation)."""
-
-    kind: EffectKind
-    target: Target | None = None
-    properties: dict[str, Any] = field(default_factory=dict)
-    statement: str = ""
-    params: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Parsed:
-    """A command that passed validation, with its effects and the keys that order it within a batch."""
-
-    position: int
-    command: StoreCommand
-    effect: Effect
-    compensation: Effect | None
-    keys: tuple[str, ...]
-    raw: bool  # runs alone, between generations: a raw statement may touch any key
-
-    @functools.cached_property
-    def execute_id(self) -> str:
-        return marker_id(self.command["tx_id"], self.command["step_index"], "EXECUTE")
-
-    @functools.cached_property
-    def compensate_id(self) -> str:
-        return marker_id(self.command["tx_id"], self.command["step_index"], "COMPENSATE")
-
-    @functools.cached_property
-    def own_id(self) -> str:
-        return marker_id(self.command["tx_id"], self.command["step_index"], self.command["action"])
-
-    def targets(self) -> list[Target]:
-        return [e.target for e in (self.effect, self.compensation) if e is not None and e.target is not None]
-
-
-def _kind_of(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        if not -(2**63) <= value < 2**63:
-            raise InvalidOperationError(f"integer {value} does not fit Neo4j's 64 bits")
-        return "number"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    raise InvalidOperationError(f"{type(value).__name__} values cannot be stored as Neo4j properties")
-
-
-def _check_storable(properties: Mapping[str, Any], what: str) -> None:
-    """Refuse what Neo4j would refuse at run time: caught here, one bad command costs no batch rollback."""
-    for name, value in properties.items():
-        if value is None:
-            continue  # SET n += {p: null} removes p
-        try:
-            if isinstance(value, list):
-                kinds = {_kind_of(v) if v is not None else "null" for v in value}
-                if len(kinds) > 1 or "null" in kinds:
-                    raise InvalidOperationError("a list property must hold non-null values of one type")
-            else:
-                _kind_of(value)
-        except InvalidOperationError as exc:
-            raise InvalidOperationError(f"{what} {name!r}: {exc}") from None
-
-
-def _node_target(label: str, key_text: str) -> NodeTarget:
-    key = json_object(key_text, "node key")
-    if any(v is None for v in key.values()):
-        raise InvalidOperationError(f"node key {key_text} of :{label} has a null value; MERGE cannot match it")
-    _check_storable(key, "key property")
-    return NodeTarget(label, key)
-
-
-def _end(ref: NodeRef | None) -> NodeTarget:
-    if ref is None:  # validate_operation refuses this first; kept for the type checker
-        raise InvalidOperationError("a relationship needs both end nodes")
-    return _node_target(ref["label"], ref["key"])
-
-
-def effect_of(op: Operation) -> Effect:
-    """The effect of a validated neo4j operation, applied as an EXECUTE."""
-    kind = op["kind"]
-    if kind == "cypher":
-        return Effect("cypher", statement=op["statement"], params=json_object(op["params"], "params"))
-    values = json_object(op["values"], "values")
-    _check_storable(values, "property")
-    if kind in ("merge_node", "delete_node"):
-        target = _node_target(op["target"], op["key"])
-        changed = sorted(k for k in values if k in target.key and values[k] != target.key[k])
-        if changed:
-            raise InvalidOperationError(f"merge_node would change its key properties {changed}")
-        return Effect("merge" if kind == "merge_node" else "delete", target, values)
-    rel = RelTarget(op["target"], _end(op["from_node"]), _end(op["to_node"]))
-    return Effect("merge" if kind == "merge_relationship" else "delete", rel, values)
-
-
-def restoring(target: Target, before_image: str) -> Effect:
-    """The effect that puts `target` back as the before-image recorded it (None there: absent)."""
-    field_name = "node" if isinstance(target, NodeTarget) else "relationship"
-    try:
-        image = json.loads(before_image)
-        old = image[field_name]
-    except (ValueError, TypeError, KeyError):
-        raise InvalidOperationError(f"before-image {before_image[:200]!r} has no {field_name!r}") from None
-    if old is None:
-        return Effect("erase", target)
-    if not isinstance(old, dict):
-        raise InvalidOperationError(f"before-image {field_name!r} is not a property map")
-    return Effect("replace", target, old)
-
-
-def before_image_of(target: Target, properties: Mapping[str, Any] | None) -> str:
-    field_name = "node" if isinstance(target, NodeTarget) else "relationship"
-    return dumps({field_name: None if properties is None else dict(properties)})
-
-
-def parse(position: int, command: StoreCommand, max_payload_bytes: int) -> Parsed:
-    """Validate a command and derive its effects; raise a typed error for anything no retry can fix."""
-    if command["action"] not in ("EXECUTE", "COMPENSATE"):
-        raise InvalidOperationError(f"the neo4j participant runs EXECUTE and COMPENSATE, not {command['action']}")
-    op, compensation = command["operation"], command["compensation"]
-    for candidate in (op, compensation):
-        if candidate is None:
-            continue
-        if candidate["store"] != STORE:
-            raise InvalidOperationError(f"a {candidate['store']} operation was sent to the neo4j participant")
-        validate_operation(candidate, max_payload_bytes)
-    effect = effect_of(op)
-    comp_effect = effect_of(compensation) if compensation is not None else None
-    keys = [f"step:{command['tx_id']}/{command['step_index']}", *lock_keys(op)]
-    if compensation is not None:
-        keys += lock_keys(compensation)
-    keys += [t.lock_key for e in (effect, comp_effect) if e is not None for t in _nodes_written(e)]
-    raw = op["kind"] == "cypher" or (
-        command["action"] == "COMPENSATE" and compensation is not None and compensation["kind"] == "cypher"
-    )
-    return Parsed(position, command, effect, comp_effect, tuple(dict.fromkeys(keys)), raw)
-
-
-def _nodes_written(effect: Effect) -> list[NodeTarget]:
-    return [effect.target] if isinstance(effect.target, NodeTarget) else []
-
-
-def _nodes_read(effect: Effect | None) -> list[NodeTarget]:
-    if effect is not None and isinstance(effect.target, RelTarget):
-        return [effect.target.start, effect.target.end]
-    return []
-
-
-def batch_groups(parsed: Sequence[Parsed]) -> list[list[Parsed]]:
-    """Split a batch into groups that may share UNWIND queries, keeping the effect of applying it in order.
-
-    Raw statements run alone. Between them, `generations()` starts a new group when a key repeats; a
-    relationship also claims its end nodes when a node command of the same run writes them, so "merge
-    A, then merge A->B" never tries the relationship before A exists. End nodes that nobody writes stay
-    shared, so many relationships to one hub node still go in one query.
-    """
-    groups: list[list[Parsed]] = []
-    run: list[Parsed] = []
-
-    def flush() -> None:
-        written = {t.lock_key for p in run for e in (p.effect, p.compensation) if e for t in _nodes_written(e)}
-        keys: dict[int, Sequence[str]] = {}
-        for i, p in enumerate(run):
-            ends = [n.lock_key for e in (p.effect, p.compensation) for n in _nodes_read(e)]
-            keys[i] = [*p.keys, *(k for k in ends if k in written)]
-        groups.extend([run[i] for i in g] for g in generations([p.command for p in run], keys))
-        run.clear()
-
-    for p in parsed:
-        if p.raw:
-            flush()
-            groups.append([p])
-        else:
-            run.append(p)
-    flush()
-    return [g for g in groups if g]
-
-
-# -- Cypher text (labels, types and property names are validated identifiers; values are parameters) --
-
-
-def _tick(name: str) -> str:
-    if not IDENTIFIER.match(name):  # never reached for validated operations; a second guard before text
-        raise InvalidOperationError(f"{name!r} is not a plain identifier")
-    return f"`{name}`"
-
-
-def _pattern(var: str, shape: NodeShape, param: str) -> str:
-    label, props = shape
-    fields = ", ".join(f"{_tick(p)}: row.{param}.{_tick(p)}" for p in props)
-    return f"({var}:{_tick(label)} {{{fields}}})"
-
-
-# Each effect query reads the before-images AND writes, in one round trip per (kind, shape) and group:
-# the keys of a group are distinct, so a row's before-image is its own target's state before the group.
-# It answers with ONE record, a list of [i, before, ...] rows: the Python driver spends ~0.1 ms on each
-# record it receives, which for 200 rows costs more than the whole MERGE on the server.
-# Where an effect can be refused (a node that still has relationships, a missing end node), the query
-# skips the write for that row and returns what it saw; `refusal()` then fails that command alone.
-
-
-@functools.lru_cache(maxsize=1024)
-def node_effect_query(kind: EffectKind, shape: NodeShape) -> str:
-    n, old = _pattern("n", shape, "key"), _pattern("old", shape, "key")
-    head = f"UNWIND $rows AS row OPTIONAL MATCH {old} "
-    tail = " RETURN collect([row.i, before]) AS seen"
-    if kind in ("merge", "replace"):
-        assignment = "+=" if kind == "merge" else "="
-        return f"{head}WITH row, properties(old) AS before MERGE {n} SET n {assignment} row.props{tail}"
-    if kind == "erase":
-        return f"{head}WITH row, old, properties(old) AS before DETACH DELETE old{tail}"
-    # delete: DELETE, not DETACH DELETE, so a relationship that appears anyway fails the commit loudly.
-    return (
-        f"{head}WITH row, old, properties(old) AS before, "
-        "CASE WHEN old IS NULL THEN 0 ELSE COUNT { (old)--() } END AS degree "
-        "CALL (old, degree) { WITH * WHERE old IS NOT NULL AND degree = 0 DELETE old } "
-        "RETURN collect([row.i, before, degree]) AS seen"
-    )
-
-
-@functools.lru_cache(maxsize=1024)
-def rel_effect_query(kind: EffectKind, shape: RelShape) -> str:
-    rel_type, start, end = shape
-    a, b, t = _pattern("a", start, "start"), _pattern("b", end, "end"), _tick(rel_type)
-    if kind in ("delete", "erase"):
-        return (
-            f"UNWIND $rows AS row OPTIONAL MATCH {a}-[r:{t}]->{b} "
-            "WITH row, collect(r) AS found WITH row, found, properties(found[0]) AS before "
-            "FOREACH (r IN found | DELETE r) RETURN collect([row.i, before]) AS seen"
-        )
-    assignment = "+=" if kind == "merge" else "="
-    return (
-        f"UNWIND $rows AS row OPTIONAL MATCH {a} OPTIONAL MATCH {b} OPTIONAL MATCH (a)-[old:{t}]->(b) "
-        "WITH row, a, b, properties(collect(old)[0]) AS before "
-        "CALL (row, a, b) { WITH * WHERE a IS NOT NULL AND b IS NOT NULL "
-        f"MERGE (a)-[r:{t}]->(b) SET r {assignment} row.props }} "
-        "RETURN collect([row.i, before, 0, a IS NOT NULL, b IS NOT NULL]) AS seen"
-    )
-
-
-def effect_query(effect: Effect) -> str:
-    if isinstance(effect.target, NodeTarget):
-        return node_effect_query(effect.kind, effect.target.shape)
-    if isinstance(effect.target, RelTarget):
-        return rel_effect_query(effect.kind, effect.target.shape)
-    raise ValueError(f"a {effect.kind} effect has no structured query")
-
-
-@functools.lru_cache(maxsize=1024)
-def node_read_query(shape: NodeShape) -> str:
-    return f"UNWIND $rows AS row OPTIONAL MATCH {_pattern('n', shape, 'key')} RETURN properties(n) AS props"
-
-
-@functools.lru_cache(maxsize=1024)
-def rel_read_query(shape: RelShape) -> str:
-    rel_type, start, end = shape
-    return (
-        f"UNWIND $rows AS row OPTIONAL MATCH {_pattern('a', start, 'start')}-[r:{_tick(rel_type)}]->"
-        f"{_pattern('b', end, 'end')} RETURN properties(r) AS props LIMIT 1"
-    )
-
-
-def read_query(target: Target) -> str:
-    return node_read_query(target.shape) if isinstance(target, NodeTarget) else rel_read_query(target.shape)
-
-
-def constraint_statement(shape: NodeShape) -> str:
-    label, props = shape
-    # A readable name plus a digest, so two shapes never share a name however their parts are spelled.
-    digest = hashlib.sha256(repr(shape).encode()).hexdigest()[:10]
-    name = f"polycommit_key_{label}_{digest}"  # built from a validated label: safe between backticks
-    fields = ", ".join(f"n.{_tick(p)}" for p in props)
-    return f"CREATE CONSTRAINT `{name}` IF NOT EXISTS FOR (n:{_tick(label)}) REQUIRE ({fields}) IS UNIQUE"
-
-
-_CREATE_MARKER_CONSTRAINT = (
-    f"CREATE CONSTRAINT polycommit_step_id IF NOT EXISTS FOR (m:{MARKER_LABEL}) REQUIRE m.id IS UNIQUE"
-)
-_READ_MARKERS = f"UNWIND $ids AS id MATCH (m:{MARKER_LABEL} {{id: id}}) RETURN collect([m.id, m.before]) AS markers"
-# CREATE, not MERGE: a second writer of the same marker (a redelivery racing on another consumer) then
-# fails on the uniqueness constraint and rolls back its whole effect instead of applying it twice.
-_WRITE_MARKERS = f"UNWIND $rows AS row CREATE (:{MARKER_LABEL} {{id: row.id, before: row.before}})"
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -398,33 +101,6 @@ def classify(exc: BaseException) -> BaseException:
 
 
 # -- one transaction's work -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Seen:
-    """A target as its effect query found it: properties (None: absent), degree, whether its ends exist."""
-
-    properties: dict[str, Any] | None
-    degree: int = 0
-    has_start: bool = True
-    has_end: bool = True
-
-
-def refusal(effect: Effect, seen: Seen) -> InvalidOperationError | None:
-    """Why an effect cannot apply to what the read found; such a command fails alone, permanently."""
-    target = effect.target
-    if isinstance(target, NodeTarget) and effect.kind == "delete" and seen.degree:
-        return InvalidOperationError(
-            f"delete_node (:{target.label} {dumps(target.key)}) has {seen.degree} relationship(s); "
-            "delete its relationships first"
-        )
-    if isinstance(target, RelTarget) and effect.kind in ("merge", "replace"):
-        for present, end in ((seen.has_start, target.start), (seen.has_end, target.end)):
-            if not present:
-                return InvalidOperationError(
-                    f"{target.type} relationship: end node (:{end.label} {dumps(end.key)}) does not exist"
-                )
-    return None
 
 
 @dataclass
@@ -505,7 +181,7 @@ class Unit:
             if effect.target is not None:
                 by_shape[(effect.kind, effect.target.shape)].append(i)
         for indexes in by_shape.values():
-            rows = [{"i": i, **_row(effects[i])} for i in indexes]
+            rows = [{"i": i, **row_of(effects[i])} for i in indexes]
             result = await self.tx.run(effect_query(effects[indexes[0]]), rows=rows)
             record = await result.single(strict=True)
             for i, props, *context in record["seen"]:
@@ -514,16 +190,8 @@ class Unit:
 
     async def flush_markers(self) -> None:
         if self.new_markers:
-            result = await self.tx.run(_WRITE_MARKERS, rows=self.new_markers)
+            result = await self.tx.run(WRITE_MARKERS, rows=self.new_markers)
             await result.consume()
-
-
-def _row(effect: Effect) -> dict[str, Any]:
-    target = effect.target
-    if isinstance(target, NodeTarget):
-        return {"key": target.key, "props": effect.properties}
-    assert target is not None
-    return {"start": target.start.key, "end": target.end.key, "props": effect.properties}
 
 
 # -- the participant ----------------------------------------------------------------------------------
@@ -557,7 +225,7 @@ class Neo4jParticipant(Participant):
         )
         try:
             await self.driver.verify_connectivity()
-            await self._schema(_CREATE_MARKER_CONSTRAINT)
+            await self._schema(CREATE_MARKER_CONSTRAINT)
         except Exception as exc:
             await self.close()
             raise classify(exc) from exc
@@ -600,7 +268,7 @@ class Neo4jParticipant(Participant):
     async def _ensure_keys(self, parsed: Iterable[Parsed]) -> dict[NodeShape, BaseException]:
         """Ensure every node shape of the batch; return the shapes whose constraint could not be made."""
         broken: dict[NodeShape, BaseException] = {}
-        shapes = {n.shape for p in parsed for t in p.targets() for n in _nodes_of(t)}
+        shapes = {n.shape for p in parsed for t in p.targets() for n in nodes_of(t)}
         for shape in sorted(shapes - self._node_keys):
             try:
                 await self.ensure_node_key(*shape)
@@ -625,7 +293,7 @@ class Neo4jParticipant(Participant):
         broken = await self._ensure_keys(parsed)
         runnable: list[Parsed] = []
         for p in parsed:
-            shape = next((n.shape for t in p.targets() for n in _nodes_of(t) if n.shape in broken), None)
+            shape = next((n.shape for t in p.targets() for n in nodes_of(t) if n.shape in broken), None)
             if shape is None:
                 runnable.append(p)
             else:
@@ -679,8 +347,8 @@ class Neo4jParticipant(Participant):
         return records[0]["props"] if records else None
 
     async def read_relationship(self, rel_type: str, from_node: NodeRef, to_node: NodeRef) -> dict[str, Any] | None:
-        target = RelTarget(rel_type, _end(from_node), _end(to_node))
-        records = await self._read_query(read_query(target), _row(Effect("noop", target)))
+        target = RelTarget(rel_type, end_target(from_node), end_target(to_node))
+        records = await self._read_query(read_query(target), row_of(Effect("noop", target)))
         return records[0]["props"] if records else None
 
     async def _read_query(self, query: str, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -692,11 +360,7 @@ class Neo4jParticipant(Participant):
             raise classify(exc) from exc
 
 
-def _nodes_of(target: Target) -> list[NodeTarget]:
-    return [target] if isinstance(target, NodeTarget) else [target.start, target.end]
-
-
 async def _read_markers(tx: AsyncTransaction, parsed: Sequence[Parsed]) -> dict[str, Marker]:
     ids = sorted({i for p in parsed for i in (p.execute_id, p.compensate_id)})
-    record = await (await tx.run(_READ_MARKERS, ids=ids)).single(strict=True)
+    record = await (await tx.run(READ_MARKERS, ids=ids)).single(strict=True)
     return {step_id: Marker(before) for step_id, before in record["markers"]}
