@@ -13,7 +13,7 @@ import asyncio
 import importlib.metadata
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypedDict, TypeVar
 
@@ -129,6 +129,17 @@ THREAD_THRESHOLD_POINTS = 1000
 _UNAVAILABLE_MARKERS = ("WAL", "WouldBlock", "not initialized", "os error", "I/O", "Permission denied")
 
 
+def _point_data(records: Iterable[Any], with_vectors: bool) -> dict[str, PointData]:
+    """Retrieved records (Edge's or qdrant-client's: both have id, vector, payload) by canonical id."""
+    return {
+        canonical_id(r.id): {
+            "vector": dense_vector(r.vector) if with_vectors else [],
+            "payload": dict(r.payload or {}),
+        }
+        for r in records
+    }
+
+
 class EdgeBackend:
     """Qdrant Edge: one embedded shard (a directory with its own WAL) per collection under `root`.
 
@@ -227,13 +238,7 @@ class EdgeBackend:
         records = await self._call(
             collection, len(ids), shard.retrieve, [engine_id(i) for i in ids], True, with_vectors
         )
-        return {
-            canonical_id(r.id): {
-                "vector": dense_vector(r.vector) if with_vectors else [],
-                "payload": dict(r.payload or {}),
-            }
-            for r in records
-        }
+        return _point_data(records, with_vectors)
 
     async def upsert(self, collection: str, points: Mapping[str, PointData]) -> None:
         if not points:
@@ -368,13 +373,7 @@ class ClientBackend:
             f"retrieve from {collection}",
             lambda c: c.retrieve(collection, keys, with_payload=True, with_vectors=with_vectors),
         )
-        return {
-            canonical_id(r.id): {
-                "vector": dense_vector(r.vector) if with_vectors else [],
-                "payload": dict(r.payload or {}),
-            }
-            for r in records
-        }
+        return _point_data(records, with_vectors)
 
     async def upsert(self, collection: str, points: Mapping[str, PointData]) -> None:
         if not points:

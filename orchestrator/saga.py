@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
+from polycommit.errors import PolycommitError
 from polycommit.events import (
     Alert,
     ErrorInfo,
@@ -190,8 +191,6 @@ def problem_step(problem: ErrorInfo) -> int:
 
 
 def _validate(intent: TransactionIntent, policy: SagaPolicy) -> ErrorInfo | None:
-    from polycommit.errors import PolycommitError
-
     for i, step in enumerate(intent["steps"]):
         try:
             validate_operation(step["operation"], policy.max_payload_bytes)

@@ -248,12 +248,9 @@ async def run(argv: list[str], *, input_text: str | None = None, limit_s: float 
 
 
 async def wait_gone(pid: int, limit_s: float) -> bool:
-    deadline = time.monotonic() + limit_s
-    while pid_alive(pid):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
+    """Wait for the process to exit (its pidfd turns readable); pid_alive then reaps it if it was ours."""
+    await await_pid_exit(pid, limit_s)
+    return not pid_alive(pid)
 
 
 async def await_pid_exit(pid: int, timeout: float) -> bool:

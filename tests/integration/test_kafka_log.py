@@ -4,34 +4,11 @@ from __future__ import annotations
 
 import uuid
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
-from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
+from polycommit.bus import Outgoing, Publisher, make_consumer, read_topic, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
-
-
-async def _read_all(settings: Settings, topic: str, partition: int, group: str | None = None) -> list[object]:
-    """Every committed record now in the partition (read_committed), read to its end offset."""
-    reader = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap,
-        group_id=group,
-        isolation_level="read_committed",
-        enable_auto_commit=False,
-    )
-    await reader.start()
-    try:
-        tp = TopicPartition(topic, partition)
-        reader.assign([tp])
-        await reader.seek_to_beginning(tp)
-        end = (await reader.end_offsets([tp]))[tp]
-        records = []
-        while await reader.position(tp) < end:
-            batch = await reader.getmany(tp, timeout_ms=1000)
-            records.extend(batch.get(tp, []))
-        return records
-    finally:
-        await reader.stop()
 
 
 async def test_an_avro_event_is_produced_consumed_and_decoded(topics: Settings) -> None:
@@ -81,6 +58,7 @@ async def test_an_aborted_kafka_transaction_is_invisible_to_read_committed(topic
                 await producer.abort_transaction()
     finally:
         await producer.stop()
-    seen = {codec.decode_as(r.value, "Alert")["tx_id"] for r in await _read_all(topics, names.alerts, 0)}  # type: ignore[attr-defined]
+    seen: set[str] = set()
+    await read_topic(topics, names.alerts, lambda r: seen.add(codec.decode_as(r.value, "Alert")["tx_id"]), [0])
     assert committed in seen
     assert aborted not in seen

@@ -24,6 +24,7 @@ from polycommit.services import (
     SERVERS,
     STATUS_NAMES,
     ServerStatus,
+    await_pid_exit,
     data_path,
     pid_path,
     reset_servers,
@@ -134,29 +135,6 @@ def _gone(pid: int, started: str | None) -> bool:
     except (OSError, IndexError):
         return True
     return _start_time(pid) != started or state in ("Z", "X")
-
-
-async def _wait_exit(pid: int, deadline_s: float) -> None:
-    """Return once `pid` has exited (its pidfd turns readable), or when the deadline passes."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    loop = asyncio.get_running_loop()
-    exited: asyncio.Future[None] = loop.create_future()
-
-    def on_exit() -> None:
-        if not exited.done():
-            exited.set_result(None)
-
-    loop.add_reader(fd, on_exit)
-    try:
-        await asyncio.wait_for(exited, deadline_s)
-    except TimeoutError:
-        pass  # the caller's assertion reports it
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
 
 
 async def _run(argv: list[str], deadline_s: float) -> tuple[int, str, str]:
@@ -321,7 +299,7 @@ async def test_start_stop_reset_on_an_isolated_home(isolated: Settings, settings
 
     await stop_servers(home)
 
-    await asyncio.gather(*(_wait_exit(pid, EXIT_DEADLINE_S) for pid in pids.values()))
+    await asyncio.gather(*(await_pid_exit(pid, EXIT_DEADLINE_S) for pid in pids.values()))
     for name, pid in pids.items():
         assert _gone(pid, started[name]), f"{name} (pid {pid}) still runs after stop_servers"
         assert not pid_path(home, name).exists(), f"{name}: pid file left behind"
