@@ -1,10 +1,17 @@
 """Avro encoding of every polycommit event, tagged with its writer schema so old events stay readable.
 
-Each record is written in Avro's *single-object encoding*: the two marker bytes C3 01, the 8-byte
-CRC-64-AVRO fingerprint of the writer schema (little-endian), then the Avro body. A reader looks the
-fingerprint up among every schema version it knows (`schemas/*.avsc` for the current ones,
-`schemas/history/` for older writers) and resolves the body into the current version of that event type,
-so a consumer upgraded to a newer schema still reads what older producers wrote.
+Each record is written in Avro's *single-object encoding* exactly as the specification writes it: the two
+marker bytes C3 01, the 8-byte CRC-64-AVRO fingerprint of the writer schema's Parsing Canonical Form in
+little-endian order, then the Avro body; so any stock Avro library (Java's `BinaryMessageEncoder` and
+`BinaryMessageDecoder`, ...) reads and writes polycommit's events. A reader looks the fingerprint up among
+every schema version it knows (the self-contained files shipped in the package under `polycommit/schemas/`,
+generated from `schemas/` by `scripts/schemas`; older writers under `history/`) and resolves the body into
+the current version of that event type, so a consumer upgraded to a newer schema still reads what older
+producers wrote.
+
+Compatibility path: polycommit up to 0.1.0 wrote the fingerprint byte-reversed. Those records are still on
+the topics (and copied inside saga snapshots), so every writer is also registered under its reversed
+fingerprint (`legacy_reversed_fingerprint`); decoding them costs the same one dict lookup.
 """
 
 from __future__ import annotations
@@ -16,13 +23,14 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, cast
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
-from fastavro.schema import fingerprint, load_schema, to_parsing_canonical_form
+from fastavro.schema import to_parsing_canonical_form
 
-from polycommit.config import REPO_ROOT
 from polycommit.errors import (
     CorruptEventError,
     InvalidEventError,
@@ -32,6 +40,7 @@ from polycommit.errors import (
 
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
+PACKAGED_SCHEMAS = "schemas"  # the folder of package data inside `polycommit`
 
 # The top-level event types: each is published on its own topics. The other schema files are shared parts.
 EVENT_TYPES = (
@@ -48,14 +57,45 @@ EVENT_TYPES = (
 )
 
 
-def schema_dir() -> Path:
-    return Path(os.environ.get("POLYCOMMIT_SCHEMAS", str(REPO_ROOT / "schemas")))
+def schema_dir() -> Traversable:
+    """The shipped self-contained schemas (package data); POLYCOMMIT_SCHEMAS names another such folder."""
+    return _location(os.environ.get("POLYCOMMIT_SCHEMAS") or None)
+
+
+def _location(override: str | None) -> Traversable:
+    return Path(override) if override else files("polycommit") / PACKAGED_SCHEMAS
+
+
+def _crc64_table() -> tuple[int, ...]:
+    empty = 0xC15D213AA4D7A795
+    table = []
+    for byte in range(256):
+        fp = byte
+        for _ in range(8):
+            fp = (fp >> 1) ^ (empty & -(fp & 1))
+        table.append(fp)
+    return tuple(table)
+
+
+_CRC64_TABLE = _crc64_table()
+
+
+def crc64_avro(data: bytes) -> int:
+    """The 64-bit Rabin fingerprint the Avro specification calls CRC-64-AVRO."""
+    fp = 0xC15D213AA4D7A795
+    for byte in data:
+        fp = (fp >> 8) ^ _CRC64_TABLE[(fp ^ byte) & 0xFF]
+    return fp
 
 
 def _fingerprint(schema: Any) -> bytes:
-    hex_digest = fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO")
-    # The spec writes the 64-bit fingerprint little-endian; fastavro gives it as big-endian hex.
-    return struct.pack("<Q", int(hex_digest, 16))
+    """The 8 header bytes the specification prescribes: CRC-64-AVRO of the canonical form, little-endian."""
+    return struct.pack("<Q", crc64_avro(to_parsing_canonical_form(schema).encode("utf-8")))
+
+
+def legacy_reversed_fingerprint(schema: Any) -> bytes:
+    """The header bytes polycommit <= 0.1.0 wrote: the specification's 8 bytes in reverse order."""
+    return _fingerprint(schema)[::-1]
 
 
 @dataclass(frozen=True)
@@ -71,29 +111,52 @@ class Decoded:
     event_type: str
     record: dict[str, Any]
     writer_version: str
+    legacy_byte_order: bool = False  # framed by polycommit <= 0.1.0 (fingerprint reversed)
+
+
+def _history_entries(directory: Traversable) -> list[tuple[str, str, Traversable]]:
+    """(event type, version, file) of each `history/polycommit.<Type>.v<N>.avsc`, in name order."""
+    history = directory / "history"
+    if not history.is_dir():
+        return []
+    entries = []
+    for entry in sorted(history.iterdir(), key=lambda e: e.name):
+        stem = entry.name.removeprefix("polycommit.").removesuffix(".avsc")
+        if entry.name.startswith("polycommit.") and entry.name.endswith(".avsc") and ".v" in stem:
+            event_type, version = stem.rsplit(".v", 1)
+            entries.append((event_type, version, entry))
+    return entries
 
 
 class SchemaRegistry:
-    """Every schema version on disk, by event type (current) and by fingerprint (all writers)."""
+    """Every shipped schema version, by event type (current) and by fingerprint (all writers).
 
-    def __init__(self, directory: Path) -> None:
+    `writers` holds each version once, under the specification's fingerprint; `readable` is what `decode`
+    looks headers up in: the same writers under both byte orders (the legacy compatibility path).
+    """
+
+    def __init__(self, directory: Traversable) -> None:
         self.current: dict[str, WriterSchema] = {}
         self.writers: dict[bytes, WriterSchema] = {}
         for name in EVENT_TYPES:
-            path = directory / f"polycommit.{name}.avsc"
-            parsed = load_schema(str(path))
-            version = str(parsed.get("version", "1")) if isinstance(parsed, dict) else "1"
-            schema = WriterSchema(name, version, parsed, _fingerprint(parsed))
+            raw = json.loads((directory / f"polycommit.{name}.avsc").read_text(encoding="utf-8"))
+            schema = self._writer(name, str(raw.get("version", "1")), raw)
             self.current[name] = schema
             self.writers[schema.fingerprint] = schema
-        for path in sorted((directory / "history").glob("polycommit.*.v*.avsc")):
-            # History files hold an older writer schema in parsing canonical form (self-contained).
-            event_type, version = path.name.removeprefix("polycommit.").removesuffix(".avsc").rsplit(".v", 1)
-            if event_type not in self.current:
-                continue
-            parsed = parse_schema(json.loads(path.read_text()))
-            schema = WriterSchema(event_type, version, parsed, _fingerprint(parsed))
-            self.writers.setdefault(schema.fingerprint, schema)
+        for event_type, version, entry in _history_entries(directory):
+            if event_type in self.current:
+                schema = self._writer(event_type, version, json.loads(entry.read_text(encoding="utf-8")))
+                self.writers.setdefault(schema.fingerprint, schema)
+        self.readable: dict[bytes, WriterSchema] = dict(self.writers)
+        for schema in self.writers.values():
+            # setdefault: were a reversed fingerprint ever equal to another writer's real one, the
+            # specification's order wins (new records must never be misread).
+            self.readable.setdefault(schema.fingerprint[::-1], schema)
+
+    @staticmethod
+    def _writer(event_type: str, version: str, raw: Any) -> WriterSchema:
+        parsed = parse_schema(raw)
+        return WriterSchema(event_type, version, parsed, _fingerprint(parsed))
 
 
 class EventCodec:
@@ -119,14 +182,15 @@ class EventCodec:
     def decode(self, data: bytes | None) -> Decoded:
         if data is None or len(data) < HEADER_SIZE or data[:2] != MAGIC:
             raise CorruptEventError("not a polycommit event: missing single-object header")
-        writer = self.registry.writers.get(bytes(data[2:HEADER_SIZE]))
+        header = bytes(data[2:HEADER_SIZE])
+        writer = self.registry.readable.get(header)
         if writer is None:
-            raise UnknownSchemaError(f"unknown writer schema fingerprint {bytes(data[2:HEADER_SIZE]).hex()}")
+            raise UnknownSchemaError(f"unknown writer schema fingerprint {header.hex()}")
         reader = self.registry.current[writer.event_type]
         body = io.BytesIO(data)
         body.seek(HEADER_SIZE)
         try:
-            if reader.fingerprint == writer.fingerprint:
+            if reader is writer:
                 record = schemaless_reader(body, writer.parsed, None)
             else:
                 record = schemaless_reader(body, writer.parsed, reader.parsed)
@@ -134,7 +198,8 @@ class EventCodec:
             raise CorruptEventError(f"corrupt {writer.event_type} body: {type(exc).__name__}: {exc}") from exc
         if body.tell() != len(data):
             raise CorruptEventError(f"{len(data) - body.tell()} trailing bytes after a {writer.event_type}")
-        return Decoded(writer.event_type, cast(dict[str, Any], record), writer.version)
+        legacy = header != writer.fingerprint
+        return Decoded(writer.event_type, cast(dict[str, Any], record), writer.version, legacy)
 
     def decode_as(self, data: bytes | None, *expected: str) -> dict[str, Any]:
         decoded = self.decode(data)
@@ -144,9 +209,10 @@ class EventCodec:
 
 
 @lru_cache(maxsize=4)
-def _codec_for(directory: str) -> EventCodec:
-    return EventCodec(SchemaRegistry(Path(directory)))
+def _codec_for(override: str | None) -> EventCodec:
+    return EventCodec(SchemaRegistry(_location(override)))
 
 
 def default_codec() -> EventCodec:
-    return _codec_for(str(schema_dir()))
+    """The codec of the shipped schemas (or of the folder POLYCOMMIT_SCHEMAS names), built once."""
+    return _codec_for(os.environ.get("POLYCOMMIT_SCHEMAS") or None)
