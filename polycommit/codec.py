@@ -66,13 +66,15 @@ def _location(override: str | None) -> Traversable:
     return Path(override) if override else files("polycommit") / PACKAGED_SCHEMAS
 
 
+_CRC64_EMPTY = 0xC15D213AA4D7A795  # the specification's fingerprint of the empty string
+
+
 def _crc64_table() -> tuple[int, ...]:
-    empty = 0xC15D213AA4D7A795
     table = []
     for byte in range(256):
         fp = byte
         for _ in range(8):
-            fp = (fp >> 1) ^ (empty & -(fp & 1))
+            fp = (fp >> 1) ^ (_CRC64_EMPTY & -(fp & 1))
         table.append(fp)
     return tuple(table)
 
@@ -82,7 +84,7 @@ _CRC64_TABLE = _crc64_table()
 
 def crc64_avro(data: bytes) -> int:
     """The 64-bit Rabin fingerprint the Avro specification calls CRC-64-AVRO."""
-    fp = 0xC15D213AA4D7A795
+    fp = _CRC64_EMPTY
     for byte in data:
         fp = (fp >> 8) ^ _CRC64_TABLE[(fp ^ byte) & 0xFF]
     return fp
@@ -149,6 +151,7 @@ class SchemaRegistry:
                 self.writers.setdefault(schema.fingerprint, schema)
         self.readable: dict[bytes, WriterSchema] = dict(self.writers)
         for schema in self.writers.values():
+            # The compatibility path: records framed by polycommit <= 0.1.0 (legacy_reversed_fingerprint).
             # setdefault: were a reversed fingerprint ever equal to another writer's real one, the
             # specification's order wins (new records must never be misread).
             self.readable.setdefault(schema.fingerprint[::-1], schema)
