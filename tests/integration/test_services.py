@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from polycommit.config import Settings, load_settings
-from polycommit.services import (
+from polycommit.tooling.services import (
     SERVERS,
     STATUS_NAMES,
     ServerStatus,

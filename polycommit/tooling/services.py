@@ -8,7 +8,7 @@ request that lists a live broker, a Neo4j query), polled until a deadline; a ser
 Fault tests use `kill_server` and `start_servers(settings, [name])` to crash and restart one server.
 
 This module is the lifecycle and the `scripts/services` command line; what is particular to one server
-lives in `polycommit.servers.<name>`, the process plumbing they share in `polycommit.servers.process`.
+lives in `polycommit.tooling.servers.<name>`, the process plumbing they share in `polycommit.tooling.servers.process`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import time
 from collections.abc import Sequence
 
 from polycommit.config import Settings, load_settings
-from polycommit.servers import kafka, neo4j, postgres, qdrant
-from polycommit.servers.kafka import KAFKA_MAIN, kafka_version
-from polycommit.servers.neo4j import NEO4J_MAIN
-from polycommit.servers.process import (
+from polycommit.tooling.servers import kafka, neo4j, postgres, qdrant
+from polycommit.tooling.servers.kafka import KAFKA_MAIN, kafka_version
+from polycommit.tooling.servers.neo4j import NEO4J_MAIN
+from polycommit.tooling.servers.process import (
     LOG_TAIL_LINES,
     POLL_INTERVAL_S,
     PROBE_TIMEOUT_S,

@@ -9,7 +9,7 @@ import os
 from urllib.parse import urlsplit
 
 from polycommit.config import Settings
-from polycommit.servers.process import (
+from polycommit.tooling.servers.process import (
     ProbeFailed,
     Server,
     ServerStartError,

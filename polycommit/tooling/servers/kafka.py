@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 from polycommit.config import Settings
-from polycommit.servers.process import (
+from polycommit.tooling.servers.process import (
     ProbeFailed,
     Server,
     ServerStartError,
@@ -49,7 +49,7 @@ def _kafka_properties(settings: Settings, log_dirs: Path) -> str:
     max_bytes = 4 * 1024 * 1024 + 64 * 1024
     return "\n".join(
         [
-            "# Written by polycommit/servers/kafka.py at every start; edit there, not here.",
+            "# Written by polycommit/tooling/servers/kafka.py at every start; edit there, not here.",
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{controller}",
@@ -93,7 +93,7 @@ def _kafka_properties(settings: Settings, log_dirs: Path) -> str:
 
 
 _KAFKA_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
-<!-- Written by polycommit/servers/kafka.py: everything to stdout, which the launcher sends to kafka.log. -->
+<!-- Written by polycommit/tooling/servers/kafka.py: everything to stdout, which the launcher sends to kafka.log. -->
 <Configuration status="WARN">
   <Appenders>
     <Console name="STDOUT" target="SYSTEM_OUT">

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from polycommit.config import Settings
-from polycommit.servers.process import (
+from polycommit.tooling.servers.process import (
     STOP_GRACE_S,
     ProbeFailed,
     Server,
@@ -94,7 +94,7 @@ def _ensure_traversable_by_postgres(path: Path) -> None:
 def _pg_conf(settings: Settings, sockets: Path) -> str:
     return "\n".join(
         [
-            "# Written by polycommit/servers/postgres.py at every start; edit there, not here.",
+            "# Written by polycommit/tooling/servers/postgres.py at every start; edit there, not here.",
             "listen_addresses = '127.0.0.1'",
             f"port = {settings.postgres.port}",
             f"unix_socket_directories = '{sockets}'",
@@ -203,8 +203,9 @@ async def _pg_initdb(settings: Settings, pgdata: Path) -> None:
         handle.write("\ninclude_if_exists = 'polycommit.conf'\n")
 
 
-async def start(settings: Settings, deadline_s: float) -> str:
-    deadline = time.monotonic() + deadline_s
+async def _prepare_cluster(settings: Settings) -> bool:
+    """The data dir, socket dir and log, owned by the server's OS user; a new cluster if there is none.
+    Returns whether the cluster is new (its role and database are then still to be provisioned)."""
     pgdata = data_path(settings, "postgres")
     log = log_path(settings, "postgres")
     sockets = socket_dir(settings)
@@ -221,7 +222,12 @@ async def start(settings: Settings, deadline_s: float) -> str:
     conf = pgdata / "polycommit.conf"
     conf.write_text(_pg_conf(settings, sockets))
     _own_for_postgres(conf, 0o600)
+    return fresh
 
+
+async def _pg_ctl_start(settings: Settings, deadline: float) -> None:
+    pgdata = data_path(settings, "postgres")
+    log = log_path(settings, "postgres")
     pg_ctl = _pg_tool("pg_ctl")
     while server_pid(settings) is None:
         remaining = deadline - time.monotonic()
@@ -236,6 +242,13 @@ async def start(settings: Settings, deadline_s: float) -> str:
         if time.monotonic() + 0.5 >= deadline:
             raise ServerStartError("postgres", f"pg_ctl start failed: {out.strip()}", log, log_tail(log))
         await asyncio.sleep(0.5)
+
+
+async def start(settings: Settings, deadline_s: float) -> str:
+    deadline = time.monotonic() + deadline_s
+    sockets = socket_dir(settings)
+    fresh = await _prepare_cluster(settings)
+    await _pg_ctl_start(settings, deadline)
 
     provisioned = False
     if fresh:
