@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from polycommit.config import Settings
+from polycommit.tooling.servers.private import private_dir
 from polycommit.tooling.servers.process import (
     ProbeFailed,
     Server,
@@ -148,7 +149,7 @@ async def start(settings: Settings, deadline_s: float) -> str:
         raise ServerStartError("kafka", f"no Kafka jars in {libs}: run scripts/setup", log)
     home = data_path(settings, "kafka")
     log_dirs = home / "kraft"
-    log_dirs.mkdir(parents=True, exist_ok=True)
+    private_dir(log_dirs, settings.home)  # the log holds every event: intents and before-images
     props = home / "server.properties"
     props.write_text(_kafka_properties(settings, log_dirs))
     log4j = home / "log4j2.xml"
