@@ -19,18 +19,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
-from aiokafka.producer import sender as aiokafka_sender
 
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.events import STORES
-
-# After a Kafka transaction commits, the broker spends a few milliseconds writing its markers; the next
-# transaction's first request meanwhile gets CONCURRENT_TRANSACTIONS and aiokafka waits a fixed 20 ms
-# before retrying. The coordinator commits one transaction per loop, back to back, so that wait was most
-# of each loop (measured: 27 ms per transaction with 20 ms, 8 ms with 2 ms). 2 ms costs a few more
-# retries and nothing else.
-aiokafka_sender.BACKOFF_OVERRIDE = 0.002
 
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # the broker's message.max.bytes; bigger intents are refused at the producer
 

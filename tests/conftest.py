@@ -15,12 +15,17 @@ from pathlib import Path
 import pytest
 
 from polycommit.config import Settings, load_settings
+from polycommit.tooling import kafka_tuning
 
 _STOP_CONTAINERS = pytest.StashKey[Callable[[], None]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """POLYCOMMIT_TESTCONTAINERS=1: run the servers in containers (tests/containers.py) before any fixture."""
+    # The clients the tests start in this process run with the tuning polycommit's processes use (it
+    # only shortens a retry backoff, so tests run faster; tests/unit/test_library_imports.py checks the
+    # library alone leaves aiokafka untouched, in a fresh interpreter).
+    kafka_tuning.apply()
     from containers import ContainersError, start_if_requested  # tests/ is on sys.path (no __init__.py)
 
     try:

@@ -3,12 +3,12 @@
 `POLYCOMMIT_TESTCONTAINERS=1 pytest ...` makes tests/conftest.py call `start_if_requested()` from
 `pytest_configure`, before any fixture loads the settings. It starts PostgreSQL 15, Kafka 4 (KRaft, one
 node), Neo4j 5.26 and Qdrant in containers, each port published on 127.0.0.1 only (on a port Docker picks),
-waits until each one answers a real request (the probes of polycommit/services.py), and exports the
+waits until each one answers a real request (the probes of polycommit/tooling/services.py), and exports the
 variables polycommit/config.py reads (POLYCOMMIT_PG_*, POLYCOMMIT_KAFKA_BOOTSTRAP, POLYCOMMIT_NEO4J_*,
 QDRANT_URL), so `load_settings()` points at the containers. The returned stopper removes the containers
 and restores those variables; testcontainers' reaper removes them too if the test process dies.
 
-The server settings mirror docker-compose.yml and polycommit/services.py. Images can be overridden with
+The server settings mirror docker-compose.yml and polycommit/tooling/services.py. Images can be overridden with
 POLYCOMMIT_POSTGRES_IMAGE, POLYCOMMIT_KAFKA_IMAGE, POLYCOMMIT_NEO4J_IMAGE and POLYCOMMIT_QDRANT_IMAGE.
 With the switch unset this module does nothing and imports nothing beyond the standard library.
 """
@@ -62,7 +62,7 @@ _KAFKA_BROKER_PORT = 9094
 _KAFKA_ADVERTISED_FILE = "/tmp/polycommit-advertised-listeners"
 _MAX_MESSAGE_BYTES = str(4 * 1024 * 1024 + 64 * 1024)
 
-# Same broker settings as _kafka_properties in polycommit/services.py. Clients use PLAINTEXT, advertised
+# Same broker settings as _kafka_properties in polycommit/tooling/services.py. Clients use PLAINTEXT, advertised
 # with the host port Docker picked (known only once the container exists, hence the file the start
 # command waits for); the broker talks to itself (transaction markers) over BROKER inside the container.
 _KAFKA_ENV: dict[str, str] = {
@@ -257,13 +257,13 @@ def _start() -> Callable[[], None]:
 
 
 async def _wait_all_ready(settings: Settings, containers: dict[str, DockerContainer]) -> None:
-    """Each server answers a real request (polycommit.services' probes) by its deadline, or ContainersError."""
+    """Each server answers a real request (polycommit.tooling.services' probes) by its deadline, or ContainersError."""
     import asyncio
     import logging
     import time
 
-    from polycommit.servers.process import wait_until_ready
-    from polycommit.services import ServicesError, wait_ready
+    from polycommit.tooling.servers.process import wait_until_ready
+    from polycommit.tooling.services import ServicesError, wait_ready
 
     # The probes hit ports that do not answer yet; the client libraries would log every refusal.
     for noisy in ("aiokafka", "neo4j"):

@@ -1,9 +1,9 @@
 """Crash every process at every named failpoint, and the broker mid-run; the checker judges the stores.
 
-The coordinator and the three store consumers run as subprocesses (`polycommit.processes.Cluster`). One of
+The coordinator and the three store consumers run as subprocesses (`polycommit.tooling.processes.Cluster`). One of
 them is armed with `POLYCOMMIT_FAILPOINT`, which SIGKILLs it between two protocol steps; the test waits
 for that death (exit by SIGKILL), starts the process again without the failpoint, waits for every
-result, stops everything cleanly, and runs `polycommit.checker`: every transaction must have completed,
+result, stops everything cleanly, and runs `polycommit.tooling.checker`: every transaction must have completed,
 with its markers and its data in all three stores, and nothing may be applied twice or left behind.
 
 Nothing here sleeps: every wait is for an event (a ready line, an exit, a result) under a deadline.
@@ -24,10 +24,13 @@ import pytest
 from neo4j import AsyncGraphDatabase
 
 from polycommit import operations as ops
-from polycommit.bench import LABEL, TABLE, prepare, writes
 from polycommit.bus import create_topics, delete_topics
-from polycommit.chaos import kill_broker, run_settings, saga_of
-from polycommit.checker import (
+from polycommit.client import Coordinator, Saga, TransactionResult
+from polycommit.config import Settings
+from polycommit.failpoints import FAILPOINTS
+from polycommit.tooling.bench import LABEL, TABLE, prepare, writes
+from polycommit.tooling.chaos import kill_broker, run_settings, saga_of
+from polycommit.tooling.checker import (
     COMPENSATED_IN_COMPLETED,
     CONFLICTING,
     EFFECT_MISSING,
@@ -39,10 +42,7 @@ from polycommit.checker import (
     History,
     check,
 )
-from polycommit.client import Coordinator, Saga, TransactionResult
-from polycommit.config import Settings
-from polycommit.failpoints import FAILPOINTS
-from polycommit.processes import Cluster
+from polycommit.tooling.processes import Cluster
 
 pytestmark = pytest.mark.servers
 

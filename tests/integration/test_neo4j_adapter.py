@@ -19,10 +19,10 @@ from neo4j.exceptions import Neo4jError
 
 from consumers.neo4j import MARKER_LABEL, Neo4jParticipant, classify
 from polycommit import operations as ops
-from polycommit import services as svc
 from polycommit.config import Settings, load_settings
 from polycommit.errors import StoreError, StoreUnavailableError
 from polycommit.events import Operation, StepAction, StepOutcome, StoreCommand, store_command
+from polycommit.tooling import services as svc
 
 pytestmark = pytest.mark.servers
 

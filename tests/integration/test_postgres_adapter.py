@@ -121,7 +121,7 @@ async def test_a_serialization_failure_is_retriable(pg: PostgresParticipant) -> 
 
 
 async def test_a_prepared_transaction_survives_a_postgres_restart(settings: Settings) -> None:
-    from polycommit.services import start_servers, stop_servers
+    from polycommit.tooling.services import start_servers, stop_servers
 
     gid, k = f"pc-test-{uuid.uuid4().hex}", uuid.uuid4().hex
     conn = await asyncpg.connect(settings.postgres.dsn)

@@ -7,12 +7,12 @@ import uuid
 
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
-from polycommit import workload
 from polycommit.client import Coordinator, Saga
 from polycommit.config import Settings
-from polycommit.inspect import transactions_in_flight
-from polycommit.recovery import recover
-from polycommit.runtime import Runtime
+from polycommit.tooling import workload
+from polycommit.tooling.inspect import transactions_in_flight
+from polycommit.tooling.recovery import recover
+from polycommit.tooling.runtime import Runtime
 
 
 async def test_recover_finishes_every_transaction_left_in_flight(topics: Settings) -> None:

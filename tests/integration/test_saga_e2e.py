@@ -20,14 +20,14 @@ from aiokafka import AIOKafkaConsumer
 from consumers.worker import StoreWorker
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
-from polycommit import workload
 from polycommit.bus import Outgoing, Publisher, read_topic, topic_partitions, topics_for
 from polycommit.client import Coordinator, Saga
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
-from polycommit.inspect import transactions_in_flight
-from polycommit.runtime import Runtime, participant_for
+from polycommit.tooling import workload
+from polycommit.tooling.inspect import transactions_in_flight
+from polycommit.tooling.runtime import Runtime, participant_for
 
 POLICY = SagaPolicy(default_timeout_ms=5000, backoff_base_ms=100, backoff_max_ms=1000, compensation_retries=3)
 pytestmark = pytest.mark.servers
@@ -180,7 +180,7 @@ async def test_a_compensation_that_always_fails_ends_stuck_and_is_listed(runtime
     # What an operator sees: `polycommit status --json` lists it, and exits 1 while anything is stuck.
     env = {**os.environ, "POLYCOMMIT_TOPIC_PREFIX": runtime.settings.topic_prefix}
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "polycommit.cli", "status", "--json", env=env, stdout=asyncio.subprocess.PIPE
+        sys.executable, "-m", "polycommit.tooling.cli", "status", "--json", env=env, stdout=asyncio.subprocess.PIPE
     )
     stdout, _ = await asyncio.wait_for(cli.communicate(), 60)
     assert cli.returncode == 1

@@ -9,10 +9,14 @@ events with deadlines (a pidfd for a process's exit, a subprocess's end), never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import pwd
 import socket
+import stat
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,7 +24,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from polycommit.config import Settings, load_settings
-from polycommit.services import (
+from polycommit.tooling.servers import postgres_cluster
+from polycommit.tooling.services import (
     SERVERS,
     STATUS_NAMES,
     ServerStatus,
@@ -280,6 +285,7 @@ async def test_start_stop_reset_on_an_isolated_home(isolated: Settings, settings
     assert home.kafka.bootstrap != settings.kafka.bootstrap
     assert home.kafka.controller_port != settings.kafka.controller_port
     assert _pid_files(home) == dict.fromkeys(SERVERS), "the isolated home is not fresh"
+    outside = _modes_outside(home)
 
     statuses = await start_servers(home, ["postgres", "kafka"])
 
@@ -289,8 +295,11 @@ async def test_start_stop_reset_on_an_isolated_home(isolated: Settings, settings
         assert status.version and status.pid is not None, f"{name}: {status}"
     assert statuses["postgres"].address == home.postgres.address
     assert statuses["kafka"].address == home.kafka.bootstrap
-    assert (data_path(home, "postgres") / "PG_VERSION").is_file()
+    cluster = postgres_cluster.locate(home)
+    assert (cluster.data / "PG_VERSION").is_file()
     assert (data_path(home, "kafka") / "kraft" / "meta.properties").is_file()
+    _assert_private(home, cluster)
+    assert _modes_outside(home) == outside, "starting changed the mode of a folder outside polycommit's own"
     pids = {name: _pid(status) for name, status in statuses.items()}
     started = {name: _start_time(pid) for name, pid in pids.items()}
     kafka_port = int(home.kafka.bootstrap.rsplit(":", 1)[1])
@@ -304,6 +313,8 @@ async def test_start_stop_reset_on_an_isolated_home(isolated: Settings, settings
         assert _gone(pid, started[name]), f"{name} (pid {pid}) still runs after stop_servers"
         assert not pid_path(home, name).exists(), f"{name}: pid file left behind"
     assert home.data_dir.is_dir(), "stop must keep the data"
+    assert postgres_cluster.locate(home) == cluster, "stop must find the cluster where start recorded it"
+    assert (cluster.data / "PG_VERSION").is_file(), "stop must keep the cluster"
 
     secrets = home.home / "secrets.env"
     kept = secrets.read_bytes()
@@ -312,6 +323,36 @@ async def test_start_stop_reset_on_an_isolated_home(isolated: Settings, settings
     assert not home.data_dir.exists(), "reset must delete the data"
     assert not home.log_dir.exists() and not home.run_dir.exists(), "reset must delete the logs and pids"
     assert secrets.read_bytes() == kept, "reset must keep secrets.env"
+    for folder in (cluster.root, cluster.data, cluster.sockets):
+        assert folder is None or not folder.exists(), f"reset left the PostgreSQL cluster's {folder}"
+    assert _modes_outside(home) == outside, "the lifecycle changed the mode of a folder outside polycommit's own"
+
+
+def _modes_outside(settings: Settings) -> dict[str, int]:
+    """The modes of the folders around the home that no tool of ours may change: `/`, every parent of the
+    home, the temp dir and the PostgreSQL OS user's home (where the cluster goes when we are root)."""
+    folders = {Path("/"), *settings.home.parents, Path(tempfile.gettempdir())}
+    with contextlib.suppress(KeyError):
+        folders.add(Path(pwd.getpwnam("postgres").pw_dir))
+    return {str(f): stat.S_IMODE(f.stat().st_mode) for f in sorted(folders) if f.exists()}
+
+
+def _assert_private(settings: Settings, cluster: postgres_cluster.ClusterPaths) -> None:
+    """Every folder that holds user data or logs is 0700; the cluster's belong to the server's OS user."""
+    kafka_logs = data_path(settings, "kafka") / "kraft"
+    for folder in (settings.home, settings.data_dir, settings.log_dir, settings.run_dir, kafka_logs, cluster.data):
+        mode = stat.S_IMODE(folder.stat().st_mode)
+        assert mode == 0o700, f"{folder} has mode {mode:o}, not 700"
+    assert stat.S_IMODE(cluster.log.stat().st_mode) & 0o077 == 0, f"{cluster.log} is readable by others"
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam("postgres").pw_uid
+        assert cluster.root is not None, "as root, the cluster lives in the postgres user's folder"
+        assert settings.home not in cluster.root.parents, "as root, the cluster must not need a path into the home"
+        for folder in (cluster.root, cluster.data, cluster.sockets):
+            st = folder.stat()
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (owner, 0o700), (
+                f"{folder}: uid {st.st_uid} mode {st.st_mode:o}"
+            )
 
 
 def _pid_files(settings: Settings) -> dict[str, str | None]:

@@ -1,13 +1,15 @@
 """The local PostgreSQL server: its cluster, configuration, role and database, start, probe and stop.
 
-PostgreSQL runs through its own tools (initdb, pg_ctl, psql), as the postgres OS user when we are root.
-Its pid is the postmaster's, read from the cluster's `postmaster.pid`; readiness is a real query.
+PostgreSQL runs through its own tools (initdb, pg_ctl, psql), as the postgres OS user when we are root;
+where its cluster lives (that user's directory, not the home) is `postgres_cluster`'s to decide. Its pid
+is the postmaster's, read from the cluster's `postmaster.pid`; readiness is a real query.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import getpass
 import hashlib
 import hmac
@@ -15,20 +17,17 @@ import os
 import pwd
 import shutil
 import signal
-import stat
-import tempfile
 import time
 from pathlib import Path
 
 from polycommit.config import Settings
-from polycommit.servers.process import (
+from polycommit.tooling.servers import postgres_cluster as cluster
+from polycommit.tooling.servers.process import (
     STOP_GRACE_S,
     ProbeFailed,
     Server,
     ServerStartError,
     ServicesError,
-    data_path,
-    log_path,
     log_tail,
     pid_alive,
     pid_path,
@@ -63,38 +62,10 @@ def _as_pg_user(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
 
-def socket_dir(settings: Settings) -> Path:
-    """Unix socket paths are limited to ~107 bytes; a deep POLYCOMMIT_HOME falls back to /tmp."""
-    preferred = settings.run_dir / "postgres"
-    if len(str(preferred / f".s.PGSQL.{settings.postgres.port}.lock")) <= 100:
-        return preferred
-    digest = hashlib.sha256(str(settings.home).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"polycommit-pg-{digest}"
-
-
-def _own_for_postgres(path: Path, mode: int) -> None:
-    if os.geteuid() == 0:
-        entry = pwd.getpwnam("postgres")
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-    path.chmod(mode)
-
-
-def _ensure_traversable_by_postgres(path: Path) -> None:
-    """The postgres OS user must reach its data dir and log through every ancestor folder."""
-    if os.geteuid() != 0:
-        return
-    uid = pwd.getpwnam("postgres").pw_uid
-    for ancestor in reversed(path.parents):
-        st = ancestor.stat()
-        if st.st_uid == uid or st.st_mode & stat.S_IXOTH:
-            continue
-        ancestor.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
-
-
 def _pg_conf(settings: Settings, sockets: Path) -> str:
     return "\n".join(
         [
-            "# Written by polycommit/servers/postgres.py at every start; edit there, not here.",
+            "# Written by polycommit/tooling/servers/postgres.py at every start; edit there, not here.",
             "listen_addresses = '127.0.0.1'",
             f"port = {settings.postgres.port}",
             f"unix_socket_directories = '{sockets}'",
@@ -183,12 +154,11 @@ async def probe(settings: Settings, budget_s: float) -> str:
 
 def server_pid(settings: Settings) -> int | None:
     """The live postmaster's pid, from the cluster's own `postmaster.pid`."""
-    pid = read_pid(data_path(settings, "postgres") / "postmaster.pid")
+    pid = read_pid(cluster.locate(settings).data / "postmaster.pid")
     return pid if pid is not None and pid_alive(pid) else None
 
 
-async def _pg_initdb(settings: Settings, pgdata: Path) -> None:
-    log = log_path(settings, "postgres")
+async def _pg_initdb(pgdata: Path, log: Path) -> None:
     if await asyncio.to_thread(lambda: any(pgdata.iterdir())):
         raise ServerStartError("postgres", f"{pgdata} is not empty but holds no cluster; run reset", log)
     auth = ["--auth-local=peer", "--auth-host=scram-sha-256"]
@@ -203,25 +173,28 @@ async def _pg_initdb(settings: Settings, pgdata: Path) -> None:
         handle.write("\ninclude_if_exists = 'polycommit.conf'\n")
 
 
-async def start(settings: Settings, deadline_s: float) -> str:
-    deadline = time.monotonic() + deadline_s
-    pgdata = data_path(settings, "postgres")
-    log = log_path(settings, "postgres")
-    sockets = socket_dir(settings)
-    for folder in (pgdata, sockets):
-        folder.mkdir(parents=True, exist_ok=True)
-        _own_for_postgres(folder, 0o700)
-    log.touch(exist_ok=True)
-    _own_for_postgres(log, 0o640)
-    _ensure_traversable_by_postgres(pgdata)
-    _ensure_traversable_by_postgres(log)
-    fresh = not (pgdata / "PG_VERSION").exists()
+async def _prepare_cluster(settings: Settings) -> tuple[cluster.ClusterPaths, bool]:
+    """The cluster's folders (see `postgres_cluster`) and configuration; a new cluster if there is none.
+    Returns its paths and whether it is new (its role and database are then still to be provisioned)."""
+    paths = await asyncio.to_thread(cluster.prepare, settings)
+    fresh = not (paths.data / "PG_VERSION").exists()
     if fresh:
-        await _pg_initdb(settings, pgdata)
-    conf = pgdata / "polycommit.conf"
-    conf.write_text(_pg_conf(settings, sockets))
+        await _pg_initdb(paths.data, paths.log)
+    conf = paths.data / "polycommit.conf"
+    conf.write_text(_pg_conf(settings, paths.sockets))
     _own_for_postgres(conf, 0o600)
+    return paths, fresh
 
+
+def _own_for_postgres(path: Path, mode: int) -> None:
+    if cluster.as_server_user():
+        entry = pwd.getpwnam(cluster.SERVER_USER)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    path.chmod(mode)
+
+
+async def _pg_ctl_start(settings: Settings, paths: cluster.ClusterPaths, deadline: float) -> None:
+    pgdata, log = paths.data, paths.log
     pg_ctl = _pg_tool("pg_ctl")
     while server_pid(settings) is None:
         remaining = deadline - time.monotonic()
@@ -236,6 +209,13 @@ async def start(settings: Settings, deadline_s: float) -> str:
         if time.monotonic() + 0.5 >= deadline:
             raise ServerStartError("postgres", f"pg_ctl start failed: {out.strip()}", log, log_tail(log))
         await asyncio.sleep(0.5)
+
+
+async def start(settings: Settings, deadline_s: float) -> str:
+    deadline = time.monotonic() + deadline_s
+    paths, fresh = await _prepare_cluster(settings)
+    sockets = paths.sockets
+    await _pg_ctl_start(settings, paths, deadline)
 
     provisioned = False
     if fresh:
@@ -270,17 +250,17 @@ async def start(settings: Settings, deadline_s: float) -> str:
 
 
 async def stop(settings: Settings) -> None:
-    pgdata = data_path(settings, "postgres")
+    """A fast shutdown (SIGINT to the postmaster, which is what `pg_ctl stop -m fast` sends), by pid: it
+    needs no path to the cluster, so it also stops a cluster whose folders its OS user can no longer
+    reach. SIGKILL after the grace period."""
     pid = server_pid(settings)
     if pid is not None:
-        argv = _as_pg_user(
-            [_pg_tool("pg_ctl"), "stop", "-D", str(pgdata), "-m", "fast", "-w", "-t", str(int(STOP_GRACE_S))]
-        )
-        code, out = await run(argv, limit_s=STOP_GRACE_S + 10)
-        if code != 0 and pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+        if not await wait_gone(pid, STOP_GRACE_S) and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
             if not await wait_gone(pid, 10):
-                raise ServicesError(f"postgres: pid {pid} survived SIGKILL ({out.strip()})")
+                raise ServicesError(f"postgres: pid {pid} survived SIGKILL")
     pid_path(settings, "postgres").unlink(missing_ok=True)
 
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from polycommit.config import Settings
-from polycommit.servers.process import PROBE_TIMEOUT_S, ServerStatus
+from polycommit.tooling.servers.process import PROBE_TIMEOUT_S, ServerStatus
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -11,7 +11,8 @@ import uuid
 from pathlib import Path
 
 from polycommit.config import Settings
-from polycommit.servers.process import (
+from polycommit.tooling.servers.private import private_dir
+from polycommit.tooling.servers.process import (
     ProbeFailed,
     Server,
     ServerStartError,
@@ -49,7 +50,7 @@ def _kafka_properties(settings: Settings, log_dirs: Path) -> str:
     max_bytes = 4 * 1024 * 1024 + 64 * 1024
     return "\n".join(
         [
-            "# Written by polycommit/servers/kafka.py at every start; edit there, not here.",
+            "# Written by polycommit/tooling/servers/kafka.py at every start; edit there, not here.",
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{controller}",
@@ -93,7 +94,7 @@ def _kafka_properties(settings: Settings, log_dirs: Path) -> str:
 
 
 _KAFKA_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
-<!-- Written by polycommit/servers/kafka.py: everything to stdout, which the launcher sends to kafka.log. -->
+<!-- Written by polycommit/tooling/servers/kafka.py: everything to stdout, which the launcher sends to kafka.log. -->
 <Configuration status="WARN">
   <Appenders>
     <Console name="STDOUT" target="SYSTEM_OUT">
@@ -148,7 +149,7 @@ async def start(settings: Settings, deadline_s: float) -> str:
         raise ServerStartError("kafka", f"no Kafka jars in {libs}: run scripts/setup", log)
     home = data_path(settings, "kafka")
     log_dirs = home / "kraft"
-    log_dirs.mkdir(parents=True, exist_ok=True)
+    private_dir(log_dirs, settings.home)  # the log holds every event: intents and before-images
     props = home / "server.properties"
     props.write_text(_kafka_properties(settings, log_dirs))
     log4j = home / "log4j2.xml"

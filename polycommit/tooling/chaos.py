@@ -11,11 +11,11 @@ past that store may arrive sooner, and are not counted).
 
 A subprocess that exits on its own (say, when the broker vanishes under it) is restarted, as a supervisor
 would, and listed in the report. At the end every subprocess is stopped cleanly, results the clients
-missed are read back from the `results` topic, and `polycommit.checker` judges the stores. The exit code
+missed are read back from the `results` topic, and `polycommit.tooling.checker` judges the stores. The exit code
 is 0 only when there is no violation and every transaction has a result.
 
 Each run has its own topic prefix (`chaos-<id>`) and its own Qdrant Edge storage under the data folder,
-so it never fights a running demo. The subprocesses are a `polycommit.processes.Cluster`, as in the
+so it never fights a running demo. The subprocesses are a `polycommit.tooling.processes.Cluster`, as in the
 fault tests.
 """
 
@@ -38,15 +38,15 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from polycommit import bench
-from polycommit.bench import Write, keep_in_flight, prepare, writes
-from polycommit.checker import CheckReport, History, check
 from polycommit.client import Coordinator, Saga, TransactionResult
 from polycommit.config import Settings
 from polycommit.errors import TransactionTimeoutError
-from polycommit.processes import PARTS, STOP_TIMEOUT_S, Cluster, Exit
+from polycommit.tooling import bench
+from polycommit.tooling.bench import Write, keep_in_flight, prepare, writes
+from polycommit.tooling.chaos_summary import print_summary, summarize
+from polycommit.tooling.checker import History, check
+from polycommit.tooling.processes import PARTS, STOP_TIMEOUT_S, Cluster
 
 TARGETS: tuple[str, ...] = (*PARTS, "kafka")
 STEP_RETRIES = 3
@@ -75,7 +75,7 @@ def saga_of(write: Write, *, timeout: float = STEP_TIMEOUT_S) -> Saga:
 
 async def kill_broker(settings: Settings) -> float:
     """SIGKILL the Kafka broker, wait until it is gone, start it again; returns when it is ready."""
-    from polycommit.services import await_pid_exit, kill_server, start_servers
+    from polycommit.tooling.services import await_pid_exit, kill_server, start_servers
 
     pid = kill_server(settings, "kafka")
     if not await await_pid_exit(pid, 30):
@@ -229,73 +229,24 @@ async def run_kills(
 # -- the command ------------------------------------------------------------------------------------
 
 
-def summarize(
-    run_id: str,
-    history: History,
-    kills: Sequence[Kill],
-    exits: Sequence[Exit],
-    report: CheckReport,
-    elapsed_s: float,
-    errors: Sequence[str],
-) -> dict[str, Any]:
-    recoveries = [k.recovery_s for k in kills if k.recovery_s is not None]
-    statuses: dict[str, int] = {}
-    for tx_id in history.intents:
-        status = history.final(tx_id) or "none"
-        statuses[status] = statuses.get(status, 0) + 1
-    return {
-        "run": run_id,
-        "transactions": len(history.intents),
-        "statuses": dict(sorted(statuses.items())),
-        "missing_results": len(history.missing()),
-        "elapsed_s": round(elapsed_s, 3),
-        "kills": [k.to_json() for k in kills],
-        "recovery_s": [round(r, 3) for r in recoveries],
-        "recovery_max_s": round(max(recoveries), 3) if recoveries else None,
-        "unexpected_exits": [dataclasses.asdict(e) for e in exits],
-        "publish_errors": len(errors),
-        "violations": len(report.violations),
-        "check": report.to_json(limit=50),
-    }
+@dataclass
+class ChaosRun:
+    """One run's identity and what it gathers: the history, progress, kills and client errors."""
 
-
-def print_summary(console: Console, summary: dict[str, Any]) -> None:
-    table = Table(title=f"polycommit chaos {summary['run']}: {summary['transactions']} transactions")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("statuses", json.dumps(summary["statuses"]))
-    table.add_row("missing results", str(summary["missing_results"]))
-    table.add_row("kills", str(len(summary["kills"])))
-    table.add_row("recovery (s)", ", ".join(f"{r:.2f}" for r in summary["recovery_s"]) or "-")
-    table.add_row("max recovery (s)", str(summary["recovery_max_s"] or "-"))
-    table.add_row("processes that exited alone", str(len(summary["unexpected_exits"])))
-    table.add_row("intent re-publishes", str(summary["publish_errors"]))
-    table.add_row("transactions with a step retried", str(summary.get("retried_after_timeout", 0)))
-    ok = summary["violations"] == 0
-    table.add_row("violations", f"[{'green' if ok else 'red'}]{summary['violations']}[/]")
-    table.add_row("elapsed (s)", str(summary["elapsed_s"]))
-    console.print(table)
-    if summary["kills"]:
-        kills = Table(title="kills")
-        for column in ("target", "at result", "at (s)", "restart (s)", "recovery (s)"):
-            kills.add_column(column)
-        for k in summary["kills"]:
-            recovery = "-" if k["recovery_s"] is None else f"{k['recovery_s']:.2f}"
-            kills.add_row(k["target"], str(k["at_result"]), str(k["killed_at_s"]), f"{k['restart_s']:.2f}", recovery)
-        console.print(kills)
-    if summary["check"]["violations"]:
-        table = Table(title="violations (first 50)")
-        for column in ("tx", "kind", "store", "step", "what"):
-            table.add_column(column)
-        for v in summary["check"]["violations"]:
-            table.add_row(
-                v["tx_id"], v["kind"], v["store"] or "", "" if v["step"] is None else str(v["step"]), v["what"]
-            )
-        console.print(table)
+    run_id: str
+    settings: Settings
+    log_dir: Path
+    schedule: list[tuple[int, str]]
+    cluster: Cluster
+    history: History = field(default_factory=History)
+    progressed: Progressed = field(default_factory=Progressed)
+    kills: list[Kill] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
 
 
 async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
-    from polycommit.bus import create_topics, delete_topics
+    from polycommit.bus import create_topics
 
     console = Console(stderr=True)
     if not getattr(args, "verbose", False):
@@ -311,61 +262,78 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
         return 2
     rng = random.Random(args.seed)
     schedule = kill_schedule(rng, args.transactions, args.kills, targets)
-    history, progressed = History(), Progressed()
-    kills: list[Kill] = []
-    errors: list[str] = []
-    retried: list[str] = []
     console.print(f"chaos run {run_id}: topics {settings.topic_prefix}.*, logs {log_dir}, seed {args.seed}")
     await create_topics(settings)
     await prepare(settings)
-    cluster = Cluster(settings, log_dir)
+    run = ChaosRun(run_id, settings, log_dir, schedule, Cluster(settings, log_dir))
     started = time.monotonic()
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
-        with Progress(*columns, console=console, transient=args.json) as progress:
-            bar = progress.add_task("starting processes", total=args.transactions)
-            chaos = progress.add_task("chaos: waiting", total=len(schedule))
-            cluster.on_exit = lambda e: progress.console.print(f"[yellow]{e.name} exited alone ({e.code}); restarting")
-            await cluster.start()
-            progress.update(bar, description="transactions")
-            items = writes(f"x{run_id}", args.transactions)
-            sagas = (saga_of(w, timeout=args.step_timeout) for w in items)
-
-            def describe(text: str) -> None:
-                progress.update(chaos, description=f"chaos: {text}", completed=len(kills))
-
-            async with Coordinator(settings, timeout=args.timeout) as client:
-                killer = asyncio.create_task(
-                    run_kills(settings, cluster, schedule, progressed, args.transactions, started, kills, describe)
-                )
-                try:
-                    await run_workload(
-                        client,
-                        history,
-                        sagas,
-                        args.concurrency,
-                        progressed,
-                        errors,
-                        lambda: progress.advance(bar),
-                        retried,
-                    )
-                    await progressed.wake()
-                    await killer
-                finally:
-                    killer.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await killer
-            describe("done")
-            progress.update(bar, description="recovering missed results from the log")
-            await recover_results(settings, history, 60.0)
-            progress.update(bar, description="stopping processes")
+        await _drive(run, args, console, started)
     finally:
-        codes = await cluster.stop()
-    elapsed = time.monotonic() - started
+        codes = await run.cluster.stop()
+    return await _judge(run, args, console, codes, time.monotonic() - started)
+
+
+async def _drive(run: ChaosRun, args: argparse.Namespace, console: Console, started: float) -> None:
+    """Start the parts, run the workload while the kills happen, then read the results the clients missed."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=args.json) as progress:
+        bar = progress.add_task("starting processes", total=args.transactions)
+        chaos = progress.add_task("chaos: waiting", total=len(run.schedule))
+        run.cluster.on_exit = lambda e: progress.console.print(f"[yellow]{e.name} exited alone ({e.code}); restarting")
+        await run.cluster.start()
+        progress.update(bar, description="transactions")
+        items = writes(f"x{run.run_id}", args.transactions)
+        sagas = (saga_of(w, timeout=args.step_timeout) for w in items)
+
+        def describe(text: str) -> None:
+            progress.update(chaos, description=f"chaos: {text}", completed=len(run.kills))
+
+        async with Coordinator(run.settings, timeout=args.timeout) as client:
+            killer = asyncio.create_task(
+                run_kills(
+                    run.settings,
+                    run.cluster,
+                    run.schedule,
+                    run.progressed,
+                    args.transactions,
+                    started,
+                    run.kills,
+                    describe,
+                )
+            )
+            try:
+                await run_workload(
+                    client,
+                    run.history,
+                    sagas,
+                    args.concurrency,
+                    run.progressed,
+                    run.errors,
+                    lambda: progress.advance(bar),
+                    run.retried,
+                )
+                await run.progressed.wake()
+                await killer
+            finally:
+                killer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await killer
+        describe("done")
+        progress.update(bar, description="recovering missed results from the log")
+        await recover_results(run.settings, run.history, 60.0)
+        progress.update(bar, description="stopping processes")
+
+
+async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, codes: Any, elapsed: float) -> int:
+    """Check the stores, print the summary, and clean up after a clean run (keep everything otherwise)."""
+    from polycommit.bus import delete_topics
+
+    settings, history = run.settings, run.history
     with console.status("checking the stores"):
         report = await check(settings, history)
-    summary = summarize(run_id, history, kills, cluster.unexpected_exits, report, elapsed, errors)
-    summary["retried_after_timeout"] = len(retried)
+    summary = summarize(run.run_id, history, run.kills, run.cluster.unexpected_exits, report, elapsed, run.errors)
+    summary["retried_after_timeout"] = len(run.retried)
     summary["exit_codes"] = codes
     ok = report.ok and not history.missing()
     if args.json:
@@ -374,10 +342,10 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
         print_summary(console, summary)
     if ok and not args.keep:
         await delete_topics(settings)
-        shutil.rmtree(settings.data_dir / "chaos" / run_id, ignore_errors=True)
-        shutil.rmtree(log_dir, ignore_errors=True)
+        shutil.rmtree(settings.data_dir / "chaos" / run.run_id, ignore_errors=True)
+        shutil.rmtree(run.log_dir, ignore_errors=True)
     else:
         console.print(
-            f"kept: topics {settings.topic_prefix}.*, Qdrant Edge {settings.qdrant.edge_path}, logs {log_dir}"
+            f"kept: topics {settings.topic_prefix}.*, Qdrant Edge {settings.qdrant.edge_path}, logs {run.log_dir}"
         )
     return 0 if ok else 1

@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from polycommit import operations as ops
-from polycommit import workload
 from polycommit.bus import create_topics
 from polycommit.client import Coordinator, Saga, TransactionResult
 from polycommit.config import Settings
-from polycommit.runtime import Runtime
+from polycommit.tooling import workload
+from polycommit.tooling.runtime import Runtime
 
 GLYPH = {
     "applied": "✓",

@@ -1,4 +1,4 @@
 """The local servers polycommit runs against, one module each, on shared process plumbing (`process`).
 
-`polycommit.services` is the public face: start, stop, probe, reset and the `scripts/services` CLI.
+`polycommit.tooling.services` is the public face: start, stop, probe, reset and the `scripts/services` CLI.
 """

@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError
 from polycommit.config import load_settings
 from polycommit.errors import PolycommitError
 from polycommit.events import STORES
+from polycommit.tooling import kafka_tuning
 
 
 def _print_json(value: Any) -> None:
@@ -132,7 +133,7 @@ async def _run_until_signal(
     stores: Sequence[str], coordinator: bool, batch_size: int = 500, instance: str | None = None
 ) -> int:
     from polycommit.bus import create_topics
-    from polycommit.runtime import Runtime
+    from polycommit.tooling.runtime import Runtime
 
     settings = load_settings()
     if instance is not None:
@@ -144,7 +145,7 @@ async def _run_until_signal(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    # Supervisors (and polycommit.processes) wait for this line: flush it even when stdout is a pipe.
+    # Supervisors (and polycommit.tooling.processes) wait for this line: flush it even when stdout is a pipe.
     print(f"polycommit running: {'coordinator ' if coordinator else ''}{' '.join(stores)} (Ctrl-C stops)", flush=True)
     waiter = asyncio.create_task(runtime.wait())
     stopper = asyncio.create_task(stop.wait())
@@ -158,8 +159,9 @@ async def _run_until_signal(
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    kafka_tuning.apply()  # every command of this process is polycommit's own: its producers get the tuning
     if argv and argv[0] == "services":
-        from polycommit.services import run_services_command
+        from polycommit.tooling.services import run_services_command
 
         return run_services_command(argv[1:])
     args = _parser().parse_args(argv)
@@ -183,29 +185,29 @@ async def _dispatch(args: argparse.Namespace) -> int:
         stores = STORES if args.what == "all" else ()
         return await _run_until_signal(stores, coordinator=True, instance=args.instance)
     if args.command == "recover":
-        from polycommit.recovery import run_recover
+        from polycommit.tooling.recovery import run_recover
 
         return await run_recover(load_settings(), external=args.external, wait=args.wait, as_json=args.json)
     if args.command == "consumer":
         return await _run_until_signal([args.store], coordinator=False, batch_size=args.batch_size)
     if args.command == "status":
-        from polycommit.inspect import print_status
+        from polycommit.tooling.inspect import print_status
 
         return await print_status(load_settings(), as_json=args.json)
     if args.command == "dead-letters":
-        from polycommit.inspect import print_dead_letters
+        from polycommit.tooling.inspect import print_dead_letters
 
         return await print_dead_letters(load_settings(), limit=args.limit, as_json=args.json)
     if args.command == "demo":
-        from polycommit.demo import run_demo
+        from polycommit.tooling.demo import run_demo
 
         return await run_demo(load_settings(), as_json=args.json)
     if args.command == "bench":
-        from polycommit.bench import run_bench
+        from polycommit.tooling.bench import run_bench
 
         return await run_bench(load_settings(), args)
     if args.command == "chaos":
-        from polycommit.chaos import run_chaos
+        from polycommit.tooling.chaos import run_chaos
 
         return await run_chaos(load_settings(), args)
     raise AssertionError(args.command)

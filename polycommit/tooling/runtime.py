@@ -23,6 +23,7 @@ from orchestrator.service import CoordinatorService
 from polycommit.config import Settings
 from polycommit.errors import UnknownStoreError
 from polycommit.events import STORES
+from polycommit.tooling import kafka_tuning
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Runtime:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self, timeout: float = 60.0) -> Runtime:
+        kafka_tuning.apply()  # a runtime is polycommit's own process (or part of one), whoever starts it
         self._stop = asyncio.Event()  # a runtime may be started again after stop()
         self.workers = {}
         readies: list[tuple[str, asyncio.Event]] = []

@@ -35,7 +35,7 @@ class PartStartError(RuntimeError):
 
 def part_command(part: str) -> list[str]:
     """`coordinator` or a store name -> the CLI invocation that runs it."""
-    cli = [sys.executable, "-m", "polycommit.cli"]
+    cli = [sys.executable, "-m", "polycommit.tooling.cli"]
     return [*cli, "run", "coordinator"] if part == "coordinator" else [*cli, "consumer", part]
 
 

@@ -2,13 +2,15 @@
 
 Each server runs as a plain process on this machine, bound to 127.0.0.1, with its data under
 `settings.data_dir/<name>`, its log in `settings.log_dir/<name>.log` and its pid in
-`settings.run_dir/<name>.pid`. Readiness is always a real request (a PostgreSQL query, a Kafka metadata
-request that lists a live broker, a Neo4j query), polled until a deadline; a server that misses it raises
-`ServerStartError` with the tail of its log. Qdrant runs embedded (Qdrant Edge), so it only has a status.
+`settings.run_dir/<name>.pid`; those folders are private (0700). PostgreSQL, which runs as its own OS
+user when we are root, keeps its cluster in that user's directory instead (`servers.postgres_cluster`).
+Readiness is always a real request (a PostgreSQL query, a Kafka metadata request that lists a live
+broker, a Neo4j query), polled until a deadline; a server that misses it raises `ServerStartError` with
+the tail of its log. Qdrant runs embedded (Qdrant Edge), so it only has a status.
 Fault tests use `kill_server` and `start_servers(settings, [name])` to crash and restart one server.
 
 This module is the lifecycle and the `scripts/services` command line; what is particular to one server
-lives in `polycommit.servers.<name>`, the process plumbing they share in `polycommit.servers.process`.
+lives in `polycommit.tooling.servers.<name>`, the process plumbing they share in `polycommit.tooling.servers.process`.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import time
 from collections.abc import Sequence
 
 from polycommit.config import Settings, load_settings
-from polycommit.servers import kafka, neo4j, postgres, qdrant
-from polycommit.servers.kafka import KAFKA_MAIN, kafka_version
-from polycommit.servers.neo4j import NEO4J_MAIN
-from polycommit.servers.process import (
+from polycommit.tooling.servers import kafka, neo4j, postgres, postgres_cluster, qdrant
+from polycommit.tooling.servers.kafka import KAFKA_MAIN, kafka_version
+from polycommit.tooling.servers.neo4j import NEO4J_MAIN
+from polycommit.tooling.servers.private import private_dir
+from polycommit.tooling.servers.process import (
     LOG_TAIL_LINES,
     POLL_INTERVAL_S,
     PROBE_TIMEOUT_S,
@@ -138,8 +141,7 @@ async def start_servers(settings: Settings, names: Sequence[str] | None = None) 
     selected = _check_names(names, STATUS_NAMES)
     for name in selected:
         require_password(settings, name)
-    for folder in (settings.data_dir, settings.log_dir, settings.run_dir):
-        folder.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(private_folders, settings)
     results = await asyncio.gather(*(_start_one(settings, n) for n in selected), return_exceptions=True)
     statuses: dict[str, ServerStatus] = {}
     failures: list[BaseException] = []
@@ -156,6 +158,19 @@ async def start_servers(settings: Settings, names: Sequence[str] | None = None) 
         failed = [getattr(f, "name", "?") for f in failures]
         raise ServerStartError(", ".join(failed), "\n\n".join(str(f) for f in failures))
     return statuses
+
+
+def private_folders(settings: Settings) -> None:
+    """The home and its data, log and run folders, and the Qdrant Edge storage, 0700: they hold what
+    applications wrote, compensation before-images included. Only the home's own tree is tightened; an
+    Edge folder configured outside it is created private but an existing one is left as it is."""
+    for folder in (settings.home, settings.data_dir, settings.log_dir, settings.run_dir):
+        private_dir(folder, settings.home)
+    edge = settings.qdrant.edge_path.absolute()
+    if settings.home.absolute() in edge.parents:
+        private_dir(edge, settings.home)
+    elif not edge.exists():
+        private_dir(edge, edge)
 
 
 async def wait_ready(settings: Settings, name: str, deadline_s: float) -> ServerStatus:
@@ -193,9 +208,13 @@ async def server_status(settings: Settings) -> dict[str, ServerStatus]:
 
 
 async def reset_servers(settings: Settings) -> None:
-    """Stop everything, then delete data, logs and pids; `secrets.env` and the caches stay."""
+    """Stop everything, then delete data (the PostgreSQL cluster's included, wherever it is), logs and
+    pids; `secrets.env` and the caches stay."""
     await stop_servers(settings)
-    for folder in (settings.data_dir, settings.log_dir, settings.run_dir, postgres.socket_dir(settings)):
+    # The PostgreSQL cluster may live outside the home (see postgres_cluster): found from the run state,
+    # so it goes before the run folder does.
+    await asyncio.to_thread(postgres_cluster.remove, settings)
+    for folder in (settings.data_dir, settings.log_dir, settings.run_dir):
         if folder.exists():
             await asyncio.to_thread(shutil.rmtree, folder)
 

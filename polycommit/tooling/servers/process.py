@@ -3,7 +3,7 @@
 Each server runs as a plain process on this machine, bound to 127.0.0.1, with its data under
 `settings.data_dir/<name>`, its log in `settings.log_dir/<name>.log` and its pid in
 `settings.run_dir/<name>.pid`. A server module (`postgres`, `kafka`, `neo4j`) describes itself as a
-`Server`: how to start it, probe it, find its pid and stop it; `polycommit.services` drives them.
+`Server`: how to start it, probe it, find its pid and stop it; `polycommit.tooling.services` drives them.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _no_installed_version(settings: Settings) -> str | None:
 
 @dataclass(frozen=True)
 class Server:
-    """What `polycommit.services` needs to know of one server process to run its lifecycle."""
+    """What `polycommit.tooling.services` needs to know of one server process to run its lifecycle."""
 
     name: str
     start_deadline_s: float

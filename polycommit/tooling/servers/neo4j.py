@@ -9,7 +9,8 @@ import os
 from urllib.parse import urlsplit
 
 from polycommit.config import Settings
-from polycommit.servers.process import (
+from polycommit.tooling.servers.private import private_dir
+from polycommit.tooling.servers.process import (
     ProbeFailed,
     Server,
     ServerStartError,
@@ -66,7 +67,7 @@ async def start(settings: Settings, deadline_s: float) -> str:
             "neo4j", f"the embedded Neo4j is not built in {cache}: run scripts/setup (scripts/neo4j/build)", log
         )
     home = data_path(settings, "neo4j")
-    home.mkdir(parents=True, exist_ok=True)
+    private_dir(home, settings.home)
     argv = [java(), "-Xmx512m", "-Djava.awt.headless=true"]
     # JVM flags that scripts/neo4j/build writes for Neo4j (module opens for its page cache, GC choice).
     if (cache / "jvm.options").is_file():

@@ -1,7 +1,7 @@
 """Read-only views of the log for operators: transactions in flight or stuck, and dead letters.
 
-Both are folds over a topic read from offset 0 to its current end with a group-less consumer, so looking
-never moves anybody's offsets.
+Both read a topic from offset 0 to its current end with a group-less consumer, so looking never moves
+anybody's offsets, and hand the records to a pure fold of `projections/` (tx_state, status, dead_letters).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from rich.table import Table
 from polycommit.bus import read_topic, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
-from polycommit.errors import CodecError
 from polycommit.events import SagaSnapshot
+from projections import dead_letters as dead_letter_fold
+from projections import status as status_fold
 from projections import tx_state
 
 
@@ -26,28 +27,8 @@ async def transactions_in_flight(settings: Settings) -> dict[str, SagaSnapshot]:
     return tx_state.fold_raw(default_codec(), raw)[0]
 
 
-def _describe(snapshot: SagaSnapshot) -> dict[str, Any]:
-    error = snapshot["error"]
-    return {
-        "tx_id": snapshot["intent"]["tx_id"],
-        "name": snapshot["intent"]["name"],
-        "phase": snapshot["phase"],
-        "step": snapshot["current"],
-        "attempt": snapshot["attempt"],
-        "steps": [f"{s['index']}:{s['store']}:{s['status']}" for s in snapshot["steps"]],
-        "error": None if error is None else f"{error['error_class']}: {error['message']}",
-        "started_at_ms": snapshot["started_at_ms"],
-    }
-
-
 async def print_status(settings: Settings, *, as_json: bool) -> int:
-    state = await transactions_in_flight(settings)
-    stuck = tx_state.stuck(state)
-    report: dict[str, Any] = {
-        "in_flight": tx_state.summary(state),
-        "stuck": [_describe(s) for s in stuck],
-        "transactions": [_describe(s) for s in state.values()],
-    }
+    report = status_fold.report(await transactions_in_flight(settings))
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -59,25 +40,13 @@ async def print_status(settings: Settings, *, as_json: bool) -> int:
         for row in report["stuck"]:
             table.add_row(row["tx_id"], row["name"], str(row["step"]), str(row["attempt"]), row["error"] or "")
         console.print(table)
-    return 1 if stuck else 0
+    return 1 if report["stuck"] else 0
 
 
 async def dead_letters(settings: Settings, limit: int | None = None) -> list[dict[str, Any]]:
-    codec = default_codec()
-    letters: list[dict[str, Any]] = []
-
-    def handle(record: Any) -> None:
-        try:
-            letter = codec.decode_as(record.value, "DeadLetter")
-        except CodecError:
-            return
-        letter["payload"] = f"{letter['payload_size']} bytes"
-        letter["key"] = letter["key"].decode(errors="replace") if letter["key"] else None
-        letters.append(letter)
-
-    await read_topic(settings, topics_for(settings).dead_letters, handle)
-    letters.sort(key=lambda letter: letter["at_ms"])
-    return letters[-limit:] if limit else letters
+    values: list[bytes | None] = []
+    await read_topic(settings, topics_for(settings).dead_letters, lambda r: values.append(r.value))
+    return dead_letter_fold.fold(default_codec(), values, limit)
 
 
 async def print_dead_letters(settings: Settings, *, limit: int, as_json: bool) -> int:

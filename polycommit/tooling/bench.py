@@ -30,9 +30,9 @@ from polycommit.bus import create_topics
 from polycommit.client import Coordinator, Saga, TransactionResult
 from polycommit.config import Settings
 from polycommit.errors import PolycommitError
-from polycommit.processes import Cluster
-from polycommit.runtime import Runtime, participant_for
-from polycommit.workload import embed
+from polycommit.tooling.processes import Cluster
+from polycommit.tooling.runtime import Runtime, participant_for
+from polycommit.tooling.workload import embed
 
 TABLE = "bench_rows"
 COLLECTION = "bench"

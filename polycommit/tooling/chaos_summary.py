@@ -1,0 +1,82 @@
+"""The summary of a chaos run: what happened to its transactions, its kills and the checker's verdict."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from polycommit.tooling.checker import CheckReport, History
+from polycommit.tooling.processes import Exit
+
+if TYPE_CHECKING:
+    from polycommit.tooling.chaos import Kill
+
+
+def summarize(
+    run_id: str,
+    history: History,
+    kills: Sequence[Kill],
+    exits: Sequence[Exit],
+    report: CheckReport,
+    elapsed_s: float,
+    errors: Sequence[str],
+) -> dict[str, Any]:
+    recoveries = [k.recovery_s for k in kills if k.recovery_s is not None]
+    statuses: dict[str, int] = {}
+    for tx_id in history.intents:
+        status = history.final(tx_id) or "none"
+        statuses[status] = statuses.get(status, 0) + 1
+    return {
+        "run": run_id,
+        "transactions": len(history.intents),
+        "statuses": dict(sorted(statuses.items())),
+        "missing_results": len(history.missing()),
+        "elapsed_s": round(elapsed_s, 3),
+        "kills": [k.to_json() for k in kills],
+        "recovery_s": [round(r, 3) for r in recoveries],
+        "recovery_max_s": round(max(recoveries), 3) if recoveries else None,
+        "unexpected_exits": [dataclasses.asdict(e) for e in exits],
+        "publish_errors": len(errors),
+        "violations": len(report.violations),
+        "check": report.to_json(limit=50),
+    }
+
+
+def print_summary(console: Console, summary: dict[str, Any]) -> None:
+    table = Table(title=f"polycommit chaos {summary['run']}: {summary['transactions']} transactions")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("statuses", json.dumps(summary["statuses"]))
+    table.add_row("missing results", str(summary["missing_results"]))
+    table.add_row("kills", str(len(summary["kills"])))
+    table.add_row("recovery (s)", ", ".join(f"{r:.2f}" for r in summary["recovery_s"]) or "-")
+    table.add_row("max recovery (s)", str(summary["recovery_max_s"] or "-"))
+    table.add_row("processes that exited alone", str(len(summary["unexpected_exits"])))
+    table.add_row("intent re-publishes", str(summary["publish_errors"]))
+    table.add_row("transactions with a step retried", str(summary.get("retried_after_timeout", 0)))
+    ok = summary["violations"] == 0
+    table.add_row("violations", f"[{'green' if ok else 'red'}]{summary['violations']}[/]")
+    table.add_row("elapsed (s)", str(summary["elapsed_s"]))
+    console.print(table)
+    if summary["kills"]:
+        kills = Table(title="kills")
+        for column in ("target", "at result", "at (s)", "restart (s)", "recovery (s)"):
+            kills.add_column(column)
+        for k in summary["kills"]:
+            recovery = "-" if k["recovery_s"] is None else f"{k['recovery_s']:.2f}"
+            kills.add_row(k["target"], str(k["at_result"]), str(k["killed_at_s"]), f"{k['restart_s']:.2f}", recovery)
+        console.print(kills)
+    if summary["check"]["violations"]:
+        table = Table(title="violations (first 50)")
+        for column in ("tx", "kind", "store", "step", "what"):
+            table.add_column(column)
+        for v in summary["check"]["violations"]:
+            table.add_row(
+                v["tx_id"], v["kind"], v["store"] or "", "" if v["step"] is None else str(v["step"]), v["what"]
+            )
+        console.print(table)

@@ -1,0 +1,37 @@
+"""What `polycommit status` reports: the transactions in flight and the stuck ones, from the tx-state fold.
+
+Pure: the state comes from `projections.tx_state` (the coordinator's changelog folded); this module only
+shapes it for operators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from polycommit.events import SagaSnapshot
+from projections import tx_state
+
+
+def describe(snapshot: SagaSnapshot) -> dict[str, Any]:
+    """One transaction in flight, in the fields an operator reads (errors as `class: message`)."""
+    error = snapshot["error"]
+    return {
+        "tx_id": snapshot["intent"]["tx_id"],
+        "name": snapshot["intent"]["name"],
+        "phase": snapshot["phase"],
+        "step": snapshot["current"],
+        "attempt": snapshot["attempt"],
+        "steps": [f"{s['index']}:{s['store']}:{s['status']}" for s in snapshot["steps"]],
+        "error": None if error is None else f"{error['error_class']}: {error['message']}",
+        "started_at_ms": snapshot["started_at_ms"],
+    }
+
+
+def report(state: Mapping[str, SagaSnapshot]) -> dict[str, Any]:
+    """Counts by phase, the stuck transactions (oldest first) and every transaction in flight."""
+    return {
+        "in_flight": tx_state.summary(state),
+        "stuck": [describe(s) for s in tx_state.stuck(state)],
+        "transactions": [describe(s) for s in state.values()],
+    }
