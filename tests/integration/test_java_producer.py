@@ -29,7 +29,7 @@ from polycommit import workload
 from polycommit.bus import make_reader, read_topic, topic_partitions, topics_for
 from polycommit.codec import PACKAGED_SCHEMAS, default_codec
 from polycommit.config import Settings
-from polycommit.runtime import Runtime
+from polycommit.tooling.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = Path(str(files("polycommit") / PACKAGED_SCHEMAS))

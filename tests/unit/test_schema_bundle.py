@@ -13,7 +13,7 @@ import pytest
 from fastavro.schema import load_schema
 
 from polycommit.codec import EVENT_TYPES, PACKAGED_SCHEMAS, _fingerprint, default_codec
-from polycommit.schema_bundle import SchemaBundleError, bundle, self_contained, write_bundle
+from polycommit.tooling.schema_bundle import SchemaBundleError, bundle, self_contained, write_bundle
 
 SOURCE = Path(__file__).resolve().parents[2] / "schemas"
 SHIPPED = Path(str(files("polycommit") / PACKAGED_SCHEMAS))
