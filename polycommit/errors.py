@@ -97,6 +97,10 @@ class TransactionTimeoutError(RetriableError):
     """No result arrived for a transaction before the client's deadline; it may still finish."""
 
 
+class ProtocolError(PermanentError):
+    """An event that the transaction's protocol can never receive in its state (not a late or duplicate one)."""
+
+
 class ServerStartError(PolycommitError):
     """A server did not become ready; the message names it and its log file."""
 
