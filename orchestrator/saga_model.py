@@ -15,6 +15,7 @@ from polycommit.errors import InvalidOperationError, PolycommitError, ProtocolEr
 from polycommit.events import (
     Alert,
     ErrorInfo,
+    Operation,
     SagaSnapshot,
     StepResult,
     StoreCommand,
@@ -185,6 +186,15 @@ def problem_step(problem: ErrorInfo) -> int:
     return int(prefix.removeprefix("step ")) if prefix.startswith("step ") else -1
 
 
+def _same_store(operation: Operation, compensation: Operation) -> None:
+    """A compensation runs in its step's store (its marker fences the step there): another store's
+    consumer would refuse it on every attempt and the saga would be stuck forever."""
+    if compensation["store"] != operation["store"]:
+        raise InvalidOperationError(
+            f"the compensation is for {compensation['store']}, the step for {operation['store']}"
+        )
+
+
 def validate(intent: TransactionIntent, policy: SagaPolicy) -> ErrorInfo | None:
     """The first reason no store could run this intent, or None. Nothing runs if one step is invalid."""
     for i, step in enumerate(intent["steps"]):
@@ -192,6 +202,7 @@ def validate(intent: TransactionIntent, policy: SagaPolicy) -> ErrorInfo | None:
             validate_operation(step["operation"], policy.max_payload_bytes)
             if step["compensation"] is not None:
                 validate_operation(step["compensation"], policy.max_payload_bytes)
+                _same_store(step["operation"], step["compensation"])
         except PolycommitError as exc:
             return error_info(exc.error_class, f"step {i}: {exc}", False)
         if step["index"] != i:
