@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
-from polycommit.errors import InvalidOperationError, PolycommitError, ProtocolError
+from polycommit.errors import InvalidOperationError, PolycommitError, ProtocolError, UnsupportedError
 from polycommit.events import (
     Alert,
     ErrorInfo,
@@ -25,6 +25,7 @@ from polycommit.events import (
     error_info,
     store_command,
 )
+from polycommit.modes import refuse_unsupported
 from polycommit.operations import validate_operation
 
 PROTOCOL = "saga"
@@ -197,6 +198,10 @@ def _same_store(operation: Operation, compensation: Operation) -> None:
 
 def validate(intent: TransactionIntent, policy: SagaPolicy) -> ErrorInfo | None:
     """The first reason no store could run this intent, or None. Nothing runs if one step is invalid."""
+    try:
+        refuse_unsupported(intent["consistency"], intent["isolation"], intent["priority"])
+    except UnsupportedError as exc:
+        return error_info(exc.error_class, str(exc), False)
     for i, step in enumerate(intent["steps"]):
         try:
             validate_operation(step["operation"], policy.max_payload_bytes)

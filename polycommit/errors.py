@@ -97,6 +97,14 @@ class TransactionTimeoutError(RetriableError):
     """No result arrived for a transaction before the client's deadline; it may still finish."""
 
 
+class InvalidIntentError(PermanentError):
+    """The intent cannot be admitted as it was sent: its key, its reply address or a mode it asks for."""
+
+
+class UnsupportedError(InvalidIntentError):
+    """The intent asks for a mode polycommit does not run yet (the message names it)."""
+
+
 class ProtocolError(PermanentError):
     """An event that the transaction's protocol can never receive in its state (not a late or duplicate one)."""
 
