@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +23,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from orchestrator import registry
+from orchestrator.admission import ReplyTargets
+from orchestrator.admission import reply_target as reply_target
 from orchestrator.protocol import Event, IntentReceived, OutcomeReceived, TimerDue, Transition, TxState
-from orchestrator.replies import reply_target as reply_target
 from orchestrator.saga import SagaPolicy
 from orchestrator.transactions import OwnedTransactions
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
@@ -88,6 +89,8 @@ class CoordinatorService:
         self.transactional_id = f"{settings.topic_prefix}-coordinator-{self.instance}"
         self.max_records = max_records
         self.transactions = OwnedTransactions(settings, self.topics.tx_state, self.codec)
+        self._publisher: Publisher | None = None  # the session's, for cluster metadata
+        self.replies = ReplyTargets(self.topics, self._cluster_topics)
         self.stats = CoordinatorStats()
         # The Kafka transaction of the previous loop, committing while the next batch is read and folded.
         self._committing: asyncio.Task[None] | None = None
@@ -106,6 +109,14 @@ class CoordinatorService:
         restored = await self.transactions.restore(partitions)
         self.stats.restored += len(restored)
         self.stats.corrupt_snapshots = self.transactions.corrupt_snapshots
+        for state in restored:  # results go only to addresses the cache shows valid: load it for these
+            await self.replies.refusal(state["intent"]["reply_to"])
+
+    async def _cluster_topics(self) -> Mapping[str, Collection[int]]:
+        if self._publisher is None:
+            return {}
+        cluster = await self._publisher.producer.client.fetch_all_metadata()
+        return {topic: cluster.partitions_for_topic(topic) or set() for topic in cluster.topics()}
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -157,6 +168,8 @@ class CoordinatorService:
             instance_id=f"coordinator-{self.instance}",  # unique per process, like the transactional id
         )
         await publisher.start()
+        self._publisher = publisher
+        self.replies = ReplyTargets(self.topics, self._cluster_topics)  # a new session looks again
         self.transactions.partitions = len(await publisher.partitions(self.topics.intents))
         consumer.subscribe(self.topics.coordinator_inputs(), listener=_Rebalance(self))
         await consumer.start()
@@ -172,6 +185,7 @@ class CoordinatorService:
             self._commit_failure = None
             await consumer.stop()
             await publisher.stop()
+            self._publisher = None
 
     async def _step(self, consumer: AIOKafkaConsumer, publisher: Publisher) -> None:
         wait_ms = 100
@@ -180,6 +194,7 @@ class CoordinatorService:
             wait_ms = max(0, min(wait_ms, next_due - now_ms()))
         started = time.perf_counter()
         batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.max_records)
+        self.replies.new_batch()
         unrestored = {tp.partition for tp in batch} - self.transactions.restored_partitions
         if unrestored:
             await self.restore(unrestored)  # never fold an event over state not yet loaded
@@ -190,7 +205,7 @@ class CoordinatorService:
         touched: dict[str, TxState] = {}
         for records in batch.values():
             for record in records:
-                self._consume(record, now, out, touched)
+                await self._consume(record, now, out, touched)
         self._fire_due(now, out, touched)
         if self._commit_failure is not None or (self._committing is not None and self._committing.done()):
             await self.drain()  # surface a failed commit before building on the state it left
@@ -220,11 +235,11 @@ class CoordinatorService:
         self.stats.kafka_transactions += 1
         self.stats.commit_s += time.perf_counter() - committing
 
-    def _consume(self, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]) -> None:
+    async def _consume(self, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]) -> None:
         try:
             decoded = self.codec.decode(record.value)
             if decoded.event_type == "TransactionIntent" and record.topic == self.topics.intents:
-                self._on_intent(decoded.record, record, now, out, touched)  # type: ignore[arg-type]
+                await self._on_intent(decoded.record, record, now, out, touched)  # type: ignore[arg-type]
             elif decoded.event_type == "StepOutcome" and record.topic == self.topics.outcomes:
                 self._on_outcome(decoded.record, record, now, out, touched)  # type: ignore[arg-type]
             else:
@@ -237,7 +252,7 @@ class CoordinatorService:
                 Outgoing(self.topics.dead_letters, tx_id or f"{record.topic}/{record.offset}", "DeadLetter", letter)
             )
 
-    def _on_intent(
+    async def _on_intent(
         self, intent: TransactionIntent, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]
     ) -> None:
         self.stats.intents += 1
@@ -245,8 +260,13 @@ class CoordinatorService:
         if tx_id in self.transactions:  # the protocol decides what its intent arriving again means
             self._decide(tx_id, IntentReceived(intent), record, now, out, touched)
             return
-        self.transactions.admit(tx_id, bytes(record.value))
         protocol = self.protocols[registry.protocol_name(intent)]
+        refusal = await self.replies.refusal(intent["reply_to"])
+        if refusal is not None:
+            # Never admitted: no state, no changelog record; the result and the dead letter say why.
+            self._publish(protocol.start(intent, now, refusal), record, out)
+            return
+        self.transactions.admit(tx_id, bytes(record.value))
         self._apply(protocol.start(intent, now), None, record, out, touched)
 
     def _on_outcome(
@@ -282,6 +302,11 @@ class CoordinatorService:
             return  # a late or duplicate event: nothing changed
         touched[tx_id] = state
         self.transactions.keep(state)
+        self._publish(transition, record, out)
+
+    def _publish(self, transition: Transition, record: Any, out: list[Outgoing]) -> None:
+        state = transition.state
+        tx_id = state["intent"]["tx_id"]
         for command in transition.commands:
             out.append(Outgoing(self.topics.commands(command["operation"]["store"]), tx_id, "StoreCommand", command))
         self.stats.commands += len(transition.commands)
@@ -312,7 +337,7 @@ class CoordinatorService:
         self.stats.results[result["status"]] = self.stats.results.get(result["status"], 0) + 1
         encoded = self.codec.encode("TransactionResult", result)  # once, for both topics
         out.append(Outgoing(self.topics.results, tx_id, "TransactionResult", result, encoded=encoded))
-        target = reply_target(state["intent"]["reply_to"])
+        target = self.replies.target(state["intent"]["reply_to"])
         if target is not None:
             out.append(Outgoing(target[0], tx_id, "TransactionResult", result, partition=target[1], encoded=encoded))
 

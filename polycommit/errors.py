@@ -101,6 +101,10 @@ class InvalidIntentError(PermanentError):
     """The intent cannot be admitted as it was sent: its key, its reply address or a mode it asks for."""
 
 
+class InvalidReplyToError(InvalidIntentError):
+    """`reply_to` names a topic or partition that does not exist, or one of polycommit's own topics."""
+
+
 class UnsupportedError(InvalidIntentError):
     """The intent asks for a mode polycommit does not run yet (the message names it)."""
 
