@@ -1,10 +1,12 @@
-"""What the driver checks of an intent before its protocol sees it: the reply address.
+"""What the driver checks of an intent before its protocol sees it: the record's key and the reply address.
 
-Only the driver can check it (it is about the cluster), and a client's mistake in it must never reach
-the coordinator's own Kafka transaction: a result sent to a topic or partition that does not exist fails
-that transaction, so the same intent would come back forever; one sent to polycommit's own topics would
-corrupt them. The verdict goes to the protocol's `start` as a refusal: the transaction fails with the
-typed error and its intent becomes a dead letter.
+Only the driver can check these (they are about the Kafka record and the cluster), and a client's mistake
+in either must never reach the coordinator's own Kafka transaction or state: a result sent to a topic or
+partition that does not exist fails that transaction, so the same intent would come back forever; one
+sent to polycommit's own topics would corrupt them; an intent keyed by something else than its tx_id
+lands on a partition that may not hold its transaction's outcomes and snapshot. The verdict goes to the
+protocol's `start` as a refusal: the transaction fails with the typed error and its intent becomes a
+dead letter.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from polycommit.bus import Topics
-from polycommit.errors import InvalidReplyToError
+from polycommit.errors import InvalidIntentKeyError, InvalidReplyToError
 from polycommit.events import ErrorInfo, error_info
 
 
@@ -25,6 +27,16 @@ def reply_target(reply_to: str) -> tuple[str, int | None] | None:
     if topic and partition.isdigit():
         return topic, int(partition)
     return reply_to, None
+
+
+def key_refusal(key: bytes | None, tx_id: str) -> ErrorInfo | None:
+    """An intent keyed by anything but its tx_id may land on another partition than the transaction's
+    outcomes and snapshot, which breaks per-transaction ordering and state ownership."""
+    if key is not None and key == tx_id.encode():
+        return None
+    shown = "no key" if key is None else f"key {key[:100]!r}"
+    message = f"the intent of {tx_id} has {shown}: intents must be keyed by their tx_id"
+    return error_info(InvalidIntentKeyError.__name__, message, False)
 
 
 def is_internal(topic: str, topics: Topics) -> bool:

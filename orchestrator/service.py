@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from orchestrator import registry
-from orchestrator.admission import ReplyTargets
+from orchestrator.admission import ReplyTargets, key_refusal
 from orchestrator.admission import reply_target as reply_target
 from orchestrator.protocol import Event, IntentReceived, OutcomeReceived, TimerDue, Transition, TxState
 from orchestrator.saga import SagaPolicy
@@ -261,9 +261,10 @@ class CoordinatorService:
             self._decide(tx_id, IntentReceived(intent), record, now, out, touched)
             return
         protocol = self.protocols[registry.protocol_name(intent)]
-        refusal = await self.replies.refusal(intent["reply_to"])
+        refusal = key_refusal(record.key, tx_id) or await self.replies.refusal(intent["reply_to"])
         if refusal is not None:
-            # Never admitted: no state, no changelog record; the result and the dead letter say why.
+            # Never admitted: no state, no changelog record (a wrong key may even name a partition that
+            # another member owns); the result and the dead letter say why.
             self._publish(protocol.start(intent, now, refusal), record, out)
             return
         self.transactions.admit(tx_id, bytes(record.value))

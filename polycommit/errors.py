@@ -105,6 +105,10 @@ class InvalidReplyToError(InvalidIntentError):
     """`reply_to` names a topic or partition that does not exist, or one of polycommit's own topics."""
 
 
+class InvalidIntentKeyError(InvalidIntentError):
+    """The intent's Kafka key is missing or is not its `tx_id`, which breaks per-transaction ordering."""
+
+
 class UnsupportedError(InvalidIntentError):
     """The intent asks for a mode polycommit does not run yet (the message names it)."""
 

@@ -1,7 +1,7 @@
 """Intents whose transport fields are wrong, sent by any producer straight to the intents topic, on the real
-servers: a `reply_to` that does not exist or is one of polycommit's own (or Kafka's) topics. Each ends
-`failed` with its typed error (result on `results`) and a dead letter, and the coordinator goes on: a
-valid intent sent after it still completes.
+servers: a `reply_to` that does not exist or is one of polycommit's own (or Kafka's) topics, a Kafka key
+that is not the transaction id. Each ends `failed` with its typed error (result on `results`) and a dead
+letter, and the coordinator goes on: a valid intent sent after it still completes.
 """
 
 from __future__ import annotations
@@ -113,3 +113,15 @@ async def test_a_bad_reply_to_fails_the_transaction_and_the_coordinator_goes_on(
     reply_to = REPLY_TOS[case](topics_for(runtime.settings))
     tx_id = await send_raw_intent(runtime.settings, reply_to)
     await assert_refused(runtime.settings, tx_id, "InvalidReplyToError", client)
+
+
+async def test_an_intent_keyed_by_something_else_than_its_tx_id_is_refused(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    tx_id = await send_raw_intent(runtime.settings, "", key=b"customer-42")
+    await assert_refused(runtime.settings, tx_id, "InvalidIntentKeyError", client)
+
+
+async def test_an_intent_without_a_key_is_refused(runtime: Runtime, client: Coordinator) -> None:
+    tx_id = await send_raw_intent(runtime.settings, "", key=None)
+    await assert_refused(runtime.settings, tx_id, "InvalidIntentKeyError", client)

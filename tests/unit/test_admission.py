@@ -1,4 +1,4 @@
-"""The driver's checks of an intent's transport fields, without Kafka: its reply address."""
+"""The driver's checks of an intent's transport fields, without Kafka: its key, its reply address."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Collection, Mapping
 
 import pytest
 
-from orchestrator.admission import ReplyTargets, reply_to_problem
+from orchestrator.admission import ReplyTargets, key_refusal, reply_to_problem
 from polycommit.bus import Topics
 
 TOPICS = Topics("pc")
@@ -45,6 +45,14 @@ def test_internal_topics_are_refused_even_when_they_exist(topic: str) -> None:
 def test_a_missing_topic_or_partition_is_refused() -> None:
     assert "does not exist" in (reply_to_problem("nowhere", TOPICS, None) or "")
     assert "no partition 4" in (reply_to_problem("pc.replies:4", TOPICS, CLUSTER["pc.replies"]) or "")
+
+
+def test_an_intent_must_be_keyed_by_its_tx_id() -> None:
+    assert key_refusal(b"tx-1", "tx-1") is None
+    wrong = key_refusal(b"customer-42", "tx-1")
+    missing = key_refusal(None, "tx-1")
+    assert wrong is not None and wrong["error_class"] == "InvalidIntentKeyError" and "customer-42" in wrong["message"]
+    assert missing is not None and missing["error_class"] == "InvalidIntentKeyError" and "no key" in missing["message"]
 
 
 class Cluster:
