@@ -11,6 +11,7 @@ dead letter.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 
@@ -39,10 +40,14 @@ def key_refusal(key: bytes | None, tx_id: str) -> ErrorInfo | None:
     return error_info(InvalidIntentKeyError.__name__, message, False)
 
 
+@functools.cache
+def _own_topics(topics: Topics) -> frozenset[str]:
+    return frozenset(topics.all()) - {topics.replies}
+
+
 def is_internal(topic: str, topics: Topics) -> bool:
     """polycommit's own topics (every one but `replies`, which exists for results) and Kafka's."""
-    own = set(topics.all()) - {topics.replies}
-    return topic in own or topic.startswith((f"{topics.prefix}.commands.", "__"))
+    return topic in _own_topics(topics) or topic.startswith((f"{topics.prefix}.commands.", "__"))
 
 
 def reply_to_problem(reply_to: str, topics: Topics, partitions: Collection[int] | None) -> str | None:
