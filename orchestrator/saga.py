@@ -1,139 +1,146 @@
-"""The saga coordinator as a pure state machine: (state, event, now) -> (state, commands, result, alerts).
+"""The saga coordinator as a pure state machine: a table of (phase, event kind) -> transition.
 
 No awaits and no clock of its own: the driver passes `now` in, so every path, timeouts included, can be
 tested with plain lists of events. A saga runs its steps in order. A failed step is retried with
 exponential backoff and jitter up to its `retries`; a step past its timeout counts as failed. When a step
 cannot succeed, the steps that may have applied are compensated in reverse order; a compensation that
 keeps failing is retried with capped backoff forever and the saga is reported `stuck` (P2: never dropped).
+
+`classify` names what an event is for the state it meets (an outcome of the step in flight, a late one,
+a timer that is due...), raising ProtocolError for what a saga can never receive; `TABLE` then holds one
+row per (phase, kind), late and duplicate events included.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from typing import Literal
+from enum import StrEnum
 
-from polycommit.errors import PolycommitError
-from polycommit.events import (
-    Alert,
-    ErrorInfo,
-    SagaSnapshot,
-    StepOutcome,
-    StepResult,
-    StoreCommand,
-    TransactionIntent,
-    TransactionResult,
-    TransactionStatus,
-    error_info,
-    store_command,
+from orchestrator.protocol import (
+    Event,
+    Handler,
+    IntentReceived,
+    OutcomeReceived,
+    TimerDue,
+    Transition,
+    dispatch,
+    unchanged,
 )
-from polycommit.operations import validate_operation
+from orchestrator.saga_model import (
+    APPLIED,
+    COMPENSATED,
+    COMPENSATION_FAILED,
+    FAILED,
+    IN_FLIGHT,
+    MAY_HAVE_APPLIED,
+    NOT_APPLIED,
+    PENDING,
+    PROTOCOL,
+    SKIPPED,
+    TERMINAL,
+    TIMED_OUT,
+    TO_COMPENSATE,
+    SagaPhase,
+    SagaPolicy,
+    StepStatus,
+    alert,
+    copy_state,
+    initial_state,
+    phase_of,
+    problem_step,
+    result_of,
+    send,
+    timeout_ms,
+    validate,
+)
+from polycommit.errors import ProtocolError
+from polycommit.events import ErrorInfo, SagaSnapshot, StepOutcome, TransactionIntent, TransactionStatus, error_info
 
-Phase = Literal["forward", "compensating", "stuck", "completed", "compensated", "failed"]
-TERMINAL: frozenset[str] = frozenset({"completed", "compensated", "failed"})
-
-# Step statuses as they appear in results and snapshots.
-PENDING, APPLIED, FAILED, TIMED_OUT = "pending", "applied", "failed", "timed_out"
-COMPENSATED, NOT_APPLIED, SKIPPED = "compensated", "not_applied", "skipped"
-# A step in one of these states may have changed its store, so compensation must visit it.
-MAY_HAVE_APPLIED = frozenset({APPLIED, TIMED_OUT})
-# Compensation also visits a step that failed: it changed nothing, but its COMPENSATE marker fences the
-# step in its store, so the same intent sent again (a client retry, a replay of the topic) finds it
-# SKIPPED and ends compensated again, instead of applying it this time and ending completed.
-TO_COMPENSATE = MAY_HAVE_APPLIED | {FAILED}
-
-
-@dataclass(frozen=True)
-class SagaPolicy:
-    default_timeout_ms: int = 10_000
-    backoff_base_ms: int = 50
-    backoff_max_ms: int = 30_000
-    compensation_retries: int = 5  # failures of one compensation before the saga is reported stuck
-    max_payload_bytes: int = 1024 * 1024
-
-    def backoff_ms(self, tx_id: str, attempt: int) -> int:
-        """Exponential backoff with deterministic "full jitter" in [base*2^(n-1)/2, base*2^(n-1)].
-
-        The jitter comes from a hash of (transaction, attempt) rather than a random generator, so a
-        replay of the log recomputes the same schedule and tests need no seeded global state.
-        """
-        ceiling = min(self.backoff_max_ms, self.backoff_base_ms * (2 ** max(0, attempt - 1)))
-        digest = hashlib.blake2b(f"{tx_id}/{attempt}".encode(), digest_size=2).digest()
-        fraction = int.from_bytes(digest, "big") / 0xFFFF
-        return int(ceiling / 2 + fraction * ceiling / 2)
-
-
-@dataclass
-class Transition:
-    """What one event did: the new state and everything the driver must now publish."""
-
-    state: SagaSnapshot
-    commands: list[StoreCommand] = field(default_factory=list)
-    result: TransactionResult | None = None
-    alerts: list[Alert] = field(default_factory=list)
-
-
-# -- helpers ----------------------------------------------------------------------------------------
-
-
-def _copy(state: SagaSnapshot, now: int) -> SagaSnapshot:
-    new: SagaSnapshot = {**state}  # type: ignore[typeddict-item]
-    new["steps"] = [{**s} for s in state["steps"]]  # type: ignore[typeddict-item]
-    new["before_images"] = list(state["before_images"])
-    new["updated_at_ms"] = now
-    return new
-
-
-def _timeout_ms(state: SagaSnapshot, index: int, policy: SagaPolicy) -> int:
-    return state["intent"]["steps"][index]["timeout_ms"] or policy.default_timeout_ms
+__all__ = [
+    "APPLIED",
+    "COMPENSATED",
+    "COMPENSATION_FAILED",
+    "FAILED",
+    "MAY_HAVE_APPLIED",
+    "NOT_APPLIED",
+    "PENDING",
+    "SKIPPED",
+    "TABLE",
+    "TERMINAL",
+    "TIMED_OUT",
+    "SagaEvent",
+    "SagaPhase",
+    "SagaPolicy",
+    "SagaProtocol",
+    "StepStatus",
+    "Transition",
+    "classify",
+    "decide",
+    "on_due",
+    "on_outcome",
+    "result_of",
+    "start",
+]
 
 
-def _command(state: SagaSnapshot, index: int, action: Literal["EXECUTE", "COMPENSATE"], now: int) -> StoreCommand:
-    step = state["intent"]["steps"][index]
-    return store_command(
-        state["intent"]["tx_id"],
-        index,
-        action,
-        step["operation"],
-        compensation=step["compensation"],
-        attempt=state["attempt"],
-        before_image=state["before_images"][index],
-        issued_at_ms=now,
-    )
+class SagaEvent(StrEnum):
+    """What an event is, for the state it meets."""
+
+    INTENT_AGAIN = "intent again"  # the intent of a transaction already running
+    EXECUTED = "step applied"  # APPLIED or ALREADY_APPLIED, by any attempt, of the step in flight
+    EXECUTE_FAILED = "step failed"  # by the attempt in flight
+    EXECUTE_SKIPPED = "step skipped"  # its compensation ran first (a replay of a compensated saga)
+    COMPENSATED = "compensation applied"  # APPLIED, ALREADY_APPLIED or NOOP, by any attempt
+    COMPENSATE_FAILED = "compensation failed"  # by the attempt in flight
+    STALE_OUTCOME = "stale outcome"  # for a step not in flight, or a failure of an attempt given up on
+    TIMER_DUE = "timer due"
+    TIMER_EARLY = "timer early"  # no timer set, or fired before it is due
 
 
-def _send(state: SagaSnapshot, action: Literal["EXECUTE", "COMPENSATE"], now: int, policy: SagaPolicy) -> StoreCommand:
-    """Mark the current step's command as in flight and build it."""
-    index = state["current"]
-    state["waiting"] = True
-    # A step's timeout bounds its execution; its compensation gets the default, since it must queue
-    # behind whatever the store is still doing (often the very execution that timed out).
-    timeout = _timeout_ms(state, index, policy) if action == "EXECUTE" else policy.default_timeout_ms
-    state["due_at_ms"] = now + timeout
-    if action == "EXECUTE":
-        state["steps"][index]["attempts"] = state["attempt"]
-    else:
-        state["steps"][index]["compensation_attempts"] = state["attempt"]
-    return _command(state, index, action, now)
+_OUTCOME_KINDS: dict[str, dict[str, SagaEvent]] = {
+    "EXECUTE": {
+        "APPLIED": SagaEvent.EXECUTED,
+        "ALREADY_APPLIED": SagaEvent.EXECUTED,
+        "SKIPPED": SagaEvent.EXECUTE_SKIPPED,
+        "FAILED": SagaEvent.EXECUTE_FAILED,
+    },
+    "COMPENSATE": {
+        "APPLIED": SagaEvent.COMPENSATED,
+        "ALREADY_APPLIED": SagaEvent.COMPENSATED,
+        "NOOP": SagaEvent.COMPENSATED,
+        "FAILED": SagaEvent.COMPENSATE_FAILED,
+    },
+}
+# Any attempt's success counts: after a timeout, the first attempt may still land.
+_ANY_ATTEMPT = frozenset({SagaEvent.EXECUTED, SagaEvent.COMPENSATED})
 
 
-def _alert(kind: str, state: SagaSnapshot, message: str, now: int) -> Alert:
-    return {"kind": kind, "tx_id": state["intent"]["tx_id"], "message": message, "at_ms": now}
+def classify(state: SagaSnapshot, event: Event, now: int) -> SagaEvent:
+    if isinstance(event, TimerDue):
+        due = state["due_at_ms"]
+        return SagaEvent.TIMER_DUE if due and now >= due else SagaEvent.TIMER_EARLY
+    tx_id = state["intent"]["tx_id"]
+    if isinstance(event, IntentReceived):
+        if event.intent["tx_id"] != tx_id:
+            raise ProtocolError(f"{tx_id}: received the intent of {event.intent['tx_id']}")
+        return SagaEvent.INTENT_AGAIN
+    outcome = event.outcome
+    kind = _OUTCOME_KINDS.get(outcome["action"], {}).get(outcome["status"])
+    if kind is None:
+        raise ProtocolError(f"{tx_id}: a saga never receives a {outcome['action']} outcome {outcome['status']}")
+    if outcome["tx_id"] != tx_id or not 0 <= outcome["step_index"] < len(state["steps"]):
+        raise ProtocolError(f"{tx_id}: outcome for {outcome['tx_id']} step {outcome['step_index']}, not of this saga")
+    if outcome["step_index"] != state["current"]:
+        return SagaEvent.STALE_OUTCOME
+    if kind not in _ANY_ATTEMPT and outcome["attempt"] != state["attempt"]:
+        return SagaEvent.STALE_OUTCOME
+    return kind
 
 
-def result_of(state: SagaSnapshot, status: TransactionStatus, now: int) -> TransactionResult:
-    return {
-        "tx_id": state["intent"]["tx_id"],
-        "name": state["intent"]["name"],
-        "status": status,
-        "steps": [{**s} for s in state["steps"]],  # type: ignore[misc]
-        "error": state["error"],
-        "started_at_ms": state["started_at_ms"],
-        "finished_at_ms": now,
-    }
+# -- the transitions --------------------------------------------------------------------------------
 
 
-def _finish(transition: Transition, phase: Phase, status: TransactionStatus, now: int) -> Transition:
+def _finish(transition: Transition, phase: SagaPhase, status: TransactionStatus, now: int) -> Transition:
     state = transition.state
     state["phase"] = phase
     state["waiting"] = False
@@ -142,102 +149,51 @@ def _finish(transition: Transition, phase: Phase, status: TransactionStatus, now
     return transition
 
 
-# -- the transitions --------------------------------------------------------------------------------
-
-
-def start(intent: TransactionIntent, now: int, policy: SagaPolicy) -> Transition:
+def start(intent: TransactionIntent, now: int, policy: SagaPolicy, refusal: ErrorInfo | None = None) -> Transition:
     """A new intent: validate every step up front (nothing runs if one is invalid), then run step 0."""
-    steps: list[StepResult] = [
-        {
-            "index": i,
-            "name": s["name"],
-            "store": s["operation"]["store"],
-            "status": PENDING,
-            "attempts": 0,
-            "compensation_attempts": 0,
-            "error": None,
-        }
-        for i, s in enumerate(intent["steps"])
-    ]
-    state: SagaSnapshot = {
-        "intent": intent,
-        "phase": "forward",
-        "current": 0,
-        "attempt": 1,
-        "due_at_ms": 0,
-        "waiting": False,
-        "steps": steps,
-        "before_images": [None] * len(steps),
-        "error": None,
-        "started_at_ms": now,
-        "updated_at_ms": now,
-    }
+    state = initial_state(intent, now)
     transition = Transition(state)
-    problem = _validate(intent, policy)
+    problem = refusal or validate(intent, policy)
     if problem is not None:
         state["error"] = problem
-        if 0 <= problem_step(problem) < len(steps):
-            steps[problem_step(problem)]["error"] = problem
-        return _finish(transition, "failed", "FAILED", now)
-    if not steps:
-        return _finish(transition, "completed", "COMPLETED", now)
-    transition.commands.append(_send(state, "EXECUTE", now, policy))
+        if 0 <= problem_step(problem) < len(state["steps"]):
+            state["steps"][problem_step(problem)]["error"] = problem
+        transition.rejections.append(problem)  # an intent no store could run is poison: kept for inspection
+        return _finish(transition, SagaPhase.FAILED, "FAILED", now)
+    if not state["steps"]:
+        return _finish(transition, SagaPhase.COMPLETED, "COMPLETED", now)
+    transition.commands.append(send(state, "EXECUTE", now, policy))
     return transition
 
 
-def problem_step(problem: ErrorInfo) -> int:
-    prefix = problem["message"].split(":", 1)[0]
-    return int(prefix.removeprefix("step ")) if prefix.startswith("step ") else -1
-
-
-def _validate(intent: TransactionIntent, policy: SagaPolicy) -> ErrorInfo | None:
-    for i, step in enumerate(intent["steps"]):
-        try:
-            validate_operation(step["operation"], policy.max_payload_bytes)
-            if step["compensation"] is not None:
-                validate_operation(step["compensation"], policy.max_payload_bytes)
-        except PolycommitError as exc:
-            return error_info(exc.error_class, f"step {i}: {exc}", False)
-        if step["index"] != i:
-            return error_info("InvalidOperationError", f"step {i}: index is {step['index']}", False)
-    return None
-
-
-def on_outcome(state: SagaSnapshot, event: StepOutcome, now: int, policy: SagaPolicy) -> Transition:
-    """A store reported on a command. Outcomes that no longer matter (late, duplicate) change nothing."""
-    if state["phase"] in TERMINAL or event["step_index"] != state["current"]:
-        return Transition(state)
-    if state["phase"] == "forward" and event["action"] == "EXECUTE":
-        return _on_execute_outcome(_copy(state, now), event, now, policy)
-    if state["phase"] in ("compensating", "stuck") and event["action"] == "COMPENSATE":
-        return _on_compensate_outcome(_copy(state, now), event, now, policy)
-    return Transition(state)
-
-
-def _on_execute_outcome(state: SagaSnapshot, event: StepOutcome, now: int, policy: SagaPolicy) -> Transition:
+def _executed(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: SagaPolicy) -> Transition:
+    state = copy_state(state, now)
     index = state["current"]
-    status = event["status"]
     transition = Transition(state)
-    if status in ("APPLIED", "ALREADY_APPLIED"):
-        # Any attempt's success counts: after a timeout, the first attempt may still land.
-        state["steps"][index]["status"] = APPLIED
-        state["steps"][index]["error"] = None
-        state["before_images"][index] = event["before_image"]
-        if index + 1 == len(state["steps"]):
-            return _finish(transition, "completed", "COMPLETED", now)
-        state["current"], state["attempt"] = index + 1, 1
-        transition.commands.append(_send(state, "EXECUTE", now, policy))
-        return transition
-    if event["attempt"] != state["attempt"]:
-        return Transition(state)  # a failure of an attempt we already gave up on
-    if status == "SKIPPED":
-        # The step was compensated before (a replay of a compensated saga): it must not run now.
-        state["steps"][index]["status"] = SKIPPED
-        state["error"] = error_info("StepSkipped", f"step {index}: already compensated", False)
-        return _begin_compensation(transition, index - 1, now, policy)
-    error = event["error"] or error_info("StepFailed", "no error given", False)
-    state["steps"][index]["error"] = error
-    return _retry_or_compensate(transition, error, may_have_applied=False, now=now, policy=policy)
+    state["steps"][index]["status"] = APPLIED
+    state["steps"][index]["error"] = None
+    state["before_images"][index] = event.outcome["before_image"]
+    if index + 1 == len(state["steps"]):
+        return _finish(transition, SagaPhase.COMPLETED, "COMPLETED", now)
+    state["current"], state["attempt"] = index + 1, 1
+    transition.commands.append(send(state, "EXECUTE", now, policy))
+    return transition
+
+
+def _execute_skipped(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: SagaPolicy) -> Transition:
+    """The step was compensated before (a replay of a compensated saga): it must not run now."""
+    state = copy_state(state, now)
+    index = state["current"]
+    state["steps"][index]["status"] = SKIPPED
+    state["error"] = error_info("StepSkipped", f"step {index}: already compensated", False)
+    return _begin_compensation(Transition(state), index - 1, now, policy)
+
+
+def _execute_failed(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: SagaPolicy) -> Transition:
+    state = copy_state(state, now)
+    error = event.outcome["error"] or error_info("StepFailed", "no error given", False)
+    state["steps"][state["current"]]["error"] = error
+    return _retry_or_compensate(Transition(state), error, may_have_applied=False, now=now, policy=policy)
 
 
 def _retry_or_compensate(
@@ -258,8 +214,7 @@ def _retry_or_compensate(
 
 
 def _begin_compensation(transition: Transition, from_index: int, now: int, policy: SagaPolicy) -> Transition:
-    state = transition.state
-    state["phase"] = "compensating"
+    transition.state["phase"] = SagaPhase.COMPENSATING
     return _compensate_next(transition, from_index, now, policy)
 
 
@@ -270,29 +225,30 @@ def _compensate_next(transition: Transition, from_index: int, now: int, policy: 
     while index >= 0 and state["steps"][index]["status"] not in TO_COMPENSATE:
         index -= 1
     if index < 0:
-        status: TransactionStatus = "COMPENSATED"
-        return _finish(transition, "compensated", status, now)
+        return _finish(transition, SagaPhase.COMPENSATED, "COMPENSATED", now)
     state["current"], state["attempt"] = index, 1
-    transition.commands.append(_send(state, "COMPENSATE", now, policy))
+    transition.commands.append(send(state, "COMPENSATE", now, policy))
     return transition
 
 
-def _on_compensate_outcome(state: SagaSnapshot, event: StepOutcome, now: int, policy: SagaPolicy) -> Transition:
+def _compensated(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: SagaPolicy) -> Transition:
+    state = copy_state(state, now)
     index = state["current"]
     transition = Transition(state)
-    if event["status"] in ("APPLIED", "ALREADY_APPLIED", "NOOP"):
-        step = state["steps"][index]
-        if step["status"] != FAILED:  # a failed step stays "failed" in the result once fenced
-            step["status"] = COMPENSATED if event["status"] != "NOOP" else NOT_APPLIED
-        if state["phase"] == "stuck":
-            transition.alerts.append(_alert("resolved", state, f"step {index} compensated", now))
-            state["phase"] = "compensating"
-        return _compensate_next(transition, index - 1, now, policy)
-    if event["attempt"] != state["attempt"]:
-        return Transition(state)
-    error = event["error"] or error_info("CompensationFailed", "no error given", False)
-    state["steps"][index]["error"] = error
-    return _compensation_failed(transition, error, now, policy)
+    step = state["steps"][index]
+    if step["status"] != FAILED:  # a failed step stays "failed" in the result once fenced
+        step["status"] = COMPENSATED if event.outcome["status"] != "NOOP" else NOT_APPLIED
+    if state["phase"] == SagaPhase.STUCK:
+        transition.alerts.append(alert("resolved", state, f"step {index} compensated", now))
+        state["phase"] = SagaPhase.COMPENSATING
+    return _compensate_next(transition, index - 1, now, policy)
+
+
+def _compensate_failed(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: SagaPolicy) -> Transition:
+    state = copy_state(state, now)
+    error = event.outcome["error"] or error_info("CompensationFailed", "no error given", False)
+    state["steps"][state["current"]]["error"] = error
+    return _compensation_failed(Transition(state), error, now, policy)
 
 
 def _compensation_failed(transition: Transition, error: ErrorInfo, now: int, policy: SagaPolicy) -> Transition:
@@ -301,32 +257,97 @@ def _compensation_failed(transition: Transition, error: ErrorInfo, now: int, pol
     index = state["current"]
     state["waiting"] = False
     state["due_at_ms"] = now + policy.backoff_ms(state["intent"]["tx_id"], state["attempt"])
-    if state["attempt"] >= policy.compensation_retries and state["phase"] != "stuck":
-        state["phase"] = "stuck"
+    if state["attempt"] >= policy.compensation_retries and state["phase"] != SagaPhase.STUCK:
+        state["phase"] = SagaPhase.STUCK
         message = f"compensation of step {index} failed {state['attempt']} times: {error['message']}"
-        state["steps"][index]["status"] = "compensation_failed"
-        transition.alerts.append(_alert("stuck", state, message, now))
+        state["steps"][index]["status"] = COMPENSATION_FAILED
+        transition.alerts.append(alert("stuck", state, message, now))
         transition.result = result_of(state, "STUCK", now)
     return transition
 
 
-def on_due(state: SagaSnapshot, now: int, policy: SagaPolicy) -> Transition:
+def _timer_due(state: SagaSnapshot, event: TimerDue, now: int, policy: SagaPolicy) -> Transition:
     """The step in flight timed out, or a scheduled retry is due."""
-    if state["phase"] in TERMINAL or state["due_at_ms"] == 0 or now < state["due_at_ms"]:
-        return Transition(state)
-    state = _copy(state, now)
+    state = copy_state(state, now)
     transition = Transition(state)
-    forward = state["phase"] == "forward"
+    forward = state["phase"] == SagaPhase.FORWARD
     if state["waiting"]:  # a timeout: the command in flight counts as failed
-        error = error_info("StepTimeout", f"no outcome within {_timeout_ms(state, state['current'], policy)} ms", True)
+        error = error_info("StepTimeout", f"no outcome within {timeout_ms(state, state['current'], policy)} ms", True)
         state["steps"][state["current"]]["error"] = error
         if forward:
             return _retry_or_compensate(transition, error, may_have_applied=True, now=now, policy=policy)
         return _compensation_failed(transition, error, now, policy)
     state["attempt"] += 1
-    transition.commands.append(_send(state, "EXECUTE" if forward else "COMPENSATE", now, policy))
+    transition.commands.append(send(state, "EXECUTE" if forward else "COMPENSATE", now, policy))
     return transition
 
 
-def status_of(state: SagaSnapshot) -> str:
-    return state["phase"]
+# -- the table: every (phase, event kind) a saga can meet -------------------------------------------
+
+_F, _C, _S = SagaPhase.FORWARD, SagaPhase.COMPENSATING, SagaPhase.STUCK
+_COMPENSATING_ROWS: dict[SagaEvent, Handler] = {
+    SagaEvent.INTENT_AGAIN: unchanged,  # a duplicate of an intent in flight
+    SagaEvent.EXECUTED: unchanged,  # a late success of a step being compensated: the compensation undoes it
+    SagaEvent.EXECUTE_FAILED: unchanged,  # late: the step is already being compensated
+    SagaEvent.EXECUTE_SKIPPED: unchanged,  # late: the step is already being compensated
+    SagaEvent.COMPENSATED: _compensated,
+    SagaEvent.COMPENSATE_FAILED: _compensate_failed,
+    SagaEvent.STALE_OUTCOME: unchanged,
+    SagaEvent.TIMER_DUE: _timer_due,  # a compensation timed out (counts as failed), or its retry is due
+    SagaEvent.TIMER_EARLY: unchanged,
+}
+TABLE: dict[tuple[StrEnum, StrEnum], Handler] = {
+    (_F, SagaEvent.INTENT_AGAIN): unchanged,  # a duplicate of an intent in flight
+    (_F, SagaEvent.EXECUTED): _executed,
+    (_F, SagaEvent.EXECUTE_FAILED): _execute_failed,
+    (_F, SagaEvent.EXECUTE_SKIPPED): _execute_skipped,
+    # Going forward, no compensation was sent: these are redeliveries from an earlier run of the same
+    # transaction id (an intent sent again after its saga ended).
+    (_F, SagaEvent.COMPENSATED): unchanged,
+    (_F, SagaEvent.COMPENSATE_FAILED): unchanged,
+    (_F, SagaEvent.STALE_OUTCOME): unchanged,
+    (_F, SagaEvent.TIMER_DUE): _timer_due,  # a step timed out (counts as failed), or its retry is due
+    (_F, SagaEvent.TIMER_EARLY): unchanged,
+    **{(_C, kind): handler for kind, handler in _COMPENSATING_ROWS.items()},
+    # Stuck is compensating with an alert raised: the same rows (a success also resolves the alert).
+    **{(_S, kind): handler for kind, handler in _COMPENSATING_ROWS.items()},
+    # After the end every event is late or a duplicate, and a terminal state never changes.
+    **{(phase, kind): unchanged for phase in map(SagaPhase, TERMINAL) for kind in SagaEvent},
+}
+
+
+def decide(state: SagaSnapshot, event: Event, now: int, policy: SagaPolicy) -> Transition:
+    return dispatch(TABLE, (phase_of(state), classify(state, event, now)), state, event, now, policy)
+
+
+def on_outcome(state: SagaSnapshot, outcome: StepOutcome, now: int, policy: SagaPolicy) -> Transition:
+    """A store reported on a command. Outcomes that no longer matter (late, duplicate) change nothing."""
+    return decide(state, OutcomeReceived(outcome), now, policy)
+
+
+def on_due(state: SagaSnapshot, now: int, policy: SagaPolicy) -> Transition:
+    """The step in flight timed out, or a scheduled retry is due."""
+    return decide(state, TimerDue(), now, policy)
+
+
+@dataclass(frozen=True)
+class SagaProtocol:
+    """The saga as the driver sees it (orchestrator/registry.py registers it under "saga")."""
+
+    policy: SagaPolicy = field(default_factory=SagaPolicy)
+    name: str = PROTOCOL
+
+    def start(self, intent: TransactionIntent, now: int, refusal: ErrorInfo | None = None) -> Transition:
+        return start(intent, now, self.policy, refusal)
+
+    def decide(self, state: SagaSnapshot, event: Event, now: int) -> Transition:
+        return decide(state, event, now, self.policy)
+
+    def is_terminal(self, phase: str) -> bool:
+        return phase in TERMINAL
+
+    def is_in_flight(self, phase: str) -> bool:
+        return phase in IN_FLIGHT
+
+    def is_stuck(self, phase: str) -> bool:
+        return phase == SagaPhase.STUCK

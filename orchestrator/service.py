@@ -1,35 +1,40 @@
-"""The coordinator process: drives the pure saga state machine from Kafka, exactly once.
+"""The coordinator process: drives the transactions' protocols from Kafka, exactly once. I/O only.
 
-Each loop reads a batch of intents and outcomes, folds them through `orchestrator.saga`, fires due timers
-(timeouts, retries), and then, in ONE Kafka transaction, publishes the resulting commands, results,
-alerts and dead letters, the new snapshots of every transaction it touched (the changelog), and the
-consumed offsets. A crash anywhere aborts that transaction: on restart the member restores its
-partitions' snapshots from the changelog and re-reads the same inputs, so no decision is lost or made
-twice. Restarting with the same transactional id fences a zombie predecessor.
+Each loop reads a batch of intents and outcomes, folds each through its transaction's protocol (the
+registry in `orchestrator.registry`; sagas today), fires due timers (timeouts, retries), and then, in ONE
+Kafka transaction, publishes the resulting commands, decisions, lock requests, results, alerts and dead
+letters, the new snapshots of every transaction it touched (the changelog), and the consumed offsets. A
+crash anywhere aborts that transaction: on restart the member restores its partitions' snapshots from the
+changelog and re-reads the same inputs, so no decision is lost or made twice. Restarting with the same
+transactional id fences a zombie predecessor. What a phase means is the protocol's business, never this
+module's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from orchestrator import saga
-from polycommit.bus import Outgoing, Publisher, key_hash, make_consumer, read_topic, topics_for
+from orchestrator import registry
+from orchestrator.admission import ReplyTargets, key_refusal
+from orchestrator.admission import reply_target as reply_target
+from orchestrator.protocol import Event, IntentReceived, OutcomeReceived, TimerDue, Transition, TxState
+from orchestrator.saga import SagaPolicy
+from orchestrator.transactions import OwnedTransactions
+from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.deadletters import dead_letter
-from polycommit.errors import CodecError
-from polycommit.events import SagaSnapshot, StepOutcome, TransactionIntent, TransactionResult, now_ms
+from polycommit.errors import CodecError, PermanentError, ProtocolError
+from polycommit.events import ErrorInfo, StepOutcome, TransactionIntent, TransactionResult, now_ms
 from polycommit.failpoints import failpoint
-from projections import tx_state
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +56,6 @@ class CoordinatorStats:
     commit_s: float = 0.0
 
 
-def reply_target(reply_to: str) -> tuple[str, int | None] | None:
-    """`topic` or `topic:partition` -> (topic, partition); empty -> None."""
-    if not reply_to:
-        return None
-    topic, _, partition = reply_to.rpartition(":")
-    if topic and partition.isdigit():
-        return topic, int(partition)
-    return reply_to, None
-
-
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, service: CoordinatorService) -> None:
         self.service = service
@@ -78,76 +73,50 @@ class CoordinatorService:
     def __init__(
         self,
         settings: Settings,
-        policy: saga.SagaPolicy | None = None,
+        policy: SagaPolicy | None = None,
         *,
         instance: str | None = None,
         codec: EventCodec | None = None,
         max_records: int = 2000,
     ) -> None:
         self.settings = settings
-        self.policy = policy or saga.SagaPolicy(max_payload_bytes=settings.max_payload_bytes)
+        self.policy = policy or SagaPolicy(max_payload_bytes=settings.max_payload_bytes)
+        self.protocols = registry.protocols(self.policy)
         self.codec = codec or default_codec()
         self.topics = topics_for(settings)
         self.group_id = f"{settings.topic_prefix}-coordinator"
         self.instance = instance or settings.coordinator_instance
         self.transactional_id = f"{settings.topic_prefix}-coordinator-{self.instance}"
         self.max_records = max_records
-        self.sagas: dict[str, SagaSnapshot] = {}
-        self.intent_bytes: dict[str, bytes] = {}  # each saga's intent as published, for its snapshots
-        self.timers: list[tuple[int, str]] = []
+        self.transactions = OwnedTransactions(settings, self.topics.tx_state, self.codec)
+        self._publisher: Publisher | None = None  # the session's, for cluster metadata
+        self.replies = ReplyTargets(self.topics, self._cluster_topics)
         self.stats = CoordinatorStats()
-        self._partitions = 0
         # The Kafka transaction of the previous loop, committing while the next batch is read and folded.
         self._committing: asyncio.Task[None] | None = None
         self._commit_failure: BaseException | None = None
-        self._restored: set[int] = set()  # partitions whose changelog is folded into `sagas`
-        self._restore_lock = asyncio.Lock()
 
     # -- state ownership ----------------------------------------------------------------------------
 
-    def partition_of(self, tx_id: str) -> int:
-        return key_hash(tx_id) % max(1, self._partitions)
-
     def forget(self, partitions: set[int]) -> None:
-        self._restored -= partitions
-        for tx_id in [t for t in self.sagas if self.partition_of(t) in partitions]:
-            del self.sagas[tx_id]
-            self.intent_bytes.pop(tx_id, None)
+        self.transactions.forget(partitions)
+
+    def forget_all(self) -> None:
+        self.transactions.forget_all()
 
     async def restore(self, partitions: set[int]) -> None:
-        """Fold the changelog partitions this member now owns into its in-memory state, once each.
-
-        aiokafka may hand out records of a new partition before its rebalance callback has finished
-        restoring it, so the loop also calls this for every partition in a batch: the lock and the
-        restored set make the second caller wait for the first and then do nothing."""
-        async with self._restore_lock:
-            todo = set(partitions) - self._restored
-            if todo:
-                await self._restore(todo)
-                self._restored |= todo
-
-    async def _restore(self, partitions: set[int]) -> None:
-        raw: list[tuple[str, bytes | None]] = []
-        topic = self.topics.tx_state
-        await read_topic(self.settings, topic, lambda r: raw.append((r.key.decode(), r.value)), partitions)
-        restored, intents, corrupt = tx_state.fold_raw(self.codec, raw)
-        if corrupt:
-            # Not ours (someone wrote to the changelog): skipped, since refusing to start would stop
-            # every transaction; counted and logged for the operator.
-            self.stats.corrupt_snapshots += corrupt
-            log.error("skipped %d corrupt changelog records in partitions %s", corrupt, sorted(partitions))
-        for tx_id, snapshot in restored.items():
-            self.sagas[tx_id] = snapshot
-            self.intent_bytes[tx_id] = intents[tx_id]
-            self._schedule(snapshot)
+        """Fold the changelog partitions this member now owns into its state (once each)."""
+        restored = await self.transactions.restore(partitions)
         self.stats.restored += len(restored)
-        log.info(
-            "restored %d transactions from partitions %s (%d records)", len(restored), sorted(partitions), len(raw)
-        )
+        self.stats.corrupt_snapshots = self.transactions.corrupt_snapshots
+        for state in restored:  # results go only to addresses the cache shows valid: load it for these
+            await self.replies.refusal(state["intent"]["reply_to"])
 
-    def _schedule(self, snapshot: SagaSnapshot) -> None:
-        if snapshot["due_at_ms"] and snapshot["phase"] not in saga.TERMINAL:
-            heapq.heappush(self.timers, (snapshot["due_at_ms"], snapshot["intent"]["tx_id"]))
+    async def _cluster_topics(self) -> Mapping[str, Collection[int]]:
+        if self._publisher is None:
+            return {}
+        cluster = await self._publisher.producer.client.fetch_all_metadata()
+        return {topic: cluster.partitions_for_topic(topic) or set() for topic in cluster.topics()}
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -187,12 +156,6 @@ class CoordinatorService:
             failure, self._commit_failure = self._commit_failure, None
             raise failure
 
-    def forget_all(self) -> None:
-        self._restored.clear()
-        self.sagas.clear()
-        self.intent_bytes.clear()
-        self.timers.clear()
-
     async def _session(self, stop: asyncio.Event, ready: asyncio.Event | None) -> None:
         self.forget_all()  # a session owns nothing until the group assigns it partitions
         publisher = Publisher(
@@ -205,7 +168,9 @@ class CoordinatorService:
             instance_id=f"coordinator-{self.instance}",  # unique per process, like the transactional id
         )
         await publisher.start()
-        self._partitions = len(await publisher.partitions(self.topics.intents))
+        self._publisher = publisher
+        self.replies = ReplyTargets(self.topics, self._cluster_topics)  # a new session looks again
+        self.transactions.partitions = len(await publisher.partitions(self.topics.intents))
         consumer.subscribe(self.topics.coordinator_inputs(), listener=_Rebalance(self))
         await consumer.start()
         try:
@@ -220,36 +185,34 @@ class CoordinatorService:
             self._commit_failure = None
             await consumer.stop()
             await publisher.stop()
+            self._publisher = None
 
     async def _step(self, consumer: AIOKafkaConsumer, publisher: Publisher) -> None:
         wait_ms = 100
-        if self.timers:
-            wait_ms = max(0, min(wait_ms, self.timers[0][0] - now_ms()))
+        next_due = self.transactions.next_due_ms()
+        if next_due is not None:
+            wait_ms = max(0, min(wait_ms, next_due - now_ms()))
         started = time.perf_counter()
         batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.max_records)
-        unrestored = {tp.partition for tp in batch} - self._restored
+        self.replies.new_batch()
+        unrestored = {tp.partition for tp in batch} - self.transactions.restored_partitions
         if unrestored:
             await self.restore(unrestored)  # never fold an event over state not yet loaded
         folded = time.perf_counter()
         self.stats.read_s += folded - started
         now = now_ms()
         out: list[Outgoing] = []
-        touched: dict[str, SagaSnapshot] = {}
+        touched: dict[str, TxState] = {}
         for records in batch.values():
             for record in records:
-                self._consume(record, now, out, touched)
+                await self._consume(record, now, out, touched)
         self._fire_due(now, out, touched)
         if self._commit_failure is not None or (self._committing is not None and self._committing.done()):
             await self.drain()  # surface a failed commit before building on the state it left
         if not out and not touched and not batch:
             return
-        for tx_id, snapshot in touched.items():
-            if snapshot["phase"] in saga.TERMINAL:
-                out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", None))
-                self.intent_bytes.pop(tx_id, None)
-            else:
-                record = tx_state.to_record(snapshot, self.intent_bytes[tx_id])
-                out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", record))
+        for tx_id, state in touched.items():
+            out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", self.transactions.record_of(state)))
         offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
         self.stats.fold_s += time.perf_counter() - folded
         # One Kafka transaction at a time, but the next batch is read and folded while this one commits.
@@ -272,16 +235,16 @@ class CoordinatorService:
         self.stats.kafka_transactions += 1
         self.stats.commit_s += time.perf_counter() - committing
 
-    def _consume(self, record: Any, now: int, out: list[Outgoing], touched: dict[str, SagaSnapshot]) -> None:
+    async def _consume(self, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]) -> None:
         try:
             decoded = self.codec.decode(record.value)
             if decoded.event_type == "TransactionIntent" and record.topic == self.topics.intents:
-                self._on_intent(decoded.record, record, now, out, touched)  # type: ignore[arg-type]
+                await self._on_intent(decoded.record, record, now, out, touched)  # type: ignore[arg-type]
             elif decoded.event_type == "StepOutcome" and record.topic == self.topics.outcomes:
-                self._on_outcome(decoded.record, now, out, touched)  # type: ignore[arg-type]
+                self._on_outcome(decoded.record, record, now, out, touched)  # type: ignore[arg-type]
             else:
                 raise CodecError(f"a {decoded.event_type} does not belong on {record.topic}")
-        except CodecError as exc:
+        except (CodecError, ProtocolError) as exc:
             self.stats.dead_letters += 1
             tx_id = record.key.decode(errors="replace") if record.key else None  # records are keyed by tx id
             letter = dead_letter(record, exc, "coordinator", tx_id)
@@ -289,62 +252,103 @@ class CoordinatorService:
                 Outgoing(self.topics.dead_letters, tx_id or f"{record.topic}/{record.offset}", "DeadLetter", letter)
             )
 
-    def _on_intent(
-        self, intent: TransactionIntent, record: Any, now: int, out: list[Outgoing], touched: dict[str, SagaSnapshot]
+    async def _on_intent(
+        self, intent: TransactionIntent, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]
     ) -> None:
         self.stats.intents += 1
         tx_id = intent["tx_id"]
-        if tx_id in self.sagas:
-            return  # a duplicate of an intent already in flight
-        self.intent_bytes[tx_id] = bytes(record.value)
-        transition = saga.start(intent, now, self.policy)
-        if transition.state["phase"] == "failed" and transition.state["error"] is not None:
-            # An intent no store could run is poison: it fails now (never hangs) and is kept for inspection.
-            error = transition.state["error"]
-            exc = CodecError(f"{error['error_class']}: {error['message']}")
-            letter = dead_letter(record, exc, "coordinator", tx_id)
-            letter["error_class"] = error["error_class"]
-            out.append(Outgoing(self.topics.dead_letters, tx_id, "DeadLetter", letter))
-            self.stats.dead_letters += 1
-        self._apply(transition, out, touched)
+        if tx_id in self.transactions:  # the protocol decides what its intent arriving again means
+            self._decide(tx_id, IntentReceived(intent), record, now, out, touched)
+            return
+        protocol = self.protocols[registry.protocol_name(intent)]
+        refusal = key_refusal(record.key, tx_id) or await self.replies.refusal(intent["reply_to"])
+        if refusal is not None:
+            # Never admitted: no state, no changelog record (a wrong key may even name a partition that
+            # another member owns); the result and the dead letter say why.
+            self._publish(protocol.start(intent, now, refusal), record, out)
+            return
+        self.transactions.admit(tx_id, bytes(record.value))
+        self._apply(protocol.start(intent, now), None, record, out, touched)
 
-    def _on_outcome(self, event: StepOutcome, now: int, out: list[Outgoing], touched: dict[str, SagaSnapshot]) -> None:
+    def _on_outcome(
+        self, event: StepOutcome, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]
+    ) -> None:
         self.stats.outcomes += 1
-        state = self.sagas.get(event["tx_id"])
-        if state is None:
-            return  # the transaction already ended: a late or redelivered outcome
-        self._apply(saga.on_outcome(state, event, now, self.policy), out, touched)
+        # No state: the transaction already ended (its terminal state is not kept), a late or redelivered outcome.
+        self._decide(event["tx_id"], OutcomeReceived(event), record, now, out, touched)
 
-    def _fire_due(self, now: int, out: list[Outgoing], touched: dict[str, SagaSnapshot]) -> None:
-        while self.timers and self.timers[0][0] <= now:
-            due, tx_id = heapq.heappop(self.timers)
-            state = self.sagas.get(tx_id)
-            if state is None or state["due_at_ms"] != due:
-                continue  # the timer was superseded by a later transition
-            self._apply(saga.on_due(state, now, self.policy), out, touched)
+    def _fire_due(self, now: int, out: list[Outgoing], touched: dict[str, TxState]) -> None:
+        for state in list(self.transactions.due(now)):
+            self._decide(state["intent"]["tx_id"], TimerDue(), None, now, out, touched)
 
-    def _apply(self, transition: saga.Transition, out: list[Outgoing], touched: dict[str, SagaSnapshot]) -> None:
+    def _decide(
+        self, tx_id: str, event: Event, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]
+    ) -> None:
+        state = self.transactions.get(tx_id)
+        if state is not None:
+            protocol = self.protocols[registry.protocol_of(state)]
+            self._apply(protocol.decide(state, event, now), state, record, out, touched)
+
+    def _apply(
+        self,
+        transition: Transition,
+        before: TxState | None,
+        record: Any,
+        out: list[Outgoing],
+        touched: dict[str, TxState],
+    ) -> None:
         state = transition.state
         tx_id = state["intent"]["tx_id"]
+        if state is before and not _publishes(transition):
+            return  # a late or duplicate event: nothing changed
         touched[tx_id] = state
-        if state["phase"] in saga.TERMINAL:
-            self.sagas.pop(tx_id, None)
-        else:
-            self.sagas[tx_id] = state
-            self._schedule(state)
+        self.transactions.keep(state)
+        self._publish(transition, record, out)
+
+    def _publish(self, transition: Transition, record: Any, out: list[Outgoing]) -> None:
+        state = transition.state
+        tx_id = state["intent"]["tx_id"]
         for command in transition.commands:
             out.append(Outgoing(self.topics.commands(command["operation"]["store"]), tx_id, "StoreCommand", command))
         self.stats.commands += len(transition.commands)
-        for alert in transition.alerts:
-            out.append(Outgoing(self.topics.alerts, tx_id, "Alert", alert))
+        out.extend(Outgoing(self.topics.decisions, tx_id, "Decision", d) for d in transition.decisions)
+        out.extend(
+            Outgoing(self.topics.locks, lock["resource"], "LockEvent", lock) for lock in transition.lock_requests
+        )
+        out.extend(Outgoing(self.topics.alerts, tx_id, "Alert", alert) for alert in transition.alerts)
+        for error in transition.rejections:
+            self._reject(record, tx_id, error, out)
         if transition.result is not None:
             self._publish_result(state, transition.result, out)
 
-    def _publish_result(self, state: SagaSnapshot, result: TransactionResult, out: list[Outgoing]) -> None:
+    def _reject(self, record: Any, tx_id: str, error: ErrorInfo, out: list[Outgoing]) -> None:
+        """The input record is poison for its protocol: it is kept for inspection as a dead letter."""
+        if record is None:
+            log.error("%s: %s: %s (no input record to keep)", tx_id, error["error_class"], error["message"])
+            return
+        letter = dead_letter(
+            record, PermanentError(f"{error['error_class']}: {error['message']}"), "coordinator", tx_id
+        )
+        letter["error_class"] = error["error_class"]
+        out.append(Outgoing(self.topics.dead_letters, tx_id, "DeadLetter", letter))
+        self.stats.dead_letters += 1
+
+    def _publish_result(self, state: TxState, result: TransactionResult, out: list[Outgoing]) -> None:
         tx_id = result["tx_id"]
         self.stats.results[result["status"]] = self.stats.results.get(result["status"], 0) + 1
         encoded = self.codec.encode("TransactionResult", result)  # once, for both topics
         out.append(Outgoing(self.topics.results, tx_id, "TransactionResult", result, encoded=encoded))
-        target = reply_target(state["intent"]["reply_to"])
+        target = self.replies.target(state["intent"]["reply_to"])
         if target is not None:
             out.append(Outgoing(target[0], tx_id, "TransactionResult", result, partition=target[1], encoded=encoded))
+
+
+def _publishes(transition: Transition) -> bool:
+    return bool(
+        transition.commands
+        or transition.decisions
+        or transition.lock_requests
+        or transition.alerts
+        or transition.rejections
+        or transition.result is not None
+    )

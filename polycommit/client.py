@@ -35,6 +35,7 @@ from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings, load_settings
 from polycommit.errors import TransactionError, TransactionTimeoutError
 from polycommit.events import Consistency, Isolation, NodeRef, Operation, Point, Step, TransactionIntent, now_ms
+from polycommit.modes import refuse_unsupported
 
 
 @dataclass(frozen=True)
@@ -321,7 +322,9 @@ class Coordinator:
                     future.set_result(TransactionResult.from_event(event))
 
     async def submit(self, transaction: Transaction) -> asyncio.Future[TransactionResult]:
-        """Publish the intent; the returned future completes with the result."""
+        """Publish the intent; the returned future completes with the result. A mode polycommit does not
+        run yet raises UnsupportedError here, before anything is published."""
+        refuse_unsupported(transaction.consistency, transaction.isolation, transaction.priority)
         if self._replies is None:
             raise TransactionError("Coordinator.start() was not awaited")
         future: asyncio.Future[TransactionResult] = asyncio.get_running_loop().create_future()
@@ -353,6 +356,7 @@ class Coordinator:
         priority: int = 0,
         raise_on_failure: bool = False,
     ) -> TransactionScope:
+        refuse_unsupported(consistency, isolation, priority)  # before the caller builds its steps
         tx = Transaction(name=name, consistency=consistency, isolation=isolation, priority=priority)
         return TransactionScope(self, tx, raise_on_failure)
 

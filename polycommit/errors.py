@@ -97,6 +97,26 @@ class TransactionTimeoutError(RetriableError):
     """No result arrived for a transaction before the client's deadline; it may still finish."""
 
 
+class InvalidIntentError(PermanentError):
+    """The intent cannot be admitted as it was sent: its key, its reply address or a mode it asks for."""
+
+
+class InvalidReplyToError(InvalidIntentError):
+    """`reply_to` names a topic or partition that does not exist, or one of polycommit's own topics."""
+
+
+class InvalidIntentKeyError(InvalidIntentError):
+    """The intent's Kafka key is missing or is not its `tx_id`, which breaks per-transaction ordering."""
+
+
+class UnsupportedError(InvalidIntentError):
+    """The intent asks for a mode polycommit does not run yet (the message names it)."""
+
+
+class ProtocolError(PermanentError):
+    """An event that the transaction's protocol can never receive in its state (not a late or duplicate one)."""
+
+
 class ServerStartError(PolycommitError):
     """A server did not become ready; the message names it and its log file."""
 

@@ -118,7 +118,11 @@ class TransactionResult(TypedDict):
 
 
 class SagaSnapshot(TypedDict):
+    """The coordinator's state of one transaction, for every protocol (`protocol` names which one;
+    snapshots written before the field existed decode with its default, "saga")."""
+
     intent: TransactionIntent
+    protocol: str
     phase: str
     current: int
     attempt: int
@@ -142,6 +146,26 @@ class DeadLetter(TypedDict):
     error_message: str
     tx_id: str | None
     consumer: str
+    at_ms: int
+
+
+class Decision(TypedDict):
+    tx_id: str
+    outcome: Literal["COMMIT", "ABORT"]
+    participants: list[str]
+    reason: str
+    at_ms: int
+
+
+class LockEvent(TypedDict):
+    tx_id: str
+    resource: str
+    mode: Literal["SHARED", "EXCLUSIVE"]
+    action: Literal["REQUESTED", "GRANTED", "WAITING", "RELEASED"]
+    blockers: list[str]
+    priority: int
+    started_at_ms: int
+    work_done: int
     at_ms: int
 
 

@@ -3,6 +3,7 @@
 A snapshot is written for every transaction a coordinator step touched, in the same Kafka transaction
 as the commands it decided; a tombstone follows once the transaction ends. Folding the changelog from
 offset 0 therefore gives exactly the transactions still in flight (or stuck) and where each one stands.
+Which phases are in flight or stuck is asked of each snapshot's protocol (orchestrator/registry.py).
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from orchestrator.registry import is_in_flight, is_stuck
 from polycommit.codec import EventCodec
-from polycommit.errors import CodecError
+from polycommit.errors import CodecError, ProtocolError
 from polycommit.events import SagaSnapshot, TransactionIntent
-
-IN_FLIGHT_PHASES = frozenset({"forward", "compensating", "stuck"})
 
 
 def apply(state: dict[str, SagaSnapshot], tx_id: str, snapshot: SagaSnapshot | None) -> dict[str, SagaSnapshot]:
     """One changelog record: a snapshot replaces the transaction's state, a tombstone removes it."""
-    if snapshot is None or snapshot["phase"] not in IN_FLIGHT_PHASES:
+    if snapshot is None or not is_in_flight(snapshot):
         state.pop(tx_id, None)
     else:
         state[tx_id] = snapshot
@@ -34,7 +34,7 @@ def fold(records: Iterable[tuple[str, SagaSnapshot | None]]) -> dict[str, SagaSn
 
 
 def stuck(state: Mapping[str, SagaSnapshot]) -> list[SagaSnapshot]:
-    return sorted((s for s in state.values() if s["phase"] == "stuck"), key=lambda s: s["started_at_ms"])
+    return sorted((s for s in state.values() if is_stuck(s)), key=lambda s: s["started_at_ms"])
 
 
 def summary(state: Mapping[str, SagaSnapshot]) -> dict[str, int]:
@@ -82,9 +82,10 @@ def fold_raw(
     for key, value in latest.items():
         try:
             decoded = decode(codec, value)
-        except CodecError:
-            corrupt += 1  # not a snapshot of ours: skipping it loses nothing we wrote
+            in_flight = decoded is not None and is_in_flight(decoded[0])
+        except (CodecError, ProtocolError):
+            corrupt += 1  # not a snapshot of ours (or of a protocol this build lacks): skipping loses nothing we wrote
             continue
-        if decoded is not None and decoded[0]["phase"] in IN_FLIGHT_PHASES:
+        if decoded is not None and in_flight:
             states[key], intents[key] = decoded
     return states, intents, corrupt

@@ -1,0 +1,105 @@
+"""What the driver checks of an intent before its protocol sees it: the record's key and the reply address.
+
+Only the driver can check these (they are about the Kafka record and the cluster), and a client's mistake
+in either must never reach the coordinator's own Kafka transaction or state: a result sent to a topic or
+partition that does not exist fails that transaction, so the same intent would come back forever; one
+sent to polycommit's own topics would corrupt them; an intent keyed by something else than its tx_id
+lands on a partition that may not hold its transaction's outcomes and snapshot. The verdict goes to the
+protocol's `start` as a refusal: the transaction fails with the typed error and its intent becomes a
+dead letter.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
+
+from polycommit.bus import Topics
+from polycommit.errors import InvalidIntentKeyError, InvalidReplyToError
+from polycommit.events import ErrorInfo, error_info
+
+
+def reply_target(reply_to: str) -> tuple[str, int | None] | None:
+    """`topic` or `topic:partition` -> (topic, partition); empty -> None."""
+    if not reply_to:
+        return None
+    topic, _, partition = reply_to.rpartition(":")
+    if topic and partition.isdigit():
+        return topic, int(partition)
+    return reply_to, None
+
+
+def key_refusal(key: bytes | None, tx_id: str) -> ErrorInfo | None:
+    """An intent keyed by anything but its tx_id may land on another partition than the transaction's
+    outcomes and snapshot, which breaks per-transaction ordering and state ownership."""
+    if key is not None and key == tx_id.encode():
+        return None
+    shown = "no key" if key is None else f"key {key[:100]!r}"
+    message = f"the intent of {tx_id} has {shown}: intents must be keyed by their tx_id"
+    return error_info(InvalidIntentKeyError.__name__, message, False)
+
+
+@functools.cache
+def _own_topics(topics: Topics) -> frozenset[str]:
+    return frozenset(topics.all()) - {topics.replies}
+
+
+def is_internal(topic: str, topics: Topics) -> bool:
+    """polycommit's own topics (every one but `replies`, which exists for results) and Kafka's."""
+    return topic in _own_topics(topics) or topic.startswith((f"{topics.prefix}.commands.", "__"))
+
+
+def reply_to_problem(reply_to: str, topics: Topics, partitions: Collection[int] | None) -> str | None:
+    """Why a result cannot go to `reply_to`, given the partitions its topic has (None: no such topic)."""
+    target = reply_target(reply_to)
+    if target is None:
+        return None
+    topic, partition = target
+    if is_internal(topic, topics):
+        return f"reply_to {reply_to!r} names an internal topic"
+    if partitions is None:
+        return f"reply_to {reply_to!r}: topic {topic!r} does not exist"
+    if partition is not None and partition not in partitions:
+        return f"reply_to {reply_to!r}: topic {topic!r} has no partition {partition} (it has {len(partitions)})"
+    return None
+
+
+@dataclass
+class ReplyTargets:
+    """The cluster's topics as the coordinator last saw them, to check reply addresses against.
+
+    `fetch` reads every topic's partitions (one metadata request; asking for one unknown topic instead
+    would make the producer wait out its request timeout). An address not in the cache refreshes it at
+    most once per batch of input records, so a flood of bad intents costs one request per batch.
+    """
+
+    topics: Topics
+    fetch: Callable[[], Awaitable[Mapping[str, Collection[int]]]]
+    _partitions: Mapping[str, Collection[int]] | None = None
+    _refreshed_this_batch: bool = False
+
+    def new_batch(self) -> None:
+        self._refreshed_this_batch = False
+
+    async def refusal(self, reply_to: str) -> ErrorInfo | None:
+        problem = reply_to_problem(reply_to, self.topics, self._known(reply_to))
+        if problem is not None and not self._refreshed_this_batch and not self._internal(reply_to):
+            self._partitions = await self.fetch()  # a topic or partition created since the last look
+            self._refreshed_this_batch = True
+            problem = reply_to_problem(reply_to, self.topics, self._known(reply_to))
+        return None if problem is None else error_info(InvalidReplyToError.__name__, problem, False)
+
+    def target(self, reply_to: str) -> tuple[str, int | None] | None:
+        """Where to send a result besides `results`: only an address the cache shows valid."""
+        if reply_to_problem(reply_to, self.topics, self._known(reply_to)) is not None:
+            return None
+        return reply_target(reply_to)
+
+    def _known(self, reply_to: str) -> Collection[int] | None:
+        target = reply_target(reply_to)
+        return None if target is None or self._partitions is None else self._partitions.get(target[0])
+
+    def _internal(self, reply_to: str) -> bool:
+        target = reply_target(reply_to)
+        return target is not None and is_internal(target[0], self.topics)

@@ -1,0 +1,129 @@
+"""The seam between the coordinator's driver and its protocols: one event vocabulary, one transition type.
+
+Every protocol (sagas today; two-phase commit and the lock manager next) is a pure module exposing
+`start(intent, now, refusal)` and `decide(state, event, now)`; each returns a `Transition` that says what
+to publish. The driver does the I/O and never looks inside a protocol's phases: it asks the protocol
+whether a state is terminal. Inside a protocol, `decide` is an explicit table of (phase, event kind) ->
+handler (see `dispatch`): an event with no row is impossible and raises `ProtocolError`, while late and
+duplicate events are rows of their own that change nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from polycommit.errors import ProtocolError
+from polycommit.events import (
+    Alert,
+    Decision,
+    ErrorInfo,
+    LockEvent,
+    SagaSnapshot,
+    StepOutcome,
+    StoreCommand,
+    TransactionIntent,
+    TransactionResult,
+)
+
+# The state every protocol keeps per transaction; the changelog's record type (its `protocol` field
+# names the protocol). A protocol that needs more fields adds them to the schema with defaults.
+TxState = SagaSnapshot
+
+
+# -- events: what can happen to a transaction that already has a state -----------------------------
+
+
+@dataclass(frozen=True)
+class IntentReceived:
+    """The transaction's intent arrived again (a client retry, a replay of the intents topic)."""
+
+    intent: TransactionIntent
+
+
+@dataclass(frozen=True)
+class OutcomeReceived:
+    """A store reported on a command."""
+
+    outcome: StepOutcome
+
+
+@dataclass(frozen=True)
+class TimerDue:
+    """The driver's timer for `state["due_at_ms"]` fired (a timeout, or a scheduled retry)."""
+
+
+Event = IntentReceived | OutcomeReceived | TimerDue
+
+
+# -- what one event did ----------------------------------------------------------------------------
+
+
+@dataclass
+class Transition:
+    """What one event did: the new state and everything the driver must now publish.
+
+    `rejections` are typed errors about the input record itself: the driver turns each into a dead
+    letter of that record. `decisions` and `lock_requests` are empty until two-phase commit and the lock
+    manager use them; the driver already publishes them (decisions keyed by transaction, lock events by
+    resource).
+    """
+
+    state: TxState
+    commands: list[StoreCommand] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    lock_requests: list[LockEvent] = field(default_factory=list)
+    result: TransactionResult | None = None
+    alerts: list[Alert] = field(default_factory=list)
+    rejections: list[ErrorInfo] = field(default_factory=list)
+
+
+class TransactionProtocol(Protocol):
+    """What the driver needs of a protocol; one instance serves every transaction of that protocol."""
+
+    @property
+    def name(self) -> str: ...
+
+    def start(self, intent: TransactionIntent, now: int, refusal: ErrorInfo | None = None) -> Transition:
+        """A new transaction. `refusal` is the driver's verdict on what only it can check (the record's
+        key, the reply address): when given, the transaction fails at once with that error."""
+        ...
+
+    def decide(self, state: TxState, event: Event, now: int) -> Transition:
+        """The next transition; raises ProtocolError for an event the protocol can never receive."""
+        ...
+
+    def is_terminal(self, phase: str) -> bool: ...
+
+    def is_in_flight(self, phase: str) -> bool: ...
+
+    def is_stuck(self, phase: str) -> bool: ...
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+# A row's handler: (state, event, now, the protocol's policy) -> transition.
+Handler = Callable[[TxState, Any, int, Any], Transition]
+
+
+def dispatch(
+    table: Mapping[tuple[StrEnum, StrEnum], Handler],
+    row: tuple[StrEnum, StrEnum],
+    state: TxState,
+    event: Any,
+    now: int,
+    policy: Any,
+) -> Transition:
+    """Run the row (phase, event kind) of a protocol's table; a missing row is an impossible event."""
+    handler = table.get(row)
+    if handler is None:
+        phase, kind = row
+        raise ProtocolError(f"{state['intent']['tx_id']}: no transition for {kind.value} in phase {phase.value}")
+    return handler(state, event, now, policy)
+
+
+def unchanged(state: TxState, event: Any, now: int, policy: Any) -> Transition:
+    """The row of every late, duplicate or early event: same state object, nothing to publish."""
+    return Transition(state)

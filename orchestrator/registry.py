@@ -1,0 +1,61 @@
+"""Which protocol drives a transaction: the registry of protocols, and the questions asked of a state.
+
+Adding a protocol (two-phase commit, ...) is a pure module with a `TransactionProtocol` class and one row
+in `PROTOCOLS`; an intent chooses it through `PROTOCOL_FOR_CONSISTENCY`. A snapshot names its protocol,
+so the driver and the changelog fold ask that protocol whether a state is terminal, never a phase name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from orchestrator.protocol import TransactionProtocol, TxState
+from orchestrator.saga import SagaPolicy, SagaProtocol
+from polycommit.errors import ProtocolError
+from polycommit.events import TransactionIntent
+
+# name -> factory, given the coordinator's policy (timeouts, backoff, payload limit).
+PROTOCOLS: Mapping[str, Callable[[SagaPolicy], TransactionProtocol]] = {
+    "saga": SagaProtocol,
+}
+
+# An intent's consistency chooses its protocol. STRONG has no row yet: it goes to the saga, which refuses
+# it by the table of unsupported modes (polycommit/modes.py) until two-phase commit adds its row here.
+PROTOCOL_FOR_CONSISTENCY: Mapping[str, str] = {
+    "EVENTUAL": "saga",
+}
+DEFAULT_PROTOCOL = "saga"  # also the protocol of snapshots written before they named one
+
+
+def protocols(policy: SagaPolicy) -> dict[str, TransactionProtocol]:
+    return {name: factory(policy) for name, factory in PROTOCOLS.items()}
+
+
+def protocol_name(intent: TransactionIntent) -> str:
+    return PROTOCOL_FOR_CONSISTENCY.get(intent["consistency"], DEFAULT_PROTOCOL)
+
+
+def protocol_of(state: TxState) -> str:
+    return state.get("protocol") or DEFAULT_PROTOCOL
+
+
+_DEFAULTS = protocols(SagaPolicy())  # phase questions need no policy
+
+
+def protocol_for(state: TxState) -> TransactionProtocol:
+    try:
+        return _DEFAULTS[protocol_of(state)]
+    except KeyError:
+        raise ProtocolError(f"{state['intent']['tx_id']}: unknown protocol {protocol_of(state)!r}") from None
+
+
+def is_terminal(state: TxState) -> bool:
+    return protocol_for(state).is_terminal(state["phase"])
+
+
+def is_in_flight(state: TxState) -> bool:
+    return protocol_for(state).is_in_flight(state["phase"])
+
+
+def is_stuck(state: TxState) -> bool:
+    return protocol_for(state).is_stuck(state["phase"])

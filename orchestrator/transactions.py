@@ -1,0 +1,129 @@
+"""The transactions one coordinator member owns: their states, timers, and their restore from the changelog.
+
+A member owns the transactions whose partition (of the intents, outcomes and tx-state topics, which share
+one partition count) the group assigned it. Before it folds any event of a partition it restores that
+partition's snapshots from `tx-state`, so no event is ever folded over state not yet loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+from collections.abc import Iterator
+
+from orchestrator.protocol import TxState
+from orchestrator.registry import is_terminal
+from polycommit.bus import key_hash, read_topic
+from polycommit.codec import EventCodec
+from polycommit.config import Settings
+from projections import tx_state
+
+log = logging.getLogger(__name__)
+
+
+class OwnedTransactions:
+    """States by transaction id, each with its intent as published and a timer at its `due_at_ms`."""
+
+    def __init__(self, settings: Settings, changelog: str, codec: EventCodec) -> None:
+        self.settings = settings
+        self.changelog = changelog
+        self.codec = codec
+        self.states: dict[str, TxState] = {}
+        self.intent_bytes: dict[str, bytes] = {}  # each transaction's intent as published, for its snapshots
+        self.timers: list[tuple[int, str]] = []
+        self.partitions = 0  # of the coordinator's input topics, set when a session starts
+        self.restored_partitions: set[int] = set()  # partitions whose changelog is folded into `states`
+        self.restored = 0
+        self.corrupt_snapshots = 0
+        self._restore_lock = asyncio.Lock()
+
+    def __contains__(self, tx_id: str) -> bool:
+        return tx_id in self.states
+
+    def get(self, tx_id: str) -> TxState | None:
+        return self.states.get(tx_id)
+
+    def partition_of(self, tx_id: str) -> int:
+        return key_hash(tx_id) % max(1, self.partitions)
+
+    def admit(self, tx_id: str, intent_bytes: bytes) -> None:
+        self.intent_bytes[tx_id] = intent_bytes
+
+    def keep(self, state: TxState) -> None:
+        """Record a transaction's new state: kept while it runs, dropped once its protocol ends it."""
+        tx_id = state["intent"]["tx_id"]
+        if is_terminal(state):
+            self.states.pop(tx_id, None)
+        else:
+            self.states[tx_id] = state
+            self.schedule(state)
+
+    def record_of(self, state: TxState) -> dict[str, object] | None:
+        """The changelog record of a state: a snapshot while it runs, a tombstone (None) once it ended."""
+        tx_id = state["intent"]["tx_id"]
+        if is_terminal(state):
+            self.intent_bytes.pop(tx_id, None)
+            return None
+        return tx_state.to_record(state, self.intent_bytes[tx_id])
+
+    def schedule(self, state: TxState) -> None:
+        if state["due_at_ms"] and not is_terminal(state):
+            heapq.heappush(self.timers, (state["due_at_ms"], state["intent"]["tx_id"]))
+
+    def next_due_ms(self) -> int | None:
+        return self.timers[0][0] if self.timers else None
+
+    def due(self, now: int) -> Iterator[TxState]:
+        """States whose timer is due; a timer superseded by a later transition is dropped."""
+        while self.timers and self.timers[0][0] <= now:
+            due, tx_id = heapq.heappop(self.timers)
+            state = self.states.get(tx_id)
+            if state is not None and state["due_at_ms"] == due:
+                yield state
+
+    def forget(self, partitions: set[int]) -> None:
+        self.restored_partitions -= partitions
+        for tx_id in [t for t in self.states if self.partition_of(t) in partitions]:
+            del self.states[tx_id]
+            self.intent_bytes.pop(tx_id, None)
+
+    def forget_all(self) -> None:
+        self.restored_partitions.clear()
+        self.states.clear()
+        self.intent_bytes.clear()
+        self.timers.clear()
+
+    async def restore(self, partitions: set[int]) -> list[TxState]:
+        """Fold the changelog partitions this member now owns into its state, once each; returns what
+        it restored.
+
+        aiokafka may hand out records of a new partition before its rebalance callback has finished
+        restoring it, so the loop also calls this for every partition in a batch: the lock and the
+        restored set make the second caller wait for the first and then do nothing."""
+        async with self._restore_lock:
+            todo = set(partitions) - self.restored_partitions
+            if not todo:
+                return []
+            restored = await self._restore(todo)
+            self.restored_partitions |= todo
+            return restored
+
+    async def _restore(self, partitions: set[int]) -> list[TxState]:
+        raw: list[tuple[str, bytes | None]] = []
+        await read_topic(self.settings, self.changelog, lambda r: raw.append((r.key.decode(), r.value)), partitions)
+        restored, intents, corrupt = tx_state.fold_raw(self.codec, raw)
+        if corrupt:
+            # Not ours (someone wrote to the changelog): skipped, since refusing to start would stop
+            # every transaction; counted and logged for the operator.
+            self.corrupt_snapshots += corrupt
+            log.error("skipped %d corrupt changelog records in partitions %s", corrupt, sorted(partitions))
+        for tx_id, snapshot in restored.items():
+            self.states[tx_id] = snapshot
+            self.intent_bytes[tx_id] = intents[tx_id]
+            self.schedule(snapshot)
+        self.restored += len(restored)
+        log.info(
+            "restored %d transactions from partitions %s (%d records)", len(restored), sorted(partitions), len(raw)
+        )
+        return list(restored.values())

@@ -1,0 +1,45 @@
+"""The transaction modes polycommit does not run yet, refused by the client SDK and by the coordinator alike.
+
+An intent may ask for STRONG consistency, a stricter isolation level or a priority; until two-phase commit
+and the lock manager exist, accepting them would silently give the caller less than it asked for. Each
+row below is one refusal: the change that builds the missing part deletes its row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from polycommit.errors import UnsupportedError
+
+
+@dataclass(frozen=True)
+class Modes:
+    consistency: str
+    isolation: str
+    priority: int
+
+
+@dataclass(frozen=True)
+class UnsupportedMode:
+    name: str  # as the error message names it
+    needs: str  # what has to be built first
+    asked: Callable[[Modes], bool]
+
+
+UNSUPPORTED_MODES: tuple[UnsupportedMode, ...] = (
+    UnsupportedMode("consistency=STRONG", "two-phase commit", lambda m: m.consistency == "STRONG"),
+    UnsupportedMode("isolation=REPEATABLE_READ", "the lock manager", lambda m: m.isolation == "REPEATABLE_READ"),
+    UnsupportedMode("isolation=SERIALIZABLE", "the lock manager", lambda m: m.isolation == "SERIALIZABLE"),
+    UnsupportedMode(
+        "priority != 0", "the lock manager (it picks deadlock victims by priority)", lambda m: m.priority != 0
+    ),
+)
+
+
+def refuse_unsupported(consistency: str, isolation: str, priority: int) -> None:
+    """Raise UnsupportedError naming the first mode asked for that polycommit does not run yet."""
+    modes = Modes(consistency, isolation, priority)
+    for mode in UNSUPPORTED_MODES:
+        if mode.asked(modes):
+            raise UnsupportedError(f"{mode.name} is not supported yet: it needs {mode.needs}")
