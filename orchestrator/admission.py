@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from polycommit.bus import Topics
-from polycommit.errors import InvalidIntentKeyError, InvalidReplyToError
-from polycommit.events import ErrorInfo, error_info
+from polycommit.canonical import canonical_intent
+from polycommit.errors import InvalidIntentKeyError, InvalidOperationError, InvalidReplyToError
+from polycommit.events import ErrorInfo, TransactionIntent, error_info
 
 
 def reply_target(reply_to: str) -> tuple[str, int | None] | None:
@@ -28,6 +29,17 @@ def reply_target(reply_to: str) -> tuple[str, int | None] | None:
     if topic and partition.isdigit():
         return topic, int(partition)
     return reply_to, None
+
+
+def canonical_or_refusal(intent: TransactionIntent) -> tuple[TransactionIntent, ErrorInfo | None]:
+    """The intent in canonical form (any producer's JSON compares as the SDK's), or why it cannot be.
+
+    Lock keys and batch grouping compare JSON text as strings, so this runs before anything else reads
+    the operations; JSON that does not parse refuses the intent like any other invalid operation."""
+    try:
+        return canonical_intent(intent), None
+    except InvalidOperationError as exc:
+        return intent, error_info(exc.error_class, str(exc), False)
 
 
 def key_refusal(key: bytes | None, tx_id: str) -> ErrorInfo | None:

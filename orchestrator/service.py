@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from orchestrator import registry
-from orchestrator.admission import ReplyTargets, key_refusal
+from orchestrator.admission import ReplyTargets, canonical_or_refusal, key_refusal
 from orchestrator.admission import reply_target as reply_target
 from orchestrator.protocol import Event, IntentReceived, OutcomeReceived, TimerDue, Transition, TxState
 from orchestrator.saga import SagaPolicy
@@ -256,12 +256,13 @@ class CoordinatorService:
         self, intent: TransactionIntent, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]
     ) -> None:
         self.stats.intents += 1
+        intent, malformed = canonical_or_refusal(intent)
         tx_id = intent["tx_id"]
         if tx_id in self.transactions:  # the protocol decides what its intent arriving again means
             self._decide(tx_id, IntentReceived(intent), record, now, out, touched)
             return
         protocol = self.protocols[registry.protocol_name(intent)]
-        refusal = key_refusal(record.key, tx_id) or await self.replies.refusal(intent["reply_to"])
+        refusal = malformed or key_refusal(record.key, tx_id) or await self.replies.refusal(intent["reply_to"])
         if refusal is not None:
             # Never admitted: no state, no changelog record (a wrong key may even name a partition that
             # another member owns); the result and the dead letter say why.

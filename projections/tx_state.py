@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from orchestrator.registry import is_in_flight, is_stuck
+from polycommit.canonical import canonical_intent
 from polycommit.codec import EventCodec
 from polycommit.errors import CodecError, ProtocolError
 from polycommit.events import SagaSnapshot, TransactionIntent
@@ -53,6 +54,8 @@ def to_record(state: SagaSnapshot, intent_bytes: bytes) -> dict[str, Any]:
 def from_record(codec: EventCodec, record: dict[str, Any]) -> tuple[SagaSnapshot, bytes]:
     intent_bytes = bytes(record["intent"])
     intent: TransactionIntent = codec.decode_as(intent_bytes, "TransactionIntent")  # type: ignore[assignment]
+    # The bytes are the intent as its producer wrote it; the coordinator admitted its canonical form.
+    intent = canonical_intent(intent)
     state: SagaSnapshot = {**record, "intent": intent}  # type: ignore[typeddict-item]
     return state, intent_bytes
 

@@ -20,7 +20,7 @@ from polycommit.client import Coordinator, Saga
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
-from polycommit.runtime import Runtime
+from polycommit.tooling.runtime import Runtime
 
 pytestmark = pytest.mark.servers
 POLICY = SagaPolicy(default_timeout_ms=5000, backoff_base_ms=100, backoff_max_ms=1000, compensation_retries=3)

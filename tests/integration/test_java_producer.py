@@ -25,10 +25,10 @@ import pytest
 
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
-from polycommit import workload
 from polycommit.bus import make_reader, read_topic, topic_partitions, topics_for
 from polycommit.codec import PACKAGED_SCHEMAS, default_codec
 from polycommit.config import Settings
+from polycommit.tooling import workload
 from polycommit.tooling.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[2]
@@ -194,11 +194,6 @@ async def test_java_loads_every_shipped_schema_alone_and_agrees_on_its_fingerpri
     assert alert[2:10].hex() == java["polycommit.Alert.avsc"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hand-off: the coordinator does not yet call polycommit.canonical.canonical_intent on arrival; "
-    "once it does this test passes, and strict=True makes that an XPASS failure: remove this marker then",
-)
 async def test_the_commands_of_a_java_intent_carry_the_sdk_canonical_json(
     runtime: Runtime, java_command: list[str], tmp_path: Path
 ) -> None:
