@@ -1,0 +1,73 @@
+"""The shared batch planner: the exactly-once table over a batch with its in-batch marker view, and groups."""
+
+from __future__ import annotations
+
+from consumers.base import Marker, Plan
+from consumers.command import TypedCommand, parse_command
+from consumers.planner import batch_groups, plan_batch
+from polycommit import operations as ops
+from polycommit.events import Operation, StepAction, store_command
+from polycommit.parsed import PointsOperation, RawOperation, RowOperation, keys_of, parse_operation
+
+LIMIT = 1024 * 1024
+
+
+def typed(tx: str, action: StepAction, op: Operation, step: int = 0) -> TypedCommand:
+    return parse_command(store_command(tx, step, action, op, issued_at_ms=0), op["store"], LIMIT)  # type: ignore[arg-type]
+
+
+def test_operations_parse_into_typed_values() -> None:
+    row = parse_operation(ops.upsert_row("t", {"id": 1}, {"v": 2}), LIMIT)
+    assert row == RowOperation("upsert_row", "t", {"id": 1}, {"v": 2})
+    points = parse_operation(ops.delete_points("c", ["007", 8]), LIMIT)
+    assert isinstance(points, PointsOperation) and points.ids == ("7", "8")
+    raw = parse_operation(ops.sql("UPDATE t SET v = $1", [3], lock_keys=["postgres:t:x"]), LIMIT)
+    assert raw == RawOperation("postgres", "UPDATE t SET v = $1", (3,), ("postgres:t:x",))
+    assert keys_of(points) == ops.lock_keys(ops.delete_points("c", [7, 8])) == ["qdrant:c:7", "qdrant:c:8"]
+
+
+def test_a_step_planned_earlier_in_the_batch_counts_as_recorded() -> None:
+    op = ops.upsert_row("t", {"id": 1}, {"v": 1})
+    batch = [
+        typed("a", "EXECUTE", op),
+        typed("a", "EXECUTE", op),
+        typed("a", "COMPENSATE", op),
+        typed("a", "EXECUTE", op),
+    ]
+    planned = plan_batch(batch, {})
+    assert [p.decision for p in planned] == [
+        Plan.APPLY_EXECUTE,
+        Plan.ALREADY_APPLIED,
+        Plan.APPLY_COMPENSATION,
+        Plan.SKIP,
+    ]
+    assert planned[1].earlier == 0 and planned[2].earlier == 0 and planned[2].execute is None
+
+
+def test_markers_from_the_store_decide_and_are_handed_on() -> None:
+    op = ops.upsert_row("t", {"id": 1}, {"v": 1})
+    stored = Marker('{"row":{"id":1,"v":0}}')
+    planned = plan_batch([typed("a", "COMPENSATE", op), typed("b", "COMPENSATE", op)], {"a/0/EXECUTE": stored})
+    assert [p.decision for p in planned] == [Plan.APPLY_COMPENSATION, Plan.RECORD_NOOP_COMPENSATION]
+    assert planned[0].execute == stored and planned[0].earlier is None
+
+
+def test_groups_split_on_a_repeated_key_and_keep_a_step_in_order() -> None:
+    a, b = ops.upsert_row("t", {"id": 1}, {}), ops.upsert_row("t", {"id": 2}, {})
+    batch = [typed("x", "EXECUTE", a), typed("y", "EXECUTE", b), typed("z", "EXECUTE", a), typed("y", "COMPENSATE", b)]
+    planned = plan_batch(batch, {})
+    groups = batch_groups(planned, lambda p: keys_of(p.command.operation))
+    assert [[p.position for p in g] for g in groups] == [[0, 1], [2, 3]]
+    alone = batch_groups(planned, lambda p: keys_of(p.command.operation), alone=lambda p: p.position == 1)
+    assert [[p.position for p in g] for g in alone] == [[0], [1], [2, 3]]
+
+
+def test_reads_conflict_only_with_writes_of_the_same_run() -> None:
+    a, b = ops.upsert_row("t", {"id": 1}, {}), ops.upsert_row("t", {"id": 2}, {})
+    planned = plan_batch([typed("x", "EXECUTE", a), typed("y", "EXECUTE", b)], {})
+    groups = batch_groups(
+        planned,
+        lambda p: keys_of(p.command.operation) if p.position == 0 else [],
+        reads=lambda p: ['postgres:t:{"id":1}'] if p.position == 1 else [],
+    )
+    assert [[p.position for p in g] for g in groups] == [[0], [1]]
