@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeAlias
 
 from polycommit.errors import InvalidOperationError, PayloadTooLargeError, UnknownStoreError
 from polycommit.events import STORES, NodeRef, Operation, Store
+from polycommit.sqltext import transaction_control
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 KINDS: dict[str, frozenset[str]] = {
@@ -223,6 +224,9 @@ def _raw(op: Operation) -> RawOperation:
         raise InvalidOperationError(f"{op['kind']} step has an empty statement")
     if op["kind"] == "cypher":
         return RawOperation("neo4j", statement, json_object(op["params"], "params"), tuple(op["lock_keys"]))
+    refusal = transaction_control(statement)
+    if refusal is not None:
+        raise InvalidOperationError(f"sql step refused: {refusal}")
     try:
         params = json.loads(op["params"])
     except (TypeError, ValueError) as exc:
