@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,21 @@ from polycommit.config import Settings
 from polycommit.errors import PolycommitError, UnsupportedError, describe
 from polycommit.events import ErrorInfo, OutcomeStatus, StepOutcome, Store, StoreCommand, error_info
 
-__all__ = ["Marker", "Participant", "Plan", "Timing", "generations", "marker_id", "outcome", "plan", "status_for"]
+__all__ = [
+    "INLINE_BEFORE_IMAGE_BYTES",
+    "Marker",
+    "Participant",
+    "Plan",
+    "Timing",
+    "before_image_reference",
+    "generations",
+    "is_reference",
+    "marker_id",
+    "outcome",
+    "plan",
+    "status_for",
+    "travelling",
+]
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,29 @@ def plan(command: StoreCommand, execute: Marker | None, compensate: Marker | Non
     raise ValueError(f"saga participants do not handle {command['action']}")
 
 
+# A before-image travels in the step's outcome, then in the coordinator's snapshots and back in the
+# COMPENSATE command, all Kafka records of at most 4 MiB (polycommit.bus.MAX_RECORD_BYTES) that hold
+# other fields too. Past this size only a reference travels: the image stays in the store's EXECUTE
+# marker, written with the effect, which is where every participant restores from anyway.
+INLINE_BEFORE_IMAGE_BYTES = 64 * 1024
+
+
+def before_image_reference(command: StoreCommand) -> str:
+    """`{"in_marker": "<tx_id>/<step_index>/EXECUTE"}`: the image is the one in the step's EXECUTE marker."""
+    return json.dumps({"in_marker": marker_id(command["tx_id"], command["step_index"], "EXECUTE")})
+
+
+def is_reference(before_image: str | None) -> bool:
+    return before_image is not None and before_image.startswith('{"in_marker":')
+
+
+def travelling(command: StoreCommand, before_image: str | None) -> str | None:
+    """The before-image as it may travel: itself, or a reference to the marker when it is too big."""
+    if before_image is not None and len(before_image) > INLINE_BEFORE_IMAGE_BYTES:
+        return before_image_reference(command)
+    return before_image
+
+
 @dataclass(frozen=True)
 class Timing:
     """When a batch's outcomes were made (`at_ms`, wall clock) and how long it took: measured by the caller."""
@@ -87,7 +125,7 @@ def outcome(
         "attempt": command["attempt"],
         "store": store,
         "status": status,
-        "before_image": before_image,
+        "before_image": travelling(command, before_image),
         "error": error,
         "at_ms": timing.at_ms,
         "duration_us": timing.duration_us,

@@ -28,7 +28,7 @@ from neo4j import AsyncDriver, AsyncGraphDatabase, AsyncTransaction
 from neo4j.exceptions import DriverError, Neo4jError, ServiceUnavailable, SessionExpired
 
 from consumers import timing
-from consumers.base import Marker, Participant, Plan, Timing, failed, outcome, status_for
+from consumers.base import Marker, Participant, Plan, Timing, failed, is_reference, outcome, status_for
 from consumers.command import TypedCommand
 from consumers.neo4j.cypher import (
     CREATE_MARKER_CONSTRAINT,
@@ -178,7 +178,8 @@ class Unit:
             return Effect("noop")  # a raw step without a declared compensation: recorded, nothing to undo
         assert effects.effect.target is not None
         # The EXECUTE marker's image was written atomically with the effect: it wins over the command's.
-        image = self._execute_image(p) or p.command.source["before_image"]
+        sent = p.command.source["before_image"]
+        image = self._execute_image(p) or (None if is_reference(sent) else sent)
         if not image:
             raise InvalidOperationError(f"step {p.command.own_id} has no before-image to compensate from")
         return restoring(effects.effect.target, image)

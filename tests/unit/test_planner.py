@@ -1,8 +1,10 @@
-"""The shared batch planner: the exactly-once table over a batch with its in-batch marker view, and groups."""
+"""The shared batch planner (the exactly-once table with its in-batch marker view, and groups), and outcomes."""
 
 from __future__ import annotations
 
-from consumers.base import Marker, Plan
+import json
+
+from consumers.base import INLINE_BEFORE_IMAGE_BYTES, Marker, Plan, Timing, is_reference, outcome
 from consumers.command import TypedCommand, parse_command
 from consumers.planner import batch_groups, plan_batch
 from polycommit import operations as ops
@@ -71,3 +73,13 @@ def test_reads_conflict_only_with_writes_of_the_same_run() -> None:
         reads=lambda p: ['postgres:t:{"id":1}'] if p.position == 1 else [],
     )
     assert [[p.position for p in g] for g in groups] == [[0], [1]]
+
+
+def test_a_before_image_too_big_to_travel_becomes_a_reference_to_the_marker() -> None:
+    command = store_command("tx", 3, "EXECUTE", ops.upsert_row("t", {"id": 1}, {}), issued_at_ms=0)
+    small, big = '{"row":null}', '{"row":"' + "x" * INLINE_BEFORE_IMAGE_BYTES + '"}'
+    timing = Timing(0, 0)
+    assert outcome(command, "postgres", "APPLIED", timing, before_image=small)["before_image"] == small
+    travelled = outcome(command, "postgres", "APPLIED", timing, before_image=big)["before_image"]
+    assert travelled is not None and is_reference(travelled)
+    assert json.loads(travelled) == {"in_marker": "tx/3/EXECUTE"}
