@@ -25,7 +25,7 @@ from consumers.planner import Planned, batch_groups, plan_batch
 from consumers.postgres import effects
 from consumers.postgres import sql as q
 from polycommit.config import Settings
-from polycommit.errors import StoreError, StoreUnavailableError
+from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError
 from polycommit.events import StepOutcome, Store
 from polycommit.parsed import RawOperation, RowOperation
 
@@ -43,6 +43,16 @@ def classify(exc: Exception) -> StoreError:
     )
 
 
+class _TransactionEnded(Exception):
+    """A raw step ended the batch's transaction (a COMMIT or ROLLBACK that got past parsing)."""
+
+    def __init__(self, error: InvalidOperationError) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.index = 0
+        self.at = Timing(0, 0)
+
+
 @dataclass
 class _Batch:
     """One transaction's work: the plan, and what running it produced, by batch position."""
@@ -51,16 +61,16 @@ class _Batch:
     before: dict[int, str | None] = field(default_factory=dict)
     errors: dict[int, BaseException] = field(default_factory=dict)
 
-    def new_markers(self) -> list[tuple[str, int, str, str | None]]:
+    ran: list[Planned] = field(default_factory=list)  # run, and their markers not yet written
+
+    def take_markers(self) -> list[tuple[str, int, str, str | None]]:
+        """The markers of the steps run since the last call (each is written once)."""
+        ran, self.ran = self.ran, []
+        # Only an EXECUTE's before-image is ever needed again: compensations restore from it.
         return [
-            (
-                p.command.tx_id,
-                p.command.step_index,
-                p.command.action,
-                self.before.get(p.position) if p.is_execute else None,
-            )
-            for p in self.planned
-            if p.writes_marker and p.position not in self.errors
+            (c.tx_id, c.step_index, c.action, self.before.get(p.position) if p.is_execute else None)
+            for p, c in ((p, p.command) for p in ran)
+            if p.position not in self.errors
         ]
 
     def outcome(self, p: Planned, store: Store, timing: Timing) -> StepOutcome:
@@ -117,22 +127,41 @@ class PostgresParticipant(Participant):
         if not commands:
             return []
         begun = timing.started()
+        outcomes: dict[int, StepOutcome] = {}
+        remaining = list(enumerate(commands))
         try:
             async with self.pool.acquire() as conn:
-                try:
-                    async with conn.transaction():
-                        return await self._apply(conn, commands, begun)
-                except asyncpg.PostgresError as exc:
-                    if len(commands) == 1:
-                        return [failed(commands[0].source, self.store, classify(exc), timing.since(begun))]
-                    # One statement failed and took the batch's transaction with it: find the guilty
-                    # command by running each alone.
-                    outcomes = []
-                    for command in commands:
-                        outcomes.extend(await self._apply_alone(conn, command, begun))
-                    return outcomes
+                while remaining:
+                    try:
+                        outcomes.update(await self._apply_batch(conn, remaining, begun))
+                        remaining = []
+                    except _TransactionEnded as ended:
+                        # What ran before the guilty step committed (or rolled back) WITH its markers, so
+                        # the others are simply planned again: done ones are ALREADY_APPLIED now.
+                        position = remaining[ended.index][0]
+                        outcomes[position] = failed(commands[position].source, self.store, ended.error, ended.at)
+                        remaining = [r for r in remaining if r[0] != position]
         except (OSError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
+        return [outcomes[i] for i in range(len(commands))]
+
+    async def _apply_batch(
+        self, conn: asyncpg.Connection, batch: list[tuple[int, TypedCommand]], begun: int
+    ) -> dict[int, StepOutcome]:
+        commands = [c for _, c in batch]
+        try:
+            async with conn.transaction():
+                results = await self._apply(conn, commands, begun)
+        except asyncpg.PostgresError as exc:
+            if len(commands) == 1:
+                results = [failed(commands[0].source, self.store, classify(exc), timing.since(begun))]
+            else:
+                # One statement failed and took the batch's transaction with it: find the guilty
+                # command by running each alone.
+                results = []
+                for command in commands:
+                    results.extend(await self._apply_alone(conn, command, begun))
+        return {position: result for (position, _), result in zip(batch, results, strict=True)}
 
     async def _apply_alone(self, conn: asyncpg.Connection, command: TypedCommand, begun: int) -> list[StepOutcome]:
         try:
@@ -148,32 +177,75 @@ class PostgresParticipant(Participant):
                 members = [(p.position, p.command.operation) for p in group]
                 batch.before.update(await self._run_rows(conn, members))  # type: ignore[arg-type]
             else:
-                await self._run_one(conn, batch, group[0])
-        new_markers = batch.new_markers()
-        if new_markers:
-            await conn.execute(q.WRITE_MARKERS, *list(zip(*new_markers, strict=True)))
+                await self._run_one(conn, batch, group[0], begun)
+            batch.ran.extend(group)
+        await self._write_markers(conn, batch)
         done = timing.since(begun)
         return [batch.outcome(p, self.store, done) for p in batch.planned]
 
-    async def _run_one(self, conn: asyncpg.Connection, batch: _Batch, p: Planned) -> None:
-        if p.decision is Plan.APPLY_EXECUTE:
-            batch.before[p.position] = await self._run(conn, p.position, p.command.operation)
-        elif p.decision is Plan.APPLY_COMPENSATION:
-            compensation = p.command.compensation
-            operation = p.command.operation
-            if compensation is not None:
-                await self._run(conn, p.position, compensation)
-            elif isinstance(operation, RowOperation):
-                before = p.execute.before_image if p.execute is not None else None
-                await self._run(conn, p.position, effects.restoring(operation, before))
-            # else: a raw step without a declared compensation: nothing to undo, by the caller's choice
+    async def _write_markers(self, conn: asyncpg.Connection, batch: _Batch) -> None:
+        new_markers = batch.take_markers()
+        if new_markers:
+            await conn.execute(q.WRITE_MARKERS, *list(zip(*new_markers, strict=True)))
 
-    async def _run(self, conn: asyncpg.Connection, position: int, op: Any) -> str | None:
-        """Apply one operation; return its before-image (JSON text) where it has one."""
-        if isinstance(op, RawOperation):
-            await conn.execute(op.statement, *op.params)
-            return None
-        return (await self._run_rows(conn, [(position, op)]))[position]
+    async def _run_one(self, conn: asyncpg.Connection, batch: _Batch, p: Planned, begun: int) -> None:
+        operation = p.command.operation
+        if p.decision is Plan.APPLY_EXECUTE:
+            step: Any = operation
+        elif p.decision is Plan.APPLY_COMPENSATION and p.command.compensation is not None:
+            step = p.command.compensation
+        elif p.decision is Plan.APPLY_COMPENSATION and isinstance(operation, RowOperation):
+            # The EXECUTE's before-image: from its marker, or from this batch if it ran earlier in it.
+            before = p.execute.before_image if p.execute is not None else batch.before.get(p.earlier or 0)
+            step = effects.restoring(operation, before)
+        else:
+            return  # a raw step without a declared compensation: nothing to undo, by the caller's choice
+        if isinstance(step, RawOperation):
+            # Everything before a raw step is recorded first: should it still end the transaction, the
+            # effects that committed (or rolled back) did so together with their markers.
+            await self._write_markers(conn, batch)
+            try:
+                await self._run_raw(conn, step)
+            except _TransactionEnded as ended:
+                ended.index, ended.at = p.position, timing.since(begun)
+                raise
+            except (InvalidOperationError, StoreError) as exc:
+                batch.errors[p.position] = exc
+            return
+        before = (await self._run_rows(conn, [(p.position, step)]))[p.position]
+        if p.decision is Plan.APPLY_EXECUTE:
+            batch.before[p.position] = before
+
+    async def _run_raw(self, conn: asyncpg.Connection, op: RawOperation) -> None:
+        """One raw statement in a savepoint, so that its failure undoes it alone, by the extended protocol
+        (one statement, typed parameters); a wrong parameter list is the step's fault, never the store's."""
+        await conn.execute(q.SAVEPOINT)
+        try:
+            statement = await conn.prepare(op.statement)
+            expected = len(statement.get_parameters())
+            if expected != len(op.params):
+                raise InvalidOperationError(f"sql statement takes {expected} parameter(s); {len(op.params)} given")
+            try:
+                await statement.executemany([op.params])  # extended protocol; the rows are not wanted
+            except asyncpg.DataError as exc:
+                if not isinstance(exc.__cause__, TypeError | ValueError):
+                    raise  # the server's: a data exception of the statement itself
+                # asyncpg could not encode a parameter for its column type: nothing was sent.
+                raise InvalidOperationError(f"sql parameters do not fit the statement: {exc}") from None
+        except asyncpg.PostgresError as exc:
+            await self._undo_raw(conn)
+            raise classify(exc) from exc
+        except InvalidOperationError:
+            await self._undo_raw(conn)
+            raise
+        if not conn.is_in_transaction():
+            raise _TransactionEnded(InvalidOperationError("a raw SQL step ended the consumer's batch transaction"))
+        await conn.execute(q.RELEASE_SAVEPOINT)
+
+    async def _undo_raw(self, conn: asyncpg.Connection) -> None:
+        if not conn.is_in_transaction():
+            raise _TransactionEnded(InvalidOperationError("a raw SQL step ended the consumer's batch transaction"))
+        await conn.execute(q.ROLLBACK_TO_SAVEPOINT)
 
     async def _run_rows(self, conn: asyncpg.Connection, members: list[tuple[int, RowOperation]]) -> dict[int, str]:
         """Row operations on distinct keys: a few statements per shape, whatever their number; returns

@@ -27,6 +27,10 @@ JOIN unnest($1::text[], $2::int[]) AS k(tx_id, step_index) USING (tx_id, step_in
 WRITE_MARKERS = f"""
 INSERT INTO {MARKER_TABLE} (tx_id, step_index, action, before_image)
 SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::jsonb[])"""
+# A raw step runs in a savepoint of the batch's transaction: its failure undoes it alone.
+SAVEPOINT = "SAVEPOINT polycommit_raw_step"
+RELEASE_SAVEPOINT = "RELEASE SAVEPOINT polycommit_raw_step"
+ROLLBACK_TO_SAVEPOINT = "ROLLBACK TO SAVEPOINT polycommit_raw_step"
 MARKERS_OF = f"SELECT step_index, action, before_image::text FROM {MARKER_TABLE} WHERE tx_id = $1"
 
 
