@@ -3,7 +3,11 @@
 Every step's effect and its applied-step marker (`polycommit_steps`) commit in the same PostgreSQL
 transaction, so "applied" and "recorded as applied" cannot disagree after a crash. A batch runs in one
 transaction; if any statement in it fails, the batch is rolled back and its commands are run one by one,
-each in its own transaction, so a bad command fails alone and the others still apply.
+each in its own transaction, so a bad command fails alone and the others still apply. A raw SQL step
+runs alone, in a savepoint, by the extended protocol (one statement, its parameters checked against the
+prepared statement), after the markers of every step before it are written: its failure undoes only
+itself, and should it end the transaction anyway (a COMMIT that got past parsing), no effect is ever
+separated from its marker.
 
 What a command may do is decided by the shared planner (consumers/planner.py); before-images and
 compensations by `consumers.postgres.effects`; the SQL text is in `consumers.postgres.sql`.
@@ -27,7 +31,7 @@ from consumers.postgres import sql as q
 from polycommit.config import Settings
 from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError
 from polycommit.events import StepOutcome, Store
-from polycommit.parsed import RawOperation, RowOperation
+from polycommit.parsed import ParsedOperation, RawOperation, RowOperation
 
 # SQLSTATE classes after which the same statement may succeed later: transaction rollback (40:
 # serialization failure, deadlock), connection exceptions (08), object not in prerequisite state (55:
@@ -159,8 +163,12 @@ class PostgresParticipant(Participant):
                 # One statement failed and took the batch's transaction with it: find the guilty
                 # command by running each alone.
                 results = []
-                for command in commands:
-                    results.extend(await self._apply_alone(conn, command, begun))
+                for index, command in enumerate(commands):
+                    try:
+                        results.extend(await self._apply_alone(conn, command, begun))
+                    except _TransactionEnded as ended:
+                        ended.index = index
+                        raise
         return {position: result for (position, _), result in zip(batch, results, strict=True)}
 
     async def _apply_alone(self, conn: asyncpg.Connection, command: TypedCommand, begun: int) -> list[StepOutcome]:
@@ -174,8 +182,8 @@ class PostgresParticipant(Participant):
         batch = _Batch(plan_batch(commands, await self._read_markers(conn, commands)))
         for group in batch_groups(batch.planned, effects.writes, alone=lambda p: not effects.set_based(p)):
             if effects.set_based(group[0]):
-                members = [(p.position, p.command.operation) for p in group]
-                batch.before.update(await self._run_rows(conn, members))  # type: ignore[arg-type]
+                members = [(p.position, op) for p in group if isinstance(op := p.command.operation, RowOperation)]
+                batch.before.update(await self._run_rows(conn, members))
             else:
                 await self._run_one(conn, batch, group[0], begun)
             batch.ran.extend(group)
@@ -190,8 +198,9 @@ class PostgresParticipant(Participant):
 
     async def _run_one(self, conn: asyncpg.Connection, batch: _Batch, p: Planned, begun: int) -> None:
         operation = p.command.operation
+        step: ParsedOperation
         if p.decision is Plan.APPLY_EXECUTE:
-            step: Any = operation
+            step = operation
         elif p.decision is Plan.APPLY_COMPENSATION and p.command.compensation is not None:
             step = p.command.compensation
         elif p.decision is Plan.APPLY_COMPENSATION and isinstance(operation, RowOperation):
@@ -211,6 +220,9 @@ class PostgresParticipant(Participant):
                 raise
             except (InvalidOperationError, StoreError) as exc:
                 batch.errors[p.position] = exc
+            return
+        if not isinstance(step, RowOperation):
+            batch.errors[p.position] = InvalidOperationError(f"postgres cannot run {type(step).__name__}")
             return
         before = (await self._run_rows(conn, [(p.position, step)]))[p.position]
         if p.decision is Plan.APPLY_EXECUTE:

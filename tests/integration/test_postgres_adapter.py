@@ -245,3 +245,27 @@ async def test_a_raw_step_that_ends_the_transaction_fails_alone_and_the_batch_ke
     for c, k, v in ((first, k1, 1), (last, k2, 2)):
         assert await pg.read_row(TABLE, k) == {**k, "v": v, "note": None}
         assert json.loads((await pg.markers_of(c["tx_id"]))["0/EXECUTE"] or "") == {"row": None}
+
+
+async def test_a_raw_step_that_ends_the_transaction_fails_alone_when_the_batch_runs_one_by_one(
+    pg: PostgresParticipant,
+) -> None:
+    """The same, in a batch that another bad command sends down the one-by-one path."""
+    k1, k2 = key(), key()
+    commands = [
+        command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row(TABLE, k1, {"v": 1})),
+        command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row("no_such_table_anywhere", {"id": "x"}, {})),
+        command(uuid.uuid4().hex, 0, "EXECUTE", ops.sql("SELECT 1")),
+        command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row(TABLE, k2, {"v": 2})),
+    ]
+    typed = [parse_command(c, "postgres", 1024 * 1024) for c in commands]
+    typed[2] = TypedCommand(commands[2], RawOperation("postgres", "COMMIT", (), ()), None)
+    outcomes = await pg.apply_commands(typed)
+    assert [o["status"] for o in outcomes][1:3] == ["FAILED", "FAILED"]
+    assert (
+        outcomes[2]["error"] is not None and "ended the consumer's batch transaction" in outcomes[2]["error"]["message"]
+    )
+    assert {o["status"] for o in (outcomes[0], outcomes[3])} <= {"APPLIED", "ALREADY_APPLIED"}
+    assert await pg.read_row(TABLE, k1) == {**k1, "v": 1, "note": None}
+    assert await pg.read_row(TABLE, k2) == {**k2, "v": 2, "note": None}
+    assert [list(await pg.markers_of(c["tx_id"])) for c in commands] == [["0/EXECUTE"], [], [], ["0/EXECUTE"]]
