@@ -35,6 +35,7 @@ __all__ = [
     "Plan",
     "Timing",
     "before_image_reference",
+    "failed",
     "generations",
     "is_reference",
     "marker_id",

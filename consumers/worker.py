@@ -4,6 +4,8 @@ Offsets are committed only after the batch's outcomes are acknowledged by the br
 point redelivers the batch; the store's applied-step markers make that redelivery change nothing (P4).
 A record that cannot be decoded or names an invalid operation becomes a dead letter (P7) and the loop
 goes on; an invalid operation also gets a FAILED outcome, so its saga compensates instead of hanging.
+Each command's operations are parsed and validated here, once (`consumers.command.parse_command`); the
+participant takes the typed commands and checks nothing twice.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ class StoreWorker:
                 continue
             commands.append(decoded)
             sources.append(record)
-        valid, positions, early = self._validate(commands)
+        valid, positions, early = self._parse(commands)
         outcomes: list[StepOutcome | None] = list(early)
         started = time.perf_counter()
         for position, result in zip(positions, await self._apply(valid), strict=True):
@@ -183,7 +185,7 @@ class StoreWorker:
         if self.on_batch is not None:
             self.on_batch([o for o in outcomes if o is not None])
 
-    def _validate(self, commands: list[StoreCommand]) -> tuple[list[TypedCommand], list[int], list[StepOutcome | None]]:
+    def _parse(self, commands: list[StoreCommand]) -> tuple[list[TypedCommand], list[int], list[StepOutcome | None]]:
         """Parse every command once, refusing those no store could run before they reach the store (and
         its batch); the participant gets typed commands and checks nothing twice."""
         begun = timing.started()

@@ -14,7 +14,6 @@ from consumers.command import TypedCommand, parse_command
 from consumers.postgres import PostgresParticipant
 from polycommit import operations as ops
 from polycommit.config import Settings
-from polycommit.errors import InvalidOperationError
 from polycommit.events import Operation, StepAction, StoreCommand, store_command
 from polycommit.parsed import RawOperation
 
@@ -197,31 +196,6 @@ async def test_raw_sql_with_bad_parameters_fails_alone_and_permanently(pg: Postg
     assert await pg.read_row(TABLE, k2) == {**k2, "v": 2, "note": None}
     for o in (outcomes[0], outcomes[5]):
         assert "0/EXECUTE" in await pg.markers_of(o["tx_id"])
-
-
-@pytest.mark.parametrize(
-    "statement",
-    [
-        "COMMIT",
-        "rollback",
-        "/* hidden */ BEGIN",
-        "START TRANSACTION",
-        "SAVEPOINT s",
-        "RELEASE SAVEPOINT s",
-        "PREPARE TRANSACTION 'x'",
-        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-        "END",
-        f"UPDATE {TABLE} SET v = 1; COMMIT",
-    ],
-)
-def test_transaction_control_in_raw_sql_is_refused_when_parsed(statement: str) -> None:
-    with pytest.raises(InvalidOperationError):
-        ops.validate_operation(ops.sql(statement), 1024 * 1024)
-
-
-@pytest.mark.parametrize("statement", ["SELECT 'COMMIT; BEGIN'", "SELECT 1 -- ; COMMIT", "SELECT $$;COMMIT$$;"])
-def test_transaction_words_inside_literals_and_comments_are_not_refused(statement: str) -> None:
-    ops.validate_operation(ops.sql(statement), 1024 * 1024)
 
 
 async def test_a_raw_step_that_ends_the_transaction_fails_alone_and_the_batch_keeps_its_markers(

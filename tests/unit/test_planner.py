@@ -9,23 +9,13 @@ from consumers.command import TypedCommand, parse_command
 from consumers.planner import batch_groups, plan_batch
 from polycommit import operations as ops
 from polycommit.events import Operation, StepAction, store_command
-from polycommit.parsed import PointsOperation, RawOperation, RowOperation, keys_of, parse_operation
+from polycommit.parsed import keys_of
 
 LIMIT = 1024 * 1024
 
 
 def typed(tx: str, action: StepAction, op: Operation, step: int = 0) -> TypedCommand:
     return parse_command(store_command(tx, step, action, op, issued_at_ms=0), op["store"], LIMIT)  # type: ignore[arg-type]
-
-
-def test_operations_parse_into_typed_values() -> None:
-    row = parse_operation(ops.upsert_row("t", {"id": 1}, {"v": 2}), LIMIT)
-    assert row == RowOperation("upsert_row", "t", {"id": 1}, {"v": 2})
-    points = parse_operation(ops.delete_points("c", ["007", 8]), LIMIT)
-    assert isinstance(points, PointsOperation) and points.ids == ("7", "8")
-    raw = parse_operation(ops.sql("UPDATE t SET v = $1", [3], lock_keys=["postgres:t:x"]), LIMIT)
-    assert raw == RawOperation("postgres", "UPDATE t SET v = $1", (3,), ("postgres:t:x",))
-    assert keys_of(points) == ops.lock_keys(ops.delete_points("c", [7, 8])) == ["qdrant:c:7", "qdrant:c:8"]
 
 
 def test_a_step_planned_earlier_in_the_batch_counts_as_recorded() -> None:
