@@ -6,8 +6,7 @@ there, alone, with a typed error, and the participants only ever see typed value
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from polycommit.errors import InvalidOperationError, UnsupportedError
 from polycommit.events import Store, StoreCommand
@@ -20,11 +19,37 @@ def marker_id(tx_id: str, step_index: int, action: str) -> str:
 
 @dataclass(frozen=True)
 class TypedCommand:
-    """A StoreCommand (`source`, as it travelled) with its operation and compensation parsed."""
+    """A StoreCommand (`source`, as it travelled) with its operation and compensation parsed.
+
+    The marker ids, the step key and the lock keys are computed once, here: planning reads them for
+    every command of every batch (plain fields, since a cached_property costs a lock per read).
+    """
 
     source: StoreCommand
     operation: ParsedOperation
     compensation: ParsedOperation | None
+    execute_id: str = field(init=False, compare=False)
+    compensate_id: str = field(init=False, compare=False)
+    own_id: str = field(init=False, compare=False)
+    # Orders a step's EXECUTE and COMPENSATE within a batch: they never share a generation.
+    step_key: str = field(init=False, compare=False)
+    # What the command may write: its operation's keys, and its declared compensation's.
+    lock_keys: tuple[str, ...] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tx_id, step_index = self.source["tx_id"], self.source["step_index"]
+        keys = keys_of(self.operation)
+        if self.compensation is not None:
+            keys += keys_of(self.compensation)
+        fields = {
+            "execute_id": marker_id(tx_id, step_index, "EXECUTE"),
+            "compensate_id": marker_id(tx_id, step_index, "COMPENSATE"),
+            "own_id": marker_id(tx_id, step_index, self.source["action"]),
+            "step_key": f"step:{tx_id}/{step_index}",
+            "lock_keys": tuple(keys),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
 
     @property
     def tx_id(self) -> str:
@@ -37,30 +62,6 @@ class TypedCommand:
     @property
     def action(self) -> str:
         return self.source["action"]
-
-    @functools.cached_property
-    def execute_id(self) -> str:
-        return marker_id(self.tx_id, self.step_index, "EXECUTE")
-
-    @functools.cached_property
-    def compensate_id(self) -> str:
-        return marker_id(self.tx_id, self.step_index, "COMPENSATE")
-
-    @functools.cached_property
-    def own_id(self) -> str:
-        return marker_id(self.tx_id, self.step_index, self.action)
-
-    @functools.cached_property
-    def step_key(self) -> str:
-        """Orders a step's EXECUTE and COMPENSATE within a batch: they never share a generation."""
-        return f"step:{self.tx_id}/{self.step_index}"
-
-    def lock_keys(self) -> list[str]:
-        """What the command may write: its operation's keys, and its declared compensation's."""
-        keys = keys_of(self.operation)
-        if self.compensation is not None:
-            keys += keys_of(self.compensation)
-        return keys
 
 
 def parse_command(command: StoreCommand, store: Store, max_payload_bytes: int) -> TypedCommand:

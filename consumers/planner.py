@@ -103,8 +103,9 @@ def batch_groups(
     run: list[Planned] = []
 
     def flush() -> None:
-        written = {k for p in run for k in writes(p)}
-        keys = {i: [p.command.step_key, *writes(p), *(k for k in reads(p) if k in written)] for i, p in enumerate(run)}
+        wrote = [writes(p) for p in run]
+        written = {k for w in wrote for k in w}
+        keys = {i: [p.command.step_key, *wrote[i], *(k for k in reads(p) if k in written)] for i, p in enumerate(run)}
         groups.extend([run[i] for i in g] for g in generations([p.command.source for p in run], keys))
         run.clear()
 

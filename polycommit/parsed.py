@@ -12,7 +12,7 @@ import json
 import re
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 from polycommit.errors import InvalidOperationError, PayloadTooLargeError, UnknownStoreError
@@ -30,9 +30,13 @@ RAW_KINDS = frozenset({"sql", "cypher"})
 _MAX_INT_ID = 2**64 - 1
 
 
+# One encoder for every call: json.dumps with options builds a new one each time.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def dumps(value: Any) -> str:
     """Canonical JSON: sorted keys and no spaces, so equal values give equal strings (and lock keys)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return _CANONICAL.encode(value)
 
 
 def json_object(text: str, what: str) -> dict[str, Any]:
@@ -76,6 +80,10 @@ class RowOperation:
     table: str
     key: dict[str, Any]
     values: dict[str, Any]
+    key_text: str = field(init=False, compare=False)  # canonical JSON of the key, for lock keys
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_text", dumps(self.key))
 
 
 @dataclass(frozen=True)
@@ -101,10 +109,10 @@ class NodeKey:
 
     label: str
     key: dict[str, Any]
+    name: str = field(init=False, compare=False)  # label and canonical key: how lock keys name the node
 
-    @property
-    def name(self) -> str:
-        return f"{self.label}:{dumps(self.key)}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", f"{self.label}:{dumps(self.key)}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +153,7 @@ def keys_of(op: ParsedOperation) -> list[str]:
     if isinstance(op, RawOperation):
         return list(op.declared_keys)
     if isinstance(op, RowOperation):
-        return [f"postgres:{op.table}:{dumps(op.key)}"]
+        return [f"postgres:{op.table}:{op.key_text}"]
     if isinstance(op, PointsOperation):
         return [f"qdrant:{op.collection}:{i}" for i in op.ids]
     if isinstance(op, NodeOperation):

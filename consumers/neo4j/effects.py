@@ -7,7 +7,6 @@ effects may share one UNWIND query per (kind, shape), the result staying that of
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,14 +39,13 @@ EffectKind = Literal["merge", "replace", "delete", "erase", "cypher", "noop"]
 class NodeTarget:
     label: str
     key: dict[str, Any]
+    # Computed once: planning and grouping read them for every command (a cached_property takes a lock).
+    shape: NodeShape = field(init=False, compare=False)
+    lock_key: str = field(init=False, compare=False)  # the format of polycommit.parsed.keys_of
 
-    @functools.cached_property
-    def shape(self) -> NodeShape:
-        return (self.label, tuple(sorted(self.key)))
-
-    @functools.cached_property
-    def lock_key(self) -> str:
-        return f"neo4j:{self.label}:{dumps(self.key)}"  # the format of operations.lock_keys
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", (self.label, tuple(sorted(self.key))))
+        object.__setattr__(self, "lock_key", f"neo4j:{NodeKey(self.label, self.key).name}")
 
 
 @dataclass(frozen=True)
@@ -55,10 +53,10 @@ class RelTarget:
     type: str
     start: NodeTarget
     end: NodeTarget
+    shape: RelShape = field(init=False, compare=False)
 
-    @functools.cached_property
-    def shape(self) -> RelShape:
-        return (self.type, self.start.shape, self.end.shape)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", (self.type, self.start.shape, self.end.shape))
 
 
 Target: TypeAlias = NodeTarget | RelTarget
@@ -155,7 +153,7 @@ def _nodes_read(effect: Effect | None) -> list[NodeTarget]:
 def writes(command: TypedCommand, effects: Effects) -> list[str]:
     """The keys a command writes: its operations' lock keys and the nodes its effects write."""
     keys = [
-        *command.lock_keys(),
+        *command.lock_keys,
         *(t.lock_key for e in (effects.effect, effects.compensation) if e for t in _nodes_written(e)),
     ]
     return list(dict.fromkeys(keys))
