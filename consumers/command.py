@@ -17,12 +17,12 @@ def marker_id(tx_id: str, step_index: int, action: str) -> str:
     return f"{tx_id}/{step_index}/{action}"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TypedCommand:
-    """A StoreCommand (`source`, as it travelled) with its operation and compensation parsed.
+    """A StoreCommand (`source`, as it travelled) with its operation and compensation parsed; never changed.
 
-    The marker ids, the step key and the lock keys are computed once, here: planning reads them for
-    every command of every batch (plain fields, since a cached_property costs a lock per read).
+    The marker ids and the step key are computed once, here: planning reads them for every command of
+    every batch. (A plain slotted class: a frozen one pays object.__setattr__ for every field.)
     """
 
     source: StoreCommand
@@ -33,23 +33,13 @@ class TypedCommand:
     own_id: str = field(init=False, compare=False)
     # Orders a step's EXECUTE and COMPENSATE within a batch: they never share a generation.
     step_key: str = field(init=False, compare=False)
-    # What the command may write: its operation's keys, and its declared compensation's.
-    lock_keys: tuple[str, ...] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        tx_id, step_index = self.source["tx_id"], self.source["step_index"]
-        keys = keys_of(self.operation)
-        if self.compensation is not None:
-            keys += keys_of(self.compensation)
-        fields = {
-            "execute_id": marker_id(tx_id, step_index, "EXECUTE"),
-            "compensate_id": marker_id(tx_id, step_index, "COMPENSATE"),
-            "own_id": marker_id(tx_id, step_index, self.source["action"]),
-            "step_key": f"step:{tx_id}/{step_index}",
-            "lock_keys": tuple(keys),
-        }
-        for name, value in fields.items():
-            object.__setattr__(self, name, value)
+        prefix = f"{self.source['tx_id']}/{self.source['step_index']}/"  # marker_id's format
+        self.execute_id = prefix + "EXECUTE"
+        self.compensate_id = prefix + "COMPENSATE"
+        self.own_id = prefix + self.source["action"]
+        self.step_key = "step:" + prefix[:-1]
 
     @property
     def tx_id(self) -> str:
@@ -62,6 +52,13 @@ class TypedCommand:
     @property
     def action(self) -> str:
         return self.source["action"]
+
+    def lock_keys(self) -> list[str]:
+        """What the command may write: its operation's keys, and its declared compensation's."""
+        keys = keys_of(self.operation)
+        if self.compensation is not None:
+            keys += keys_of(self.compensation)
+        return keys
 
 
 def parse_command(command: StoreCommand, store: Store, max_payload_bytes: int) -> TypedCommand:

@@ -23,9 +23,9 @@ _WRITES_DATA = frozenset({Plan.APPLY_EXECUTE, Plan.APPLY_COMPENSATION})
 _PLANNED = Marker(before_image=None, pending=False)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Planned:
-    """One command of a batch and what the markers allow it to do.
+    """One command of a batch and what the markers allow it to do (made once, never changed).
 
     `execute` is the step's EXECUTE marker as read from the store and `own` this command's own marker
     (None when absent, or when the deciding marker is planned in this batch). `earlier` is the position

@@ -153,7 +153,7 @@ def _nodes_read(effect: Effect | None) -> list[NodeTarget]:
 def writes(command: TypedCommand, effects: Effects) -> list[str]:
     """The keys a command writes: its operations' lock keys and the nodes its effects write."""
     keys = [
-        *command.lock_keys,
+        *command.lock_keys(),
         *(t.lock_key for e in (effects.effect, effects.compensation) if e for t in _nodes_written(e)),
     ]
     return list(dict.fromkeys(keys))
