@@ -43,7 +43,7 @@ from consumers.qdrant.effects import (
 from polycommit.config import Settings
 from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError
 from polycommit.events import StepOutcome, Store
-from polycommit.parsed import PointsOperation
+from polycommit.parsed import PointsOperation, keys_of
 
 
 def backend_for(settings: Settings) -> QdrantBackend:
@@ -329,18 +329,16 @@ def _prepare(step: _Step, steps: Sequence[_Step], sizes: dict[str, int]) -> None
         step.source = steps[p.earlier]
     if p.decision is Plan.APPLY_EXECUTE:
         step.writes = writes_of(_points_op(command.operation), sizes)
+        step.keys = keys_of(command.operation)
         if p.own is not None and p.own.pending:
             # An earlier attempt may have written the data already, so the store may show our own
             # write: the before-image recorded ahead of it is the only true one.
             step.before, step.before_known = p.own.before_image, True
     elif p.decision is Plan.APPLY_COMPENSATION:
+        # A restore writes back exactly the points its EXECUTE wrote (the before-image names them all).
+        step.keys = keys_of(command.compensation or command.operation)
         if command.compensation is not None:
             step.writes = writes_of(_points_op(command.compensation), sizes)
         elif p.execute is not None:
             step.writes = restore_writes(_points_op(command.operation).collection, p.execute.before_image)
-        else:  # the EXECUTE is earlier in this batch; its before-image exists once its generation ran
-            assert step.source is not None
-            step.keys = list(step.source.keys)
-    if step.writes is not None:
-        # The same names as polycommit.parsed.keys_of, over the canonical ids actually written.
-        step.keys = [f"qdrant:{c}:{i}" for c, i in step.writes.touched()]
+        # else: the EXECUTE is earlier in this batch; its before-image exists once its generation ran
