@@ -12,56 +12,47 @@ fails (bad Cypher, a constraint, a deadlock), it is rolled back and the commands
 its own transaction, so only the guilty one fails.
 
 What each command may do is decided by the shared planner (consumers/planner.py); what it does to the
-graph lives in `consumers/neo4j/effects.py`, the Cypher text in `consumers/neo4j/cypher.py`. This module
-does the I/O: the driver, schema, transactions.
+graph lives in `consumers/neo4j/effects.py`, the Cypher text in `consumers/neo4j/cypher.py`, one
+transaction's work in `consumers/neo4j/unit.py`. This module does the I/O: the driver, schema, transactions.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from neo4j import AsyncDriver, AsyncGraphDatabase, AsyncTransaction
 from neo4j.exceptions import DriverError, Neo4jError, ServiceUnavailable, SessionExpired
 
 from consumers import timing
-from consumers.base import Marker, Participant, Plan, Timing, failed, is_reference, outcome, status_for
+from consumers.base import Marker, Participant, failed
 from consumers.command import TypedCommand
 from consumers.neo4j.cypher import (
     CREATE_MARKER_CONSTRAINT,
     MARKER_LABEL,
     READ_MARKERS,
-    WRITE_MARKERS,
-    Seen,
     constraint_statement,
-    effect_query,
     read_query,
-    refusal,
     row_of,
 )
 from consumers.neo4j.effects import (
     STORE,
     Effect,
-    EffectKind,
     Effects,
     NodeShape,
     NodeTarget,
-    RelShape,
     RelTarget,
-    before_image_of,
     effects_of,
     end_target,
     nodes_of,
     reads,
-    restoring,
     writes,
 )
-from consumers.planner import Planned, batch_groups, plan_batch
+from consumers.neo4j.unit import Unit
+from consumers.planner import batch_groups, plan_batch
 from polycommit.config import Settings
-from polycommit.errors import InvalidOperationError, PolycommitError, StoreError, StoreUnavailableError
+from polycommit.errors import PolycommitError, StoreError, StoreUnavailableError
 from polycommit.events import NodeRef, StepOutcome, Store
 
 # Imported from here by the runtime, the consistency checker (markers by label) and the tests.
@@ -97,119 +88,6 @@ def classify(exc: BaseException) -> BaseException:
     if isinstance(exc, DriverError):
         return StoreError(f"{type(exc).__name__}: {exc}", retriable=exc.is_retryable(), store=STORE)
     return exc
-
-
-# -- one transaction's work -------------------------------------------------------------------------
-
-
-@dataclass
-class Unit:
-    """One transaction's work: the plan, each command's effects, and what applying them produced."""
-
-    tx: AsyncTransaction
-    planned: list[Planned]
-    effects: dict[int, Effects]
-    new_markers: list[dict[str, Any]] = field(default_factory=list)
-    results: dict[int, tuple[Literal["APPLIED", "NOOP"], str | None]] = field(default_factory=dict)
-    errors: dict[int, BaseException] = field(default_factory=dict)
-
-    def record(self, p: Planned, status: Literal["APPLIED", "NOOP"], before: str | None) -> None:
-        self.new_markers.append({"id": p.command.own_id, "before": before})
-        self.results[p.position] = (status, before)
-
-    def outcomes(self, done: Timing) -> dict[int, StepOutcome]:
-        return {p.position: self._outcome(p, done) for p in self.planned}
-
-    def _outcome(self, p: Planned, done: Timing) -> StepOutcome:
-        command = p.command.source
-        error = self.errors.get(p.position)
-        if error is None and p.decision is Plan.ALREADY_APPLIED and p.earlier is not None:
-            error = self.errors.get(p.earlier)  # its twin in this batch failed
-        if error is not None:
-            return failed(command, STORE, error, done)
-        if p.position in self.results:
-            status, before = self.results[p.position]
-            return outcome(command, STORE, status, done, before_image=before)
-        before = None
-        if p.decision is Plan.ALREADY_APPLIED:
-            before = p.own.before_image if p.own is not None else self.results.get(p.earlier or 0, ("NOOP", None))[1]
-        return outcome(command, STORE, status_for(p.decision), done, before_image=before)
-
-    async def apply_group(self, group: Sequence[Planned]) -> None:
-        work: list[tuple[Planned, Effect]] = []
-        for p in group:
-            effect = self._planned(p)
-            if effect is not None:
-                work.append((p, effect))
-        seen = await self._apply_structured([e for _, e in work])
-        for (p, effect), s in zip(work, seen, strict=True):
-            reason = refusal(effect, s)
-            if reason is not None:
-                self.errors[p.position] = reason
-                continue
-            if effect.kind == "cypher":
-                result = await self.tx.run(effect.statement, effect.params)
-                await result.consume()
-            before = before_image_of(effect.target, s.properties) if effect.target is not None else None
-            self.record(p, "APPLIED", before)
-
-    def _planned(self, p: Planned) -> Effect | None:
-        """The effect a command still has to apply, if any (NOOP compensations are recorded here)."""
-        if p.decision is Plan.APPLY_EXECUTE:
-            return self.effects[p.position].effect
-        if p.decision is Plan.APPLY_COMPENSATION:
-            if p.earlier is not None and p.earlier in self.errors:
-                self.record(p, "NOOP", None)  # its EXECUTE in this batch failed: there is nothing to undo
-                return None
-            try:
-                return self._compensation(p)
-            except PolycommitError as exc:
-                self.errors[p.position] = exc
-                return None
-        if p.decision is Plan.RECORD_NOOP_COMPENSATION:
-            self.record(p, "NOOP", None)  # so that a late EXECUTE of this step is skipped
-        return None
-
-    def _compensation(self, p: Planned) -> Effect:
-        effects = self.effects[p.position]
-        if effects.compensation is not None:
-            return effects.compensation
-        if effects.effect.kind == "cypher":
-            return Effect("noop")  # a raw step without a declared compensation: recorded, nothing to undo
-        assert effects.effect.target is not None
-        # The EXECUTE marker's image was written atomically with the effect: it wins over the command's.
-        sent = p.command.source["before_image"]
-        image = self._execute_image(p) or (None if is_reference(sent) else sent)
-        if not image:
-            raise InvalidOperationError(f"step {p.command.own_id} has no before-image to compensate from")
-        return restoring(effects.effect.target, image)
-
-    def _execute_image(self, p: Planned) -> str | None:
-        if p.execute is not None:
-            return p.execute.before_image
-        if p.earlier is not None:
-            return self.results.get(p.earlier, ("NOOP", None))[1]
-        return None
-
-    async def _apply_structured(self, effects: Sequence[Effect]) -> list[Seen]:
-        """Apply the group's structured effects, one UNWIND query per (kind, shape); return what each saw."""
-        seen = [Seen(None) for _ in effects]
-        by_shape: dict[tuple[EffectKind, NodeShape | RelShape], list[int]] = defaultdict(list)
-        for i, effect in enumerate(effects):
-            if effect.target is not None:
-                by_shape[(effect.kind, effect.target.shape)].append(i)
-        for indexes in by_shape.values():
-            rows = [{"i": i, **row_of(effects[i])} for i in indexes]
-            result = await self.tx.run(effect_query(effects[indexes[0]]), rows=rows)
-            record = await result.single(strict=True)
-            for i, props, *context in record["seen"]:
-                seen[i] = Seen(props, *context)
-        return seen
-
-    async def flush_markers(self) -> None:
-        if self.new_markers:
-            result = await self.tx.run(WRITE_MARKERS, rows=self.new_markers)
-            await result.consume()
 
 
 # -- the participant ----------------------------------------------------------------------------------
