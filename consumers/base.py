@@ -10,20 +10,40 @@ may still do (property P4 of DESIGN.md):
                                                     the late EXECUTE, if it ever comes, is skipped;
 - otherwise                                       -> apply, and write the marker with the before-image.
 
-`plan()` is that table as a pure function; adapters do only the I/O around it.
+`plan()` is that table as a pure function (`consumers.planner` applies it to a whole batch); adapters do
+only the I/O around it. Nothing here reads a clock: a participant measures its batch and passes `Timing`.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
-import time
+import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from polycommit.errors import describe
-from polycommit.events import ErrorInfo, OutcomeStatus, StepOutcome, Store, StoreCommand, error_info, now_ms
+from consumers.command import TypedCommand, marker_id, parse_command
+from polycommit.config import Settings
+from polycommit.errors import PolycommitError, UnsupportedError, describe
+from polycommit.events import ErrorInfo, OutcomeStatus, StepOutcome, Store, StoreCommand, error_info
+
+__all__ = [
+    "INLINE_BEFORE_IMAGE_BYTES",
+    "Marker",
+    "Participant",
+    "Plan",
+    "Timing",
+    "before_image_reference",
+    "failed",
+    "generations",
+    "is_reference",
+    "marker_id",
+    "outcome",
+    "plan",
+    "status_for",
+    "travelling",
+]
 
 
 @dataclass(frozen=True)
@@ -40,10 +60,6 @@ class Plan(enum.Enum):
     RECORD_NOOP_COMPENSATION = "record_noop_compensation"
     ALREADY_APPLIED = "already_applied"
     SKIP = "skip"
-
-
-def marker_id(tx_id: str, step_index: int, action: str) -> str:
-    return f"{tx_id}/{step_index}/{action}"
 
 
 def plan(command: StoreCommand, execute: Marker | None, compensate: Marker | None) -> Plan:
@@ -63,16 +79,46 @@ def plan(command: StoreCommand, execute: Marker | None, compensate: Marker | Non
     raise ValueError(f"saga participants do not handle {command['action']}")
 
 
+# A before-image travels in the step's outcome, then in the coordinator's snapshots and back in the
+# COMPENSATE command, all Kafka records of at most 4 MiB (polycommit.bus.MAX_RECORD_BYTES) that hold
+# other fields too. Past this size only a reference travels: the image stays in the store's EXECUTE
+# marker, written with the effect, which is where every participant restores from anyway.
+INLINE_BEFORE_IMAGE_BYTES = 64 * 1024
+
+
+def before_image_reference(command: StoreCommand) -> str:
+    """`{"in_marker": "<tx_id>/<step_index>/EXECUTE"}`: the image is the one in the step's EXECUTE marker."""
+    return json.dumps({"in_marker": marker_id(command["tx_id"], command["step_index"], "EXECUTE")})
+
+
+def is_reference(before_image: str | None) -> bool:
+    return before_image is not None and before_image.startswith('{"in_marker":')
+
+
+def travelling(command: StoreCommand, before_image: str | None) -> str | None:
+    """The before-image as it may travel: itself, or a reference to the marker when it is too big."""
+    if before_image is not None and len(before_image) > INLINE_BEFORE_IMAGE_BYTES:
+        return before_image_reference(command)
+    return before_image
+
+
+@dataclass(frozen=True)
+class Timing:
+    """When a batch's outcomes were made (`at_ms`, wall clock) and how long it took: measured by the caller."""
+
+    at_ms: int
+    duration_us: int
+
+
 def outcome(
     command: StoreCommand,
     store: Store,
     status: OutcomeStatus,
+    timing: Timing,
     *,
     before_image: str | None = None,
     error: ErrorInfo | None = None,
-    started_ns: int | None = None,
 ) -> StepOutcome:
-    duration_us = (time.perf_counter_ns() - started_ns) // 1000 if started_ns is not None else 0
     return {
         "tx_id": command["tx_id"],
         "step_index": command["step_index"],
@@ -80,16 +126,16 @@ def outcome(
         "attempt": command["attempt"],
         "store": store,
         "status": status,
-        "before_image": before_image,
+        "before_image": travelling(command, before_image),
         "error": error,
-        "at_ms": now_ms(),
-        "duration_us": duration_us,
+        "at_ms": timing.at_ms,
+        "duration_us": timing.duration_us,
     }
 
 
-def failed(command: StoreCommand, store: Store, exc: BaseException, started_ns: int | None = None) -> StepOutcome:
+def failed(command: StoreCommand, store: Store, exc: BaseException, timing: Timing) -> StepOutcome:
     cls, message, retriable = describe(exc)
-    return outcome(command, store, "FAILED", error=error_info(cls, message, retriable), started_ns=started_ns)
+    return outcome(command, store, "FAILED", timing, error=error_info(cls, message, retriable))
 
 
 def status_for(plan_: Plan) -> OutcomeStatus:
@@ -134,15 +180,21 @@ def generations(
     return groups
 
 
+_TWO_PHASE = "two-phase commit is not built yet"
+
+
 class Participant(abc.ABC):
     """A store's side of the protocol: takes a batch of commands, returns one outcome per command.
 
-    `apply_batch` never raises for a single bad command: that command's outcome is FAILED with a typed
+    `apply_commands` never raises for a single bad command: that command's outcome is FAILED with a typed
     error (`error.retriable` says whether the coordinator should try again), and the others still run.
     It raises only when the store itself is unreachable, so the consume loop retries the whole batch.
+    The two-phase commit verbs are part of the interface already and raise `UnsupportedError` until a
+    store implements them.
     """
 
     store: Store
+    settings: Settings
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -156,5 +208,38 @@ class Participant(abc.ABC):
         """A live check against the store: {'healthy': bool, 'version': str, ...}."""
 
     @abc.abstractmethod
+    async def apply_commands(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
+        """Run parsed EXECUTE/COMPENSATE commands in order; one outcome per command, in the same order."""
+
     async def apply_batch(self, commands: Sequence[StoreCommand]) -> list[StepOutcome]:
-        """Run EXECUTE/COMPENSATE commands in order; one outcome per command, in the same order."""
+        """Parse, then `apply_commands`: a command that does not parse fails alone (the worker parses
+        before it calls `apply_commands`; this entry serves callers holding wire commands)."""
+        from consumers import timing  # the clock stays out of this module's pure functions
+
+        begun = timing.started()
+        outcomes: dict[int, StepOutcome] = {}
+        typed: list[tuple[int, TypedCommand]] = []
+        for position, command in enumerate(commands):
+            try:
+                typed.append((position, parse_command(command, self.store, self.settings.max_payload_bytes)))
+            except PolycommitError as exc:
+                outcomes[position] = failed(command, self.store, exc, timing.since(begun))
+        applied = await self.apply_commands([t for _, t in typed]) if typed else []
+        outcomes.update((position, result) for (position, _), result in zip(typed, applied, strict=True))
+        return [outcomes[i] for i in range(len(commands))]
+
+    async def prepare(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
+        """Phase 1: apply and hold the commands' effects, and vote."""
+        raise UnsupportedError(_TWO_PHASE)
+
+    async def commit(self, tx_ids: Sequence[str]) -> None:
+        """Phase 2 after a commit decision: make the prepared effects of `tx_ids` durable."""
+        raise UnsupportedError(_TWO_PHASE)
+
+    async def abort(self, tx_ids: Sequence[str]) -> None:
+        """Phase 2 after an abort decision (or presumed abort): drop the prepared effects of `tx_ids`."""
+        raise UnsupportedError(_TWO_PHASE)
+
+    async def list_in_doubt(self) -> list[str]:
+        """Transactions prepared here and not yet settled, for recovery to settle from the decision log."""
+        raise UnsupportedError(_TWO_PHASE)

@@ -4,6 +4,8 @@ Offsets are committed only after the batch's outcomes are acknowledged by the br
 point redelivers the batch; the store's applied-step markers make that redelivery change nothing (P4).
 A record that cannot be decoded or names an invalid operation becomes a dead letter (P7) and the loop
 goes on; an invalid operation also gets a FAILED outcome, so its saga compensates instead of hanging.
+Each command's operations are parsed and validated here, once (`consumers.command.parse_command`); the
+participant takes the typed commands and checks nothing twice.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ from typing import Any
 
 from aiokafka.errors import KafkaError
 
+from consumers import timing
 from consumers.base import Participant, failed
+from consumers.command import TypedCommand, parse_command
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.deadletters import dead_letter
-from polycommit.errors import CodecError, InvalidOperationError, PolycommitError, StoreUnavailableError
+from polycommit.errors import CodecError, PolycommitError, StoreUnavailableError
 from polycommit.events import StepOutcome, StoreCommand
 from polycommit.failpoints import failpoint
-from polycommit.operations import validate_operation
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +158,7 @@ class StoreWorker:
                 continue
             commands.append(decoded)
             sources.append(record)
-        valid, positions, early = self._validate(commands)
+        valid, positions, early = self._parse(commands)
         outcomes: list[StepOutcome | None] = list(early)
         started = time.perf_counter()
         for position, result in zip(positions, await self._apply(valid), strict=True):
@@ -182,32 +185,29 @@ class StoreWorker:
         if self.on_batch is not None:
             self.on_batch([o for o in outcomes if o is not None])
 
-    def _validate(self, commands: list[StoreCommand]) -> tuple[list[StoreCommand], list[int], list[StepOutcome | None]]:
-        """Refuse commands no store could run, before they reach the store (and before its batch)."""
-        valid: list[StoreCommand] = []
+    def _parse(self, commands: list[StoreCommand]) -> tuple[list[TypedCommand], list[int], list[StepOutcome | None]]:
+        """Parse every command once, refusing those no store could run before they reach the store (and
+        its batch); the participant gets typed commands and checks nothing twice."""
+        begun = timing.started()
+        valid: list[TypedCommand] = []
         positions: list[int] = []
         early: list[StepOutcome | None] = [None] * len(commands)
         for position, command in enumerate(commands):
             try:
-                for op in (command["operation"], command["compensation"]):
-                    if op is None:
-                        continue
-                    validate_operation(op, self.settings.max_payload_bytes)
-                    if op["store"] != self.store:
-                        raise InvalidOperationError(f"a {op['store']} operation arrived at the {self.store} consumer")
-            except InvalidOperationError as exc:
-                early[position] = failed(command, self.store, exc)
+                typed = parse_command(command, self.store, self.settings.max_payload_bytes)
+            except PolycommitError as exc:
+                early[position] = failed(command, self.store, exc, timing.since(begun))
                 continue
-            valid.append(command)
+            valid.append(typed)
             positions.append(position)
         return valid, positions, early
 
-    async def _apply(self, commands: list[StoreCommand]) -> list[StepOutcome]:
+    async def _apply(self, commands: list[TypedCommand]) -> list[StepOutcome]:
         """Apply a batch; while the store is unreachable, wait and try the same batch again."""
         delay = 0.2
         while True:
             try:
-                return await self.participant.apply_batch(commands)
+                return await self.participant.apply_commands(commands) if commands else []
             except StoreUnavailableError as exc:
                 log.warning("%s unavailable, retrying the batch in %.1fs: %s", self.store, delay, exc)
                 await asyncio.sleep(delay)

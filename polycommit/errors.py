@@ -86,6 +86,12 @@ class VersionConflictError(PermanentError):
     """Optimistic concurrency: the stored version differs from the expected one."""
 
 
+class UnsupportedError(PolycommitError):
+    """The participant or mode cannot do this yet (e.g. two-phase commit); no retry can help."""
+
+    retriable = False
+
+
 # -- transactions ----------------------------------------------------------------------------------
 
 

@@ -8,29 +8,54 @@ coordinator can refuse a bad intent before any step runs.
 
 from __future__ import annotations
 
-import json
-import re
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from polycommit.errors import InvalidOperationError, PayloadTooLargeError, UnknownStoreError
-from polycommit.events import STORES, NodeRef, Operation, Point
+from polycommit.events import NodeRef, Operation, Point
+from polycommit.parsed import (
+    IDENTIFIER,
+    KINDS,
+    RAW_KINDS,
+    NodeKey,
+    NodeOperation,
+    ParsedOperation,
+    PointsOperation,
+    PointValue,
+    RawOperation,
+    RelationshipOperation,
+    RowOperation,
+    canonical_id,
+    dumps,
+    json_object,
+    keys_of,
+    operation_size,
+    parse_operation,
+)
 
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+__all__ = [
+    "IDENTIFIER",
+    "KINDS",
+    "RAW_KINDS",
+    "NodeKey",
+    "NodeOperation",
+    "ParsedOperation",
+    "PointValue",
+    "PointsOperation",
+    "RawOperation",
+    "RelationshipOperation",
+    "RowOperation",
+    "canonical_id",
+    "dumps",
+    "json_object",
+    "keys_of",
+    "lock_keys",
+    "operation_size",
+    "parse_operation",
+    "validate_operation",
+]
 
-KINDS: dict[str, frozenset[str]] = {
-    "postgres": frozenset({"upsert_row", "delete_row", "sql"}),
-    "qdrant": frozenset({"upsert_points", "delete_points"}),
-    "neo4j": frozenset({"merge_node", "delete_node", "merge_relationship", "delete_relationship", "cypher"}),
-}
-RAW_KINDS = frozenset({"sql", "cypher"})
 _POINT_NAMESPACE = uuid.UUID("6f1c2b1e-4a7d-4d2a-9a53-2f0d3c1f0b5e")
-
-
-def dumps(value: Any) -> str:
-    """Canonical JSON: sorted keys and no spaces, so equal values give equal strings (and lock keys)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def _operation(store: str, kind: str, **fields: Any) -> Operation:
@@ -133,90 +158,14 @@ def cypher(statement: str, params: Mapping[str, Any] | None = None, lock_keys: I
     )
 
 
-# -- validation -------------------------------------------------------------------------------------
-
-
-def json_object(text: str, what: str) -> dict[str, Any]:
-    """Parse JSON text that must be an object; anything else is an InvalidOperationError."""
-    try:
-        value = json.loads(text)
-    except (TypeError, ValueError) as exc:
-        raise InvalidOperationError(f"{what} is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidOperationError(f"{what} must be a JSON object")
-    return value
-
-
-def _identifiers(names: Iterable[str], what: str) -> None:
-    for name in names:
-        if not IDENTIFIER.match(name):
-            raise InvalidOperationError(f"{what} {name!r} is not a plain identifier")
-
-
-def operation_size(op: Operation) -> int:
-    """Approximate encoded size: what the payload limit is measured against."""
-    size = len(op["key"]) + len(op["values"]) + len(op["statement"]) + len(op["params"])
-    for p in op["points"]:
-        size += len(p["payload"]) + 4 * len(p["vector"]) + len(p["id"])
-    return size + 16 * len(op["point_ids"])
+# -- validation and lock keys (on the typed value: polycommit.parsed) ---------------------------------
 
 
 def validate_operation(op: Operation, max_payload_bytes: int) -> None:
-    """Raise a typed `InvalidOperationError` for anything no store could run."""
-    store, kind = op["store"], op["kind"]
-    if store not in STORES:
-        raise UnknownStoreError(f"unknown store {store!r}; polycommit has {', '.join(STORES)}")
-    if kind not in KINDS[store]:
-        raise InvalidOperationError(f"{store} has no operation {kind!r}; it has {', '.join(sorted(KINDS[store]))}")
-    size = operation_size(op)
-    if size > max_payload_bytes:
-        raise PayloadTooLargeError(f"operation payload is {size} bytes; the limit is {max_payload_bytes}")
-    if kind in RAW_KINDS:
-        if not op["statement"].strip():
-            raise InvalidOperationError(f"{kind} step has an empty statement")
-        return
-    if kind not in ("merge_relationship", "delete_relationship"):
-        _identifiers([op["target"]], "target")
-    if kind in ("upsert_row", "delete_row", "merge_node", "delete_node"):
-        key = json_object(op["key"], "key")
-        if not key:
-            raise InvalidOperationError(f"{kind} needs a non-empty key")
-        _identifiers(key, "key column")
-        _identifiers(json_object(op["values"], "values"), "column")
-    elif kind == "upsert_points":
-        if not op["points"]:
-            raise InvalidOperationError("upsert_points needs at least one point")
-        for p in op["points"]:
-            json_object(p["payload"], "point payload")
-            if not p["vector"]:
-                raise InvalidOperationError(f"point {p['id']} has no vector")
-    elif kind == "delete_points":
-        if not op["point_ids"]:
-            raise InvalidOperationError("delete_points needs at least one id")
-    else:  # relationships
-        _identifiers([op["target"]], "relationship type")
-        for end in (op["from_node"], op["to_node"]):
-            if end is None:
-                raise InvalidOperationError(f"{kind} needs both end nodes")
-            _identifiers([end["label"]], "label")
-            _identifiers(json_object(end["key"], "node key"), "key property")
-        _identifiers(json_object(op["values"], "values"), "property")
-
-
-# -- lock keys --------------------------------------------------------------------------------------
+    """Raise a typed `InvalidOperationError` for anything no store could run (parse and discard)."""
+    parse_operation(op, max_payload_bytes)
 
 
 def lock_keys(op: Operation) -> list[str]:
     """The resources an operation writes, named so that equal resources give equal strings."""
-    store, kind, target = op["store"], op["kind"], op["target"]
-    if kind in RAW_KINDS:
-        return list(op["lock_keys"])
-    if kind in ("upsert_row", "delete_row", "merge_node", "delete_node"):
-        return [f"{store}:{target}:{op['key']}"]
-    if kind == "upsert_points":
-        return [f"qdrant:{target}:{p['id']}" for p in op["points"]]
-    if kind == "delete_points":
-        return [f"qdrant:{target}:{i}" for i in op["point_ids"]]
-    ends = [op["from_node"], op["to_node"]]
-    names = [f"{e['label']}:{e['key']}" for e in ends if e is not None]
-    return [f"neo4j:{target}:" + "->".join(names)]
+    return keys_of(parse_operation(op, max_payload_bytes=2**62))

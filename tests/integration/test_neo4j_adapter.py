@@ -458,3 +458,24 @@ async def test_a_committed_write_survives_a_neo4j_crash_and_restart(
         except StoreUnavailableError:
             statuses.append("unavailable")
     assert statuses[-1] == "APPLIED", statuses
+
+
+# -- nodes that existed before the saga (issue 9, defect 1) ----------------------------------------------
+
+
+@pytest.mark.parametrize("same_batch", [True, False], ids=["one batch", "separate batches"])
+async def test_compensate_restores_a_node_that_existed_before_the_saga(
+    participant: Neo4jParticipant, same_batch: bool
+) -> None:
+    key = {"id": uid()}
+    await apply_one(participant, command(ops.merge_node(LABEL, key, {"v": "old", "kept": 1})))
+    tx = f"tx-{uid()}"
+    update = command(ops.merge_node(LABEL, key, {"v": "new", "added": True}), tx_id=tx)
+    delete = command(ops.delete_node(LABEL, key), tx_id=tx, step=1)
+    steps = [update, undo(update), delete, undo(delete)]
+    if same_batch:
+        results = await participant.apply_batch(steps)
+    else:
+        results = [await apply_one(participant, s) for s in steps]
+    assert [r["status"] for r in results] == ["APPLIED"] * 4
+    assert await participant.read_node(LABEL, key) == {**key, "v": "old", "kept": 1}

@@ -10,10 +10,12 @@ from typing import Any
 import asyncpg
 import pytest
 
+from consumers.command import TypedCommand, parse_command
 from consumers.postgres import PostgresParticipant
 from polycommit import operations as ops
 from polycommit.config import Settings
 from polycommit.events import Operation, StepAction, StoreCommand, store_command
+from polycommit.parsed import RawOperation
 
 TABLE = "adapter_test_rows"
 
@@ -140,3 +142,104 @@ async def test_a_prepared_transaction_survives_a_postgres_restart(settings: Sett
         assert await conn.fetchval(f"SELECT v FROM {TABLE} WHERE id = $1", k) == 42
     finally:
         await conn.close()
+
+
+# -- compensations of rows that existed before the saga (issue 9, defect 1) ------------------------------
+
+
+async def test_execute_and_compensate_in_one_batch_restore_a_row_that_existed_before(pg: PostgresParticipant) -> None:
+    k, old = key(), {"v": 1, "note": "before the saga"}
+    await pg.apply_batch([command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row(TABLE, k, old))])
+    tx = uuid.uuid4().hex
+    update, delete = ops.upsert_row(TABLE, k, {"v": 2}), ops.delete_row(TABLE, k)
+    same_batch = [command(tx, 0, "EXECUTE", update), command(tx, 0, "COMPENSATE", update)]
+    same_batch += [command(tx, 1, "EXECUTE", delete), command(tx, 1, "COMPENSATE", delete)]
+    outcomes = await pg.apply_batch(same_batch)
+    assert [o["status"] for o in outcomes] == ["APPLIED"] * 4
+    assert await pg.read_row(TABLE, k) == {**k, **old}
+
+
+async def test_execute_and_compensate_in_separate_batches_restore_a_row_that_existed_before(
+    pg: PostgresParticipant,
+) -> None:
+    k, old = key(), {"v": 1, "note": "before the saga"}
+    await pg.apply_batch([command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row(TABLE, k, old))])
+    tx = uuid.uuid4().hex
+    for op in (ops.upsert_row(TABLE, k, {"v": 2}), ops.delete_row(TABLE, k)):
+        (done,) = await pg.apply_batch([command(tx, 0, "EXECUTE", op)])
+        (undone,) = await pg.apply_batch([command(tx, 0, "COMPENSATE", op)])
+        assert (done["status"], undone["status"]) == ("APPLIED", "APPLIED")
+        assert await pg.read_row(TABLE, k) == {**k, **old}
+        tx = uuid.uuid4().hex
+
+
+# -- raw SQL that must fail alone (issue 9, defects 2 and 6) ---------------------------------------------
+
+
+def raw(statement: str, params: list[Any] | str = "[]") -> Operation:
+    """A raw SQL operation as any producer may publish it: params are JSON text, possibly not JSON at all."""
+    return {**ops.sql(statement), "params": params if isinstance(params, str) else json.dumps(params)}
+
+
+async def test_raw_sql_with_bad_parameters_fails_alone_and_permanently(pg: PostgresParticipant) -> None:
+    k1, k2 = key(), key()
+    update = f"UPDATE {TABLE} SET v = $1 WHERE id = $2"
+    bad = [raw(update, "not json"), raw(update, [1]), raw(update, [1, "x", 3]), raw(update, ["not an int", "x"])]
+    batch = [command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row(TABLE, k1, {"v": 1}))]
+    batch += [command(uuid.uuid4().hex, 0, "EXECUTE", op) for op in bad]
+    batch += [command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row(TABLE, k2, {"v": 2}))]
+    outcomes = await pg.apply_batch(batch)
+    assert [o["status"] for o in outcomes] == ["APPLIED", "FAILED", "FAILED", "FAILED", "FAILED", "APPLIED"]
+    errors = [o["error"] for o in outcomes[1:5]]
+    assert all(e is not None and e["error_class"] == "InvalidOperationError" and not e["retriable"] for e in errors)
+    assert await pg.read_row(TABLE, k1) == {**k1, "v": 1, "note": None}
+    assert await pg.read_row(TABLE, k2) == {**k2, "v": 2, "note": None}
+    for o in (outcomes[0], outcomes[5]):
+        assert "0/EXECUTE" in await pg.markers_of(o["tx_id"])
+
+
+async def test_a_raw_step_that_ends_the_transaction_fails_alone_and_the_batch_keeps_its_markers(
+    pg: PostgresParticipant,
+) -> None:
+    """A COMMIT that got past parsing (built here by hand) must not separate the others' effects from their
+    markers: it fails alone, and every other command commits with its marker."""
+    k1, k2 = key(), key()
+    first = command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row(TABLE, k1, {"v": 1}))
+    last = command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row(TABLE, k2, {"v": 2}))
+    typed = [parse_command(c, "postgres", 1024 * 1024) for c in (first, last)]
+    for statement in ("COMMIT", "ROLLBACK"):
+        sneaky = command(uuid.uuid4().hex, 0, "EXECUTE", ops.sql("SELECT 1"))
+        smuggled = TypedCommand(sneaky, RawOperation("postgres", statement, (), ()), None)
+        outcomes = await pg.apply_commands([typed[0], smuggled, typed[1]])
+        assert [o["status"] for o in outcomes][1] == "FAILED"
+        assert {o["status"] for o in (outcomes[0], outcomes[2])} <= {"APPLIED", "ALREADY_APPLIED"}
+        error = outcomes[1]["error"]
+        assert error is not None and error["error_class"] == "InvalidOperationError" and not error["retriable"]
+        assert await pg.markers_of(sneaky["tx_id"]) == {}
+    for c, k, v in ((first, k1, 1), (last, k2, 2)):
+        assert await pg.read_row(TABLE, k) == {**k, "v": v, "note": None}
+        assert json.loads((await pg.markers_of(c["tx_id"]))["0/EXECUTE"] or "") == {"row": None}
+
+
+async def test_a_raw_step_that_ends_the_transaction_fails_alone_when_the_batch_runs_one_by_one(
+    pg: PostgresParticipant,
+) -> None:
+    """The same, in a batch that another bad command sends down the one-by-one path."""
+    k1, k2 = key(), key()
+    commands = [
+        command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row(TABLE, k1, {"v": 1})),
+        command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row("no_such_table_anywhere", {"id": "x"}, {})),
+        command(uuid.uuid4().hex, 0, "EXECUTE", ops.sql("SELECT 1")),
+        command(uuid.uuid4().hex, 0, "EXECUTE", ops.upsert_row(TABLE, k2, {"v": 2})),
+    ]
+    typed = [parse_command(c, "postgres", 1024 * 1024) for c in commands]
+    typed[2] = TypedCommand(commands[2], RawOperation("postgres", "COMMIT", (), ()), None)
+    outcomes = await pg.apply_commands(typed)
+    assert [o["status"] for o in outcomes][1:3] == ["FAILED", "FAILED"]
+    assert (
+        outcomes[2]["error"] is not None and "ended the consumer's batch transaction" in outcomes[2]["error"]["message"]
+    )
+    assert {o["status"] for o in (outcomes[0], outcomes[3])} <= {"APPLIED", "ALREADY_APPLIED"}
+    assert await pg.read_row(TABLE, k1) == {**k1, "v": 1, "note": None}
+    assert await pg.read_row(TABLE, k2) == {**k2, "v": 2, "note": None}
+    assert [list(await pg.markers_of(c["tx_id"])) for c in commands] == [["0/EXECUTE"], [], [], ["0/EXECUTE"]]

@@ -490,3 +490,18 @@ async def test_repeated_point_in_a_batch_gives_one_by_one_before_images(
     ]
     one_by_one = [(await qp.apply_batch([c]))[0] for c in relocated]
     assert [before(r) for r in one_by_one[1:]] == [before(r) for r in results]
+
+
+# -- points that existed before the saga (issue 9, defect 1) ----------------------------------------
+
+
+@pytest.mark.parametrize("same_batch", [True, False], ids=["one batch", "separate batches"])
+async def test_compensate_restores_points_that_existed_before_the_saga(qp: QdrantParticipant, same_batch: bool) -> None:
+    await qp.apply_batch([upsert("seed", (1, 0, {"v": "old"}), (2, 1, {"v": "old"}))])
+    overwrite = upsert("t1", (1, 2, {"v": "new"}), (3, 2, {"v": "new"}))
+    delete = command("t1", 1, "EXECUTE", delete_points(COLLECTION, [2]))
+    steps = [overwrite, command("t1", 0, "COMPENSATE", overwrite["operation"])]
+    steps += [delete, command("t1", 1, "COMPENSATE", delete["operation"])]
+    results = await qp.apply_batch(steps) if same_batch else [(await qp.apply_batch([s]))[0] for s in steps]
+    assert statuses(results) == ["APPLIED"] * 4
+    assert await points(qp, 1, 2, 3) == {"1": stored(0, {"v": "old"}), "2": stored(1, {"v": "old"})}

@@ -10,6 +10,7 @@ from polycommit import operations as ops
 from polycommit.client import Saga, TransactionResult
 from polycommit.errors import InvalidOperationError, PayloadTooLargeError, UnknownStoreError
 from polycommit.events import Operation, StepAction, StoreCommand
+from polycommit.parsed import PointsOperation, RawOperation, RowOperation, keys_of, parse_operation
 from projections import tx_state
 
 LIMIT = 1024 * 1024
@@ -139,3 +140,44 @@ def test_a_result_event_becomes_a_client_result() -> None:
     result = TransactionResult.from_event(event)
     assert (result.status, result.duration_ms, result.ok) == ("compensated", 15, False)
     assert result.error == "StoreError: boom"
+
+
+# -- raw SQL that would control the PostgreSQL consumer's shared transaction (issue 9, defect 6) --
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "COMMIT",
+        "rollback",
+        "/* hidden */ BEGIN",
+        "START TRANSACTION",
+        "SAVEPOINT s",
+        "RELEASE SAVEPOINT s",
+        "PREPARE TRANSACTION 'x'",
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "END",
+        "UPDATE t SET v = 1; COMMIT",
+    ],
+)
+def test_transaction_control_in_raw_sql_is_refused_when_parsed(statement: str) -> None:
+    with pytest.raises(InvalidOperationError):
+        ops.validate_operation(ops.sql(statement), 1024 * 1024)
+
+
+@pytest.mark.parametrize("statement", ["SELECT 'COMMIT; BEGIN'", "SELECT 1 -- ; COMMIT", "SELECT $$;COMMIT$$;"])
+def test_transaction_words_inside_literals_and_comments_are_not_refused(statement: str) -> None:
+    ops.validate_operation(ops.sql(statement), 1024 * 1024)
+
+
+# -- typed operations ------------------------------------------------------------------------------
+
+
+def test_operations_parse_into_typed_values() -> None:
+    row = parse_operation(ops.upsert_row("t", {"id": 1}, {"v": 2}), LIMIT)
+    assert row == RowOperation("upsert_row", "t", {"id": 1}, {"v": 2})
+    points = parse_operation(ops.delete_points("c", ["007", 8]), LIMIT)
+    assert isinstance(points, PointsOperation) and points.ids == ("7", "8")
+    raw = parse_operation(ops.sql("UPDATE t SET v = $1", [3], lock_keys=["postgres:t:x"]), LIMIT)
+    assert raw == RawOperation("postgres", "UPDATE t SET v = $1", (3,), ("postgres:t:x",))
+    assert keys_of(points) == ops.lock_keys(ops.delete_points("c", [7, 8])) == ["qdrant:c:7", "qdrant:c:8"]

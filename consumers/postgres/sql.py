@@ -3,12 +3,35 @@
 Every statement takes its rows as one `jsonb[]` parameter and types them with
 `jsonb_populate_record(NULL::table, ...)`, so one statement serves a whole group of steps on the same
 table whatever its column types, and PostgreSQL, not Python, converts JSON values to column types.
-Identifiers were checked by operations.validate_operation and are quoted here as well.
+Identifiers were checked when the operation was parsed (polycommit.parsed) and are quoted here as well.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+
+MARKER_TABLE = "polycommit_steps"
+CREATE_MARKERS = f"""
+CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (
+    tx_id        text        NOT NULL,
+    step_index   integer     NOT NULL,
+    action       text        NOT NULL,
+    before_image jsonb,
+    applied_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tx_id, step_index, action)
+)"""
+READ_MARKERS = f"""
+SELECT m.tx_id, m.step_index, m.action, m.before_image::text
+FROM {MARKER_TABLE} m
+JOIN unnest($1::text[], $2::int[]) AS k(tx_id, step_index) USING (tx_id, step_index)"""
+WRITE_MARKERS = f"""
+INSERT INTO {MARKER_TABLE} (tx_id, step_index, action, before_image)
+SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::jsonb[])"""
+# A raw step runs in a savepoint of the batch's transaction: its failure undoes it alone.
+SAVEPOINT = "SAVEPOINT polycommit_raw_step"
+RELEASE_SAVEPOINT = "RELEASE SAVEPOINT polycommit_raw_step"
+ROLLBACK_TO_SAVEPOINT = "ROLLBACK TO SAVEPOINT polycommit_raw_step"
+MARKERS_OF = f"SELECT step_index, action, before_image::text FROM {MARKER_TABLE} WHERE tx_id = $1"
 
 
 def quote(identifier: str) -> str:

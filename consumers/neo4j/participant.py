@@ -11,59 +11,49 @@ together, so "applied" and "recorded as applied" cannot disagree after a crash. 
 fails (bad Cypher, a constraint, a deadlock), it is rolled back and the commands run one by one, each in
 its own transaction, so only the guilty one fails.
 
-What a command does to the graph and how a batch is grouped live in `consumers/neo4j_effects.py`; the
-Cypher text in `consumers/neo4j_cypher.py`. This module does the I/O: the driver, schema, transactions.
+What each command may do is decided by the shared planner (consumers/planner.py); what it does to the
+graph lives in `consumers/neo4j/effects.py`, the Cypher text in `consumers/neo4j/cypher.py`, one
+transaction's work in `consumers/neo4j/unit.py`. This module does the I/O: the driver, schema, transactions.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from neo4j import AsyncDriver, AsyncGraphDatabase, AsyncTransaction
 from neo4j.exceptions import DriverError, Neo4jError, ServiceUnavailable, SessionExpired
 
-from consumers.base import Marker, Participant, Plan, failed, outcome, plan, status_for
-from consumers.neo4j_cypher import (
+from consumers import timing
+from consumers.base import Marker, Participant, failed
+from consumers.command import TypedCommand
+from consumers.neo4j.cypher import (
     CREATE_MARKER_CONSTRAINT,
     MARKER_LABEL,
     READ_MARKERS,
-    WRITE_MARKERS,
-    Seen,
     constraint_statement,
-    effect_query,
     read_query,
-    refusal,
     row_of,
 )
-from consumers.neo4j_effects import (
+from consumers.neo4j.effects import (
     STORE,
     Effect,
-    EffectKind,
+    Effects,
     NodeShape,
     NodeTarget,
-    Parsed,
-    RelShape,
     RelTarget,
-    batch_groups,
-    before_image_of,
+    effects_of,
     end_target,
     nodes_of,
-    parse,
-    restoring,
+    reads,
+    writes,
 )
+from consumers.neo4j.unit import Unit
+from consumers.planner import batch_groups, plan_batch
 from polycommit.config import Settings
-from polycommit.errors import (
-    InvalidOperationError,
-    PolycommitError,
-    StoreError,
-    StoreUnavailableError,
-)
-from polycommit.events import NodeRef, StepOutcome, Store, StoreCommand
+from polycommit.errors import PolycommitError, StoreError, StoreUnavailableError
+from polycommit.events import NodeRef, StepOutcome, Store
 
 # Imported from here by the runtime, the consistency checker (markers by label) and the tests.
 __all__ = ["MARKER_LABEL", "Neo4jParticipant", "classify"]
@@ -98,100 +88,6 @@ def classify(exc: BaseException) -> BaseException:
     if isinstance(exc, DriverError):
         return StoreError(f"{type(exc).__name__}: {exc}", retriable=exc.is_retryable(), store=STORE)
     return exc
-
-
-# -- one transaction's work -------------------------------------------------------------------------
-
-
-@dataclass
-class Unit:
-    """One transaction's view of the markers: those read at its start plus those it has written."""
-
-    tx: AsyncTransaction
-    markers: dict[str, Marker]
-    started_ns: int
-    new_markers: list[dict[str, Any]] = field(default_factory=list)
-    outcomes: dict[int, StepOutcome] = field(default_factory=dict)
-
-    def record(self, p: Parsed, status: Literal["APPLIED", "NOOP"], before: str | None) -> None:
-        self.markers[p.own_id] = Marker(before)
-        self.new_markers.append({"id": p.own_id, "before": before})
-        self.outcomes[p.position] = outcome(p.command, STORE, status, before_image=before, started_ns=self.started_ns)
-
-    def fail(self, p: Parsed, exc: BaseException) -> None:
-        self.outcomes[p.position] = failed(p.command, STORE, exc, self.started_ns)
-
-    async def apply_group(self, group: Sequence[Parsed]) -> None:
-        work: list[tuple[Parsed, Effect]] = []
-        for p in group:
-            effect = self._planned(p)
-            if effect is not None:
-                work.append((p, effect))
-        seen = await self._apply_structured([e for _, e in work])
-        for (p, effect), s in zip(work, seen, strict=True):
-            reason = refusal(effect, s)
-            if reason is not None:
-                self.fail(p, reason)
-                continue
-            if effect.kind == "cypher":
-                result = await self.tx.run(effect.statement, effect.params)
-                await result.consume()
-            before = before_image_of(effect.target, s.properties) if effect.target is not None else None
-            self.record(p, "APPLIED", before)
-
-    def _planned(self, p: Parsed) -> Effect | None:
-        """Settle what the markers already decide; return the effect still to apply, if any."""
-        decision = plan(p.command, self.markers.get(p.execute_id), self.markers.get(p.compensate_id))
-        if decision is Plan.APPLY_EXECUTE:
-            return p.effect
-        if decision is Plan.APPLY_COMPENSATION:
-            try:
-                return self._compensation(p)
-            except PolycommitError as exc:
-                self.fail(p, exc)
-                return None
-        if decision is Plan.RECORD_NOOP_COMPENSATION:
-            self.record(p, "NOOP", None)  # so that a late EXECUTE of this step is skipped
-            return None
-        own = self.markers.get(p.own_id)
-        before = own.before_image if decision is Plan.ALREADY_APPLIED and own is not None else None
-        self.outcomes[p.position] = outcome(
-            p.command, STORE, status_for(decision), before_image=before, started_ns=self.started_ns
-        )
-        return None
-
-    def _compensation(self, p: Parsed) -> Effect:
-        if p.compensation is not None:
-            return p.compensation
-        if p.effect.kind == "cypher":
-            return Effect("noop")  # a raw step without a declared compensation: recorded, nothing to undo
-        assert p.effect.target is not None
-        # The EXECUTE marker's image was written atomically with the effect: it wins over the command's.
-        execute = self.markers.get(p.execute_id)
-        image = execute.before_image if execute is not None and execute.before_image else p.command["before_image"]
-        if not image:
-            raise InvalidOperationError(f"step {p.own_id} has no before-image to compensate from")
-        return restoring(p.effect.target, image)
-
-    async def _apply_structured(self, effects: Sequence[Effect]) -> list[Seen]:
-        """Apply the group's structured effects, one UNWIND query per (kind, shape); return what each saw."""
-        seen = [Seen(None) for _ in effects]
-        by_shape: dict[tuple[EffectKind, NodeShape | RelShape], list[int]] = defaultdict(list)
-        for i, effect in enumerate(effects):
-            if effect.target is not None:
-                by_shape[(effect.kind, effect.target.shape)].append(i)
-        for indexes in by_shape.values():
-            rows = [{"i": i, **row_of(effects[i])} for i in indexes]
-            result = await self.tx.run(effect_query(effects[indexes[0]]), rows=rows)
-            record = await result.single(strict=True)
-            for i, props, *context in record["seen"]:
-                seen[i] = Seen(props, *context)
-        return seen
-
-    async def flush_markers(self) -> None:
-        if self.new_markers:
-            result = await self.tx.run(WRITE_MARKERS, rows=self.new_markers)
-            await result.consume()
 
 
 # -- the participant ----------------------------------------------------------------------------------
@@ -265,10 +161,10 @@ class Neo4jParticipant(Participant):
         await self._schema(constraint_statement(shape))
         self._node_keys.add(shape)
 
-    async def _ensure_keys(self, parsed: Iterable[Parsed]) -> dict[NodeShape, BaseException]:
+    async def _ensure_keys(self, effects: Mapping[int, Effects]) -> dict[NodeShape, BaseException]:
         """Ensure every node shape of the batch; return the shapes whose constraint could not be made."""
         broken: dict[NodeShape, BaseException] = {}
-        shapes = {n.shape for p in parsed for t in p.targets() for n in nodes_of(t)}
+        shapes = {n.shape for e in effects.values() for t in e.targets() for n in nodes_of(t)}
         for shape in sorted(shapes - self._node_keys):
             try:
                 await self.ensure_node_key(*shape)
@@ -281,55 +177,66 @@ class Neo4jParticipant(Participant):
 
     # -- batches ------------------------------------------------------------------------------------
 
-    async def apply_batch(self, commands: Sequence[StoreCommand]) -> list[StepOutcome]:
-        started = time.perf_counter_ns()
+    async def apply_commands(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
+        begun = timing.started()
         outcomes: dict[int, StepOutcome] = {}
-        parsed: list[Parsed] = []
+        effects: dict[int, Effects] = {}
         for position, command in enumerate(commands):
             try:
-                parsed.append(parse(position, command, self.settings.max_payload_bytes))
-            except Exception as exc:  # one bad command fails alone; the batch goes on
-                outcomes[position] = failed(command, STORE, exc, started)
-        broken = await self._ensure_keys(parsed)
-        runnable: list[Parsed] = []
-        for p in parsed:
-            shape = next((n.shape for t in p.targets() for n in nodes_of(t) if n.shape in broken), None)
+                effects[position] = effects_of(command)
+            except PolycommitError as exc:  # one bad command fails alone; the batch goes on
+                outcomes[position] = failed(command.source, STORE, exc, timing.since(begun))
+        broken = await self._ensure_keys(effects)
+        runnable: list[int] = []
+        for position, e in effects.items():
+            shape = next((n.shape for t in e.targets() for n in nodes_of(t) if n.shape in broken), None)
             if shape is None:
-                runnable.append(p)
+                runnable.append(position)
             else:
-                outcomes[p.position] = failed(p.command, STORE, broken[shape], started)
+                outcomes[position] = failed(commands[position].source, STORE, broken[shape], timing.since(begun))
         if runnable:
-            outcomes.update(await self._apply(runnable, started))
+            work = [(i, commands[i], effects[i]) for i in runnable]
+            outcomes.update(await self._apply(work, begun))
         return [outcomes[i] for i in range(len(commands))]
 
-    async def _apply(self, parsed: Sequence[Parsed], started_ns: int) -> dict[int, StepOutcome]:
+    async def _apply(self, work: Sequence[tuple[int, TypedCommand, Effects]], begun: int) -> dict[int, StepOutcome]:
         try:
-            return await self._transaction(parsed, started_ns)
+            return await self._transaction(work, begun)
         except Exception as exc:
             error = classify(exc)
             if isinstance(error, StoreUnavailableError):
                 raise error from exc
-            if len(parsed) == 1:
-                return {parsed[0].position: failed(parsed[0].command, STORE, error, started_ns)}
+            if len(work) == 1:
+                return {work[0][0]: failed(work[0][1].source, STORE, error, timing.since(begun))}
         # The batch transaction is rolled back; one by one, only the guilty command fails.
         results: dict[int, StepOutcome] = {}
-        for p in parsed:
+        for item in work:
             try:
-                results.update(await self._transaction([p], started_ns))
+                results.update(await self._transaction([item], begun))
             except Exception as exc:
                 error = classify(exc)
                 if isinstance(error, StoreUnavailableError):
                     raise error from exc
-                results[p.position] = failed(p.command, STORE, error, started_ns)
+                results[item[0]] = failed(item[1].source, STORE, error, timing.since(begun))
         return results
 
-    async def _transaction(self, parsed: Sequence[Parsed], started_ns: int) -> dict[int, StepOutcome]:
+    async def _transaction(
+        self, work: Sequence[tuple[int, TypedCommand, Effects]], begun: int
+    ) -> dict[int, StepOutcome]:
         """Apply commands in one Neo4j write transaction: all their effects and markers, or none."""
+        commands = [c for _, c, _ in work]
         async with self.driver.session() as session:
             tx = await session.begin_transaction()
             try:
-                unit = Unit(tx, await _read_markers(tx, parsed), started_ns)
-                for group in batch_groups(parsed):
+                planned = plan_batch(commands, await _read_markers(tx, commands))
+                unit = Unit(tx, planned, {i: e for i, (_, _, e) in enumerate(work)})
+                groups = batch_groups(
+                    planned,
+                    lambda p: writes(p.command, unit.effects[p.position]),
+                    reads=lambda p: reads(unit.effects[p.position]),
+                    alone=lambda p: unit.effects[p.position].raw,
+                )
+                for group in groups:
                     await unit.apply_group(group)
                 await unit.flush_markers()
                 await tx.commit()
@@ -337,7 +244,8 @@ class Neo4jParticipant(Participant):
                 if not tx.closed():
                     with contextlib.suppress(Neo4jError, DriverError):  # keep the error that got us here
                         await tx.close()  # rolls back
-        return unit.outcomes
+        done = timing.since(begun)
+        return {work[i][0]: result for i, result in unit.outcomes(done).items()}
 
     # -- reads for tests and the consistency checker ------------------------------------------------
 
@@ -360,7 +268,7 @@ class Neo4jParticipant(Participant):
             raise classify(exc) from exc
 
 
-async def _read_markers(tx: AsyncTransaction, parsed: Sequence[Parsed]) -> dict[str, Marker]:
-    ids = sorted({i for p in parsed for i in (p.execute_id, p.compensate_id)})
+async def _read_markers(tx: AsyncTransaction, commands: Sequence[TypedCommand]) -> dict[str, Marker]:
+    ids = sorted({i for c in commands for i in (c.execute_id, c.compensate_id)})
     record = await (await tx.run(READ_MARKERS, ids=ids)).single(strict=True)
     return {step_id: Marker(before) for step_id, before in record["markers"]}

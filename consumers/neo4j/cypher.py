@@ -11,9 +11,9 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from consumers.neo4j_effects import Effect, EffectKind, NodeShape, NodeTarget, RelShape, RelTarget, Target
+from consumers.neo4j.effects import Effect, EffectKind, NodeShape, NodeTarget, RelShape, RelTarget, Target
 from polycommit.errors import InvalidOperationError
-from polycommit.operations import IDENTIFIER, dumps
+from polycommit.parsed import IDENTIFIER, dumps
 
 MARKER_LABEL = "PolycommitStep"
 
