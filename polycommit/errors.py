@@ -86,12 +86,6 @@ class VersionConflictError(PermanentError):
     """Optimistic concurrency: the stored version differs from the expected one."""
 
 
-class UnsupportedError(PolycommitError):
-    """The participant or mode cannot do this yet (e.g. two-phase commit); no retry can help."""
-
-    retriable = False
-
-
 # -- transactions ----------------------------------------------------------------------------------
 
 
@@ -116,7 +110,7 @@ class InvalidIntentKeyError(InvalidIntentError):
 
 
 class UnsupportedError(InvalidIntentError):
-    """The intent asks for a mode polycommit does not run yet (the message names it)."""
+    """The intent (or a participant) asks for a mode polycommit does not run yet (the message names it)."""
 
 
 class ProtocolError(PermanentError):

@@ -19,7 +19,7 @@ from polycommit.bus import MAX_RECORD_BYTES
 from polycommit.client import Coordinator, Saga
 from polycommit.config import Settings
 from polycommit.events import Operation
-from polycommit.runtime import Runtime
+from polycommit.tooling.runtime import Runtime
 
 POLICY = SagaPolicy(default_timeout_ms=30000, backoff_base_ms=100, backoff_max_ms=1000, compensation_retries=3)
 COLLECTION, DIMENSIONS, POINTS = "large_images", 1536, 170

@@ -44,7 +44,10 @@ def test_foreign_spacing_and_key_order_give_the_sdk_lock_keys() -> None:
     ]
     for sdk, written in cases:
         theirs: Operation = {**sdk, **written}  # type: ignore[typeddict-item]
-        assert ops.lock_keys(theirs) != ops.lock_keys(sdk)  # the hazard: same row, two lock names
+        # Lock keys come from the parsed operation, so they agree even before canonicalisation; the
+        # batch grouping and the stored intent still compare the raw text, which canonicalisation fixes.
+        assert ops.lock_keys(theirs) == ops.lock_keys(sdk)
+        assert theirs["key"] != sdk["key"]
         assert canonical_operation(theirs) == sdk
         assert ops.lock_keys(canonical_operation(theirs)) == ops.lock_keys(sdk)
 

@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from consumers.qdrant_backends import canonical_id
 from polycommit.events import Operation
+from polycommit.parsed import canonical_id
 
 
 @dataclass
