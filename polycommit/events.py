@@ -149,6 +149,13 @@ class DeadLetter(TypedDict):
     at_ms: int
 
 
+class DeadlockVerdict(TypedDict):
+    cycle: list[str]
+    victim: str
+    scores: dict[str, float]
+    at_ms: int
+
+
 class Decision(TypedDict):
     tx_id: str
     outcome: Literal["COMMIT", "ABORT"]

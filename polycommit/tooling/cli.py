@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     topics.add_argument("--json", action="store_true")
 
     run = sub.add_parser("run", help="run the coordinator and/or the store consumers in this process")
-    run.add_argument("what", choices=["all", "coordinator"])
+    run.add_argument("what", choices=["all", "coordinator", "detector"])
     run.add_argument(
         "--instance",
         default=None,
@@ -130,7 +130,11 @@ async def _topics(args: argparse.Namespace) -> int:
 
 
 async def _run_until_signal(
-    stores: Sequence[str], coordinator: bool, batch_size: int = 500, instance: str | None = None
+    stores: Sequence[str],
+    coordinator: bool,
+    batch_size: int = 500,
+    instance: str | None = None,
+    detector: bool = False,
 ) -> int:
     from polycommit.bus import create_topics
     from polycommit.tooling.runtime import Runtime
@@ -139,14 +143,15 @@ async def _run_until_signal(
     if instance is not None:
         settings = dataclasses.replace(settings, coordinator_instance=instance)
     await create_topics(settings)
-    runtime = Runtime(settings, stores=stores, coordinator=coordinator, batch_size=batch_size)
+    runtime = Runtime(settings, stores=stores, coordinator=coordinator, batch_size=batch_size, detector=detector)
     await runtime.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     # Supervisors (and polycommit.tooling.processes) wait for this line: flush it even when stdout is a pipe.
-    print(f"polycommit running: {'coordinator ' if coordinator else ''}{' '.join(stores)} (Ctrl-C stops)", flush=True)
+    parts = [*(["coordinator"] if coordinator else []), *(["detector"] if detector else []), *stores]
+    print(f"polycommit running: {' '.join(parts)} (Ctrl-C stops)", flush=True)
     waiter = asyncio.create_task(runtime.wait())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -183,7 +188,12 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await _topics(args)
     if args.command == "run":
         stores = STORES if args.what == "all" else ()
-        return await _run_until_signal(stores, coordinator=True, instance=args.instance)
+        return await _run_until_signal(
+            stores,
+            coordinator=args.what != "detector",
+            instance=args.instance,
+            detector=args.what in ("all", "detector"),
+        )
     if args.command == "recover":
         from polycommit.tooling.recovery import run_recover
 

@@ -49,6 +49,7 @@ class Runtime:
     settings: Settings
     stores: Sequence[str] = STORES
     coordinator: bool = True
+    detector: bool = False  # the deadlock detector (a faust app): `polycommit run all|detector`
     policy: SagaPolicy | None = None
     batch_size: int = 500
     service: CoordinatorService | None = None
@@ -66,6 +67,12 @@ class Runtime:
             ready = asyncio.Event()
             readies.append(("coordinator", ready))
             self._tasks.append(asyncio.create_task(self.service.run(self._stop, ready), name="coordinator"))
+        if self.detector:
+            from orchestrator.detector import Detector  # faust is loaded only by processes that detect
+
+            ready = asyncio.Event()
+            readies.append(("detector", ready))
+            self._tasks.append(asyncio.create_task(Detector(self.settings).run(self._stop, ready), name="detector"))
         for store in self.stores:
             worker = StoreWorker(self.settings, participant_for(store, self.settings), batch_size=self.batch_size)
             self.workers[store] = worker

@@ -1,0 +1,105 @@
+"""The deadlock detector process: a faust-streaming agent that folds `polycommit.locks` into the wait-for
+graph (projections/wait_for.py) and publishes a DeadlockVerdict per cycle on `polycommit.deadlocks`.
+
+Delivery is at least once (faust's exactly-once mode has open bugs, so nothing here depends on it): a
+redelivered lock event changes nothing in the graph, and a verdict seen twice is harmless because the
+coordinator aborts a victim only while it still waits for a lock. The graph lives in memory: each start
+joins a group of its own and folds the topic from its earliest retained record (lock events are kept
+briefly: a wait older than the lock-wait timeout has ended), so a restarted detector rebuilds the graph
+instead of trusting offsets committed by its predecessor; and the lock-wait timeout still ends any
+deadlock the detector did not see, so a lost graph delays a verdict but never loses a transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faust
+
+from polycommit.bus import topics_for
+from polycommit.codec import EventCodec, default_codec
+from polycommit.config import Settings
+from polycommit.errors import CodecError
+from polycommit.events import DeadlockVerdict, LockEvent, now_ms
+from projections.wait_for import Verdict, WaitForGraph
+
+log = logging.getLogger(__name__)
+
+BATCH_EVENTS = 1000
+BATCH_WITHIN_S = 0.01  # a verdict within ~10 ms of the event that closed the cycle
+IDLE_FORGET_MS = 10 * 60_000
+
+
+@dataclass
+class DetectorStats:
+    events: int = 0
+    corrupt: int = 0
+    verdicts: int = 0
+
+
+def verdict_record(verdict: Verdict, at_ms: int) -> DeadlockVerdict:
+    return {"cycle": list(verdict.cycle), "victim": verdict.victim, "scores": dict(verdict.scores), "at_ms": at_ms}
+
+
+class Detector:
+    """Owns the faust app, the graph and the codec; `run` starts the app and stops it with `stop`."""
+
+    def __init__(self, settings: Settings, codec: EventCodec | None = None, data_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.codec = codec or default_codec()
+        self.topics = topics_for(settings)
+        self.graph = WaitForGraph()
+        self.stats = DetectorStats()
+        self.app = faust.App(
+            f"{settings.topic_prefix}-detector-{uuid.uuid4().hex[:12]}",
+            broker=f"kafka://{settings.kafka.bootstrap}",
+            datadir=str(data_dir or settings.home / "data" / "detector"),
+            web_enabled=False,
+            topic_disable_leader=True,  # no leader topic: the app has no tables and no assignor state
+            topic_allow_declare=False,  # polycommit creates its topics; the detector only reads and writes
+            consumer_auto_offset_reset="earliest",  # the group is new: fold what the topic still holds
+            producer_acks=-1,
+        )
+        locks = self.app.topic(self.topics.locks, key_serializer="raw", value_serializer="raw")
+        self.verdict_topic = self.app.topic(self.topics.deadlocks, key_serializer="raw", value_serializer="raw")
+        self.app.agent(locks, name="wait-for-graph")(self._agent)
+
+    async def _agent(self, stream: Any) -> AsyncIterator[None]:
+        async for values in stream.take(BATCH_EVENTS, within=BATCH_WITHIN_S):
+            await self.fold(values)
+            yield None
+
+    async def fold(self, values: list[bytes]) -> list[DeadlockVerdict]:
+        """Fold a batch of raw lock events and publish the verdicts it makes (also called by tests)."""
+        for value in values:
+            try:
+                lock_event: LockEvent = self.codec.decode_as(value, "LockEvent")  # type: ignore[assignment]
+            except CodecError:
+                self.stats.corrupt += 1  # not a lock event of ours: the graph cannot use it
+                continue
+            self.graph.apply(lock_event)
+            self.stats.events += 1
+        now = now_ms()
+        records = [verdict_record(v, now) for v in self.graph.verdicts(now)]
+        for record in records:
+            encoded = self.codec.encode("DeadlockVerdict", record)
+            await self.verdict_topic.send(key=record["victim"].encode(), value=encoded)
+            log.info("deadlock %s: victim %s", " -> ".join(record["cycle"]), record["victim"])
+        self.stats.verdicts += len(records)
+        self.graph.forget_idle(now, IDLE_FORGET_MS)
+        return records
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        await self.app.start()
+        try:
+            if ready is not None:
+                ready.set()
+            await stop.wait()
+        finally:
+            await self.app.stop()
