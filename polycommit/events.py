@@ -105,6 +105,8 @@ class StepResult(TypedDict):
     attempts: int
     compensation_attempts: int
     error: ErrorInfo | None
+    compensation_error: ErrorInfo | None
+    resolved_by: str
 
 
 class TransactionResult(TypedDict):
@@ -173,6 +175,20 @@ class Alert(TypedDict):
     kind: str
     tx_id: str
     message: str
+    at_ms: int
+
+
+OperatorAction = Literal["RETRY", "RESOLVE_STEP"]
+
+
+class OperatorCommand(TypedDict):
+    """An operator's order about one transaction in flight (`polycommit tx retry|resolve`)."""
+
+    tx_id: str
+    action: OperatorAction
+    step_index: int
+    operator: str
+    note: str
     at_ms: int
 
 
