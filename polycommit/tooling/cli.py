@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 from polycommit.config import load_settings
 from polycommit.errors import PolycommitError
 from polycommit.events import STORES
-from polycommit.tooling import kafka_tuning
+from polycommit.tooling import kafka_tuning, tx
 
 
 def _print_json(value: Any) -> None:
@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     letters = sub.add_parser("dead-letters", help="list dead-letter records")
     letters.add_argument("--limit", type=int, default=50)
     letters.add_argument("--json", action="store_true")
+
+    tx.add_parser(sub)
 
     demo = sub.add_parser("demo", help="ingest documents and merge customers across all three stores")
     demo.add_argument("--json", action="store_true")
@@ -198,6 +200,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from polycommit.tooling.inspect import print_dead_letters
 
         return await print_dead_letters(load_settings(), limit=args.limit, as_json=args.json)
+    if args.command == "tx":
+        return await tx.run(load_settings(), args)
     if args.command == "demo":
         from polycommit.tooling.demo import run_demo
 

@@ -35,10 +35,21 @@ async def print_status(settings: Settings, *, as_json: bool) -> int:
         console = Console()
         console.print(f"in flight: {sum(report['in_flight'].values())} {report['in_flight']}")
         table = Table(title="stuck transactions (compensation keeps failing; still retried)")
-        for column in ("tx_id", "name", "step", "attempt", "error"):
+        for column in ("tx_id", "name", "step", "attempts", "compensation error", "why compensating"):
             table.add_column(column)
         for row in report["stuck"]:
-            table.add_row(row["tx_id"], row["name"], str(row["step"]), str(row["attempt"]), row["error"] or "")
+            table.add_row(
+                row["tx_id"],
+                row["name"],
+                str(row["step"]),
+                str(row["compensation_attempts"]),
+                row["compensation_error"] or "",
+                row["error"] or "",
+            )
+        if report["stuck"]:
+            console.print(table)
+            console.print("retry now: polycommit tx retry TXID; repaired by hand: polycommit tx resolve TXID --step N")
+            return 1
         console.print(table)
     return 1 if report["stuck"] else 0
 
