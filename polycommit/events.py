@@ -148,6 +148,7 @@ class DeadLetter(TypedDict):
     error_message: str
     tx_id: str | None
     consumer: str
+    replay_of: str
     at_ms: int
 
 

@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 from polycommit.config import load_settings
 from polycommit.errors import PolycommitError
 from polycommit.events import STORES
-from polycommit.tooling import kafka_tuning, tx
+from polycommit.tooling import dead_letter_replay, kafka_tuning, tx
 
 
 def _print_json(value: Any) -> None:
@@ -68,9 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="transactions in flight and stuck, from the coordinator's log")
     status.add_argument("--json", action="store_true")
 
-    letters = sub.add_parser("dead-letters", help="list dead-letter records")
+    letters = sub.add_parser("dead-letters", help="list dead-letter records, or replay them")
     letters.add_argument("--limit", type=int, default=50)
     letters.add_argument("--json", action="store_true")
+    dead_letter_replay.add_arguments(letters)
 
     tx.add_parser(sub)
 
@@ -196,6 +197,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from polycommit.tooling.inspect import print_status
 
         return await print_status(load_settings(), as_json=args.json)
+    if args.command == "dead-letters" and args.action == "replay":
+        return await dead_letter_replay.run(load_settings(), args)
     if args.command == "dead-letters":
         from polycommit.tooling.inspect import print_dead_letters
 

@@ -55,9 +55,13 @@ async def print_status(settings: Settings, *, as_json: bool) -> int:
 
 
 async def dead_letters(settings: Settings, limit: int | None = None) -> list[dict[str, Any]]:
-    values: list[bytes | None] = []
-    await read_topic(settings, topics_for(settings).dead_letters, lambda r: values.append(r.value))
-    return dead_letter_fold.fold(default_codec(), values, limit)
+    records: list[tuple[str, bytes | None]] = []
+    await read_topic(
+        settings,
+        topics_for(settings).dead_letters,
+        lambda r: records.append((f"dead-letters/{r.partition}/{r.offset}", r.value)),
+    )
+    return dead_letter_fold.fold_positioned(default_codec(), records, limit)
 
 
 async def print_dead_letters(settings: Settings, *, limit: int, as_json: bool) -> int:
@@ -66,12 +70,11 @@ async def print_dead_letters(settings: Settings, *, limit: int, as_json: bool) -
         print(json.dumps(letters, indent=2, sort_keys=True, default=str))
         return 0
     table = Table(title=f"dead letters (last {limit})")
-    for column in ("topic/partition/offset", "error", "tx", "consumer"):
+    for column in ("id", "topic/partition/offset", "error", "tx", "consumer"):
         table.add_column(column)
     for letter in letters:
         where = f"{letter['original_topic']}/{letter['partition']}/{letter['offset']}"
-        table.add_row(
-            where, f"{letter['error_class']}: {letter['error_message'][:80]}", letter["tx_id"] or "", letter["consumer"]
-        )
+        error = f"{letter['error_class']}: {letter['error_message'][:80]}"
+        table.add_row(letter["id"], where, error, letter["tx_id"] or "", letter["consumer"])
     Console().print(table)
     return 0
