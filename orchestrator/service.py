@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from orchestrator import operator, registry
-from orchestrator.admission import ReplyTargets, canonical_or_refusal, key_refusal
+from orchestrator.admission import ReplyTargets, canonical_or_refusal, expiry_refusal, key_refusal
 from orchestrator.admission import reply_target as reply_target
 from orchestrator.protocol import (
     Event,
@@ -272,7 +272,12 @@ class CoordinatorService:
             self._decide(tx_id, IntentReceived(intent), record, now, out, touched)
             return
         protocol = self.protocols[registry.protocol_name(intent)]
-        refusal = malformed or key_refusal(record.key, tx_id) or await self.replies.refusal(intent["reply_to"])
+        refusal = (
+            malformed
+            or key_refusal(record.key, tx_id)
+            or expiry_refusal(intent, now, self.settings.marker_retention_ms)
+            or await self.replies.refusal(intent["reply_to"])
+        )
         if refusal is not None:
             # Never admitted: no state, no changelog record (a wrong key may even name a partition that
             # another member owns); the result and the dead letter say why.

@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     dead_letter_replay.add_arguments(letters)
 
     tx.add_parser(sub)
+    pruning = sub.add_parser("prune", help="delete applied-step markers of transactions that ended long ago")
+    pruning.add_argument("--older-than", required=True, metavar="DURATION", help="e.g. 7d, 12h, 30m")
+    pruning.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo", help="ingest documents and merge customers across all three stores")
     demo.add_argument("--json", action="store_true")
@@ -203,6 +206,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from polycommit.tooling.inspect import print_dead_letters
 
         return await print_dead_letters(load_settings(), limit=args.limit, as_json=args.json)
+    if args.command == "prune":
+        from polycommit.tooling import prune
+
+        return await prune.run(load_settings(), args)
     if args.command == "tx":
         return await tx.run(load_settings(), args)
     if args.command == "demo":
