@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 
 from polycommit.config import Settings, load_settings
-from polycommit.tooling.servers import kafka, neo4j, postgres, postgres_cluster, qdrant
+from polycommit.tooling.servers import kafka, neo4j, ports, postgres, postgres_cluster, qdrant
 from polycommit.tooling.servers.kafka import KAFKA_MAIN, kafka_version
 from polycommit.tooling.servers.neo4j import NEO4J_MAIN
 from polycommit.tooling.servers.private import private_dir
@@ -141,6 +141,9 @@ async def start_servers(settings: Settings, names: Sequence[str] | None = None) 
     selected = _check_names(names, STATUS_NAMES)
     for name in selected:
         require_password(settings, name)
+    # Every port of a server not yet running is tried first: a taken one is named, with its holder and
+    # the variable that moves it, instead of failing deep inside the server.
+    ports.require_free(settings, [n for n in selected if n in _SERVERS and _SERVERS[n].pid(settings) is None])
     await asyncio.to_thread(private_folders, settings)
     results = await asyncio.gather(*(_start_one(settings, n) for n in selected), return_exceptions=True)
     statuses: dict[str, ServerStatus] = {}
