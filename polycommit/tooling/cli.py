@@ -120,13 +120,22 @@ def _partitions(specs: Sequence[str]) -> dict[str, int]:
 
 
 async def _topics(args: argparse.Namespace) -> int:
-    from polycommit.bus import create_topics, topics_for
+    from polycommit.bus import create_topics
 
     settings = load_settings()
     if args.action == "create":
         report = await create_topics(settings, _partitions(args.partitions))
     else:
-        report = {name: "" for name in topics_for(settings).all()}
+        from polycommit.tooling.topics import list_topics
+
+        listed = await list_topics(settings)
+        if args.json:
+            _print_json(listed)
+            return 0
+        report = {
+            name: f"{t['partitions']} partitions, replication {t['replication_factor']}" if t["exists"] else "missing"
+            for name, t in listed.items()
+        }
     if args.json:
         _print_json(report)
     else:

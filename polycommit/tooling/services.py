@@ -258,6 +258,8 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="probe every server")
     status.add_argument("--json", action="store_true", help="print one JSON object keyed by server")
     commands.add_parser("reset", help="stop all, delete data, logs and pids (keeps secrets and caches)")
+    env = commands.add_parser("env", help="the connection settings as shell exports (psql, cypher-shell)")
+    env.add_argument("--show-secrets", action="store_true", help="include the passwords")
     return parser
 
 
@@ -267,6 +269,11 @@ def run_services_command(argv: list[str]) -> int:
     for noisy in ("aiokafka", "neo4j", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     settings = load_settings()
+    if args.command == "env":
+        from polycommit.tooling.service_env import render
+
+        print(render(settings, show_secrets=args.show_secrets))
+        return 0
     started = time.monotonic()
     try:
         if args.command == "start":
