@@ -22,7 +22,9 @@ from polycommit.client import Coordinator, Saga, TransactionResult
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
+from polycommit.events import OperatorCommand, now_ms
 from polycommit.tooling.runtime import Runtime
+from polycommit.tooling.tx import send_operator_command
 
 # One failure of a compensation makes the saga stuck, and its next attempt is 30-60 s away: an attempt
 # seen within the test's deadline can only be the operator's retry.
@@ -30,11 +32,31 @@ POLICY = SagaPolicy(default_timeout_ms=10_000, backoff_base_ms=60_000, backoff_m
 pytestmark = pytest.mark.servers
 
 
+# tx id -> the step whose compensation keeps failing, of every stuck saga a test leaves behind
+LEFT_STUCK: dict[str, int] = {}
+
+
+async def resolve_left_stuck(settings: Settings, stuck: dict[str, int]) -> None:
+    """End the stuck sagas a module made, so later modules of the session restore none of them."""
+    for tx_id, step in stuck.items():
+        command: OperatorCommand = {
+            "tx_id": tx_id,
+            "action": "RESOLVE_STEP",
+            "step_index": step,
+            "operator": "test cleanup",
+            "note": "",
+            "at_ms": now_ms(),
+        }
+        await send_operator_command(settings, command, wait=30)  # a refusal (ended already) is fine too
+    stuck.clear()
+
+
 @pytest.fixture(scope="module")
 async def runtime(topics: Settings) -> AsyncIterator[Runtime]:
     rt = Runtime(topics, policy=POLICY, batch_size=200, stores=("postgres",))
     await rt.start()
     yield rt
+    await resolve_left_stuck(rt.settings, LEFT_STUCK)
     await rt.stop()
 
 
@@ -83,6 +105,7 @@ async def stuck_saga(client: Coordinator) -> tuple[Saga, TransactionResult]:
     saga.step(ops.sql("SELECT * FROM no_such_table_for_operators"))
     result = await client.execute(saga)
     assert result.status == "stuck", result
+    LEFT_STUCK[saga.tx_id] = 1
     return saga, result
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 from test_intent_admission import first_record
-from test_operator_commands import cli
+from test_operator_commands import cli, resolve_left_stuck
 
 from consumers.qdrant.effects import MARKERS, marker_point_id
 from orchestrator.saga import SagaPolicy
@@ -25,6 +25,7 @@ from polycommit.tooling.runtime import Runtime
 
 POLICY = SagaPolicy(default_timeout_ms=10_000, backoff_base_ms=60_000, backoff_max_ms=120_000, compensation_retries=1)
 pytestmark = pytest.mark.servers
+LEFT_STUCK: dict[str, int] = {}  # the stuck saga the prune test makes, resolved when the module ends
 DAY_MS = 24 * 3600 * 1000
 
 
@@ -36,6 +37,7 @@ async def runtime(topics: Settings) -> AsyncIterator[Runtime]:
     qdrant = rt.workers["qdrant"].participant
     await qdrant.ensure_collection(workload.DOCUMENTS, workload.DIMENSIONS)  # type: ignore[attr-defined]
     yield rt
+    await resolve_left_stuck(rt.settings, LEFT_STUCK)
     await rt.stop()
 
 
@@ -74,6 +76,7 @@ async def test_prune_deletes_only_old_markers_of_ended_transactions(runtime: Run
         stuck_saga.step(ops.sql("SELECT * FROM no_such_table_for_prune"))
         stuck = await client.execute(stuck_saga)
         recent = await client.execute(three_stores("recent"))
+    LEFT_STUCK[stuck.tx_id] = 3
     assert (old.status, stuck.status, recent.status) == ("completed", "stuck", "completed")
     before = {r.tx_id: await markers(runtime, r.tx_id, len(r.steps)) for r in (old, stuck, recent)}
     assert before[old.tx_id] == before[recent.tx_id] == {"postgres": 1, "neo4j": 1, "qdrant": 1}
