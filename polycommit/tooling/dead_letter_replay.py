@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -163,8 +164,13 @@ async def _replay_one(settings: Settings, producer: AIOKafkaProducer, positioned
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
     if not (args.ids or args.since or args.all):
-        raise SystemExit("polycommit dead-letters replay: name letters with --id, --since or --all")
-    since = since_ms(args.since) if args.since else None
+        print("polycommit dead-letters replay: name letters with --id, --since or --all", file=sys.stderr)
+        return 2
+    try:
+        since = since_ms(args.since) if args.since else None
+    except ValueError:
+        print(f"polycommit dead-letters replay: --since wants an ISO time, got {args.since!r}", file=sys.stderr)
+        return 2
     rows = await replay(settings, args.ids, since=since, every=args.all, force=args.force)
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, get_args
 
@@ -97,14 +98,16 @@ async def prune(
     ids = marker_ids(steps)
     deleted = {"postgres": 0, "neo4j": 0, "qdrant": 0}
     if steps:
-        deleted["postgres"] = await _prune_postgres(settings, list(steps), cutoff)
-        deleted["neo4j"] = await _prune_neo4j(settings, ids)
+        # Qdrant first: an Edge storage held by a running consumer fails here, before anything is deleted
+        # (a prune run again deletes what is left: every deletion is idempotent).
         backend = qdrant or backend_for(settings)
         try:
             deleted["qdrant"] = await _prune_qdrant(backend, ids)
         finally:
             if qdrant is None:
                 await backend.close()
+        deleted["postgres"] = await _prune_postgres(settings, list(steps), cutoff)
+        deleted["neo4j"] = await _prune_neo4j(settings, ids)
     return {
         "cutoff_ms": cutoff,
         "transactions": sorted(steps),
@@ -117,7 +120,8 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     try:
         older_than = parse_duration_ms(args.older_than)
     except ValueError as exc:
-        raise SystemExit(f"polycommit prune: {exc}") from None
+        print(f"polycommit prune: {exc}", file=sys.stderr)
+        return 2
     report = await prune(settings, older_than)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
