@@ -5,16 +5,19 @@ Pure: the saga driven by plain events; the refusals are alerts, never exceptions
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from orchestrator import saga
-from orchestrator.protocol import OperatorReceived, OutcomeReceived, Transition
+from orchestrator import registry, saga
+from orchestrator.protocol import OperatorReceived, OutcomeReceived, TimerDue, Transition
 from polycommit import operations as ops
 from polycommit.client import Saga
 from polycommit.errors import ProtocolError
-from polycommit.events import OperatorCommand, StepOutcome, StoreCommand
+from polycommit.events import OperatorCommand, SagaSnapshot, StepOutcome, StoreCommand
 
 POLICY = saga.SagaPolicy(default_timeout_ms=1000, backoff_base_ms=100, backoff_max_ms=2000, compensation_retries=3)
 PROTOCOL = saga.SagaProtocol(POLICY)
@@ -132,3 +135,45 @@ def test_commands_a_saga_cannot_carry_out_are_refused_in_every_phase() -> None:
 def test_a_command_for_another_transaction_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError):
         PROTOCOL.decide(stuck_saga().state, order("RETRY", tx_id="tx-2"), 1)
+
+
+# -- property: operator commands mixed into any sequence of events ----------------------------------
+
+KINDS = ["APPLIED", "FAILED", "NOOP", "TIMER", "RETRY", "RESOLVE"]
+
+
+def _random_event(state: SagaSnapshot, sent: list[StoreCommand], kind: str, pick: int) -> Any:
+    if kind == "TIMER":
+        return TimerDue()
+    if kind == "RETRY":
+        return order("RETRY")
+    if kind == "RESOLVE":
+        return order("RESOLVE_STEP", pick % (len(state["steps"]) + 1))
+    command = sent[-1]
+    status = "APPLIED" if kind == "NOOP" and command["action"] == "EXECUTE" else kind
+    return OutcomeReceived(reply(command, status))
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.integers(1, 4), events=st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 9)), max_size=60))
+def test_operator_commands_never_crash_never_mutate_and_never_reopen_an_ended_saga(
+    steps: int, events: list[tuple[str, int]]
+) -> None:
+    t = PROTOCOL.start(intent(steps), 0)
+    state, sent, now, ended = t.state, list(t.commands), 0, False
+    for kind, pick in events:
+        now += 10 if kind != "TIMER" else max(10, state["due_at_ms"] - now)
+        before = copy.deepcopy(state)
+        t = PROTOCOL.decide(state, _random_event(state, sent, kind, pick), now)
+        assert state == before, "a transition never mutates the state it was given"
+        if ended:  # an ended saga only answers operators with refusals
+            assert t.state is state and not t.commands and t.result is None
+            assert {a["kind"] for a in t.alerts} <= {"operator_refused"}
+        if kind in ("RETRY", "RESOLVE") and not t.commands and t.result is None:
+            assert [a["kind"] for a in t.alerts] in (["operator_refused"], ["operator"])
+        state, sent = t.state, sent + t.commands
+        ended = ended or registry.is_terminal(state)
+    if state["phase"] == "compensated":
+        assert not any(s["status"] in saga.MAY_HAVE_APPLIED for s in state["steps"])
+    if state["phase"] == "completed":
+        assert all(s["status"] == "applied" for s in state["steps"])
