@@ -6,7 +6,7 @@ partition that does not exist fails that transaction, so the same intent would c
 sent to polycommit's own topics would corrupt them; an intent keyed by something else than its tx_id
 lands on a partition that may not hold its transaction's outcomes and snapshot. The verdict goes to the
 protocol's `start` as a refusal: the transaction fails with the typed error and its intent becomes a
-dead letter.
+dead letter. The same goes for an intent older than the marker retention (`expiry_refusal`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from polycommit.bus import Topics
 from polycommit.canonical import canonical_intent
-from polycommit.errors import InvalidIntentKeyError, InvalidOperationError, InvalidReplyToError
+from polycommit.errors import ExpiredIntentError, InvalidIntentKeyError, InvalidOperationError, InvalidReplyToError
 from polycommit.events import ErrorInfo, TransactionIntent, error_info
 
 
@@ -50,6 +50,21 @@ def key_refusal(key: bytes | None, tx_id: str) -> ErrorInfo | None:
     shown = "no key" if key is None else f"key {key[:100]!r}"
     message = f"the intent of {tx_id} has {shown}: intents must be keyed by their tx_id"
     return error_info(InvalidIntentKeyError.__name__, message, False)
+
+
+def expiry_refusal(intent: TransactionIntent, now: int, retention_ms: int) -> ErrorInfo | None:
+    """An intent created longer ago than the marker retention is refused: `polycommit prune` may have
+    removed its markers, and without them its steps could apply a second time. Within the window the
+    same intent sent again ends the same way (P4). A producer that sets no creation time (0) is admitted."""
+    created = intent["created_at_ms"]
+    if not created or now - created <= retention_ms:
+        return None
+    age_h = (now - created) / 3_600_000
+    message = (
+        f"the intent of {intent['tx_id']} was created {age_h:.1f} h ago, longer ago than the marker retention "
+        f"({retention_ms / 3_600_000:.1f} h, POLYCOMMIT_MARKER_RETENTION): it is not run again"
+    )
+    return error_info(ExpiredIntentError.__name__, message, False)
 
 
 @functools.cache

@@ -21,6 +21,7 @@ from polycommit.events import (
     Decision,
     ErrorInfo,
     LockEvent,
+    OperatorCommand,
     SagaSnapshot,
     StepOutcome,
     StoreCommand,
@@ -55,7 +56,15 @@ class TimerDue:
     """The driver's timer for `state["due_at_ms"]` fired (a timeout, or a scheduled retry)."""
 
 
-Event = IntentReceived | OutcomeReceived | TimerDue
+@dataclass(frozen=True)
+class OperatorReceived:
+    """An operator's command (`polycommit tx retry|resolve`) about this transaction. A protocol answers
+    every one it cannot carry out with an explicit refusal (an `operator_refused` alert), never a crash."""
+
+    command: OperatorCommand
+
+
+Event = IntentReceived | OutcomeReceived | TimerDue | OperatorReceived
 
 
 # -- what one event did ----------------------------------------------------------------------------

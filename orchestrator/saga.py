@@ -16,10 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from orchestrator import operator, saga_operator
 from orchestrator.protocol import (
     Event,
     Handler,
     IntentReceived,
+    OperatorReceived,
     OutcomeReceived,
     TimerDue,
     Transition,
@@ -95,6 +97,9 @@ class SagaEvent(StrEnum):
     STALE_OUTCOME = "stale outcome"  # for a step not in flight, or a failure of an attempt given up on
     TIMER_DUE = "timer due"
     TIMER_EARLY = "timer early"  # no timer set, or fired before it is due
+    OPERATOR_RETRY = "operator retry"  # `polycommit tx retry`, when something waits for its backoff
+    OPERATOR_RESOLVE = "operator resolve"  # `polycommit tx resolve` of the step being compensated
+    OPERATOR_REFUSED = "operator command refused"  # any operator command the saga cannot carry out now
 
 
 _OUTCOME_KINDS: dict[str, dict[str, SagaEvent]] = {
@@ -111,11 +116,15 @@ _OUTCOME_KINDS: dict[str, dict[str, SagaEvent]] = {
         "FAILED": SagaEvent.COMPENSATE_FAILED,
     },
 }
+_OPERATOR_KINDS = {"retry": SagaEvent.OPERATOR_RETRY, "resolve": SagaEvent.OPERATOR_RESOLVE}
+_OPERATOR_KINDS["refused"] = SagaEvent.OPERATOR_REFUSED
 # Any attempt's success counts: after a timeout, the first attempt may still land.
 _ANY_ATTEMPT = frozenset({SagaEvent.EXECUTED, SagaEvent.COMPENSATED})
 
 
 def classify(state: SagaSnapshot, event: Event, now: int) -> SagaEvent:
+    if isinstance(event, OperatorReceived):
+        return _OPERATOR_KINDS[saga_operator.verdict(state, event.command)]
     if isinstance(event, TimerDue):
         due = state["due_at_ms"]
         return SagaEvent.TIMER_DUE if due and now >= due else SagaEvent.TIMER_EARLY
@@ -247,7 +256,8 @@ def _compensated(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: 
 def _compensate_failed(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: SagaPolicy) -> Transition:
     state = copy_state(state, now)
     error = event.outcome["error"] or error_info("CompensationFailed", "no error given", False)
-    state["steps"][state["current"]]["error"] = error
+    # The compensation's own error, kept apart from the step's: an operator must see why the undo fails.
+    state["steps"][state["current"]]["compensation_error"] = error
     return _compensation_failed(Transition(state), error, now, policy)
 
 
@@ -273,13 +283,34 @@ def _timer_due(state: SagaSnapshot, event: TimerDue, now: int, policy: SagaPolic
     forward = state["phase"] == SagaPhase.FORWARD
     if state["waiting"]:  # a timeout: the command in flight counts as failed
         error = error_info("StepTimeout", f"no outcome within {timeout_ms(state, state['current'], policy)} ms", True)
-        state["steps"][state["current"]]["error"] = error
         if forward:
+            state["steps"][state["current"]]["error"] = error
             return _retry_or_compensate(transition, error, may_have_applied=True, now=now, policy=policy)
+        state["steps"][state["current"]]["compensation_error"] = error
         return _compensation_failed(transition, error, now, policy)
     state["attempt"] += 1
     transition.commands.append(send(state, "EXECUTE" if forward else "COMPENSATE", now, policy))
     return transition
+
+
+def _operator_retry(state: SagaSnapshot, event: OperatorReceived, now: int, policy: SagaPolicy) -> Transition:
+    """The scheduled retry, now: what the timer would do when due, audited."""
+    transition = _timer_due(state, TimerDue(), now, policy)
+    transition.alerts.append(operator.audit(event.command, now))
+    return transition
+
+
+def _operator_resolved(state: SagaSnapshot, event: OperatorReceived, now: int, policy: SagaPolicy) -> Transition:
+    """The operator repaired the step being compensated by hand: compensation goes on before it."""
+    state = saga_operator.mark_resolved(state, event.command, now)
+    index = state["current"]
+    transition = Transition(state, alerts=[operator.audit(event.command, now)])
+    return _compensate_next(transition, index - 1, now, policy)
+
+
+def _operator_refused(state: SagaSnapshot, event: OperatorReceived, now: int, policy: SagaPolicy) -> Transition:
+    reason = saga_operator.refusal_reason(state, event.command) or "refused"
+    return operator.refused(state, event.command, reason, now)
 
 
 # -- the table: every (phase, event kind) a saga can meet -------------------------------------------
@@ -295,6 +326,9 @@ _COMPENSATING_ROWS: dict[SagaEvent, Handler] = {
     SagaEvent.STALE_OUTCOME: unchanged,
     SagaEvent.TIMER_DUE: _timer_due,  # a compensation timed out (counts as failed), or its retry is due
     SagaEvent.TIMER_EARLY: unchanged,
+    SagaEvent.OPERATOR_RETRY: _operator_retry,
+    SagaEvent.OPERATOR_RESOLVE: _operator_resolved,
+    SagaEvent.OPERATOR_REFUSED: _operator_refused,
 }
 TABLE: dict[tuple[StrEnum, StrEnum], Handler] = {
     (_F, SagaEvent.INTENT_AGAIN): unchanged,  # a duplicate of an intent in flight
@@ -313,6 +347,12 @@ TABLE: dict[tuple[StrEnum, StrEnum], Handler] = {
     **{(_S, kind): handler for kind, handler in _COMPENSATING_ROWS.items()},
     # After the end every event is late or a duplicate, and a terminal state never changes.
     **{(phase, kind): unchanged for phase in map(SagaPhase, TERMINAL) for kind in SagaEvent},
+    # Operator commands: classify lets through only what the phase allows; every other row refuses
+    # explicitly (an alert saying why), never a crash and never a silent drop.
+    (_F, SagaEvent.OPERATOR_RETRY): _operator_retry,  # a step's scheduled retry, now
+    (_F, SagaEvent.OPERATOR_RESOLVE): _operator_refused,
+    (_F, SagaEvent.OPERATOR_REFUSED): _operator_refused,
+    **{(phase, kind): _operator_refused for phase in map(SagaPhase, TERMINAL) for kind in _OPERATOR_KINDS.values()},
 }
 
 

@@ -55,11 +55,12 @@ class StepStatus(StrEnum):
     NOT_APPLIED = "not_applied"
     SKIPPED = "skipped"
     COMPENSATION_FAILED = "compensation_failed"
+    RESOLVED_BY_OPERATOR = "resolved_by_operator"  # an operator repaired it by hand (polycommit tx resolve)
 
 
 PENDING, APPLIED, FAILED, TIMED_OUT = StepStatus.PENDING, StepStatus.APPLIED, StepStatus.FAILED, StepStatus.TIMED_OUT
 COMPENSATED, NOT_APPLIED, SKIPPED = StepStatus.COMPENSATED, StepStatus.NOT_APPLIED, StepStatus.SKIPPED
-COMPENSATION_FAILED = StepStatus.COMPENSATION_FAILED
+COMPENSATION_FAILED, RESOLVED_BY_OPERATOR = StepStatus.COMPENSATION_FAILED, StepStatus.RESOLVED_BY_OPERATOR
 # A step in one of these states may have changed its store, so compensation must visit it.
 MAY_HAVE_APPLIED: frozenset[str] = frozenset({APPLIED, TIMED_OUT})
 # Compensation also visits a step that failed: it changed nothing, but its COMPENSATE marker fences the
@@ -105,6 +106,8 @@ def initial_state(intent: TransactionIntent, now: int) -> SagaSnapshot:
             "attempts": 0,
             "compensation_attempts": 0,
             "error": None,
+            "compensation_error": None,
+            "resolved_by": "",
         }
         for i, s in enumerate(intent["steps"])
     ]

@@ -22,10 +22,18 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from orchestrator import registry
-from orchestrator.admission import ReplyTargets, canonical_or_refusal, key_refusal
+from orchestrator import operator, registry
+from orchestrator.admission import ReplyTargets, canonical_or_refusal, expiry_refusal, key_refusal
 from orchestrator.admission import reply_target as reply_target
-from orchestrator.protocol import Event, IntentReceived, OutcomeReceived, TimerDue, Transition, TxState
+from orchestrator.protocol import (
+    Event,
+    IntentReceived,
+    OperatorReceived,
+    OutcomeReceived,
+    TimerDue,
+    Transition,
+    TxState,
+)
 from orchestrator.saga import SagaPolicy
 from orchestrator.transactions import OwnedTransactions
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
@@ -33,7 +41,7 @@ from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.deadletters import dead_letter
 from polycommit.errors import CodecError, PermanentError, ProtocolError
-from polycommit.events import ErrorInfo, StepOutcome, TransactionIntent, TransactionResult, now_ms
+from polycommit.events import ErrorInfo, OperatorCommand, StepOutcome, TransactionIntent, TransactionResult, now_ms
 from polycommit.failpoints import failpoint
 
 log = logging.getLogger(__name__)
@@ -240,6 +248,8 @@ class CoordinatorService:
             decoded = self.codec.decode(record.value)
             if decoded.event_type == "TransactionIntent" and record.topic == self.topics.intents:
                 await self._on_intent(decoded.record, record, now, out, touched)  # type: ignore[arg-type]
+            elif decoded.event_type == "OperatorCommand" and record.topic == self.topics.intents:
+                self._on_operator(decoded.record, record, now, out, touched)  # type: ignore[arg-type]
             elif decoded.event_type == "StepOutcome" and record.topic == self.topics.outcomes:
                 self._on_outcome(decoded.record, record, now, out, touched)  # type: ignore[arg-type]
             else:
@@ -262,7 +272,12 @@ class CoordinatorService:
             self._decide(tx_id, IntentReceived(intent), record, now, out, touched)
             return
         protocol = self.protocols[registry.protocol_name(intent)]
-        refusal = malformed or key_refusal(record.key, tx_id) or await self.replies.refusal(intent["reply_to"])
+        refusal = (
+            malformed
+            or key_refusal(record.key, tx_id)
+            or expiry_refusal(intent, now, self.settings.marker_retention_ms)
+            or await self.replies.refusal(intent["reply_to"])
+        )
         if refusal is not None:
             # Never admitted: no state, no changelog record (a wrong key may even name a partition that
             # another member owns); the result and the dead letter say why.
@@ -277,6 +292,16 @@ class CoordinatorService:
         self.stats.outcomes += 1
         # No state: the transaction already ended (its terminal state is not kept), a late or redelivered outcome.
         self._decide(event["tx_id"], OutcomeReceived(event), record, now, out, touched)
+
+    def _on_operator(
+        self, command: OperatorCommand, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]
+    ) -> None:
+        tx_id = command["tx_id"]
+        if tx_id not in self.transactions:  # ended (its state is not kept), unknown, or keyed to another member
+            alert = operator.refusal(command, "no such transaction in flight", now)
+            out.append(Outgoing(self.topics.alerts, tx_id, "Alert", alert))
+            return
+        self._decide(tx_id, OperatorReceived(command), record, now, out, touched)
 
     def _fire_due(self, now: int, out: list[Outgoing], touched: dict[str, TxState]) -> None:
         for state in list(self.transactions.due(now)):

@@ -47,6 +47,8 @@ class StepOutcomeView:
     attempts: int
     compensation_attempts: int
     error: str | None
+    compensation_error: str | None = None  # the compensation's own error, apart from the step's
+    resolved_by: str = ""  # the operator who repaired the step by hand (status resolved_by_operator)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class TransactionResult:
                 s["attempts"],
                 s["compensation_attempts"],
                 describe(s["error"]),
+                describe(s.get("compensation_error")),
+                s.get("resolved_by", ""),
             )
             for s in event["steps"]
         )

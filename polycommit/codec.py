@@ -54,6 +54,7 @@ EVENT_TYPES = (
     "TransactionResult",
     "SagaSnapshot",
     "Alert",
+    "OperatorCommand",
 )
 
 

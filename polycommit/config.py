@@ -126,6 +126,9 @@ class Settings:
     # a second after a crash, instead of after the session timeout); two live consumers of one store must
     # then have different names. Unset (the default), members are dynamic and need no names.
     consumer_instance: str | None = None
+    # How long applied-step markers are kept after a transaction ends (`polycommit prune`); the
+    # coordinator refuses an intent created longer ago than this (POLYCOMMIT_MARKER_RETENTION, e.g. 7d).
+    marker_retention_ms: int = 7 * 24 * 3600 * 1000
 
     @property
     def cache_dir(self) -> Path:
@@ -178,4 +181,19 @@ def load_settings() -> Settings:
         max_payload_bytes=int(_env("POLYCOMMIT_MAX_PAYLOAD_BYTES", str(1024 * 1024))),
         coordinator_instance=_env("POLYCOMMIT_COORDINATOR_INSTANCE", "0"),
         consumer_instance=os.environ.get("POLYCOMMIT_CONSUMER_INSTANCE") or None,
+        marker_retention_ms=parse_duration_ms(_env("POLYCOMMIT_MARKER_RETENTION", "7d")),
     )
+
+
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration_ms(text: str) -> int:
+    """`7d`, `12h`, `30m`, `45s`, `500ms` (a bare number is seconds) as milliseconds."""
+    value = text.strip().lower()
+    for unit in sorted(_UNITS_MS, key=len, reverse=True):
+        if value.endswith(unit) and value[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(value[: -len(unit)]) * _UNITS_MS[unit])
+    if value.replace(".", "", 1).isdigit():
+        return int(float(value) * 1000)
+    raise ValueError(f"not a duration: {text!r} (use e.g. 7d, 12h, 30m, 45s or 500ms)")

@@ -12,6 +12,17 @@ from polycommit.errors import describe
 from polycommit.events import DeadLetter, now_ms
 
 DEAD_LETTER_PAYLOAD_LIMIT = 64 * 1024  # enough to inspect a poison record; a 2 MiB one is cut
+# Set by `polycommit dead-letters replay` on a replayed record: a replay that fails again becomes a dead
+# letter that names the one it replayed, and nothing replays it by itself (no loop).
+REPLAY_HEADER = "polycommit-replay-of"
+
+
+def replay_of(record: Any) -> str:
+    """The dead-letter id a record replays (its REPLAY_HEADER), or ""."""
+    for key, value in getattr(record, "headers", None) or ():
+        if key == REPLAY_HEADER:
+            return bytes(value).decode(errors="replace")
+    return ""
 
 
 def dead_letter(record: Any, exc: BaseException, consumer: str, tx_id: str | None = None) -> DeadLetter:
@@ -29,5 +40,6 @@ def dead_letter(record: Any, exc: BaseException, consumer: str, tx_id: str | Non
         "error_message": message[:4000],
         "tx_id": tx_id,
         "consumer": consumer,
+        "replay_of": replay_of(record),
         "at_ms": now_ms(),
     }

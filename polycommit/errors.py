@@ -109,6 +109,12 @@ class InvalidIntentKeyError(InvalidIntentError):
     """The intent's Kafka key is missing or is not its `tx_id`, which breaks per-transaction ordering."""
 
 
+class ExpiredIntentError(InvalidIntentError):
+    """The intent's transaction was created longer ago than the marker retention
+    (POLYCOMMIT_MARKER_RETENTION): its applied-step markers may be pruned, so running it again could apply
+    its steps twice. Refused, so the same intent ends the same way within the retention window."""
+
+
 class UnsupportedError(InvalidIntentError):
     """The intent (or a participant) asks for a mode polycommit does not run yet (the message names it)."""
 

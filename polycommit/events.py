@@ -105,6 +105,8 @@ class StepResult(TypedDict):
     attempts: int
     compensation_attempts: int
     error: ErrorInfo | None
+    compensation_error: ErrorInfo | None
+    resolved_by: str
 
 
 class TransactionResult(TypedDict):
@@ -146,6 +148,7 @@ class DeadLetter(TypedDict):
     error_message: str
     tx_id: str | None
     consumer: str
+    replay_of: str
     at_ms: int
 
 
@@ -180,6 +183,20 @@ class Alert(TypedDict):
     kind: str
     tx_id: str
     message: str
+    at_ms: int
+
+
+OperatorAction = Literal["RETRY", "RESOLVE_STEP"]
+
+
+class OperatorCommand(TypedDict):
+    """An operator's order about one transaction in flight (`polycommit tx retry|resolve`)."""
+
+    tx_id: str
+    action: OperatorAction
+    step_index: int
+    operator: str
+    note: str
     at_ms: int
 
 

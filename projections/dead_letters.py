@@ -29,3 +29,16 @@ def fold(codec: EventCodec, values: Iterable[bytes | None], limit: int | None = 
     letters = [found for found in (letter(codec, value) for value in values) if found is not None]
     letters.sort(key=lambda found: found["at_ms"])
     return letters[-limit:] if limit else letters
+
+
+def fold_positioned(
+    codec: EventCodec, records: Iterable[tuple[str, bytes | None]], limit: int | None = None
+) -> list[dict[str, Any]]:
+    """`fold`, each letter with its id (`dead-letters/<partition>/<offset>`, what a replay names)."""
+    letters = []
+    for letter_id, value in records:
+        found = letter(codec, value)
+        if found is not None:
+            letters.append({"id": letter_id, **found})
+    letters.sort(key=lambda found: found["at_ms"])
+    return letters[-limit:] if limit else letters

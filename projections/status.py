@@ -9,13 +9,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from polycommit.events import SagaSnapshot
+from polycommit.events import ErrorInfo, SagaSnapshot
 from projections import tx_state
 
 
 def describe(snapshot: SagaSnapshot) -> dict[str, Any]:
     """One transaction in flight, in the fields an operator reads (errors as `class: message`)."""
     error = snapshot["error"]
+    current = snapshot["steps"][snapshot["current"]] if 0 <= snapshot["current"] < len(snapshot["steps"]) else None
+    # The compensation's own error and attempts: what an operator must repair (the step's error is why
+    # compensation began, not why it cannot end).
+    compensation_error = None if current is None else current.get("compensation_error")
     return {
         "tx_id": snapshot["intent"]["tx_id"],
         "name": snapshot["intent"]["name"],
@@ -23,9 +27,15 @@ def describe(snapshot: SagaSnapshot) -> dict[str, Any]:
         "step": snapshot["current"],
         "attempt": snapshot["attempt"],
         "steps": [f"{s['index']}:{s['store']}:{s['status']}" for s in snapshot["steps"]],
-        "error": None if error is None else f"{error['error_class']}: {error['message']}",
+        "error": _text(error),
         "started_at_ms": snapshot["started_at_ms"],
+        "compensation_error": _text(compensation_error),
+        "compensation_attempts": 0 if current is None else current["compensation_attempts"],
     }
+
+
+def _text(error: ErrorInfo | None) -> str | None:
+    return None if error is None else f"{error['error_class']}: {error['message']}"
 
 
 def report(state: Mapping[str, SagaSnapshot]) -> dict[str, Any]:

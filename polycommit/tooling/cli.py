@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 from polycommit.config import load_settings
 from polycommit.errors import PolycommitError
 from polycommit.events import STORES
-from polycommit.tooling import kafka_tuning
+from polycommit.tooling import dead_letter_replay, kafka_tuning, tx
 
 
 def _print_json(value: Any) -> None:
@@ -68,9 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="transactions in flight and stuck, from the coordinator's log")
     status.add_argument("--json", action="store_true")
 
-    letters = sub.add_parser("dead-letters", help="list dead-letter records")
+    letters = sub.add_parser("dead-letters", help="list dead-letter records, or replay them")
     letters.add_argument("--limit", type=int, default=50)
     letters.add_argument("--json", action="store_true")
+    dead_letter_replay.add_arguments(letters)
+
+    tx.add_parser(sub)
+    pruning = sub.add_parser("prune", help="delete applied-step markers of transactions that ended long ago")
+    pruning.add_argument("--older-than", required=True, metavar="DURATION", help="e.g. 7d, 12h, 30m")
+    pruning.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo", help="ingest documents and merge customers across all three stores")
     demo.add_argument("--json", action="store_true")
@@ -114,13 +120,22 @@ def _partitions(specs: Sequence[str]) -> dict[str, int]:
 
 
 async def _topics(args: argparse.Namespace) -> int:
-    from polycommit.bus import create_topics, topics_for
+    from polycommit.bus import create_topics
 
     settings = load_settings()
     if args.action == "create":
         report = await create_topics(settings, _partitions(args.partitions))
     else:
-        report = {name: "" for name in topics_for(settings).all()}
+        from polycommit.tooling.topics import list_topics
+
+        listed = await list_topics(settings)
+        if args.json:
+            _print_json(listed)
+            return 0
+        report = {
+            name: f"{t['partitions']} partitions, replication {t['replication_factor']}" if t["exists"] else "missing"
+            for name, t in listed.items()
+        }
     if args.json:
         _print_json(report)
     else:
@@ -204,10 +219,18 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from polycommit.tooling.inspect import print_status
 
         return await print_status(load_settings(), as_json=args.json)
+    if args.command == "dead-letters" and args.action == "replay":
+        return await dead_letter_replay.run(load_settings(), args)
     if args.command == "dead-letters":
         from polycommit.tooling.inspect import print_dead_letters
 
         return await print_dead_letters(load_settings(), limit=args.limit, as_json=args.json)
+    if args.command == "prune":
+        from polycommit.tooling import prune
+
+        return await prune.run(load_settings(), args)
+    if args.command == "tx":
+        return await tx.run(load_settings(), args)
     if args.command == "demo":
         from polycommit.tooling.demo import run_demo
 

@@ -35,18 +35,33 @@ async def print_status(settings: Settings, *, as_json: bool) -> int:
         console = Console()
         console.print(f"in flight: {sum(report['in_flight'].values())} {report['in_flight']}")
         table = Table(title="stuck transactions (compensation keeps failing; still retried)")
-        for column in ("tx_id", "name", "step", "attempt", "error"):
+        for column in ("tx_id", "name", "step", "attempts", "compensation error", "why compensating"):
             table.add_column(column)
         for row in report["stuck"]:
-            table.add_row(row["tx_id"], row["name"], str(row["step"]), str(row["attempt"]), row["error"] or "")
+            table.add_row(
+                row["tx_id"],
+                row["name"],
+                str(row["step"]),
+                str(row["compensation_attempts"]),
+                row["compensation_error"] or "",
+                row["error"] or "",
+            )
+        if report["stuck"]:
+            console.print(table)
+            console.print("retry now: polycommit tx retry TXID; repaired by hand: polycommit tx resolve TXID --step N")
+            return 1
         console.print(table)
     return 1 if report["stuck"] else 0
 
 
 async def dead_letters(settings: Settings, limit: int | None = None) -> list[dict[str, Any]]:
-    values: list[bytes | None] = []
-    await read_topic(settings, topics_for(settings).dead_letters, lambda r: values.append(r.value))
-    return dead_letter_fold.fold(default_codec(), values, limit)
+    records: list[tuple[str, bytes | None]] = []
+    await read_topic(
+        settings,
+        topics_for(settings).dead_letters,
+        lambda r: records.append((f"dead-letters/{r.partition}/{r.offset}", r.value)),
+    )
+    return dead_letter_fold.fold_positioned(default_codec(), records, limit)
 
 
 async def print_dead_letters(settings: Settings, *, limit: int, as_json: bool) -> int:
@@ -55,12 +70,11 @@ async def print_dead_letters(settings: Settings, *, limit: int, as_json: bool) -
         print(json.dumps(letters, indent=2, sort_keys=True, default=str))
         return 0
     table = Table(title=f"dead letters (last {limit})")
-    for column in ("topic/partition/offset", "error", "tx", "consumer"):
+    for column in ("id", "topic/partition/offset", "error", "tx", "consumer"):
         table.add_column(column)
     for letter in letters:
         where = f"{letter['original_topic']}/{letter['partition']}/{letter['offset']}"
-        table.add_row(
-            where, f"{letter['error_class']}: {letter['error_message'][:80]}", letter["tx_id"] or "", letter["consumer"]
-        )
+        error = f"{letter['error_class']}: {letter['error_message'][:80]}"
+        table.add_row(letter["id"], where, error, letter["tx_id"] or "", letter["consumer"])
     Console().print(table)
     return 0

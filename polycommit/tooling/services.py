@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 
 from polycommit.config import Settings, load_settings
-from polycommit.tooling.servers import kafka, neo4j, postgres, postgres_cluster, qdrant
+from polycommit.tooling.servers import kafka, neo4j, ports, postgres, postgres_cluster, qdrant
 from polycommit.tooling.servers.kafka import KAFKA_MAIN, kafka_version
 from polycommit.tooling.servers.neo4j import NEO4J_MAIN
 from polycommit.tooling.servers.private import private_dir
@@ -141,6 +141,9 @@ async def start_servers(settings: Settings, names: Sequence[str] | None = None) 
     selected = _check_names(names, STATUS_NAMES)
     for name in selected:
         require_password(settings, name)
+    # Every port of a server not yet running is tried first: a taken one is named, with its holder and
+    # the variable that moves it, instead of failing deep inside the server.
+    ports.require_free(settings, [n for n in selected if n in _SERVERS and _SERVERS[n].pid(settings) is None])
     await asyncio.to_thread(private_folders, settings)
     results = await asyncio.gather(*(_start_one(settings, n) for n in selected), return_exceptions=True)
     statuses: dict[str, ServerStatus] = {}
@@ -255,6 +258,8 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="probe every server")
     status.add_argument("--json", action="store_true", help="print one JSON object keyed by server")
     commands.add_parser("reset", help="stop all, delete data, logs and pids (keeps secrets and caches)")
+    env = commands.add_parser("env", help="the connection settings as shell exports (psql, cypher-shell)")
+    env.add_argument("--show-secrets", action="store_true", help="include the passwords")
     return parser
 
 
@@ -264,6 +269,11 @@ def run_services_command(argv: list[str]) -> int:
     for noisy in ("aiokafka", "neo4j", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     settings = load_settings()
+    if args.command == "env":
+        from polycommit.tooling.service_env import render
+
+        print(render(settings, show_secrets=args.show_secrets))
+        return 0
     started = time.monotonic()
     try:
         if args.command == "start":

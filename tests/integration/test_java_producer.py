@@ -156,6 +156,8 @@ async def test_java_decodes_a_transaction_result_written_by_python(java_command:
                 "attempts": 1,
                 "compensation_attempts": 2,
                 "error": None,
+                "compensation_error": None,
+                "resolved_by": "",
             },
             {
                 "index": 1,
@@ -165,6 +167,8 @@ async def test_java_decodes_a_transaction_result_written_by_python(java_command:
                 "attempts": 3,
                 "compensation_attempts": 0,
                 "error": error,
+                "compensation_error": None,
+                "resolved_by": "",
             },
         ],
         "error": error,
