@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-direct", action="store_true", help="skip the direct-write baseline")
     bench.add_argument("--json", action="store_true")
 
+    check = sub.add_parser("check", help="judge the stores against the log: lost, leftover and orphan writes")
+    check.add_argument("--prefix", default=None, help="topic prefix of the log to judge (default: the settings')")
+    check.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
     chaos = sub.add_parser("chaos", help="kill processes and the broker under load, then check the stores")
     chaos.add_argument("--transactions", type=int, default=2000, help="transactions to send (default 2000)")
     chaos.add_argument("--kills", type=int, default=5, help="kills of a process or the broker (default 5)")
@@ -206,6 +210,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from polycommit.tooling.bench import run_bench
 
         return await run_bench(load_settings(), args)
+    if args.command == "check":
+        from polycommit.tooling.checker.command import run_check
+
+        return await run_check(load_settings(), args)
     if args.command == "chaos":
         from polycommit.tooling.chaos import run_chaos
 
