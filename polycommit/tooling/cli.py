@@ -92,14 +92,19 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--prefix", default=None, help="topic prefix of the log to judge (default: the settings')")
     check.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
-    chaos = sub.add_parser("chaos", help="kill processes and the broker under load, then check the stores")
+    chaos = sub.add_parser("chaos", help="kill processes and servers under load, then check the stores")
     chaos.add_argument("--transactions", type=int, default=2000, help="transactions to send (default 2000)")
     chaos.add_argument("--kills", type=int, default=5, help="kills of a process or the broker (default 5)")
     chaos.add_argument("--seed", type=int, default=0, help="seed of the kill schedule and targets")
     chaos.add_argument("--concurrency", type=int, default=64, help="transactions in flight (default 64)")
     chaos.add_argument(
-        "--targets", default="", help="comma-separated subset of coordinator,postgres,qdrant,neo4j,kafka"
+        "--targets",
+        default="",
+        help="comma-separated subset of coordinator,postgres,qdrant,neo4j (processes), kafka,postgres-server,"
+        "neo4j-server (servers), client (default: all; servers are those of this home: never shared ones)",
     )
+    chaos.add_argument("--failing", type=float, default=0.1, help="fraction of sagas with a failing last step")
+    chaos.add_argument("--short-timeout", type=float, default=0.1, help="fraction of sagas with a 50 ms step timeout")
     chaos.add_argument("--step-timeout", type=float, default=30.0, help="each step's timeout, seconds (default 30)")
     chaos.add_argument("--timeout", type=float, default=300.0, help="the client's wait for a result, seconds")
     chaos.add_argument("--keep", action="store_true", help="keep the run's topics and Qdrant storage")
