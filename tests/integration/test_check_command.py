@@ -2,7 +2,8 @@
 
 A small real workload runs first (a Runtime in this process): sagas that complete, one that is
 compensated, one that updates a key another saga wrote and is compensated (the old value must come
-back), one that deletes a row and is compensated (the row must come back). The runtime then stops (so
+back), one that deletes a row and is compensated (the row must come back), and one over a row older than
+the whole log (its before-image is the only record of it). The runtime then stops (so
 the command can open the Qdrant Edge storage), and every test plants one defect — in a store, or on the
 topics of a copy of the log under a prefix of its own — runs `polycommit check --json` as a subprocess and
 asserts that exactly that class is counted once, with exit code 1. Store plants are undone afterwards.
@@ -78,6 +79,8 @@ async def workload(settings: Settings, tmp_path_factory: pytest.TempPathFactory)
     )
     await create_topics(run)
     await prepare(run)
+    # A row older than the whole log: the compensated saga over it must leave it as it was.
+    await pg(run, f"INSERT INTO {TABLE} (id, v) VALUES ($1, 42)", key("pre"))
     runtime = Runtime(run, policy=POLICY, batch_size=100)
     await runtime.start()
     try:
@@ -88,7 +91,8 @@ async def workload(settings: Settings, tmp_path_factory: pytest.TempPathFactory)
             undone = saga(writes(key("undone"), 9), fail=True)
             overwrite = saga(writes(key(0), 100), fail=True)  # key(0) existed: its old value must come back
             delete = saga([ops.delete_row(TABLE, {"id": key(1)})], fail=True)  # the row must come back
-            for s in (undone, overwrite, delete):
+            older = saga(writes(key("pre"), 7), fail=True)
+            for s in (undone, overwrite, delete, older):
                 assert (await client.execute(s)).status == "compensated"
     finally:
         await runtime.stop()
@@ -183,7 +187,7 @@ async def test_a_clean_run_has_no_violation_in_any_class(workload: Workload) -> 
     code, report = await polycommit_check(workload.settings)
     assert report["violations"] == 0, report
     assert set(report["classes"].values()) == {0}
-    assert report["statuses"] == {"completed": 3, "compensated": 3}
+    assert report["statuses"] == {"completed": 3, "compensated": 4}
     assert code == 0
 
 
@@ -201,6 +205,14 @@ async def test_a_compensated_row_inserted_again_is_an_undone_write_still_visible
         await assert_exactly(workload.settings, "effect-present-after-compensation")
     finally:
         await pg(workload.settings, f"DELETE FROM {TABLE} WHERE id = $1", key("undone"))
+
+
+async def test_a_row_older_than_the_log_deleted_by_a_compensation_is_an_undone_write(workload: Workload) -> None:
+    await pg(workload.settings, f"DELETE FROM {TABLE} WHERE id = $1", key("pre"))
+    try:
+        await assert_exactly(workload.settings, "effect-present-after-compensation")
+    finally:
+        await pg(workload.settings, f"INSERT INTO {TABLE} (id, v) VALUES ($1, 42)", key("pre"))
 
 
 async def test_a_node_no_transaction_wrote_is_an_orphan(workload: Workload) -> None:
@@ -307,3 +319,16 @@ async def test_a_stuck_transaction_is_its_own_class_and_its_keys_pending(workloa
         await assert_exactly(copy, "stuck")
     finally:
         await pg(workload.settings, f"UPDATE {TABLE} SET v = 0 WHERE id = $1", key(0))
+
+
+async def test_a_prefix_with_no_log_is_a_usage_error_in_one_line(workload: Workload) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "polycommit.tooling.cli", "check", "--json", "--prefix", f"nothing-{RUN}"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 2
+    assert out == b""
+    assert len(err.decode().strip().splitlines()) == 1, err

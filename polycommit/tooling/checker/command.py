@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -68,28 +70,34 @@ async def _has_log(settings: Settings) -> bool:
     from polycommit.bus import make_reader, topic_partitions, topics_for
 
     reader = make_reader(settings, "polycommit-check")
-    await reader.start()
     try:
+        await reader.start()
         return bool(await topic_partitions(reader, topics_for(settings).intents))
     finally:
-        await reader.stop()
+        await reader.stop()  # also after a failed start: its connections would leak
+
+
+def _fail(message: str) -> int:
+    """One line on stderr (never wrapped: scripts read it), exit code 2."""
+    print(f"polycommit check: {message}", file=sys.stderr)
+    return 2
 
 
 async def run_check(base: Settings, args: argparse.Namespace) -> int:
     settings = base if args.prefix is None else dataclasses.replace(base, topic_prefix=args.prefix)
     err = Console(stderr=True)
+    if not getattr(args, "verbose", False):
+        # A broker that cannot be reached is reported in one line below, not by aiokafka's own log.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         with err.status("reading the log") as status:
             if not await _has_log(settings):
-                err.print(f"polycommit check: no topic {settings.topic_prefix}.intents: no log under this prefix")
-                return 2
+                return _fail(f"no topic {settings.topic_prefix}.intents: no log under this prefix")
             history, facts = await read_log(settings)
             status.update(f"judging {len(history.intents)} transactions")
             report = await check(settings, history, keys_owned=False, log=facts, progress=status.update)
     except Exception as exc:  # a server down or refusing: one line, exit 2 (the check itself never ran)
-        message = str(exc).splitlines()[0] if str(exc) else ""
-        err.print(f"polycommit check: {type(exc).__name__}: {message}", markup=False, highlight=False)
-        return 2
+        return _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     summary = to_json(report, facts.dead_letters)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True, default=str))
