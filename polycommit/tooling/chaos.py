@@ -47,7 +47,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from polycommit.client import Saga
 from polycommit.config import Settings
 from polycommit.tooling.bench import prepare, writes
-from polycommit.tooling.chaos_kills import TARGETS, Kill, Killer, kill_broker, kill_schedule
+from polycommit.tooling.chaos_kills import TARGETS, Kill, Killer, TargetLost, kill_broker, kill_schedule
 from polycommit.tooling.chaos_summary import print_summary, summarize
 from polycommit.tooling.chaos_workload import (
     ClientSlot,
@@ -119,6 +119,12 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         await _drive(run, args, console, started)
+    except TargetLost as exc:
+        console.print(f"[red]chaos run {run_id} stopped: {exc}[/red]")
+        console.print(
+            f"kept: topics {settings.topic_prefix}.*, Qdrant Edge {settings.qdrant.edge_path}, logs {log_dir}"
+        )
+        return 1
     finally:
         codes = await run.cluster.stop()
     return await _judge(run, args, console, codes, time.monotonic() - started)
@@ -154,21 +160,38 @@ async def _drive(run: ChaosRun, args: argparse.Namespace, console: Console, star
         def advance() -> None:
             progress.advance(bar)
 
+        async def workload() -> None:
+            try:
+                await run_workload(
+                    slot, run.history, sagas(), args.concurrency, run.progressed, run.errors, advance, run.retried
+                )
+            finally:
+                await run.progressed.wake()  # the killer may be waiting for results that will not come
+
         try:
-            await run_workload(
-                slot, run.history, sagas(), args.concurrency, run.progressed, run.errors, advance, run.retried
-            )
-            await run.progressed.wake()
-            await kills
+            await _together(asyncio.create_task(workload()), kills)
         finally:
-            kills.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await kills
             await slot.close()
         describe("done")
         progress.update(bar, description="recovering missed results from the log")
         await recover_results(run.settings, run.history, 60.0)
         progress.update(bar, description="stopping processes")
+
+
+async def _together(work: asyncio.Task[None], kills: asyncio.Task[None]) -> None:
+    """Run the workload and the kills to their end; a target that never comes back (TargetLost) ends the
+    run at once, since the transactions that need it could never finish."""
+    try:
+        await asyncio.wait({work, kills}, return_when=asyncio.FIRST_EXCEPTION)
+        if kills.done():
+            await kills  # raises what the killer raised
+        await work
+        await kills
+    finally:
+        for task in (work, kills):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, codes: Any, elapsed: float) -> int:

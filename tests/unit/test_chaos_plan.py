@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
+import pytest
+
 from polycommit.client import Saga
-from polycommit.config import load_settings
+from polycommit.config import Settings, load_settings
 from polycommit.tooling.bench import writes
-from polycommit.tooling.chaos_kills import SERVER_TARGETS, TARGETS, kill_schedule
+from polycommit.tooling.chaos import _together
+from polycommit.tooling.chaos_kills import SERVER_TARGETS, TARGETS, TargetLost, kill_schedule, restart_server
 from polycommit.tooling.chaos_workload import FAILING_STEP, ClientSlot, Mix, execute, mixed
+from polycommit.tooling.services import ServerStartError
 
 
 def test_the_servers_and_the_client_are_targets_besides_the_processes() -> None:
@@ -96,3 +101,41 @@ async def test_a_cancelled_lane_is_still_cancelled() -> None:
     except asyncio.CancelledError:
         return
     raise AssertionError("the lane swallowed its own cancellation")
+
+
+class FlakyStart:
+    """A server start that misses its deadline `misses` times, then answers."""
+
+    def __init__(self, misses: int) -> None:
+        self.misses = misses
+        self.calls = 0
+
+    async def __call__(self, settings: Settings, names: Sequence[str]) -> object:
+        self.calls += 1
+        if self.calls <= self.misses:
+            raise ServerStartError(names[0], "not ready after 90 s")
+        return {}
+
+
+async def test_a_server_slow_to_come_back_is_waited_for_again() -> None:
+    start = FlakyStart(misses=2)
+    await restart_server(load_settings(), "neo4j", start, attempts=3)
+    assert start.calls == 3
+
+
+async def test_a_server_that_never_comes_back_ends_the_run_with_target_lost() -> None:
+    start = FlakyStart(misses=5)
+    with pytest.raises(TargetLost, match="neo4j not back after 3 start deadlines"):
+        await restart_server(load_settings(), "neo4j", start, attempts=3)
+
+
+async def test_a_lost_target_cancels_the_workload_at_once() -> None:
+    forever = asyncio.Event()
+    work = asyncio.create_task(forever.wait())
+
+    async def lose() -> None:
+        raise TargetLost("postgres not back")
+
+    with pytest.raises(TargetLost):
+        await _together(work, asyncio.create_task(lose()))  # type: ignore[arg-type]
+    assert work.cancelled()

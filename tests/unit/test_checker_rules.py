@@ -52,6 +52,7 @@ def test_a_compensated_update_of_an_existing_row_must_bring_the_old_value_back()
     finals = {"b": "compensated"}
     assert judge(row_write("b", 5), finals, applied, {"id": "r1", "v": 1}) == []
     assert judge(row_write("b", 5), finals, applied, {"id": "r1", "v": 5}) == [EFFECT_PRESENT]
+    assert judge(row_write("b", 5), finals, applied, {"id": "r1", "v": 1, "w": 0}) == [EFFECT_PRESENT]
     # Deleting the row is not an undo: it existed before.
     assert judge(row_write("b", 5), finals, applied, None) == [EFFECT_PRESENT]
 

@@ -206,6 +206,9 @@ def _mismatch(state: KeyState, actual: dict[str, Any] | None, point: dict[str, A
     if actual is None:
         return f"{e.describe()} is missing"
     wrong = _differences(state.values, actual)
+    if state.restored:
+        # A before-image is the whole row, node or payload: a field it lacks must be gone again.
+        wrong += [f"{name}={actual[name]!r} (absent before)" for name in actual if name not in state.values]
     vector = point["vector"] if point is not None else None
     if state.vector is not None and vector and not _similar(state.vector, vector):
         wrong.append("vector differs")
