@@ -161,3 +161,13 @@ def test_no_result_is_lost_for_a_workload_and_in_flight_for_the_log() -> None:
     log, _ = fold([intent("a", "EVENTUAL")], [], [], [])
     found = triage(log)
     assert (found.violations, found.statuses) == ([], {"in-flight": 1})
+
+
+def test_a_point_comes_back_as_its_before_image_and_an_unreadable_image_judges_nothing() -> None:
+    pid = ops.point_id("p1")
+    (expect,) = expectations("q", 0, ops.upsert_points("c", [ops.point(pid, [1.0, 0.0], {"v": 2})]))
+    before = json.dumps({"points": {pid: {"vector": [0.0, 1.0], "payload": {"v": 1}}}})
+    (state,) = key_states([expect], {"q": "compensated"}, {("q", 0): Applied(1.0, before)}, fresh_keys=True)[0]
+    assert (state.values, state.vector, state.restored) == ({"v": 1}, [0.0, 1.0], True)
+    unreadable = {("q", 0): Applied(1.0, "{not json")}
+    assert key_states([expect], {"q": "compensated"}, unreadable, fresh_keys=True) == ([], 0)

@@ -48,20 +48,21 @@ class KeyState:
     restored: bool
 
 
-def image_of(e: Expect, before: str) -> tuple[dict[str, Any] | None, list[float] | None]:
-    """The key's state as a before-image recorded it (values, vector); (None, None) when it was absent."""
+def image_of(e: Expect, before: str) -> tuple[dict[str, Any] | None, list[float] | None] | None:
+    """The key's state as a before-image recorded it (values, vector; values None when it was absent),
+    or None when the image cannot be read (then the key is not judged: nothing says what it held)."""
     try:
         image = json.loads(before)
-    except ValueError:
-        return None, None
-    if e.store == "postgres":
-        return image.get("row"), None
-    if e.store == "neo4j":
-        return image.get("node"), None
-    point = (image.get("points") or {}).get(str(e.key))
-    if not isinstance(point, dict):
-        return None, None
-    return dict(point.get("payload") or {}), point.get("vector")
+        if e.store == "postgres":
+            return image["row"], None
+        if e.store == "neo4j":
+            return image["node"], None
+        point = image["points"].get(str(e.key))
+        if point is None:
+            return None, None
+        return dict(point.get("payload") or {}), point.get("vector")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def group_by_key(expects: Iterable[Expect]) -> dict[tuple[Any, ...], list[Expect]]:
@@ -88,8 +89,8 @@ def key_state(
         first = with_image[0]
         before = applied[(first.tx_id, first.step)].before
         assert before is not None
-        values, vector = image_of(first, before)
-        return KeyState(first, values, vector, restored=True)
+        image = image_of(first, before)
+        return None if image is None else KeyState(first, *image, restored=True)
     if fresh_keys and any(w.values is not None for w in writers):
         return KeyState(ordered[-1], None, None, restored=True)
     return None
