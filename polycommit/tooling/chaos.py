@@ -110,6 +110,10 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     if unknown:
         console.print(f"[red]unknown targets {unknown}; choose from {', '.join(TARGETS)}[/red]")
         return 2
+    failing, short = getattr(args, "failing", 0.1), getattr(args, "short_timeout", 0.1)
+    if min(failing, short) < 0 or failing + short > 1:
+        console.print("[red]--failing and --short-timeout are fractions of the sagas: each >= 0, together <= 1[/red]")
+        return 2
     rng = random.Random(args.seed)
     schedule = kill_schedule(rng, args.transactions, args.kills, targets)
     console.print(f"chaos run {run_id}: topics {settings.topic_prefix}.*, logs {log_dir}, seed {args.seed}")

@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
     chaos = sub.add_parser("chaos", help="kill processes and servers under load, then check the stores")
     chaos.add_argument("--transactions", type=int, default=2000, help="transactions to send (default 2000)")
-    chaos.add_argument("--kills", type=int, default=5, help="kills of a process or the broker (default 5)")
+    chaos.add_argument("--kills", type=int, default=5, help="kills of a target (default 5)")
     chaos.add_argument("--seed", type=int, default=0, help="seed of the kill schedule and targets")
     chaos.add_argument("--concurrency", type=int, default=64, help="transactions in flight (default 64)")
     chaos.add_argument(
