@@ -1,13 +1,18 @@
-"""`polycommit chaos`: run the system as separate processes, kill them (and the broker) under load, judge.
+"""`polycommit chaos`: run the system as separate processes, kill its parts and servers under load, judge.
 
 The coordinator and the three store consumers run as subprocesses (`polycommit run coordinator`,
 `polycommit consumer <store>`), ready once they print their "polycommit running" line. This process
-sends bench-style transactions (a PostgreSQL row, a Qdrant point and a Neo4j node on keys of their own)
-keeping `--concurrency` in flight, and meanwhile, `--kills` times, SIGKILLs one seeded-random target, a
-subprocess or the Kafka broker, and restarts it. Each kill's *recovery time* runs from the kill to the
-first result received after the restarted target was ready again (for the coordinator and the broker
-every result needs them, so this is the true stall; for a store consumer, results of transactions already
-past that store may arrive sooner, and are not counted).
+sends bench-style transactions (a PostgreSQL row, a Qdrant point and a Neo4j node on keys of their own;
+a seeded fraction fail at a last step and are compensated, another runs with a short step timeout —
+chaos_workload.py) keeping `--concurrency` in flight, and meanwhile, `--kills` times, SIGKILLs one
+seeded target — a subprocess, the Kafka broker, PostgreSQL, Neo4j or the client itself
+(chaos_kills.py) — and restarts it. Each kill's *recovery time* runs from the kill to the first result
+received after the restarted target was ready again (for the coordinator and the broker every result
+needs them, so this is the true stall; for a store consumer, results of transactions already past that
+store may arrive sooner, and are not counted).
+
+The servers killed are those of the settings' home: run it against servers of its own (a POLYCOMMIT_HOME
+and ports of its own), never against servers others are using.
 
 A subprocess that exits on its own (say, when the broker vanishes under it) is restarted, as a supervisor
 would, and listed in the report. At the end every subprocess is stopped cleanly, results the clients
@@ -31,7 +36,7 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,18 +44,24 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from polycommit.client import Coordinator, Saga, TransactionResult
+from polycommit.client import Saga
 from polycommit.config import Settings
-from polycommit.errors import TransactionTimeoutError
-from polycommit.tooling import bench
-from polycommit.tooling.bench import Write, keep_in_flight, prepare, writes
+from polycommit.tooling.bench import prepare, writes
+from polycommit.tooling.chaos_kills import TARGETS, Kill, Killer, TargetLost, kill_broker, kill_schedule
 from polycommit.tooling.chaos_summary import print_summary, summarize
+from polycommit.tooling.chaos_workload import (
+    ClientSlot,
+    Mix,
+    Progressed,
+    mixed,
+    recover_results,
+    run_workload,
+    saga_of,
+)
 from polycommit.tooling.checker import History, check
-from polycommit.tooling.processes import PARTS, STOP_TIMEOUT_S, Cluster
+from polycommit.tooling.processes import Cluster
 
-TARGETS: tuple[str, ...] = (*PARTS, "kafka")
-STEP_RETRIES = 3
-STEP_TIMEOUT_S = 30.0
+__all__ = ["TARGETS", "ChaosRun", "kill_broker", "kill_schedule", "run_chaos", "run_settings", "saga_of"]
 
 
 # -- settings and data of one run -------------------------------------------------------------------
@@ -62,168 +73,6 @@ def run_settings(base: Settings, run_id: str, *, prefix: str = "chaos", edge_pat
     return dataclasses.replace(
         base, topic_prefix=f"{prefix}-{run_id}", qdrant=dataclasses.replace(base.qdrant, edge_path=edge)
     )
-
-
-def saga_of(write: Write, *, timeout: float = STEP_TIMEOUT_S) -> Saga:
-    """The benchmark's three writes, with retries and a timeout generous enough to ride out a restart:
-    a step that times out is retried (its redelivery is a no-op), not compensated at the first stall."""
-    return bench.saga_of(write, name="chaos", retries=STEP_RETRIES, timeout=timeout)
-
-
-# -- the broker -------------------------------------------------------------------------------------
-
-
-async def kill_broker(settings: Settings) -> float:
-    """SIGKILL the Kafka broker, wait until it is gone, start it again; returns when it is ready."""
-    from polycommit.tooling.services import await_pid_exit, kill_server, start_servers
-
-    pid = kill_server(settings, "kafka")
-    if not await await_pid_exit(pid, 30):
-        raise RuntimeError(f"the Kafka broker (pid {pid}) survived SIGKILL for 30 s")
-    await start_servers(settings, ["kafka"])
-    return time.monotonic()
-
-
-# -- the workload and its progress ------------------------------------------------------------------
-
-
-@dataclass
-class Progressed:
-    """Results as they arrive, for kill schedules and recovery times (no sleeping: waiters are woken)."""
-
-    results: int = 0
-    last_at: float = 0.0
-    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    async def arrived(self) -> None:
-        async with self._changed:
-            self.results += 1
-            self.last_at = time.monotonic()
-            self._changed.notify_all()
-
-    async def wake(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        async with self._changed:
-            await self._changed.wait_for(predicate)
-
-
-async def execute(client: Coordinator, saga: Saga, errors: list[str]) -> TransactionResult | None:
-    """Run one transaction; None when the client gave up waiting (its result is read from the log later).
-
-    Publishing the intent may fail while the broker is down: it is published again (the coordinator
-    ignores a duplicate of an intent in flight, and a replay of a finished one changes nothing).
-    """
-    for _ in range(20):
-        try:
-            return await client.execute(saga)
-        except TransactionTimeoutError:
-            return None
-        except Exception as exc:  # the broker refused or timed out the intent: publish it again
-            errors.append(f"{saga.tx_id}: {type(exc).__name__}: {exc}")
-    return None
-
-
-async def run_workload(
-    client: Coordinator,
-    history: History,
-    sagas: Iterable[Saga],
-    concurrency: int,
-    progressed: Progressed,
-    errors: list[str],
-    on_result: Callable[[], None] | None = None,
-    retried: list[str] | None = None,
-) -> None:
-    """Keep `concurrency` transactions in flight; `retried` collects those with a step run more than once
-    (after a step timeout: an outcome was lost or late)."""
-    retried = retried if retried is not None else []
-
-    async def one(saga: Saga) -> None:
-        history.invoke(saga)
-        result = await execute(client, saga, errors)
-        if result is not None:
-            history.record_result(result)
-            if any(step.attempts > 1 for step in result.steps):
-                retried.append(saga.tx_id)
-        await progressed.arrived()
-        if on_result is not None:
-            on_result()
-
-    await keep_in_flight(sagas, concurrency, one)
-
-
-async def recover_results(settings: Settings, history: History, deadline_s: float) -> int:
-    """Read results the clients missed from the `results` topic until none is missing or the deadline."""
-    deadline = time.monotonic() + deadline_s
-    recovered = await history.recover_from_log(settings)
-    while history.missing() and time.monotonic() < deadline:
-        recovered += await history.recover_from_log(settings)
-    return recovered
-
-
-# -- kills ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Kill:
-    target: str
-    at_result: int
-    killed_at_s: float
-    restart_s: float = 0.0  # kill -> the target answers again (ready line, or broker probe)
-    recovery_s: float | None = None  # kill -> first result after the target was back
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
-
-
-def kill_schedule(rng: random.Random, transactions: int, kills: int, targets: Sequence[str]) -> list[tuple[int, str]]:
-    """(result count to wait for, target) for each kill, spread over the middle of the run."""
-    low, high = max(1, transactions // 10), max(2, transactions * 85 // 100)
-    points = sorted(rng.randrange(low, high) for _ in range(kills))
-    return [(point, rng.choice(list(targets))) for point in points]
-
-
-async def run_kills(
-    settings: Settings,
-    cluster: Cluster,
-    schedule: Sequence[tuple[int, str]],
-    progressed: Progressed,
-    total: int,
-    started: float,
-    kills: list[Kill],
-    describe: Callable[[str], None],
-) -> None:
-    for at_result, target in schedule:
-
-        def reached(at: int = at_result) -> bool:
-            return progressed.results >= at
-
-        await progressed.wait_for(reached)
-        if progressed.results >= total:
-            return
-        kill = Kill(target, progressed.results, round(time.monotonic() - started, 3))
-        kills.append(kill)
-        describe(f"killing {target}")
-        killed = time.monotonic()
-        if target == "kafka":
-            back = await kill_broker(settings)
-        else:
-            part = cluster[target]
-            part.kill()
-            await part.exited(STOP_TIMEOUT_S)
-            back = await cluster.restart(target)
-        kill.restart_s = back - killed
-        describe(f"{target} restarted; waiting for results")
-
-        def recovered(back: float = back) -> bool:
-            return progressed.last_at > back or progressed.results >= total
-
-        await progressed.wait_for(recovered)
-        if progressed.last_at > back:
-            kill.recovery_s = progressed.last_at - killed
-        describe(f"{target} recovered" if kill.recovery_s is not None else f"{target}: run ended first")
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -243,6 +92,7 @@ class ChaosRun:
     kills: list[Kill] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
+    mix: dict[str, int] = field(default_factory=dict)  # sagas sent of each kind (chaos_workload.mixed)
 
 
 async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
@@ -260,6 +110,10 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     if unknown:
         console.print(f"[red]unknown targets {unknown}; choose from {', '.join(TARGETS)}[/red]")
         return 2
+    failing, short = getattr(args, "failing", 0.1), getattr(args, "short_timeout", 0.1)
+    if min(failing, short) < 0 or failing + short > 1:
+        console.print("[red]--failing and --short-timeout are fractions of the sagas: each >= 0, together <= 1[/red]")
+        return 2
     rng = random.Random(args.seed)
     schedule = kill_schedule(rng, args.transactions, args.kills, targets)
     console.print(f"chaos run {run_id}: topics {settings.topic_prefix}.*, logs {log_dir}, seed {args.seed}")
@@ -269,6 +123,12 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         await _drive(run, args, console, started)
+    except TargetLost as exc:
+        console.print(f"[red]chaos run {run_id} stopped: {exc}[/red]")
+        console.print(
+            f"kept: topics {settings.topic_prefix}.*, Qdrant Edge {settings.qdrant.edge_path}, logs {log_dir}"
+        )
+        return 1
     finally:
         codes = await run.cluster.stop()
     return await _judge(run, args, console, codes, time.monotonic() - started)
@@ -284,45 +144,58 @@ async def _drive(run: ChaosRun, args: argparse.Namespace, console: Console, star
         await run.cluster.start()
         progress.update(bar, description="transactions")
         items = writes(f"x{run.run_id}", args.transactions)
-        sagas = (saga_of(w, timeout=args.step_timeout) for w in items)
+        mix = Mix(failing=getattr(args, "failing", 0.1), short_timeout=getattr(args, "short_timeout", 0.1))
+
+        def sagas() -> Iterator[Saga]:
+            for kind, saga in mixed(items, mix, random.Random(f"{args.seed}/mix"), args.step_timeout):
+                run.mix[kind] = run.mix.get(kind, 0) + 1
+                yield saga
 
         def describe(text: str) -> None:
             progress.update(chaos, description=f"chaos: {text}", completed=len(run.kills))
 
-        async with Coordinator(run.settings, timeout=args.timeout) as client:
-            killer = asyncio.create_task(
-                run_kills(
-                    run.settings,
-                    run.cluster,
-                    run.schedule,
-                    run.progressed,
-                    args.transactions,
-                    started,
-                    run.kills,
-                    describe,
-                )
-            )
+        slot = ClientSlot(run.settings, args.timeout)
+        await slot.start()
+        killer = Killer(
+            run.settings, run.cluster, slot, run.progressed, args.transactions, started, run.kills, describe
+        )
+        kills = asyncio.create_task(killer.run(run.schedule))
+
+        def advance() -> None:
+            progress.advance(bar)
+
+        async def workload() -> None:
             try:
                 await run_workload(
-                    client,
-                    run.history,
-                    sagas,
-                    args.concurrency,
-                    run.progressed,
-                    run.errors,
-                    lambda: progress.advance(bar),
-                    run.retried,
+                    slot, run.history, sagas(), args.concurrency, run.progressed, run.errors, advance, run.retried
                 )
-                await run.progressed.wake()
-                await killer
             finally:
-                killer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await killer
+                await run.progressed.wake()  # the killer may be waiting for results that will not come
+
+        try:
+            await _together(asyncio.create_task(workload()), kills)
+        finally:
+            await slot.close()
         describe("done")
         progress.update(bar, description="recovering missed results from the log")
         await recover_results(run.settings, run.history, 60.0)
         progress.update(bar, description="stopping processes")
+
+
+async def _together(work: asyncio.Task[None], kills: asyncio.Task[None]) -> None:
+    """Run the workload and the kills to their end; a target that never comes back (TargetLost) ends the
+    run at once, since the transactions that need it could never finish."""
+    try:
+        await asyncio.wait({work, kills}, return_when=asyncio.FIRST_EXCEPTION)
+        if kills.done():
+            await kills  # raises what the killer raised
+        await work
+        await kills
+    finally:
+        for task in (work, kills):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, codes: Any, elapsed: float) -> int:
@@ -335,6 +208,7 @@ async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, code
     summary = summarize(run.run_id, history, run.kills, run.cluster.unexpected_exits, report, elapsed, run.errors)
     summary["retried_after_timeout"] = len(run.retried)
     summary["exit_codes"] = codes
+    summary["mix"] = dict(sorted(run.mix.items()))
     ok = report.ok and not history.missing()
     if args.json:
         print(json.dumps(summary, indent=2, default=str))

@@ -14,7 +14,7 @@ from polycommit.tooling.checker import CheckReport, History
 from polycommit.tooling.processes import Exit
 
 if TYPE_CHECKING:
-    from polycommit.tooling.chaos import Kill
+    from polycommit.tooling.chaos_kills import Kill
 
 
 def summarize(
@@ -52,6 +52,7 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("statuses", json.dumps(summary["statuses"]))
+    table.add_row("sagas sent (kind)", json.dumps(summary.get("mix", {})))
     table.add_row("missing results", str(summary["missing_results"]))
     table.add_row("kills", str(len(summary["kills"])))
     table.add_row("recovery (s)", ", ".join(f"{r:.2f}" for r in summary["recovery_s"]) or "-")

@@ -94,14 +94,23 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-direct", action="store_true", help="skip the direct-write baseline")
     bench.add_argument("--json", action="store_true")
 
-    chaos = sub.add_parser("chaos", help="kill processes and the broker under load, then check the stores")
+    check = sub.add_parser("check", help="judge the stores against the log: lost, leftover and orphan writes")
+    check.add_argument("--prefix", default=None, help="topic prefix of the log to judge (default: the settings')")
+    check.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    chaos = sub.add_parser("chaos", help="kill processes and servers under load, then check the stores")
     chaos.add_argument("--transactions", type=int, default=2000, help="transactions to send (default 2000)")
-    chaos.add_argument("--kills", type=int, default=5, help="kills of a process or the broker (default 5)")
+    chaos.add_argument("--kills", type=int, default=5, help="kills of a target (default 5)")
     chaos.add_argument("--seed", type=int, default=0, help="seed of the kill schedule and targets")
     chaos.add_argument("--concurrency", type=int, default=64, help="transactions in flight (default 64)")
     chaos.add_argument(
-        "--targets", default="", help="comma-separated subset of coordinator,postgres,qdrant,neo4j,kafka"
+        "--targets",
+        default="",
+        help="comma-separated subset of coordinator,postgres,qdrant,neo4j (processes), kafka,postgres-server,"
+        "neo4j-server (servers), client (default: all; servers are those of this home: never shared ones)",
     )
+    chaos.add_argument("--failing", type=float, default=0.1, help="fraction of sagas with a failing last step")
+    chaos.add_argument("--short-timeout", type=float, default=0.1, help="fraction of sagas with a 50 ms step timeout")
     chaos.add_argument("--step-timeout", type=float, default=30.0, help="each step's timeout, seconds (default 30)")
     chaos.add_argument("--timeout", type=float, default=300.0, help="the client's wait for a result, seconds")
     chaos.add_argument("--keep", action="store_true", help="keep the run's topics and Qdrant storage")
@@ -239,6 +248,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from polycommit.tooling.bench import run_bench
 
         return await run_bench(load_settings(), args)
+    if args.command == "check":
+        from polycommit.tooling.checker.command import run_check
+
+        return await run_check(load_settings(), args)
     if args.command == "chaos":
         from polycommit.tooling.chaos import run_chaos
 

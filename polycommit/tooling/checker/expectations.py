@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from polycommit.errors import PolycommitError
 from polycommit.events import Operation
 from polycommit.parsed import canonical_id
 
@@ -35,7 +36,15 @@ class Expect:
 
 
 def expectations(tx_id: str, index: int, op: Operation) -> list[Expect]:
-    """The effects an operation has once executed (values), each of which its undo must remove."""
+    """The effects an operation has once executed (values), each of which its undo must remove. An
+    operation the coordinator could not parse (its transaction failed before any step ran) has none."""
+    try:
+        return _expectations(tx_id, index, op)
+    except (ValueError, TypeError, KeyError, AttributeError, PolycommitError):
+        return []
+
+
+def _expectations(tx_id: str, index: int, op: Operation) -> list[Expect]:
     kind, store = op["kind"], op["store"]
     if kind in ("upsert_row", "delete_row"):
         key = json.loads(op["key"])

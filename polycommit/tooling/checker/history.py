@@ -14,13 +14,20 @@ from polycommit.config import Settings
 from projections import results
 from projections.results import TERMINAL
 
+# The status of a transaction the log shows no result for: still running, its keys not yet judged.
+IN_FLIGHT = "in-flight"
+
 
 @dataclass
 class History:
-    """Transactions as invoked (by id, in order) and every status reported for each, in arrival order."""
+    """Transactions as invoked (by id, in order) and every status reported for each, in arrival order.
+
+    `open_is_pending`: a transaction with no result is still in flight (the view of `polycommit check`,
+    which reads the log of a running system), not lost (the view of a workload after recovery)."""
 
     intents: dict[str, Transaction] = field(default_factory=dict)
     results: dict[str, list[str]] = field(default_factory=dict)
+    open_is_pending: bool = False
 
     def invoke(self, transaction: Transaction) -> None:
         self.intents[transaction.tx_id] = transaction

@@ -19,6 +19,33 @@ LEFT_APPLIED = "step-left-applied"
 EFFECT_PRESENT = "effect-present-after-compensation"
 HANGING = "execute-after-compensate"
 UNKNOWN = "unknown-status"
+ORPHAN = "orphan"
+DUPLICATE = "duplicate"
+APPLIED_TWICE = "applied-twice"
+UNDECIDED = "undecided"
+PREPARED_LEFT = "prepared-left"
+
+# Every class a report counts, zeros included: `polycommit check --json` lists them all, so a consumer of
+# the JSON tells "none found" from "not checked".
+KINDS: tuple[str, ...] = (
+    LOST,
+    CONFLICTING,
+    UNKNOWN,
+    STUCK,
+    MISSING_EXECUTE,
+    PENDING_MARKER,
+    COMPENSATED_IN_COMPLETED,
+    LEFT_APPLIED,
+    HANGING,
+    EFFECT_MISSING,
+    EFFECT_WRONG,
+    EFFECT_PRESENT,
+    ORPHAN,
+    DUPLICATE,
+    APPLIED_TWICE,
+    UNDECIDED,
+    PREPARED_LEFT,
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +66,7 @@ class CheckReport:
     violations: list[Violation]
     statuses: dict[str, int]
     elapsed_s: float = 0.0
+    pending: int = 0  # keys left unjudged: a transaction still in flight (or stuck) writes them
 
     @property
     def ok(self) -> bool:
@@ -50,11 +78,16 @@ class CheckReport:
             counts[v.kind] = counts.get(v.kind, 0) + 1
         return counts
 
+    def classes(self) -> dict[str, int]:
+        """The count of every class, zeros included."""
+        return {kind: 0 for kind in KINDS} | self.kinds()
+
     def to_json(self, limit: int | None = 100) -> dict[str, Any]:
         shown = self.violations if limit is None else self.violations[:limit]
         return {
             "checked": self.checked,
             "statuses": dict(sorted(self.statuses.items())),
+            "pending_keys": self.pending,
             "violation_count": len(self.violations),
             "violation_kinds": self.kinds(),
             "violations": [v.to_json() for v in shown],

@@ -21,6 +21,7 @@ from consumers.postgres import MARKER_TABLE
 from consumers.qdrant import MARKERS, QdrantParticipant, marker_point_id
 from polycommit.config import Settings
 from polycommit.tooling.checker.expectations import Expect, frozen
+from polycommit.tooling.checker.leftovers import Scope
 
 CHUNK = 2000
 
@@ -29,6 +30,7 @@ CHUNK = 2000
 class SeenMarker:
     pending: bool = False  # Qdrant: written ahead of its effect, never confirmed
     at: datetime.datetime | None = None  # PostgreSQL: the committing transaction's start
+    before: str | None = None  # the before-image the step recorded with its marker
 
 
 MarkerKey = tuple[str, int, str]  # (tx_id, step_index, action)
@@ -45,6 +47,15 @@ def _quote(identifier: str) -> str:
 
 def _tick(identifier: str) -> str:
     return "`" + identifier.replace("`", "``") + "`"
+
+
+def _keys_by_target(expects: Sequence[Expect]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    """Each distinct key once per target: several transactions may write one key, and a key read twice
+    would look like a duplicate row or node."""
+    groups: dict[tuple[Any, ...], dict[Any, dict[str, Any]]] = {}
+    for e in expects:
+        groups.setdefault(e.where, {})[frozen(e.key)] = e.key
+    return {where: list(keys.values()) for where, keys in groups.items()}
 
 
 class Stores:
@@ -67,11 +78,13 @@ class Stores:
                 return found
             for chunk in _chunks(tx_ids):
                 rows = await conn.fetch(
-                    f"SELECT tx_id, step_index, action, applied_at FROM {MARKER_TABLE} WHERE tx_id = ANY($1::text[])",
+                    f"SELECT tx_id, step_index, action, applied_at, before_image::text AS before FROM {MARKER_TABLE} "
+                    "WHERE tx_id = ANY($1::text[])",
                     list(chunk),
                 )
                 for r in rows:
-                    found[(r["tx_id"], r["step_index"], r["action"])] = SeenMarker(at=r["applied_at"])
+                    seen = SeenMarker(at=r["applied_at"], before=r["before"])
+                    found[(r["tx_id"], r["step_index"], r["action"])] = seen
         finally:
             await conn.close()
         return found
@@ -81,10 +94,10 @@ class Stores:
         if not wanted:
             return found
         by_id = {f"{tx}/{step}/{action}": (tx, step, action) for tx, step, action in wanted}
-        query = f"UNWIND $ids AS id MATCH (m:{MARKER_LABEL} {{id: id}}) RETURN m.id AS id"
+        query = f"UNWIND $ids AS id MATCH (m:{MARKER_LABEL} {{id: id}}) RETURN m.id AS id, m.before AS before"
         for records in await self._neo4j_reads([(query, {"ids": list(chunk)}) for chunk in _chunks(list(by_id))]):
             for record in records:
-                found[by_id[record["id"]]] = SeenMarker()
+                found[by_id[record["id"]]] = SeenMarker(before=record["before"])
         return found
 
     async def qdrant_markers(self, wanted: Sequence[MarkerKey]) -> dict[MarkerKey, SeenMarker]:
@@ -95,17 +108,17 @@ class Stores:
         for chunk in _chunks(list(by_point)):
             points = await self.qdrant.backend.retrieve(MARKERS, list(chunk), with_vectors=False)
             for point_id, point in points.items():
-                found[by_point[point_id]] = SeenMarker(pending=bool(point["payload"].get("pending")))
+                payload = point["payload"]
+                seen = SeenMarker(pending=bool(payload.get("pending")), before=payload.get("before"))
+                found[by_point[point_id]] = seen
         return found
 
     # data
 
-    async def rows(self, expects: Sequence[Expect]) -> dict[tuple[Any, ...], dict[str, Any]]:
-        """(table, key columns, frozen key) -> row as JSON, for every expected row that exists."""
-        found: dict[tuple[Any, ...], dict[str, Any]] = {}
-        groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-        for e in expects:
-            groups.setdefault(e.where, []).append(e.key)
+    async def rows(self, expects: Sequence[Expect]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+        """(table, key columns, frozen key) -> every row under that key (as JSON), for the expected keys."""
+        found: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        groups = _keys_by_target(expects)
         if not groups:
             return found
         conn = await asyncpg.connect(self.settings.postgres.dsn)
@@ -122,7 +135,7 @@ class Stores:
                     for value in await conn.fetch(sql, json.dumps(list(chunk), default=str)):
                         row = json.loads(value[0])
                         key = {c: row.get(c) for c in columns}
-                        found[(table, columns, frozen(key))] = row
+                        found.setdefault((table, columns, frozen(key)), []).append(row)
         finally:
             await conn.close()
         return found
@@ -140,11 +153,10 @@ class Stores:
                     found[(collection, point_id)] = dict(point)
         return found
 
-    async def nodes(self, expects: Sequence[Expect]) -> dict[tuple[Any, ...], dict[str, Any]]:
-        found: dict[tuple[Any, ...], dict[str, Any]] = {}
-        groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-        for e in expects:
-            groups.setdefault(e.where, []).append(e.key)
+    async def nodes(self, expects: Sequence[Expect]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+        """(label, key fields, frozen key) -> the properties of every node under that key."""
+        found: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        groups = _keys_by_target(expects)
         reads: list[tuple[str, dict[str, Any]]] = []
         shapes: list[tuple[Any, ...]] = []
         for (label, fields), keys in groups.items():
@@ -156,7 +168,7 @@ class Stores:
         for (label, fields), records in zip(shapes, await self._neo4j_reads(reads), strict=True):
             for record in records:
                 props = dict(record["props"])
-                found[(label, fields, frozen({f: props.get(f) for f in fields}))] = props
+                found.setdefault((label, fields, frozen({f: props.get(f) for f in fields})), []).append(props)
         return found
 
     async def _neo4j_reads(self, reads: Sequence[tuple[str, dict[str, Any]]]) -> list[list[dict[str, Any]]]:
@@ -173,3 +185,34 @@ class Stores:
             return results
         finally:
             await driver.close()
+
+    # what no transaction explains
+
+    async def scan_keys(self, scope: Scope) -> list[str]:
+        """The key values in a scope's table or label that start with its prefix."""
+        pattern = scope.prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        if scope.store == "postgres":
+            conn = await asyncpg.connect(self.settings.postgres.dsn)
+            try:
+                if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", _quote(scope.target)):
+                    return []
+                column = _quote(scope.column)
+                sql = f"SELECT t.{column}::text FROM {_quote(scope.target)} t WHERE t.{column}::text LIKE $1"
+                return [r[0] for r in await conn.fetch(sql, pattern)]
+            finally:
+                await conn.close()
+        column = _tick(scope.column)
+        query = f"MATCH (n:{_tick(scope.target)}) WHERE n.{column} STARTS WITH $prefix RETURN n.{column} AS k"
+        (records,) = await self._neo4j_reads([(query, {"prefix": scope.prefix})])
+        return [str(r["k"]) for r in records]
+
+    async def prepared_gids(self) -> list[str]:
+        """Two-phase commit's prepared transactions (gid `pc_...`) open in this database."""
+        conn = await asyncpg.connect(self.settings.postgres.dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'pc\\_%' AND database = current_database()"
+            )
+            return [r["gid"] for r in rows]
+        finally:
+            await conn.close()

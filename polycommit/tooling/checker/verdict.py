@@ -12,11 +12,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from polycommit.client import Transaction
 from polycommit.tooling.checker.expectations import Expect, expectations, frozen
-from polycommit.tooling.checker.history import History
+from polycommit.tooling.checker.history import IN_FLIGHT, History
+from polycommit.tooling.checker.keys import COMPLETED, UNDONE, Applied, KeyState, StepRef
 from polycommit.tooling.checker.report import (
     COMPENSATED_IN_COMPLETED,
     CONFLICTING,
+    DUPLICATE,
     EFFECT_MISSING,
     EFFECT_PRESENT,
     EFFECT_WRONG,
@@ -33,8 +36,6 @@ from polycommit.tooling.checker.stores import MarkerKey, SeenMarker
 from projections.results import TERMINAL
 
 EXECUTE, COMPENSATE = "EXECUTE", "COMPENSATE"
-COMPLETED = ("completed", "committed")
-UNDONE = ("compensated", "failed", "aborted")
 
 
 @dataclass
@@ -54,9 +55,15 @@ def _result_violation(tx_id: str, final: str | None, terminal: Sequence[str]) ->
     if len(terminal) > 1:
         # No state of the stores can agree with both: that is the violation, the rest would be noise.
         return Violation(tx_id, CONFLICTING, f"reported {' then '.join(terminal)}")
-    if final not in (*TERMINAL, "stuck"):
+    if final not in (*TERMINAL, "stuck", IN_FLIGHT):
         return Violation(tx_id, UNKNOWN, f"reported {final!r}")
     return None
+
+
+def _marked(tx: Transaction) -> bool:
+    """Sagas leave EXECUTE/COMPENSATE markers; two-phase commit's PREPARE/COMMIT/ABORT markers are not
+    judged here (its decision and the data are)."""
+    return tx.consistency != "STRONG"
 
 
 def triage(history: History) -> Triage:
@@ -64,6 +71,8 @@ def triage(history: History) -> Triage:
     found = Triage()
     for tx_id, tx in history.intents.items():
         final = history.final(tx_id)
+        if final is None and history.open_is_pending:
+            final = IN_FLIGHT  # the log's view: no result yet means not finished, not lost
         found.statuses[final or "none"] = found.statuses.get(final or "none", 0) + 1
         terminal = [s for s in dict.fromkeys(history.results.get(tx_id, [])) if s in TERMINAL]
         ended = _result_violation(tx_id, final, terminal)
@@ -74,6 +83,8 @@ def triage(history: History) -> Triage:
         if final == "stuck":
             found.violations.append(Violation(tx_id, STUCK, "a compensation never succeeded; the saga is still stuck"))
         found.judged[tx_id] = final
+        if final == IN_FLIGHT or not _marked(tx):
+            continue
         for step in tx.steps:
             store = step["operation"]["store"]
             if store in found.wanted:
@@ -104,21 +115,32 @@ def _step_markers(final: str, execute: SeenMarker | None, compensate: SeenMarker
 
 
 def judge_markers(
-    history: History, judged: Mapping[str, str], markers: Mapping[MarkerKey, SeenMarker], keys_owned: bool
+    history: History, judged: Mapping[str, str], markers: Mapping[MarkerKey, SeenMarker]
 ) -> tuple[list[Violation], list[Expect]]:
-    """The markers pass, step by step; also the effects the data pass must look for."""
+    """The markers pass, step by step; also the effects of every judged transaction (pending ones too:
+    their keys are then left unjudged by the data pass)."""
     violations: list[Violation] = []
     expects: list[Expect] = []
     for tx_id, final in judged.items():
-        for step in history.intents[tx_id].steps:
+        tx = history.intents[tx_id]
+        for step in tx.steps:
             index, store = step["index"], step["operation"]["store"]
-            execute = markers.get((tx_id, index, EXECUTE))
-            compensate = markers.get((tx_id, index, COMPENSATE))
-            for kind, what in _step_markers(final, execute, compensate):
-                violations.append(Violation(tx_id, kind, what, store, index))
-            if keys_owned and final != "stuck":
-                expects.extend(expectations(tx_id, index, step["operation"]))
+            if final != IN_FLIGHT and _marked(tx):
+                execute = markers.get((tx_id, index, EXECUTE))
+                compensate = markers.get((tx_id, index, COMPENSATE))
+                for kind, what in _step_markers(final, execute, compensate):
+                    violations.append(Violation(tx_id, kind, what, store, index))
+            expects.extend(expectations(tx_id, index, step["operation"]))
     return violations, expects
+
+
+def applied_steps(markers: Mapping[MarkerKey, SeenMarker]) -> dict[StepRef, Applied]:
+    """When each step's EXECUTE was applied (PostgreSQL's marker time) and its before-image, from markers."""
+    return {
+        (tx_id, step): Applied(marker.at.timestamp() * 1000 if marker.at else math.inf, marker.before)
+        for (tx_id, step, action), marker in markers.items()
+        if action == EXECUTE
+    }
 
 
 def _same(expected: Any, actual: Any) -> bool:
@@ -149,53 +171,69 @@ def _differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list
 
 @dataclass(frozen=True)
 class Found:
-    """What the data reads returned, keyed as `Stores.rows` / `points` / `nodes` key them."""
+    """What the data reads returned, keyed as `Stores.rows` / `points` / `nodes` key them (rows and nodes:
+    every copy found under one key, so that a duplicate shows)."""
 
-    rows: Mapping[tuple[Any, ...], dict[str, Any]]
+    rows: Mapping[tuple[Any, ...], list[dict[str, Any]]]
     points: Mapping[tuple[str, str], dict[str, Any]]
-    nodes: Mapping[tuple[Any, ...], dict[str, Any]]
+    nodes: Mapping[tuple[Any, ...], list[dict[str, Any]]]
 
     def point(self, e: Expect) -> dict[str, Any] | None:
         return self.points.get((e.where[0], e.key))
 
-    def actual(self, e: Expect) -> dict[str, Any] | None:
-        """The row, point payload or node properties an expectation is about, None when absent."""
+    def _copies(self, e: Expect) -> list[dict[str, Any]]:
         if e.store == "postgres":
-            return self.rows.get((*e.where, frozen(e.key)))
+            return self.rows.get((*e.where, frozen(e.key)), [])
         if e.store == "qdrant":
             point = self.point(e)
-            return None if point is None else point["payload"]
-        return self.nodes.get((*e.where, frozen(e.key)))
+            return [] if point is None else [point["payload"]]
+        return self.nodes.get((*e.where, frozen(e.key)), [])
+
+    def copies(self, e: Expect) -> int:
+        return len(self._copies(e))
+
+    def actual(self, e: Expect) -> dict[str, Any] | None:
+        """The row, point payload or node properties an expectation is about, None when absent."""
+        copies = self._copies(e)
+        return copies[0] if copies else None
 
 
-def _completed_effect(e: Expect, actual: dict[str, Any] | None, found: Found) -> Violation | None:
-    if e.values is None:
-        if actual is not None:
-            return Violation(e.tx_id, EFFECT_WRONG, f"{e.describe()} was deleted but exists", e.store, e.step)
-        return None
+def _mismatch(state: KeyState, actual: dict[str, Any] | None, point: dict[str, Any] | None) -> str | None:
+    """How the key differs from the state it must hold (None: it holds it)."""
+    e = state.expect
+    if state.values is None:
+        return None if actual is None else f"{e.describe()} exists"
     if actual is None:
-        return Violation(e.tx_id, EFFECT_MISSING, f"{e.describe()} is missing", e.store, e.step)
-    wrong = _differences(e.values, actual)
-    point = found.point(e) if e.store == "qdrant" else None
-    if e.vector is not None and point is not None and point["vector"] and not _similar(e.vector, point["vector"]):
+        return f"{e.describe()} is missing"
+    wrong = _differences(state.values, actual)
+    if state.restored:
+        # A before-image is the whole row, node or payload: a field it lacks must be gone again.
+        wrong += [f"{name}={actual[name]!r} (absent before)" for name in actual if name not in state.values]
+    vector = point["vector"] if point is not None else None
+    if state.vector is not None and vector and not _similar(state.vector, vector):
         wrong.append("vector differs")
-    if wrong:
-        return Violation(e.tx_id, EFFECT_WRONG, f"{e.describe()} holds {', '.join(wrong)}", e.store, e.step)
-    return None
+    return f"{e.describe()} holds {', '.join(wrong)}" if wrong else None
 
 
-def judge_effects(expects: Sequence[Expect], judged: Mapping[str, str], found: Found) -> list[Violation]:
-    """The data pass: a completed transaction's effects hold exactly what it wrote; an undone one's are gone."""
+def judge_effects(states: Sequence[KeyState], judged: Mapping[str, str], found: Found) -> list[Violation]:
+    """The data pass: each key holds the state its writers leave (keys.py), and holds it once."""
     violations: list[Violation] = []
-    for e in expects:
-        final = judged[e.tx_id]
+    for state in states:
+        e = state.expect
         actual = found.actual(e)
-        if final in COMPLETED:
-            violation = _completed_effect(e, actual, found)
-            if violation is not None:
-                violations.append(violation)
-        elif actual is not None and e.values is not None:
-            # P4 directly: the keys were fresh, so an undone (or never run) upsert leaves nothing behind.
-            what = f"{e.describe()} exists after the transaction ended {final}"
+        if found.copies(e) > 1:
+            what = f"{e.describe()} exists {found.copies(e)} times"
+            violations.append(Violation(e.tx_id, DUPLICATE, what, e.store, e.step))
+        wrong = _mismatch(state, actual, found.point(e) if e.store == "qdrant" else None)
+        if wrong is None:
+            continue
+        if state.restored:
+            # An undone write still visible: the key does not hold what it held before the transaction.
+            what = f"{wrong} after the transaction ended {judged.get(e.tx_id)} (before-image not restored)"
             violations.append(Violation(e.tx_id, EFFECT_PRESENT, what, e.store, e.step))
+        elif actual is None:
+            violations.append(Violation(e.tx_id, EFFECT_MISSING, wrong, e.store, e.step))
+        else:
+            what = wrong if state.values is not None else f"{wrong} but was deleted"
+            violations.append(Violation(e.tx_id, EFFECT_WRONG, what, e.store, e.step))
     return violations

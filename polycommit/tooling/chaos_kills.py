@@ -1,0 +1,148 @@
+"""What `polycommit chaos` kills, when, and how each victim comes back.
+
+Targets: polycommit's own processes (`coordinator`, and the `postgres`, `qdrant`, `neo4j` consumers),
+the servers (`kafka`, `postgres-server`, `neo4j-server`: SIGKILL of the broker, the postmaster or the
+Neo4j JVM, then a restart by `polycommit.tooling.services`, as their supervisor would), and the workload's
+`client` (dropped with its replies outstanding). Qdrant Edge is embedded in its consumer: killing that
+consumer is killing Qdrant.
+
+The schedule is seeded and pure: kill points spread over the middle of the run, and targets taken from
+a shuffled round of every target before any repeats, so a run with as many kills as targets hits each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from polycommit.config import Settings
+from polycommit.tooling.chaos_workload import ClientSlot, Progressed
+from polycommit.tooling.processes import PARTS, STOP_TIMEOUT_S, Cluster
+
+SERVER_TARGETS: dict[str, str] = {"kafka": "kafka", "postgres-server": "postgres", "neo4j-server": "neo4j"}
+CLIENT = "client"
+TARGETS: tuple[str, ...] = (*PARTS, *SERVER_TARGETS, CLIENT)
+SERVER_EXIT_S = 30.0
+# A server restarted under load may take longer than one start deadline (Neo4j's recovery on a busy
+# 2-core machine: ~110 s against a 90 s deadline); waiting again costs nothing while its process lives.
+RESTART_ATTEMPTS = 3
+
+Start = Callable[[Settings, Sequence[str]], Awaitable[object]]
+
+
+class TargetLost(RuntimeError):
+    """A killed target did not come back: the run cannot go on (its transactions would wait forever)."""
+
+
+@dataclass
+class Kill:
+    target: str
+    at_result: int
+    killed_at_s: float
+    restart_s: float = 0.0  # kill -> the target answers again (ready line, or server probe)
+    recovery_s: float | None = None  # kill -> first result after the target was back
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def kill_schedule(rng: random.Random, transactions: int, kills: int, targets: Sequence[str]) -> list[tuple[int, str]]:
+    """(result count to wait for, target) for each kill, spread over the middle of the run; every target
+    is chosen once, in a seeded order, before any is chosen again."""
+    low, high = max(1, transactions // 10), max(2, transactions * 85 // 100)
+    points = sorted(rng.randrange(low, high) for _ in range(kills))
+    chosen: list[str] = []
+    while len(chosen) < kills:
+        round_ = list(targets)
+        rng.shuffle(round_)
+        chosen.extend(round_)
+    return list(zip(points, chosen[:kills], strict=True))
+
+
+async def restart_server(settings: Settings, name: str, start: Start, attempts: int = RESTART_ATTEMPTS) -> float:
+    """Start a server again, waiting up to `attempts` start deadlines; returns when it answers a real
+    request, raises `TargetLost` when it never does."""
+    from polycommit.tooling.services import ServerStartError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            await start(settings, [name])
+            return time.monotonic()
+        except ServerStartError as exc:
+            if attempt == attempts:
+                raise TargetLost(f"{name} not back after {attempts} start deadlines: {exc}") from exc
+    raise AssertionError("unreachable")
+
+
+async def kill_and_restart_server(settings: Settings, name: str) -> float:
+    """SIGKILL a server (`kafka`, `postgres`, `neo4j`), wait until it is gone, start it again; returns when
+    it answers a real request."""
+    from polycommit.tooling.services import await_pid_exit, kill_server, start_servers
+
+    pid = kill_server(settings, name)
+    if not await await_pid_exit(pid, SERVER_EXIT_S):
+        raise TargetLost(f"{name} (pid {pid}) survived SIGKILL for {SERVER_EXIT_S:.0f} s")
+    return await restart_server(settings, name, start_servers)
+
+
+async def kill_broker(settings: Settings) -> float:
+    """SIGKILL the Kafka broker, wait until it is gone, start it again; returns when it is ready."""
+    return await kill_and_restart_server(settings, "kafka")
+
+
+async def kill_target(settings: Settings, cluster: Cluster, slot: ClientSlot, target: str) -> float:
+    """Kill one target and bring it back; returns when it is ready again."""
+    if target in SERVER_TARGETS:
+        return await kill_and_restart_server(settings, SERVER_TARGETS[target])
+    if target == CLIENT:
+        return await slot.kill()
+    part = cluster[target]
+    part.kill()
+    await part.exited(STOP_TIMEOUT_S)
+    return await cluster.restart(target)
+
+
+@dataclass
+class Killer:
+    """The kills of one run, made as results arrive."""
+
+    settings: Settings
+    cluster: Cluster
+    slot: ClientSlot
+    progressed: Progressed
+    total: int
+    started: float
+    kills: list[Kill]
+    describe: Callable[[str], None]
+
+    async def run(self, schedule: Sequence[tuple[int, str]]) -> None:
+        for at_result, target in schedule:
+
+            def reached(at: int = at_result) -> bool:
+                return self.progressed.results >= at
+
+            await self.progressed.wait_for(reached)
+            if self.progressed.results >= self.total:
+                return
+            await self.kill(target)
+
+    async def kill(self, target: str) -> None:
+        kill = Kill(target, self.progressed.results, round(time.monotonic() - self.started, 3))
+        self.kills.append(kill)
+        self.describe(f"killing {target}")
+        killed = time.monotonic()
+        back = await kill_target(self.settings, self.cluster, self.slot, target)
+        kill.restart_s = back - killed
+        self.describe(f"{target} restarted; waiting for results")
+
+        def recovered() -> bool:
+            return self.progressed.last_at > back or self.progressed.results >= self.total
+
+        await self.progressed.wait_for(recovered)
+        if self.progressed.last_at > back:
+            kill.recovery_s = self.progressed.last_at - killed
+        self.describe(f"{target} recovered" if kill.recovery_s is not None else f"{target}: run ended first")

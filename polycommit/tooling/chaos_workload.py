@@ -1,0 +1,167 @@
+"""The workload of `polycommit chaos`: which sagas it sends, and the client that sends them (and can die).
+
+The mix is seeded: most sagas make the benchmark's three writes on keys of their own; a fraction end in
+a step that always fails (so the writes before it are really compensated), and a fraction run with a
+step timeout short enough to expire under load (so a step that may still land is compensated, or
+retried). The client is replaceable: killing it drops every reply it was waiting for — those
+transactions' results are read back from the `results` topic at the end, as an operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from polycommit import operations as ops
+from polycommit.client import Coordinator, Saga, TransactionResult
+from polycommit.config import Settings
+from polycommit.tooling import bench
+from polycommit.tooling.bench import Write, keep_in_flight
+from polycommit.tooling.checker import History
+
+STEP_RETRIES = 3
+STEP_TIMEOUT_S = 30.0
+# A raw step that can never succeed: PostgreSQL refuses it with a data error, not a retriable one.
+FAILING_STEP = ops.sql("SELECT 1 / 0")
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Fractions of the sagas that fail at their last step, and that run with a short step timeout."""
+
+    failing: float = 0.1
+    short_timeout: float = 0.1
+    short_timeout_s: float = 0.05
+
+
+def saga_of(write: Write, *, timeout: float = STEP_TIMEOUT_S) -> Saga:
+    """The benchmark's three writes, with retries and a timeout generous enough to ride out a restart:
+    a step that times out is retried (its redelivery is a no-op), not compensated at the first stall."""
+    return bench.saga_of(write, name="chaos", retries=STEP_RETRIES, timeout=timeout)
+
+
+def mixed(items: Iterable[Write], mix: Mix, rng: random.Random, step_timeout: float) -> Iterator[tuple[str, Saga]]:
+    """(kind, saga) for each write: "plain", "failing" (ends in FAILING_STEP) or "short-timeout"."""
+    for write in items:
+        draw = rng.random()
+        if draw < mix.failing:
+            yield "failing", saga_of(write, timeout=step_timeout).step(FAILING_STEP, name="always fails")
+        elif draw < mix.failing + mix.short_timeout:
+            yield "short-timeout", bench.saga_of(write, name="chaos", retries=1, timeout=mix.short_timeout_s)
+        else:
+            yield "plain", saga_of(write, timeout=step_timeout)
+
+
+@dataclass
+class Progressed:
+    """Results as they arrive, for kill schedules and recovery times (no sleeping: waiters are woken)."""
+
+    results: int = 0
+    last_at: float = 0.0
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def arrived(self) -> None:
+        async with self._changed:
+            self.results += 1
+            self.last_at = time.monotonic()
+            self._changed.notify_all()
+
+    async def wake(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
+
+@dataclass
+class ClientSlot:
+    """The workload's client, which a kill replaces: the old one is closed with replies outstanding."""
+
+    settings: Settings
+    timeout: float
+    client: Coordinator | None = None
+    kills: int = 0
+
+    async def start(self) -> None:
+        self.client = await Coordinator(self.settings, timeout=self.timeout).start()
+
+    async def kill(self) -> float:
+        """Drop the client and every reply it waits for; returns when a new one is ready."""
+        old = self.client
+        await self.start()
+        self.kills += 1
+        if old is not None:
+            await old.close()  # its waiters are cancelled: their results are read from the log later
+        return time.monotonic()
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+
+async def execute(slot: ClientSlot, saga: Saga, errors: list[str]) -> TransactionResult | None:
+    """Run one transaction; None when no result was heard (the client gave up, or was killed).
+
+    Publishing the intent may fail while the broker is down or the client is being replaced: it is
+    published again (the coordinator ignores a duplicate of an intent in flight, and a replay of a
+    finished one changes nothing)."""
+    for _ in range(20):
+        client = slot.client
+        assert client is not None
+        try:
+            future = await client.submit(saga)
+        except Exception as exc:  # the broker refused or timed out the intent: publish it again
+            errors.append(f"{saga.tx_id}: {type(exc).__name__}: {exc}")
+            continue
+        try:
+            return await asyncio.wait_for(future, client.timeout)
+        except TimeoutError:
+            return None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this lane itself is cancelled
+            return None  # the client was killed after the intent went out
+    return None
+
+
+async def run_workload(
+    slot: ClientSlot,
+    history: History,
+    sagas: Iterable[Saga],
+    concurrency: int,
+    progressed: Progressed,
+    errors: list[str],
+    on_result: Callable[[], None] | None = None,
+    retried: list[str] | None = None,
+) -> None:
+    """Keep `concurrency` transactions in flight; `retried` collects those with a step run more than once
+    (after a step timeout: an outcome was lost or late)."""
+    retried = retried if retried is not None else []
+
+    async def one(saga: Saga) -> None:
+        history.invoke(saga)
+        result = await execute(slot, saga, errors)
+        if result is not None:
+            history.record_result(result)
+            if any(step.attempts > 1 for step in result.steps):
+                retried.append(saga.tx_id)
+        await progressed.arrived()
+        if on_result is not None:
+            on_result()
+
+    await keep_in_flight(sagas, concurrency, one)
+
+
+async def recover_results(settings: Settings, history: History, deadline_s: float) -> int:
+    """Read results the clients missed from the `results` topic until none is missing or the deadline."""
+    deadline = time.monotonic() + deadline_s
+    recovered = await history.recover_from_log(settings)
+    while history.missing() and time.monotonic() < deadline:
+        recovered += await history.recover_from_log(settings)
+    return recovered

@@ -1,0 +1,111 @@
+"""The state each key must be in, from every transaction that wrote it: the checker's model of the data.
+
+Pure. A key (a row, a point, a node) may be written by several transactions, and may have existed before
+any of them. Its expected final state is therefore not "what one transaction wrote" but:
+
+- when a transaction still in flight (or stuck) wrote it: *pending*, not judged — its writer has not
+  finished, so any value is still possible;
+- else, when some writer completed (or committed): the value of the last completed writer in applied
+  order (the order the stores applied the writes, from markers and outcomes);
+- else (every writer was undone): the value the key had before the first of them, as that writer's
+  before-image recorded it — a compensation restores the old row, it does not delete it; a compensated
+  delete brings the row back;
+- else (no writer ever applied, so no before-image exists): absent when the caller knows the keys were
+  fresh (a workload that owns its keys), otherwise not judged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from polycommit.tooling.checker.expectations import Expect, frozen
+
+COMPLETED = ("completed", "committed")
+UNDONE = ("compensated", "failed", "aborted")
+StepRef = tuple[str, int]  # (tx_id, step index)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A step's EXECUTE as the stores or the log saw it: when (for ordering writers) and the before-image."""
+
+    at_ms: float = math.inf  # unknown: after every known one, in invocation order
+    before: str | None = None
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """What one key must hold: `values` (None: absent) and, for points, the vector; `restored` when it is
+    a before-image put back by compensation or abort, so a mismatch means an undone write is still visible."""
+
+    expect: Expect  # the writer the verdict is about (store, key, where, describe)
+    values: dict[str, Any] | None
+    vector: list[float] | None
+    restored: bool
+
+
+def image_of(e: Expect, before: str) -> tuple[dict[str, Any] | None, list[float] | None] | None:
+    """The key's state as a before-image recorded it (values, vector; values None when it was absent),
+    or None when the image cannot be read (then the key is not judged: nothing says what it held)."""
+    try:
+        image = json.loads(before)
+        if e.store == "postgres":
+            return image["row"], None
+        if e.store == "neo4j":
+            return image["node"], None
+        point = image["points"].get(str(e.key))
+        if point is None:
+            return None, None
+        return dict(point.get("payload") or {}), point.get("vector")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def group_by_key(expects: Iterable[Expect]) -> dict[tuple[Any, ...], list[Expect]]:
+    groups: dict[tuple[Any, ...], list[Expect]] = {}
+    for e in expects:
+        groups.setdefault((e.store, *e.where, frozen(e.key)), []).append(e)
+    return groups
+
+
+def key_state(
+    writers: list[Expect], finals: Mapping[str, str], applied: Mapping[StepRef, Applied], fresh_keys: bool
+) -> KeyState | None:
+    """The state one key must hold, from its writers in invocation order; None when pending or unknowable."""
+    if any(finals.get(w.tx_id) not in (*COMPLETED, *UNDONE) for w in writers):
+        return None
+    position = {id(w): i for i, w in enumerate(writers)}
+    ordered = sorted(writers, key=lambda w: (applied.get((w.tx_id, w.step), Applied()).at_ms, position[id(w)]))
+    completed = [w for w in ordered if finals[w.tx_id] in COMPLETED]
+    if completed:
+        last = completed[-1]
+        return KeyState(last, last.values, last.vector, restored=False)
+    with_image = [w for w in ordered if applied.get((w.tx_id, w.step), Applied()).before is not None]
+    if with_image:
+        first = with_image[0]
+        before = applied[(first.tx_id, first.step)].before
+        assert before is not None
+        image = image_of(first, before)
+        return None if image is None else KeyState(first, *image, restored=True)
+    if fresh_keys and any(w.values is not None for w in writers):
+        return KeyState(ordered[-1], None, None, restored=True)
+    return None
+
+
+def key_states(
+    expects: Iterable[Expect], finals: Mapping[str, str], applied: Mapping[StepRef, Applied], fresh_keys: bool
+) -> tuple[list[KeyState], int]:
+    """The state every written key must hold, and how many keys are pending (left unjudged)."""
+    states: list[KeyState] = []
+    pending = 0
+    for writers in group_by_key(expects).values():
+        state = key_state(writers, finals, applied, fresh_keys)
+        if state is not None:
+            states.append(state)
+        elif any(finals.get(w.tx_id) not in (*COMPLETED, *UNDONE) for w in writers):
+            pending += 1
+    return states, pending

@@ -1,0 +1,141 @@
+"""The plan of a chaos run, without servers: whom it kills and when, which sagas it sends, a client's death."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from polycommit.client import Saga
+from polycommit.config import Settings, load_settings
+from polycommit.tooling.bench import writes
+from polycommit.tooling.chaos import _together
+from polycommit.tooling.chaos_kills import SERVER_TARGETS, TARGETS, TargetLost, kill_schedule, restart_server
+from polycommit.tooling.chaos_workload import FAILING_STEP, ClientSlot, Mix, execute, mixed
+from polycommit.tooling.services import ServerStartError
+
+
+def test_the_servers_and_the_client_are_targets_besides_the_processes() -> None:
+    assert {"postgres-server", "neo4j-server", "kafka", "client"} <= set(TARGETS)
+    assert SERVER_TARGETS == {"kafka": "kafka", "postgres-server": "postgres", "neo4j-server": "neo4j"}
+
+
+def test_as_many_kills_as_targets_hit_every_target_once_in_the_middle_of_the_run() -> None:
+    for seed in range(20):
+        schedule = kill_schedule(random.Random(seed), 1000, len(TARGETS), TARGETS)
+        assert sorted(t for _, t in schedule) == sorted(TARGETS)
+        points = [p for p, _ in schedule]
+        assert points == sorted(points)
+        assert all(100 <= p < 850 for p in points)
+
+
+def test_more_kills_than_targets_repeat_no_target_before_each_was_hit() -> None:
+    schedule = kill_schedule(random.Random(3), 500, 2 * len(TARGETS) + 1, TARGETS)
+    counts = Counter(t for _, t in schedule)
+    assert set(counts) == set(TARGETS) and max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_a_schedule_is_the_same_for_the_same_seed() -> None:
+    one = kill_schedule(random.Random(7), 300, 5, ["kafka", "client"])
+    assert one == kill_schedule(random.Random(7), 300, 5, ["kafka", "client"])
+    assert {t for _, t in one} == {"kafka", "client"}
+
+
+def test_the_mix_sends_failing_and_short_timeout_sagas_in_their_fractions() -> None:
+    items = writes("m", 2000)
+    sent = list(mixed(items, Mix(failing=0.2, short_timeout=0.1), random.Random(1), 30.0))
+    kinds = Counter(kind for kind, _ in sent)
+    assert 300 < kinds["failing"] < 500 and 120 < kinds["short-timeout"] < 280
+    for kind, saga in sent:
+        last = saga.steps[-1]
+        assert (last["operation"] == FAILING_STEP) == (kind == "failing")
+        timeouts = {s["timeout_ms"] for s in saga.steps[:3]}
+        assert timeouts == ({50} if kind == "short-timeout" else {30_000})
+    again = [k for k, _ in mixed(items, Mix(failing=0.2, short_timeout=0.1), random.Random(1), 30.0)]
+    assert again == [k for k, _ in sent]
+
+
+class DyingClient:
+    """A client whose replies never come: its death (close) cancels what it waits for."""
+
+    timeout = 60.0
+
+    def __init__(self) -> None:
+        self.pending: list[asyncio.Future[Any]] = []
+        self.submitted = asyncio.Event()
+
+    async def submit(self, saga: Saga) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        self.submitted.set()
+        return future
+
+    async def close(self) -> None:
+        for future in self.pending:
+            future.cancel()
+
+
+async def test_a_killed_client_leaves_its_transactions_to_the_log_and_the_lane_goes_on() -> None:
+    slot = ClientSlot(load_settings(), 60.0)
+    dying = DyingClient()
+    slot.client = dying  # type: ignore[assignment]
+    lane = asyncio.create_task(execute(slot, Saga("s"), []))
+    await dying.submitted.wait()
+    await dying.close()
+    assert await lane is None
+
+
+async def test_a_cancelled_lane_is_still_cancelled() -> None:
+    slot = ClientSlot(load_settings(), 60.0)
+    dying = DyingClient()
+    slot.client = dying  # type: ignore[assignment]
+    lane = asyncio.create_task(execute(slot, Saga("s"), []))
+    await dying.submitted.wait()
+    lane.cancel()
+    try:
+        await lane
+    except asyncio.CancelledError:
+        return
+    raise AssertionError("the lane swallowed its own cancellation")
+
+
+class FlakyStart:
+    """A server start that misses its deadline `misses` times, then answers."""
+
+    def __init__(self, misses: int) -> None:
+        self.misses = misses
+        self.calls = 0
+
+    async def __call__(self, settings: Settings, names: Sequence[str]) -> object:
+        self.calls += 1
+        if self.calls <= self.misses:
+            raise ServerStartError(names[0], "not ready after 90 s")
+        return {}
+
+
+async def test_a_server_slow_to_come_back_is_waited_for_again() -> None:
+    start = FlakyStart(misses=2)
+    await restart_server(load_settings(), "neo4j", start, attempts=3)
+    assert start.calls == 3
+
+
+async def test_a_server_that_never_comes_back_ends_the_run_with_target_lost() -> None:
+    start = FlakyStart(misses=5)
+    with pytest.raises(TargetLost, match="neo4j not back after 3 start deadlines"):
+        await restart_server(load_settings(), "neo4j", start, attempts=3)
+
+
+async def test_a_lost_target_cancels_the_workload_at_once() -> None:
+    forever = asyncio.Event()
+    work = asyncio.create_task(forever.wait())
+
+    async def lose() -> None:
+        raise TargetLost("postgres not back")
+
+    with pytest.raises(TargetLost):
+        await _together(work, asyncio.create_task(lose()))  # type: ignore[arg-type]
+    assert work.cancelled()
