@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
@@ -23,6 +23,8 @@ from aiokafka.partitioner import murmur2
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.events import STORES
+from polycommit.kafka_client import client_security as client_security
+from polycommit.kafka_client import make_admin as make_admin
 
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # the broker's message.max.bytes; bigger intents are refused at the producer
 
@@ -130,7 +132,7 @@ async def create_topics(settings: Settings, partitions: dict[str, int] | None = 
         return int(wanted.get(name, wanted.get(short, DEFAULT_PARTITIONS)))
 
     coordinator = count(topics.intents)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=15000)
+    admin = make_admin(settings, request_timeout_ms=15000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -155,7 +157,7 @@ async def create_topics(settings: Settings, partitions: dict[str, int] | None = 
 
 async def delete_topics(settings: Settings) -> None:
     topics = topics_for(settings)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
+    admin = make_admin(settings)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -199,7 +201,7 @@ class Publisher:
     ) -> None:
         self.codec = codec or default_codec()
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka.bootstrap,
+            **client_security(settings),
             client_id=client_id,
             acks="all",
             enable_idempotence=True,
@@ -290,7 +292,7 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[Topic
 def make_reader(settings: Settings, client_id: str, fetch_max_wait_ms: int = 100) -> AIOKafkaConsumer:
     """A group-less read_committed consumer: the caller assigns partitions; it moves nobody's offsets."""
     return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap,
+        **client_security(settings),
         group_id=None,
         enable_auto_commit=False,
         isolation_level="read_committed",
@@ -315,7 +317,7 @@ def make_consumer(
     after a kill -9. Two live processes must never share one."""
     return AIOKafkaConsumer(
         *topics,
-        bootstrap_servers=settings.kafka.bootstrap,
+        **client_security(settings),
         group_id=group_id,
         client_id=client_id,
         enable_auto_commit=False,

@@ -117,12 +117,12 @@ def _kafka_cluster_id() -> str:
 
 
 async def probe(settings: Settings, budget_s: float) -> str:
-    from aiokafka.admin import AIOKafkaAdminClient
+    from polycommit.kafka_client import make_admin
 
     # aiokafka logs an error for every refused connection; do not let a probe loop flood the caller's log.
-    await port_open(settings.kafka.bootstrap, budget_s)
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka.bootstrap,
+    await port_open(settings.kafka.first_broker, budget_s)
+    admin = make_admin(
+        settings,
         client_id="polycommit-services",
         request_timeout_ms=max(500, int(budget_s * 1000)),
     )
@@ -190,11 +190,13 @@ async def group_probe(settings: Settings, budget_s: float) -> str:
     """Commit an offset for a probe group: proves the group coordinator loads and accepts writes, which a
     metadata request does not."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin import NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
+    from polycommit.kafka_client import client_security, make_admin
+
     timeout_ms = max(500, int(budget_s * 1000))
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=timeout_ms)
+    admin = make_admin(settings, request_timeout_ms=timeout_ms)
     await admin.start()
     try:
         if PROBE_TOPIC not in await admin.list_topics():
@@ -203,7 +205,7 @@ async def group_probe(settings: Settings, budget_s: float) -> str:
     finally:
         await admin.close()
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap,
+        **client_security(settings),
         group_id="polycommit-probe",
         enable_auto_commit=False,
         request_timeout_ms=timeout_ms,

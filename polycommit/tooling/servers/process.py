@@ -177,7 +177,10 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def redact(text: str, settings: Settings) -> str:
-    for secret in (settings.postgres.password, settings.neo4j.password):
+    kafka = [c.password for c in settings.kafka.roles.values()]
+    if settings.kafka.credentials is not None:
+        kafka.append(settings.kafka.credentials.password)
+    for secret in (settings.postgres.password, settings.neo4j.password, *kafka):
         if secret:
             text = text.replace(secret, "***")
     return text
