@@ -20,6 +20,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
+from polycommit import acls
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.events import STORES
@@ -136,6 +137,8 @@ async def create_topics(settings: Settings, partitions: dict[str, int] | None = 
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        # Three copies where the cluster has three brokers (min.insync.replicas 2 comes from the broker).
+        factor = min(3, len((await admin.describe_cluster()).get("brokers", [])) or 1)
         report: dict[str, str] = {}
         new = []
         for name in topics.all():
@@ -144,12 +147,15 @@ async def create_topics(settings: Settings, partitions: dict[str, int] | None = 
                 report[name] = "exists"
                 continue
             configs = topic_configs(topics, name)
-            new.append(NewTopic(name, num_partitions=n, replication_factor=1, topic_configs=configs))
-            report[name] = f"created ({n} partitions)"
+            new.append(NewTopic(name, num_partitions=n, replication_factor=factor, topic_configs=configs))
+            report[name] = f"created ({n} partitions, {factor} replicas)"
         if new:
             # A concurrent creator may win: the topic is there, which is all we need.
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new)
+        if settings.kafka.sasl:
+            users = {role: credentials.username for role, credentials in settings.kafka.roles.items()}
+            await acls.grant(admin, acls.role_grants(topics, users, STORES))
         return report
     finally:
         await admin.close()

@@ -65,6 +65,8 @@ class PostgresSettings:
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL")
 # The Kafka principals polycommit's parts run as, each with its own ACLs (polycommit/acls.py).
 KAFKA_ROLES = ("admin", "client", "coordinator", "consumer", "detector")
+# ... and the brokers' own principal (inter-broker and controller traffic), a super user.
+KAFKA_PRINCIPALS = ("broker", *KAFKA_ROLES)
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,7 @@ def _local_brokers(home: Path) -> int:
 def _role_credentials(secrets: dict[str, str]) -> dict[str, KafkaCredentials]:
     """POLYCOMMIT_KAFKA_PASSWORD_<ROLE> (+ optional POLYCOMMIT_KAFKA_USERNAME_<ROLE>, default the role)."""
     roles = {}
-    for role in KAFKA_ROLES:
+    for role in KAFKA_PRINCIPALS:
         password = _env(f"POLYCOMMIT_KAFKA_PASSWORD_{role.upper()}", "", secrets)
         if password:
             username = _env(f"POLYCOMMIT_KAFKA_USERNAME_{role.upper()}", role, secrets)
