@@ -73,9 +73,16 @@ def saga_of(write: Write, *, timeout: float = STEP_TIMEOUT_S) -> Saga:
 # -- the broker -------------------------------------------------------------------------------------
 
 
-async def kill_broker(settings: Settings) -> float:
-    """SIGKILL the Kafka broker, wait until it is gone, start it again; returns when it is ready."""
+async def kill_broker(settings: Settings, victim: int = 0) -> float:
+    """SIGKILL the Kafka broker, wait until it is gone, start it again; returns when it is ready.
+    In a cluster (`--kafka-brokers 3`) only broker `victim` (modulo the size) dies; the others serve on."""
     from polycommit.tooling.services import await_pid_exit, kill_server, start_servers
+
+    if settings.kafka.brokers > 1:
+        from polycommit.tooling.servers.kafka import kill_node
+
+        await kill_node(settings, victim)
+        return time.monotonic()
 
     pid = kill_server(settings, "kafka")
     if not await await_pid_exit(pid, 30):
@@ -208,7 +215,7 @@ async def run_kills(
         describe(f"killing {target}")
         killed = time.monotonic()
         if target == "kafka":
-            back = await kill_broker(settings)
+            back = await kill_broker(settings, victim=at_result)
         else:
             part = cluster[target]
             part.kill()
@@ -259,6 +266,13 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
         console.print(f"[red]unknown targets {unknown}; choose from {', '.join(TARGETS)}[/red]")
+        return 2
+    brokers = getattr(args, "kafka_brokers", None)
+    if brokers is not None and brokers != base.kafka.brokers:
+        console.print(
+            f"[red]the local Kafka runs {base.kafka.brokers} broker(s), not {brokers}: "
+            f"scripts/services start --kafka-brokers {brokers} (on a fresh home or after reset)[/red]"
+        )
         return 2
     rng = random.Random(args.seed)
     schedule = kill_schedule(rng, args.transactions, args.kills, targets)

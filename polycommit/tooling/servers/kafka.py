@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import signal
 from pathlib import Path
 
 from polycommit.config import Settings
@@ -23,6 +24,7 @@ from polycommit.tooling.servers.process import (
     ProbeFailed,
     Server,
     ServerStartError,
+    await_pid_exit,
     data_path,
     java,
     launch_until_ready,
@@ -167,6 +169,20 @@ async def start_node(settings: Settings, node: Node, deadline_s: float) -> str:
         return await node_probe(s, node, budget_s)
 
     return await launch_until_ready(node.name, settings, argv, cwd=home, deadline_s=deadline_s, probe=ready)
+
+
+async def kill_node(settings: Settings, index: int, deadline_s: float = 60.0) -> int:
+    """SIGKILL one node of the cluster (`index` modulo its size), wait until it is gone, start it again;
+    returns its node id once the controller lists it as live again. The other nodes keep serving."""
+    node = cluster_nodes(settings)[index % settings.kafka.brokers]
+    pid = node_pid(settings, node)
+    if pid is None:
+        raise ServerStartError(node.name, "is not running", log_path(settings, node.name))
+    os.kill(pid, signal.SIGKILL)
+    if not await await_pid_exit(pid, 30):
+        raise ServerStartError(node.name, f"pid {pid} survived SIGKILL for 30 s", log_path(settings, node.name))
+    await start_node(settings, node, deadline_s)
+    return node.node_id
 
 
 async def _start_missing(settings: Settings, deadline_s: float) -> None:
