@@ -73,16 +73,23 @@ def saga_of(write: Write, *, timeout: float = STEP_TIMEOUT_S) -> Saga:
 # -- the broker -------------------------------------------------------------------------------------
 
 
-async def kill_broker(settings: Settings, victim: int = 0) -> float:
-    """SIGKILL the Kafka broker, wait until it is gone, start it again; returns when it is ready.
-    In a cluster (`--kafka-brokers 3`) only broker `victim` (modulo the size) dies; the others serve on."""
-    from polycommit.tooling.services import await_pid_exit, kill_server, start_servers
+async def kill_cluster_broker(settings: Settings, victim: int) -> tuple[float, asyncio.Task[float]]:
+    """In a cluster (`--kafka-brokers 3`), SIGKILL broker `victim` (modulo the size) only: the others serve
+    on, so the run is back at once. Returns that moment and the task restarting the broker (its end time)."""
+    from polycommit.tooling.servers.kafka import kill_node, start_node
 
-    if settings.kafka.brokers > 1:
-        from polycommit.tooling.servers.kafka import kill_node
+    node = await kill_node(settings, victim)
 
-        await kill_node(settings, victim)
+    async def restart() -> float:
+        await start_node(settings, node, 90.0)
         return time.monotonic()
+
+    return time.monotonic(), asyncio.create_task(restart(), name=f"restart-{node.name}")
+
+
+async def kill_broker(settings: Settings) -> float:
+    """SIGKILL the Kafka broker, wait until it is gone, start it again; returns when it is ready."""
+    from polycommit.tooling.services import await_pid_exit, kill_server, start_servers
 
     pid = kill_server(settings, "kafka")
     if not await await_pid_exit(pid, 30):
@@ -214,8 +221,11 @@ async def run_kills(
         kills.append(kill)
         describe(f"killing {target}")
         killed = time.monotonic()
-        if target == "kafka":
-            back = await kill_broker(settings, victim=at_result)
+        restarting: asyncio.Task[float] | None = None
+        if target == "kafka" and settings.kafka.brokers > 1:
+            back, restarting = await kill_cluster_broker(settings, victim=at_result)
+        elif target == "kafka":
+            back = await kill_broker(settings)
         else:
             part = cluster[target]
             part.kill()
@@ -230,6 +240,8 @@ async def run_kills(
         await progressed.wait_for(recovered)
         if progressed.last_at > back:
             kill.recovery_s = progressed.last_at - killed
+        if restarting is not None:  # back in the cluster before the next kill: never two brokers down
+            kill.restart_s = await restarting - killed
         describe(f"{target} recovered" if kill.recovery_s is not None else f"{target}: run ended first")
 
 

@@ -171,9 +171,9 @@ async def start_node(settings: Settings, node: Node, deadline_s: float) -> str:
     return await launch_until_ready(node.name, settings, argv, cwd=home, deadline_s=deadline_s, probe=ready)
 
 
-async def kill_node(settings: Settings, index: int, deadline_s: float = 60.0) -> int:
-    """SIGKILL one node of the cluster (`index` modulo its size), wait until it is gone, start it again;
-    returns its node id once the controller lists it as live again. The other nodes keep serving."""
+async def kill_node(settings: Settings, index: int) -> Node:
+    """SIGKILL one node of the cluster (`index` modulo its size) and wait until it is gone; the other
+    nodes keep serving. `start_node` brings it back."""
     node = cluster_nodes(settings)[index % settings.kafka.brokers]
     pid = node_pid(settings, node)
     if pid is None:
@@ -181,8 +181,7 @@ async def kill_node(settings: Settings, index: int, deadline_s: float = 60.0) ->
     os.kill(pid, signal.SIGKILL)
     if not await await_pid_exit(pid, 30):
         raise ServerStartError(node.name, f"pid {pid} survived SIGKILL for 30 s", log_path(settings, node.name))
-    await start_node(settings, node, deadline_s)
-    return node.node_id
+    return node
 
 
 async def _start_missing(settings: Settings, deadline_s: float) -> None:
