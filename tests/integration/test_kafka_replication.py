@@ -23,7 +23,8 @@ from polycommit.tooling.servers import kafka
 from polycommit.tooling.servers.kafka_config import cluster_nodes
 from polycommit.tooling.services import await_pid_exit, server_status
 
-pytestmark = pytest.mark.servers
+# The local servers `scripts/services` runs, from the jars: not the containers of POLYCOMMIT_TESTCONTAINERS.
+pytestmark = [pytest.mark.servers, pytest.mark.local_processes]
 
 RECORDS_EACH_PHASE = 200
 

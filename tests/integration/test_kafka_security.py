@@ -29,7 +29,8 @@ from polycommit.tooling.runtime import Runtime
 from polycommit.tooling.servers.process import data_path
 from polycommit.tooling.services import server_status, statuses_to_json
 
-pytestmark = pytest.mark.servers
+# The local servers `scripts/services` runs, from the jars: not the containers of POLYCOMMIT_TESTCONTAINERS.
+pytestmark = [pytest.mark.servers, pytest.mark.local_processes]
 
 
 @pytest.fixture(scope="module")
