@@ -32,6 +32,7 @@ from polycommit.tooling.servers.process import (
     log_tail,
     marked_pid,
     port_open,
+    redact,
     run,
     terminate,
     wait_until_ready,
@@ -125,10 +126,11 @@ async def _format(settings: Settings, deadline_s: float) -> None:
     results = await asyncio.gather(*(_format_node(settings, n, cluster, libs, deadline_s) for n in nodes))
     for node, (code, out) in zip(nodes, results, strict=True):
         with log_path(settings, node.name).open("a") as handle:
-            handle.write(out)
+            handle.write(redact(out, settings))
         if code != 0:
             log = log_path(settings, node.name)
-            raise ServerStartError(node.name, f"formatting the KRaft storage failed (exit {code})", log, log_tail(log))
+            tail = redact(log_tail(log), settings)  # the tool may echo an argument, passwords included
+            raise ServerStartError(node.name, f"formatting the KRaft storage failed (exit {code})", log, tail)
         security.write_marker(_node_paths(settings, node)[0], wanted)
 
 
