@@ -137,7 +137,8 @@ async def _format(settings: Settings, deadline_s: float) -> None:
 async def _format_node(settings: Settings, node: Node, cluster: str, libs: Path, deadline_s: float) -> tuple[int, str]:
     props = _write_config(settings, node)
     home = props.parent
-    argv = [java(), f"-Dlog4j2.configurationFile={home / 'log4j2.xml'}", "-cp", f"{libs}/*"]
+    # A short-lived tool: the C1 compiler alone starts it sooner (three of these run at once for a cluster).
+    argv = [java(), "-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={home / 'log4j2.xml'}", "-cp", f"{libs}/*"]
     argv += [str(security.STDIN_ARGS), security.STORAGE_TOOL]
     return await run(argv, input_text=security.format_input(settings, cluster, props), limit_s=deadline_s)
 
