@@ -43,22 +43,32 @@ def free_port_block(count: int) -> int:
     raise AssertionError(f"no {count} consecutive free ports")
 
 
-def write_secrets(home: Path, shared: Settings) -> None:
-    """secrets.env as scripts/setup generates it (mode 0600): the shared store passwords, new Kafka ones."""
+def write_secrets(home: Path, shared: Settings, kafka: bool = True) -> None:
+    """secrets.env as scripts/setup generates it (mode 0600): the shared store passwords, new Kafka ones
+    (none with `kafka=False`: what an older scripts/setup wrote)."""
     lines = [f"POLYCOMMIT_PG_PASSWORD={shared.postgres.password}", f"POLYCOMMIT_NEO4J_PASSWORD={shared.neo4j.password}"]
-    lines += [f"POLYCOMMIT_KAFKA_PASSWORD_{role.upper()}={secrets.token_hex(24)}" for role in KAFKA_PRINCIPALS]
     fd = os.open(home / "secrets.env", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write("\n".join(lines) + "\n")
+    if kafka:
+        add_kafka_secrets(home)
+
+
+def add_kafka_secrets(home: Path) -> None:
+    """Append one SCRAM password per principal, as scripts/setup does for keys it does not find."""
+    with (home / "secrets.env").open("a") as handle:
+        for role in KAFKA_PRINCIPALS:
+            handle.write(f"POLYCOMMIT_KAFKA_PASSWORD_{role.upper()}={secrets.token_hex(24)}\n")
 
 
 @contextlib.asynccontextmanager
-async def isolated_kafka(home: Path, brokers: int = 1) -> AsyncIterator[Settings]:
-    """Start a Kafka cluster of `brokers` (SASL/SCRAM, ACLs) on `home`; yields its settings (admin)."""
+async def isolated_kafka(home: Path, brokers: int = 1, sasl: bool = True) -> AsyncIterator[Settings]:
+    """Start a Kafka cluster of `brokers` (SASL/SCRAM and ACLs, or PLAINTEXT without Kafka secrets) on
+    `home`; yields its settings (admin)."""
     shared = load_settings()
     assert shared.postgres.password, "no PostgreSQL password: run scripts/setup"
     home.mkdir(parents=True)  # noqa: ASYNC240 (a test's own folder, before anything runs)
-    write_secrets(home, shared)
+    write_secrets(home, shared, kafka=sasl)
     base = free_port_block(2 * brokers)
     with pytest.MonkeyPatch.context() as env:
         for name in list(os.environ):
@@ -72,7 +82,7 @@ async def isolated_kafka(home: Path, brokers: int = 1) -> AsyncIterator[Settings
         env.setenv("POLYCOMMIT_KAFKA_CONTROLLER_PORT", str(base + brokers))
         env.setenv("POLYCOMMIT_KAFKA_BROKERS", str(brokers))
         settings = load_settings()
-        assert settings.kafka.security_protocol == "SASL_PLAINTEXT" and settings.kafka.brokers == brokers
+        assert settings.kafka.sasl == sasl and settings.kafka.brokers == brokers
         try:
             await start_servers(settings, ["kafka"])
             yield settings

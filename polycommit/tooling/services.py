@@ -123,6 +123,8 @@ async def _start_one(settings: Settings, name: str) -> ServerStatus:
         return await qdrant.status(settings)
     server = _SERVERS[name]
     async with server_lock(settings, name):
+        if server.pid(settings) is not None and server.stale(settings):
+            await server.stop(settings)
         if server.pid(settings) is not None:
             # Running already: healthy, or still starting (e.g. recovering after a crash); wait for it.
             await wait_ready(settings, name, server.start_deadline_s)

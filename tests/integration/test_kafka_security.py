@@ -17,17 +17,17 @@ from collections.abc import AsyncIterator
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
-from kafka_homes import isolated_kafka
+from kafka_homes import add_kafka_secrets, isolated_kafka
 
 from polycommit import Saga, ops
 from polycommit.bus import create_topics, topics_for
 from polycommit.client import Coordinator
-from polycommit.config import Settings
+from polycommit.config import Settings, load_settings
 from polycommit.kafka_client import client_security
 from polycommit.tooling import workload
 from polycommit.tooling.runtime import Runtime
 from polycommit.tooling.servers.process import data_path
-from polycommit.tooling.services import server_status, statuses_to_json
+from polycommit.tooling.services import server_status, start_servers, statuses_to_json
 
 # The local servers `scripts/services` runs, from the jars: not the containers of POLYCOMMIT_TESTCONTAINERS.
 pytestmark = [pytest.mark.servers, pytest.mark.local_processes]
@@ -111,3 +111,31 @@ async def test_status_names_the_protocol_and_never_a_kafka_password(secured: Set
     properties = data_path(secured, "kafka") / "server.properties"  # it holds the brokers' password
     modes = [stat.S_IMODE(p.stat().st_mode) for p in (properties, properties.parent / "kraft")]
     assert modes == [0o600, 0o700]
+
+
+async def test_a_plaintext_broker_of_an_older_setup_restarts_with_sasl_and_keeps_its_old_log(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The shared servers' upgrade: Kafka ran PLAINTEXT; scripts/setup adds the Kafka passwords; the next
+    `services start` restarts the broker with SASL, its old storage kept aside."""
+    async with isolated_kafka(tmp_path_factory.mktemp("kafka-upgrade") / "home", sasl=False) as plain:
+        old_pid = (await server_status(plain))["kafka"].pid
+        add_kafka_secrets(plain.home)
+        upgraded = load_settings()
+        assert upgraded.kafka.security_protocol == "SASL_PLAINTEXT"
+
+        statuses = await start_servers(upgraded, ["kafka"])  # no stop first: start sees the stale config
+
+        assert statuses["kafka"].healthy and statuses["kafka"].pid != old_pid
+        kept = [p.name for p in upgraded.data_dir.iterdir() if p.name.startswith("kafka.before-scram-")]
+        assert len(kept) == 1, sorted(p.name for p in upgraded.data_dir.iterdir())
+        run = dataclasses.replace(upgraded, topic_prefix=f"up-{uuid.uuid4().hex[:8]}")
+        await create_topics(run, {"intents": 1})
+        producer = _producer(run.as_role("client"))
+        await producer.start()
+        try:
+            await producer.send_and_wait(topics_for(run).intents, b"after the upgrade", key=b"tx")
+            with pytest.raises(TopicAuthorizationFailedError):
+                await producer.send_and_wait(topics_for(run).commands("postgres"), b"refused", key=b"tx")
+        finally:
+            await producer.stop()

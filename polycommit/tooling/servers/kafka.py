@@ -156,6 +156,20 @@ def _write_config(settings: Settings, node: Node) -> Path:
     return props
 
 
+def stale(settings: Settings) -> bool:
+    """A running node's server.properties differ from what these settings would write (its security mode,
+    its listeners or its cluster changed since it started): it must restart to take them."""
+    for node in cluster_nodes(settings):
+        home, log_dirs = _node_paths(settings, node)
+        try:
+            running = (home / "server.properties").read_text()
+        except OSError:
+            continue
+        if running != node_properties(settings, node, log_dirs, security.broker_password(settings)):
+            return True
+    return False
+
+
 def _node_argv(settings: Settings, node: Node) -> list[str]:
     props = _write_config(settings, node)
     argv = [java(), "-Xmx256m", "-Xms256m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
@@ -263,4 +277,4 @@ def address(settings: Settings) -> tuple[str, dict[str, str]]:
     return settings.kafka.address, extra
 
 
-SERVER = Server("kafka", 60.0, start, probe, server_pid, stop, address, installed_version=kafka_version)
+SERVER = Server("kafka", 60.0, start, probe, server_pid, stop, address, installed_version=kafka_version, stale=stale)
