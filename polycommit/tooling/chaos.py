@@ -283,7 +283,7 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     if brokers is not None and brokers != base.kafka.brokers:
         console.print(
             f"[red]the local Kafka runs {base.kafka.brokers} broker(s), not {brokers}: "
-            f"scripts/services start --kafka-brokers {brokers} (on a fresh home or after reset)[/red]"
+            f"scripts/services start --kafka-brokers {brokers} first[/red]"
         )
         return 2
     rng = random.Random(args.seed)
