@@ -266,8 +266,10 @@ async def group_probe(settings: Settings, budget_s: float) -> str:
 
 
 async def stop(settings: Settings) -> None:
-    """Stop every node that runs (all side by side, as a cluster shuts down)."""
-    await asyncio.gather(*(terminate(settings, n.name, node_pid(settings, n)) for n in cluster_nodes(settings)))
+    """Stop every node that runs (all side by side, as a cluster shuts down), those of a larger cluster
+    this home ran before included (their pid files say so)."""
+    names = {n.name for n in cluster_nodes(settings)} | {p.stem for p in settings.run_dir.glob("kafka-*.pid")}
+    await asyncio.gather(*(terminate(settings, name, marked_pid(settings, name, KAFKA_MAIN)) for name in names))
 
 
 def address(settings: Settings) -> tuple[str, dict[str, str]]:
