@@ -15,14 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
+from polycommit import acls
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.events import STORES
+from polycommit.kafka_client import client_security as client_security
+from polycommit.kafka_client import make_admin as make_admin
 
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # the broker's message.max.bytes; bigger intents are refused at the producer
 
@@ -130,10 +133,12 @@ async def create_topics(settings: Settings, partitions: dict[str, int] | None = 
         return int(wanted.get(name, wanted.get(short, DEFAULT_PARTITIONS)))
 
     coordinator = count(topics.intents)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=15000)
+    admin = make_admin(settings, request_timeout_ms=15000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        # Three copies where the cluster has three brokers (min.insync.replicas 2 comes from the broker).
+        factor = min(3, len((await admin.describe_cluster()).get("brokers", [])) or 1)
         report: dict[str, str] = {}
         new = []
         for name in topics.all():
@@ -142,12 +147,15 @@ async def create_topics(settings: Settings, partitions: dict[str, int] | None = 
                 report[name] = "exists"
                 continue
             configs = topic_configs(topics, name)
-            new.append(NewTopic(name, num_partitions=n, replication_factor=1, topic_configs=configs))
-            report[name] = f"created ({n} partitions)"
+            new.append(NewTopic(name, num_partitions=n, replication_factor=factor, topic_configs=configs))
+            report[name] = f"created ({n} partitions, {factor} replicas)"
         if new:
             # A concurrent creator may win: the topic is there, which is all we need.
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new)
+        if settings.kafka.sasl:
+            users = {role: credentials.username for role, credentials in settings.kafka.roles.items()}
+            await acls.grant(admin, acls.role_grants(topics, users, STORES))
         return report
     finally:
         await admin.close()
@@ -155,7 +163,7 @@ async def create_topics(settings: Settings, partitions: dict[str, int] | None = 
 
 async def delete_topics(settings: Settings) -> None:
     topics = topics_for(settings)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
+    admin = make_admin(settings)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -199,7 +207,7 @@ class Publisher:
     ) -> None:
         self.codec = codec or default_codec()
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka.bootstrap,
+            **client_security(settings),
             client_id=client_id,
             acks="all",
             enable_idempotence=True,
@@ -290,7 +298,7 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[Topic
 def make_reader(settings: Settings, client_id: str, fetch_max_wait_ms: int = 100) -> AIOKafkaConsumer:
     """A group-less read_committed consumer: the caller assigns partitions; it moves nobody's offsets."""
     return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap,
+        **client_security(settings),
         group_id=None,
         enable_auto_commit=False,
         isolation_level="read_committed",
@@ -315,7 +323,7 @@ def make_consumer(
     after a kill -9. Two live processes must never share one."""
     return AIOKafkaConsumer(
         *topics,
-        bootstrap_servers=settings.kafka.bootstrap,
+        **client_security(settings),
         group_id=group_id,
         client_id=client_id,
         enable_auto_commit=False,

@@ -8,7 +8,7 @@ value that `scripts/setup` generated into `<home>/secrets.env` (mode 0600) is us
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -62,14 +62,54 @@ class PostgresSettings:
         return f"{self.host}:{self.port}"
 
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL")
+# The Kafka principals polycommit's parts run as, each with its own ACLs (polycommit/acls.py).
+KAFKA_ROLES = ("admin", "client", "coordinator", "consumer", "detector")
+# ... and the brokers' own principal (inter-broker and controller traffic), a super user.
+KAFKA_PRINCIPALS = ("broker", *KAFKA_ROLES)
+
+
+@dataclass(frozen=True)
+class KafkaCredentials:
+    username: str
+    password: str = field(repr=False)
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
-    bootstrap: str
+    """Where the brokers are and how a client proves who it is (SASL) and checks who they are (TLS)."""
+
+    bootstrap: str  # every broker, comma-separated
     controller_port: int
+    brokers: int = 1  # the size of the local cluster `scripts/services start` runs
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    credentials: KafkaCredentials | None = None  # who this process is; None without SASL
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    # Every role's credentials known here (role -> credentials): a process picks its own with `as_role`,
+    # `scripts/services` creates them all on the broker.
+    roles: dict[str, KafkaCredentials] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def address(self) -> str:
         return self.bootstrap
+
+    @property
+    def first_broker(self) -> str:
+        return self.bootstrap.split(",", 1)[0].strip()
+
+    @property
+    def sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    def as_role(self, role: str) -> KafkaSettings:
+        """The same cluster, as the principal of `role` when its credentials are known (else unchanged:
+        a PLAINTEXT cluster, or one where every part shares the default principal)."""
+        if role not in self.roles:
+            return self
+        return replace(self, credentials=self.roles[role])
 
 
 @dataclass(frozen=True)
@@ -130,6 +170,10 @@ class Settings:
     # coordinator refuses an intent created longer ago than this (POLYCOMMIT_MARKER_RETENTION, e.g. 7d).
     marker_retention_ms: int = 7 * 24 * 3600 * 1000
 
+    def as_role(self, role: str) -> Settings:
+        """These settings with Kafka credentials of `role` (`coordinator`, `consumer`, ...), if known."""
+        return replace(self, kafka=self.kafka.as_role(role))
+
     @property
     def cache_dir(self) -> Path:
         return Path(os.environ.get("POLYCOMMIT_CACHE", str(REPO_ROOT / ".cache"))).resolve()
@@ -147,6 +191,73 @@ class Settings:
         return self.home / "run"
 
 
+def _local_brokers(home: Path) -> int:
+    """The cluster size: POLYCOMMIT_KAFKA_BROKERS, else what `scripts/services start` recorded, else 1."""
+    if "POLYCOMMIT_KAFKA_BROKERS" in os.environ:
+        return int(os.environ["POLYCOMMIT_KAFKA_BROKERS"])
+    try:
+        return int((home / "run" / "kafka.brokers").read_text().strip())
+    except (OSError, ValueError):
+        return 1
+
+
+def _role_credentials(secrets: dict[str, str]) -> dict[str, KafkaCredentials]:
+    """POLYCOMMIT_KAFKA_PASSWORD_<ROLE> (+ optional POLYCOMMIT_KAFKA_USERNAME_<ROLE>, default the role)."""
+    roles = {}
+    for role in KAFKA_PRINCIPALS:
+        password = _env(f"POLYCOMMIT_KAFKA_PASSWORD_{role.upper()}", "", secrets)
+        if password:
+            username = _env(f"POLYCOMMIT_KAFKA_USERNAME_{role.upper()}", role, secrets)
+            roles[role] = KafkaCredentials(username, password)
+    return roles
+
+
+def broker_ports(port: int, controller_port: int, brokers: int) -> tuple[list[int], list[int]]:
+    """Ports of a local cluster: brokers on consecutive ports from `port`; controllers (one per node)
+    from `controller_port`, or right after the brokers when that would overlap them."""
+    listen = [port + i for i in range(brokers)]
+    controllers = [controller_port + i for i in range(brokers)]
+    if set(controllers) & set(listen):
+        controllers = [port + brokers + i for i in range(brokers)]
+    return listen, controllers
+
+
+def _kafka_settings(home: Path, secrets: dict[str, str]) -> KafkaSettings:
+    brokers = _local_brokers(home)
+    controller_port = int(_env("POLYCOMMIT_KAFKA_CONTROLLER_PORT", "59093"))
+    bootstrap = _env("POLYCOMMIT_KAFKA_BOOTSTRAP", "", secrets)
+    if not bootstrap or (brokers > 1 and "," not in bootstrap):
+        port = int(bootstrap.rsplit(":", 1)[1]) if bootstrap else 59092
+        bootstrap = ",".join(f"127.0.0.1:{p}" for p in broker_ports(port, controller_port, brokers)[0])
+    roles = _role_credentials(secrets)
+    # The tools' default principal is the admin one; a process picks its role's with Settings.as_role.
+    password = _env("POLYCOMMIT_KAFKA_PASSWORD", "", secrets)
+    username = _env("POLYCOMMIT_KAFKA_USERNAME", "", secrets)
+    if password:
+        default: KafkaCredentials | None = KafkaCredentials(username or "admin", password)
+    else:
+        default = roles.get("admin")
+        if username and default is not None:
+            default = KafkaCredentials(username, default.password)
+    # With credentials the default is SASL (what `scripts/services start` runs); without, PLAINTEXT.
+    protocol = _env("POLYCOMMIT_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT" if default else "PLAINTEXT", secrets)
+    protocol = protocol.strip().upper()
+    if protocol not in SECURITY_PROTOCOLS:
+        raise ValueError(f"POLYCOMMIT_KAFKA_SECURITY_PROTOCOL={protocol!r}: one of {', '.join(SECURITY_PROTOCOLS)}")
+    return KafkaSettings(
+        bootstrap=bootstrap,
+        controller_port=controller_port,
+        brokers=brokers,
+        security_protocol=protocol,
+        sasl_mechanism=_env("POLYCOMMIT_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512", secrets),
+        credentials=default,
+        ssl_cafile=_env("POLYCOMMIT_KAFKA_SSL_CAFILE", "", secrets) or None,
+        ssl_certfile=_env("POLYCOMMIT_KAFKA_SSL_CERTFILE", "", secrets) or None,
+        ssl_keyfile=_env("POLYCOMMIT_KAFKA_SSL_KEYFILE", "", secrets) or None,
+        roles=roles,
+    )
+
+
 def load_settings() -> Settings:
     """Build the settings from the environment (read at call time, so tests may override variables)."""
     home = _home()
@@ -161,10 +272,7 @@ def load_settings() -> Settings:
             password=_env("POLYCOMMIT_PG_PASSWORD", "", secrets),
             database=_env("POLYCOMMIT_PG_DATABASE", "polycommit"),
         ),
-        kafka=KafkaSettings(
-            bootstrap=_env("POLYCOMMIT_KAFKA_BOOTSTRAP", "127.0.0.1:59092"),
-            controller_port=int(_env("POLYCOMMIT_KAFKA_CONTROLLER_PORT", "59093")),
-        ),
+        kafka=_kafka_settings(home, secrets),
         neo4j=Neo4jSettings(
             uri=_env("POLYCOMMIT_NEO4J_URI", "bolt://127.0.0.1:57687"),
             user=_env("POLYCOMMIT_NEO4J_USER", "neo4j"),

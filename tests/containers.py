@@ -4,9 +4,10 @@
 `pytest_configure`, before any fixture loads the settings. It starts PostgreSQL 15, Kafka 4 (KRaft, one
 node), Neo4j 5.26 and Qdrant in containers, each port published on 127.0.0.1 only (on a port Docker picks),
 waits until each one answers a real request (the probes of polycommit/tooling/services.py), and exports the
-variables polycommit/config.py reads (POLYCOMMIT_PG_*, POLYCOMMIT_KAFKA_BOOTSTRAP, POLYCOMMIT_NEO4J_*,
-QDRANT_URL), so `load_settings()` points at the containers. The returned stopper removes the containers
-and restores those variables; testcontainers' reaper removes them too if the test process dies.
+variables polycommit/config.py reads (POLYCOMMIT_PG_*, POLYCOMMIT_KAFKA_BOOTSTRAP, POLYCOMMIT_KAFKA_SECURITY_PROTOCOL
+= PLAINTEXT since the container's Kafka has no SASL, POLYCOMMIT_NEO4J_*, QDRANT_URL), so `load_settings()`
+points at the containers. The returned stopper removes the containers and restores those variables;
+testcontainers' reaper removes them too if the test process dies.
 
 The server settings mirror docker-compose.yml and polycommit/tooling/services.py. Images can be overridden with
 POLYCOMMIT_POSTGRES_IMAGE, POLYCOMMIT_KAFKA_IMAGE, POLYCOMMIT_NEO4J_IMAGE and POLYCOMMIT_QDRANT_IMAGE.
@@ -49,6 +50,8 @@ EXPORTED: tuple[str, ...] = (
     "POLYCOMMIT_PG_PASSWORD",
     "POLYCOMMIT_PG_DATABASE",
     "POLYCOMMIT_KAFKA_BOOTSTRAP",
+    "POLYCOMMIT_KAFKA_SECURITY_PROTOCOL",
+    "POLYCOMMIT_KAFKA_BROKERS",
     "POLYCOMMIT_NEO4J_URI",
     "POLYCOMMIT_NEO4J_USER",
     "POLYCOMMIT_NEO4J_PASSWORD",
@@ -62,7 +65,7 @@ _KAFKA_BROKER_PORT = 9094
 _KAFKA_ADVERTISED_FILE = "/tmp/polycommit-advertised-listeners"
 _MAX_MESSAGE_BYTES = str(4 * 1024 * 1024 + 64 * 1024)
 
-# Same broker settings as _kafka_properties in polycommit/tooling/services.py. Clients use PLAINTEXT, advertised
+# Same broker settings as polycommit/tooling/servers/kafka_config.py (PLAINTEXT). Clients use PLAINTEXT, advertised
 # with the host port Docker picked (known only once the container exists, hence the file the start
 # command waits for); the broker talks to itself (transaction markers) over BROKER inside the container.
 _KAFKA_ENV: dict[str, str] = {
@@ -239,6 +242,10 @@ def _start() -> Callable[[], None]:
             "POLYCOMMIT_PG_PASSWORD": pg_password,
             "POLYCOMMIT_PG_DATABASE": PG_DATABASE,
             "POLYCOMMIT_KAFKA_BOOTSTRAP": kafka_address,
+            # The container's Kafka is PLAINTEXT without ACLs (as in docker-compose.yml): the Kafka
+            # passwords scripts/setup may have generated must not switch the clients to SASL.
+            "POLYCOMMIT_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT",
+            "POLYCOMMIT_KAFKA_BROKERS": "1",
             "POLYCOMMIT_NEO4J_URI": f"bolt://{_host_address(neo4j)}:{neo4j.get_exposed_port(7687)}",
             "POLYCOMMIT_NEO4J_USER": NEO4J_USER,
             "POLYCOMMIT_NEO4J_PASSWORD": neo4j_password,

@@ -114,6 +114,13 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     if min(failing, short) < 0 or failing + short > 1:
         console.print("[red]--failing and --short-timeout are fractions of the sagas: each >= 0, together <= 1[/red]")
         return 2
+    brokers = getattr(args, "kafka_brokers", None)
+    if brokers is not None and brokers != base.kafka.brokers:
+        console.print(
+            f"[red]the local Kafka runs {base.kafka.brokers} broker(s), not {brokers}: "
+            f"scripts/services start --kafka-brokers {brokers} first[/red]"
+        )
+        return 2
     rng = random.Random(args.seed)
     schedule = kill_schedule(rng, args.transactions, args.kills, targets)
     console.print(f"chaos run {run_id}: topics {settings.topic_prefix}.*, logs {log_dir}, seed {args.seed}")

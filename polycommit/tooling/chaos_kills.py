@@ -12,6 +12,7 @@ a shuffled round of every target before any repeats, so a run with as many kills
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 import time
@@ -94,6 +95,20 @@ async def kill_broker(settings: Settings) -> float:
     return await kill_and_restart_server(settings, "kafka")
 
 
+async def kill_cluster_broker(settings: Settings, victim: int) -> tuple[float, asyncio.Task[float]]:
+    """In a cluster (`--kafka-brokers 3`), SIGKILL broker `victim` (modulo the size) only: the others serve
+    on, so the run is back at once. Returns that moment and the task restarting the broker (its end time)."""
+    from polycommit.tooling.servers.kafka import kill_node, start_node
+
+    node = await kill_node(settings, victim)
+
+    async def restart() -> float:
+        await start_node(settings, node, 90.0)
+        return time.monotonic()
+
+    return time.monotonic(), asyncio.create_task(restart(), name=f"restart-{node.name}")
+
+
 async def kill_target(settings: Settings, cluster: Cluster, slot: ClientSlot, target: str) -> float:
     """Kill one target and bring it back; returns when it is ready again."""
     if target in SERVER_TARGETS:
@@ -135,7 +150,11 @@ class Killer:
         self.kills.append(kill)
         self.describe(f"killing {target}")
         killed = time.monotonic()
-        back = await kill_target(self.settings, self.cluster, self.slot, target)
+        restarting: asyncio.Task[float] | None = None
+        if target == "kafka" and self.settings.kafka.brokers > 1:
+            back, restarting = await kill_cluster_broker(self.settings, victim=kill.at_result)
+        else:
+            back = await kill_target(self.settings, self.cluster, self.slot, target)
         kill.restart_s = back - killed
         self.describe(f"{target} restarted; waiting for results")
 
@@ -145,4 +164,6 @@ class Killer:
         await self.progressed.wait_for(recovered)
         if self.progressed.last_at > back:
             kill.recovery_s = self.progressed.last_at - killed
+        if restarting is not None:  # back in the cluster before the next kill: never two brokers down
+            kill.restart_s = await restarting - killed
         self.describe(f"{target} recovered" if kill.recovery_s is not None else f"{target}: run ended first")

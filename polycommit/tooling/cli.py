@@ -114,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     chaos.add_argument("--step-timeout", type=float, default=30.0, help="each step's timeout, seconds (default 30)")
     chaos.add_argument("--timeout", type=float, default=300.0, help="the client's wait for a result, seconds")
     chaos.add_argument("--keep", action="store_true", help="keep the run's topics and Qdrant storage")
+    chaos.add_argument(
+        "--kafka-brokers",
+        type=int,
+        help="the Kafka cluster's size (services start --kafka-brokers N); kills one broker of N",
+    )
     chaos.add_argument("--json", action="store_true")
     return parser
 

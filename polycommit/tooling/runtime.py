@@ -63,7 +63,8 @@ class Runtime:
         self.workers = {}
         readies: list[tuple[str, asyncio.Event]] = []
         if self.coordinator:
-            self.service = CoordinatorService(self.settings, self.policy)
+            # Each part is its own Kafka principal (when the secrets name one), with only the ACLs it needs.
+            self.service = CoordinatorService(self.settings.as_role("coordinator"), self.policy)
             ready = asyncio.Event()
             readies.append(("coordinator", ready))
             self._tasks.append(asyncio.create_task(self.service.run(self._stop, ready), name="coordinator"))
@@ -74,7 +75,8 @@ class Runtime:
             readies.append(("detector", ready))
             self._tasks.append(asyncio.create_task(Detector(self.settings).run(self._stop, ready), name="detector"))
         for store in self.stores:
-            worker = StoreWorker(self.settings, participant_for(store, self.settings), batch_size=self.batch_size)
+            participant = participant_for(store, self.settings)
+            worker = StoreWorker(self.settings.as_role("consumer"), participant, batch_size=self.batch_size)
             self.workers[store] = worker
             ready = asyncio.Event()
             readies.append((store, ready))

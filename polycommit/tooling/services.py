@@ -123,6 +123,8 @@ async def _start_one(settings: Settings, name: str) -> ServerStatus:
         return await qdrant.status(settings)
     server = _SERVERS[name]
     async with server_lock(settings, name):
+        if server.pid(settings) is not None and server.stale(settings):
+            await server.stop(settings)
         if server.pid(settings) is not None:
             # Running already: healthy, or still starting (e.g. recovering after a crash); wait for it.
             await wait_ready(settings, name, server.start_deadline_s)
@@ -253,6 +255,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="start servers (default: postgres, kafka, neo4j)")
     start.add_argument("names", nargs="*", metavar="name", help=f"one of {', '.join(STATUS_NAMES)}")
+    start.add_argument(
+        "--kafka-brokers",
+        type=int,
+        choices=(1, 2, 3),
+        help="run Kafka as a cluster of this many brokers (kept until reset; 3: replication factor 3, "
+        "min.insync.replicas 2)",
+    )
     stop = commands.add_parser("stop", help="stop servers (default: all)")
     stop.add_argument("names", nargs="*", metavar="name", help=f"one of {', '.join(STATUS_NAMES)}")
     status = commands.add_parser("status", help="probe every server")
@@ -268,6 +277,8 @@ def run_services_command(argv: list[str]) -> int:
     # Probes hit ports that are not listening yet; the client libraries would log every refusal.
     for noisy in ("aiokafka", "neo4j", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    if getattr(args, "kafka_brokers", None):
+        os.environ["POLYCOMMIT_KAFKA_BROKERS"] = str(args.kafka_brokers)  # config.py builds the bootstrap list
     settings = load_settings()
     if args.command == "env":
         from polycommit.tooling.service_env import render

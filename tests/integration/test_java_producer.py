@@ -27,7 +27,7 @@ from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
 from polycommit.bus import make_reader, read_topic, topic_partitions, topics_for
 from polycommit.codec import PACKAGED_SCHEMAS, default_codec
-from polycommit.config import Settings
+from polycommit.config import Settings, load_settings
 from polycommit.tooling import workload
 from polycommit.tooling.runtime import Runtime
 
@@ -52,10 +52,26 @@ def java_command(settings: Settings) -> list[str]:
     return ["java", "-Dfile.encoding=UTF-8", "-Dsun.stdout.encoding=UTF-8", "-cp", classpath]
 
 
+def java_environment(settings: Settings) -> dict[str, str]:
+    """The Java client authenticates as polycommit's own clients do (the `client` principal, with SASL)."""
+    kafka = settings.kafka
+    env = {**os.environ, "POLYCOMMIT_KAFKA_SECURITY_PROTOCOL": kafka.security_protocol}
+    env["POLYCOMMIT_KAFKA_SASL_MECHANISM"] = kafka.sasl_mechanism
+    if kafka.credentials is not None:
+        env["POLYCOMMIT_KAFKA_USERNAME"] = kafka.credentials.username
+        env["POLYCOMMIT_KAFKA_PASSWORD"] = kafka.credentials.password
+    return env
+
+
 async def run_java(command: list[str], *args: str, timeout: float = 120) -> str:
     """Run the Java client without blocking the event loop the coordinator and consumers run on."""
     process = await asyncio.create_subprocess_exec(
-        *command, "polycommit.foreign.ForeignProducer", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        *command,
+        "polycommit.foreign.ForeignProducer",
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=java_environment(load_settings().as_role("client")),
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode == 0, f"java {args[0]} exited {process.returncode}:\n{stderr.decode()}"

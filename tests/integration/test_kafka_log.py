@@ -6,7 +6,7 @@ import uuid
 
 from aiokafka import AIOKafkaProducer
 
-from polycommit.bus import Outgoing, Publisher, make_consumer, read_topic, topics_for
+from polycommit.bus import Outgoing, Publisher, client_security, make_consumer, read_topic, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 
@@ -42,7 +42,7 @@ async def test_an_avro_event_is_produced_consumed_and_decoded(topics: Settings) 
 async def test_an_aborted_kafka_transaction_is_invisible_to_read_committed(topics: Settings) -> None:
     names = topics_for(topics)
     producer = AIOKafkaProducer(
-        bootstrap_servers=topics.kafka.bootstrap, transactional_id=f"test-{uuid.uuid4().hex}", enable_idempotence=True
+        **client_security(topics), transactional_id=f"test-{uuid.uuid4().hex}", enable_idempotence=True
     )
     await producer.start()
     codec = default_codec()

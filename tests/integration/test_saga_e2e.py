@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer
 from consumers.worker import StoreWorker
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
-from polycommit.bus import Outgoing, Publisher, read_topic, topic_partitions, topics_for
+from polycommit.bus import Outgoing, Publisher, client_security, read_topic, topic_partitions, topics_for
 from polycommit.client import Coordinator, Saga
 from polycommit.codec import default_codec
 from polycommit.config import Settings
@@ -325,7 +325,7 @@ async def test_redelivering_every_command_from_offset_zero_changes_nothing(
 async def replay_every_command(settings: Settings) -> None:
     """Fresh consumer groups (offset 0) for every store: each re-reads and re-handles every command."""
     names = topics_for(settings)
-    reader = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap, group_id=None)
+    reader = AIOKafkaConsumer(**client_security(settings), group_id=None)
     await reader.start()
     ends = {}
     try:

@@ -84,6 +84,10 @@ def _no_installed_version(settings: Settings) -> str | None:
     return None
 
 
+def _never_stale(settings: Settings) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Server:
     """What `polycommit.tooling.services` needs to know of one server process to run its lifecycle."""
@@ -97,6 +101,9 @@ class Server:
     address: Callable[[Settings], tuple[str, dict[str, str]]]  # for its status: address and extra fields
     # The version known without asking the server (from its installed files), shown even when it is down.
     installed_version: Callable[[Settings], str | None] = _no_installed_version
+    # True when the running server was started with settings that no longer hold (e.g. Kafka started
+    # PLAINTEXT before scripts/setup generated its SCRAM passwords): `start` then restarts it.
+    stale: Callable[[Settings], bool] = _never_stale
 
 
 # -- paths, pids and processes -----------------------------------------------------------------------
@@ -177,7 +184,10 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def redact(text: str, settings: Settings) -> str:
-    for secret in (settings.postgres.password, settings.neo4j.password):
+    kafka = [c.password for c in settings.kafka.roles.values()]
+    if settings.kafka.credentials is not None:
+        kafka.append(settings.kafka.credentials.password)
+    for secret in (settings.postgres.password, settings.neo4j.password, *kafka):
         if secret:
             text = text.replace(secret, "***")
     return text

@@ -156,6 +156,7 @@ public final class ForeignProducer {
         props.put(ProducerConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
         props.put(ProducerConfig.ACKS_CONFIG, "all");
         props.put(ProducerConfig.ENABLE_IDEMPOTENCE_CONFIG, "true");
+        security(props);
         return new KafkaProducer<>(props, new StringSerializer(), new ByteArraySerializer());
     }
 
@@ -165,7 +166,33 @@ public final class ForeignProducer {
         props.put(ConsumerConfig.ENABLE_AUTO_COMMIT_CONFIG, "false");
         // The coordinator writes results inside Kafka transactions: read only what it committed.
         props.put(ConsumerConfig.ISOLATION_LEVEL_CONFIG, "read_committed");
+        security(props);
         return new KafkaConsumer<>(props, new StringDeserializer(), new ByteArrayDeserializer());
+    }
+
+    /**
+     * The same security settings polycommit's own clients read (POLYCOMMIT_KAFKA_SECURITY_PROTOCOL,
+     * _SASL_MECHANISM, _USERNAME, _PASSWORD, _SSL_CAFILE), from the environment, so that the password
+     * never appears on a command line. Unset: PLAINTEXT, as before.
+     */
+    private static void security(Properties props) {
+        Map<String, String> env = System.getenv();
+        String protocol = env.getOrDefault("POLYCOMMIT_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT");
+        props.put("security.protocol", protocol);
+        if (protocol.startsWith("SASL_")) {
+            String mechanism = env.getOrDefault("POLYCOMMIT_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512");
+            String module = mechanism.startsWith("SCRAM")
+                    ? "org.apache.kafka.common.security.scram.ScramLoginModule"
+                    : "org.apache.kafka.common.security.plain.PlainLoginModule";
+            props.put("sasl.mechanism", mechanism);
+            props.put("sasl.jaas.config", module + " required username=\"" + env.get("POLYCOMMIT_KAFKA_USERNAME")
+                    + "\" password=\"" + env.get("POLYCOMMIT_KAFKA_PASSWORD") + "\";");
+        }
+        String cafile = env.get("POLYCOMMIT_KAFKA_SSL_CAFILE");
+        if (cafile != null && !cafile.isEmpty()) {
+            props.put("ssl.truststore.type", "PEM");
+            props.put("ssl.truststore.location", cafile);
+        }
     }
 
     private static Map<String, String> options(String[] args) {

@@ -1,0 +1,120 @@
+"""Who may do what on polycommit's topics: one Kafka principal per role, and the ACLs that fit it.
+
+Created with the topics (`create_topics`), by the admin principal, for the topic prefix in use, so that a
+test session's or a chaos run's topics are guarded like the default ones. A broker without an authorizer
+(PLAINTEXT, docker-compose) answers SECURITY_DISABLED, which is not an error: there is nothing to guard.
+
+- client: writes intents; reads replies (without a group).
+- coordinator: reads intents, outcomes, tx-state; writes commands.*, tx-state, decisions, results, replies,
+  alerts, dead-letters, locks; group `<prefix>-coordinator`; transactional ids `<prefix>-coordinator-*`.
+- consumer (every store's): reads commands.*, decisions; writes outcomes, dead-letters; groups
+  `<prefix>-<store>`.
+- detector: reads locks; writes deadlocks; groups `<prefix>-detector*`.
+- admin and broker: super users (`super.users`), for operators, the CLI, tests and topic creation.
+
+So a client can publish an intent and read its reply, and nothing else: a COMPENSATE it writes straight
+onto a command topic is refused (TOPIC_AUTHORIZATION_FAILED).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from polycommit.bus import Topics
+
+SECURITY_DISABLED = 54  # Kafka's error code when the broker runs without an authorizer
+
+
+class Resource(IntEnum):
+    TOPIC = 2
+    GROUP = 3
+    TRANSACTIONAL_ID = 5
+
+
+class Pattern(IntEnum):
+    LITERAL = 3
+    PREFIXED = 4
+
+
+class Operation(IntEnum):
+    READ = 3
+    WRITE = 4
+    DESCRIBE = 8
+
+
+ALLOW = 3
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One ALLOW ACL: `principal` may `operation` on the resource, from any host."""
+
+    principal: str
+    resource: Resource
+    name: str
+    operation: Operation
+    pattern: Pattern = Pattern.LITERAL
+
+
+def _topics(principal: str, names: list[str], operation: Operation) -> list[Grant]:
+    grants = []
+    for name in names:
+        grants += [
+            Grant(principal, Resource.TOPIC, name, operation),
+            Grant(principal, Resource.TOPIC, name, Operation.DESCRIBE),
+        ]
+    return grants
+
+
+def role_grants(t: Topics, users: Mapping[str, str], stores: Sequence[str]) -> list[Grant]:
+    """Every role's ACLs for the topics `t` names (pure: the table in the docstring); `users` maps a role
+    to its principal's user name (roles without one get no ACLs)."""
+    prefix = t.prefix
+    commands = [t.commands(store) for store in stores]
+    grants: list[Grant] = []
+    if "client" in users:
+        client = f"User:{users['client']}"
+        grants += _topics(client, [t.intents], Operation.WRITE) + _topics(client, [t.replies], Operation.READ)
+    if "coordinator" in users:
+        who = f"User:{users['coordinator']}"
+        grants += _topics(who, [t.intents, t.outcomes, t.tx_state], Operation.READ)
+        writes = [*commands, t.tx_state, t.decisions, t.results, t.replies, t.alerts, t.dead_letters, t.locks]
+        grants += _topics(who, writes, Operation.WRITE)
+        grants += [Grant(who, Resource.GROUP, f"{prefix}-coordinator", Operation.READ)]
+        for op in (Operation.WRITE, Operation.DESCRIBE):
+            grants.append(Grant(who, Resource.TRANSACTIONAL_ID, f"{prefix}-coordinator-", op, Pattern.PREFIXED))
+    if "consumer" in users:
+        who = f"User:{users['consumer']}"
+        grants += _topics(who, [*commands, t.decisions], Operation.READ)
+        grants += _topics(who, [t.outcomes, t.dead_letters], Operation.WRITE)
+        grants += [Grant(who, Resource.GROUP, f"{prefix}-{store}", Operation.READ) for store in stores]
+    if "detector" in users:
+        who = f"User:{users['detector']}"
+        grants += _topics(who, [t.locks], Operation.READ) + _topics(who, [t.deadlocks], Operation.WRITE)
+        grants.append(Grant(who, Resource.GROUP, f"{prefix}-detector", Operation.READ, Pattern.PREFIXED))
+    return grants
+
+
+async def grant(admin: Any, grants: list[Grant]) -> bool:
+    """Create the ACLs through `admin` (an started AIOKafkaAdminClient of a super user); False when the
+    broker has no authorizer. Creating an ACL that exists is a no-op on the broker, so this is idempotent.
+
+    aiokafka has no ACL API, but it has the CreateAcls request (one binding per request here, v1: with
+    the resource pattern type); its responses are checked here."""
+    from aiokafka.errors import for_code
+    from aiokafka.protocol.admin import CreateAclsRequest
+
+    node = admin._client.get_random_node()
+    for g in grants:
+        request = CreateAclsRequest(int(g.resource), g.name, int(g.pattern), g.principal, "*", int(g.operation), ALLOW)
+        response = await admin._client.send(node, request)
+        for error_code, message in response.creation_responses:
+            if error_code == SECURITY_DISABLED:
+                return False
+            if error_code:
+                raise for_code(error_code)(f"creating the ACL {g}: {message}")
+    return True
