@@ -47,10 +47,31 @@ def verdict_record(verdict: Verdict, at_ms: int) -> DeadlockVerdict:
     return {"cycle": list(verdict.cycle), "victim": verdict.victim, "scores": dict(verdict.scores), "at_ms": at_ms}
 
 
+def _credentials(settings: Settings) -> faust.SASLCredentials | None:
+    """faust's form of the SASL settings every polycommit Kafka client uses (polycommit.kafka_client)."""
+    kafka = settings.kafka
+    if not kafka.sasl or kafka.credentials is None:
+        return None
+    ssl_context = None
+    if kafka.security_protocol == "SASL_SSL":
+        from aiokafka.helpers import create_ssl_context
+
+        ssl_context = create_ssl_context(
+            cafile=kafka.ssl_cafile, certfile=kafka.ssl_certfile, keyfile=kafka.ssl_keyfile
+        )
+    return faust.SASLCredentials(
+        username=kafka.credentials.username,
+        password=kafka.credentials.password,
+        mechanism=kafka.sasl_mechanism,
+        ssl_context=ssl_context,
+    )
+
+
 class Detector:
     """Owns the faust app, the graph and the codec; `run` starts the app and stops it with `stop`."""
 
     def __init__(self, settings: Settings, codec: EventCodec | None = None, data_dir: Path | None = None) -> None:
+        settings = settings.as_role("detector")  # reads locks, writes verdicts: nothing else (ACLs)
         self.settings = settings
         self.codec = codec or default_codec()
         self.topics = topics_for(settings)
@@ -58,7 +79,8 @@ class Detector:
         self.stats = DetectorStats()
         self.app = faust.App(
             f"{settings.topic_prefix}-detector-{uuid.uuid4().hex[:12]}",
-            broker=f"kafka://{settings.kafka.bootstrap}",
+            broker=[f"kafka://{address.strip()}" for address in settings.kafka.bootstrap.split(",")],
+            broker_credentials=_credentials(settings),
             datadir=str(data_dir or settings.home / "data" / "detector"),
             web_enabled=False,
             topic_disable_leader=True,  # no leader topic: the app has no tables and no assignor state
