@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 from consumers import timing
 from consumers.base import Participant, failed
 from consumers.command import TypedCommand, parse_command
+from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
@@ -75,6 +76,7 @@ class StoreWorker:
         self.on_batch = on_batch
         self.name = f"{self.store}-worker"
         self._catch_up: tuple[dict[Any, int], asyncio.Event] | None = None
+        self._read_at_ns = 0  # when the batch in hand was fetched (the trace's command fetch hop ends there)
 
     async def caught_up(self, end_offsets: dict[Any, int]) -> None:
         """Wait until this member has consumed every partition up to `end_offsets` (used by replays and
@@ -128,6 +130,7 @@ class StoreWorker:
             while not stop.is_set():
                 started = time.perf_counter()
                 batch = await consumer.getmany(timeout_ms=100, max_records=self.batch_size)
+                self._read_at_ns = tracing.now_ns()
                 self.stats.read_s += time.perf_counter() - started
                 records = [r for part in batch.values() for r in part]
                 if not records:
@@ -160,15 +163,17 @@ class StoreWorker:
             sources.append(record)
         valid, positions, early = self._parse(commands)
         outcomes: list[StepOutcome | None] = list(early)
-        started = time.perf_counter()
+        started, applying = time.perf_counter(), tracing.now_ns()
         for position, result in zip(positions, await self._apply(valid), strict=True):
             outcomes[position] = result
         self.stats.apply_s += time.perf_counter() - started
         failpoint("worker.after_apply")
-        for record, command, maybe in zip(sources, commands, outcomes, strict=True):
+        spans = self._trace(sources, applying)
+        for record, command, maybe, span in zip(sources, commands, outcomes, spans, strict=True):
             assert maybe is not None
             step_outcome: StepOutcome = maybe
-            out.append(Outgoing(self.topics.outcomes, command["tx_id"], "StepOutcome", step_outcome))
+            traced = tracing.headers_of(span)
+            out.append(Outgoing(self.topics.outcomes, command["tx_id"], "StepOutcome", step_outcome, headers=traced))
             error = step_outcome["error"]
             if step_outcome["status"] == "FAILED" and error is not None and not error["retriable"]:
                 poison = PolycommitError(f"{error['error_class']}: {error['message']}")
@@ -177,6 +182,7 @@ class StoreWorker:
             self.stats.outcomes[status] = self.stats.outcomes.get(status, 0) + 1
         started = time.perf_counter()
         await publisher.publish_and_wait(out)
+        tracing.end_all(spans)
         self.stats.publish_s += time.perf_counter() - started
         failpoint("worker.after_publish")
         self.stats.batches += 1
@@ -184,6 +190,16 @@ class StoreWorker:
         self.stats.commands += len(commands)
         if self.on_batch is not None:
             self.on_batch([o for o in outcomes if o is not None])
+
+    def _trace(self, records: list[Any], applying_ns: int) -> list[Any]:
+        """Each command's fetch and apply spans, and its outcome's publish span (open), when traced."""
+        if not tracing.enabled():
+            return [None] * len(records)
+        window, attributes = (
+            (applying_ns, tracing.now_ns()),
+            {"polycommit.store": self.store, "polycommit.batch_size": len(records)},
+        )
+        return [tracing.consumer_hops(record, self._read_at_ns, window, attributes) for record in records]
 
     def _parse(self, commands: list[StoreCommand]) -> tuple[list[TypedCommand], list[int], list[StepOutcome | None]]:
         """Parse every command once, refusing those no store could run before they reach the store (and

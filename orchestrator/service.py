@@ -28,6 +28,7 @@ from orchestrator.admission import reply_target as reply_target
 from orchestrator.protocol import Event, IntentReceived, OutcomeReceived, TimerDue, Transition, TxState
 from orchestrator.saga import SagaPolicy
 from orchestrator.transactions import OwnedTransactions
+from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
@@ -95,6 +96,7 @@ class CoordinatorService:
         # The Kafka transaction of the previous loop, committing while the next batch is read and folded.
         self._committing: asyncio.Task[None] | None = None
         self._commit_failure: BaseException | None = None
+        self.trace = tracing.LoopTrace()  # spans of the batch being folded, when tracing is on
 
     # -- state ownership ----------------------------------------------------------------------------
 
@@ -194,6 +196,7 @@ class CoordinatorService:
             wait_ms = max(0, min(wait_ms, next_due - now_ms()))
         started = time.perf_counter()
         batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.max_records)
+        self.trace.batch_read()
         self.replies.new_batch()
         unrestored = {tp.partition for tp in batch} - self.transactions.restored_partitions
         if unrestored:
@@ -217,9 +220,11 @@ class CoordinatorService:
         self.stats.fold_s += time.perf_counter() - folded
         # One Kafka transaction at a time, but the next batch is read and folded while this one commits.
         await self.drain()
-        self._committing = asyncio.create_task(self._commit(publisher, out, offsets))
+        self._committing = asyncio.create_task(self._commit(publisher, out, offsets, self.trace.take()))
 
-    async def _commit(self, publisher: Publisher, out: list[Outgoing], offsets: dict[TopicPartition, int]) -> None:
+    async def _commit(
+        self, publisher: Publisher, out: list[Outgoing], offsets: dict[TopicPartition, int], spans: list[Any]
+    ) -> None:
         committing = time.perf_counter()
         await publisher.producer.begin_transaction()
         try:
@@ -232,10 +237,13 @@ class CoordinatorService:
         except BaseException:
             await publisher.producer.abort_transaction()
             raise
+        finally:
+            tracing.end_all(spans)
         self.stats.kafka_transactions += 1
         self.stats.commit_s += time.perf_counter() - committing
 
     async def _consume(self, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]) -> None:
+        self.trace.received(record)
         try:
             decoded = self.codec.decode(record.value)
             if decoded.event_type == "TransactionIntent" and record.topic == self.topics.intents:
@@ -251,6 +259,8 @@ class CoordinatorService:
             out.append(
                 Outgoing(self.topics.dead_letters, tx_id or f"{record.topic}/{record.offset}", "DeadLetter", letter)
             )
+        finally:
+            self.trace.decided()
 
     async def _on_intent(
         self, intent: TransactionIntent, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]
@@ -309,10 +319,12 @@ class CoordinatorService:
     def _publish(self, transition: Transition, record: Any, out: list[Outgoing]) -> None:
         state = transition.state
         tx_id = state["intent"]["tx_id"]
+        traced = self.trace.headers()
         for command in transition.commands:
-            out.append(Outgoing(self.topics.commands(command["operation"]["store"]), tx_id, "StoreCommand", command))
+            topic = self.topics.commands(command["operation"]["store"])
+            out.append(Outgoing(topic, tx_id, "StoreCommand", command, headers=traced))
         self.stats.commands += len(transition.commands)
-        out.extend(Outgoing(self.topics.decisions, tx_id, "Decision", d) for d in transition.decisions)
+        out.extend(Outgoing(self.topics.decisions, tx_id, "Decision", d, headers=traced) for d in transition.decisions)
         out.extend(
             Outgoing(self.topics.locks, lock["resource"], "LockEvent", lock) for lock in transition.lock_requests
         )
@@ -320,7 +332,7 @@ class CoordinatorService:
         for error in transition.rejections:
             self._reject(record, tx_id, error, out)
         if transition.result is not None:
-            self._publish_result(state, transition.result, out)
+            self._publish_result(state, transition.result, out, traced)
 
     def _reject(self, record: Any, tx_id: str, error: ErrorInfo, out: list[Outgoing]) -> None:
         """The input record is poison for its protocol: it is kept for inspection as a dead letter."""
@@ -334,14 +346,17 @@ class CoordinatorService:
         out.append(Outgoing(self.topics.dead_letters, tx_id, "DeadLetter", letter))
         self.stats.dead_letters += 1
 
-    def _publish_result(self, state: TxState, result: TransactionResult, out: list[Outgoing]) -> None:
+    def _publish_result(
+        self, state: TxState, result: TransactionResult, out: list[Outgoing], traced: tracing.Headers | None = None
+    ) -> None:
         tx_id = result["tx_id"]
         self.stats.results[result["status"]] = self.stats.results.get(result["status"], 0) + 1
         encoded = self.codec.encode("TransactionResult", result)  # once, for both topics
         out.append(Outgoing(self.topics.results, tx_id, "TransactionResult", result, encoded=encoded))
         target = self.replies.target(state["intent"]["reply_to"])
         if target is not None:
-            out.append(Outgoing(target[0], tx_id, "TransactionResult", result, partition=target[1], encoded=encoded))
+            reply = Outgoing(target[0], tx_id, "TransactionResult", result, target[1], encoded, headers=traced)
+            out.append(reply)
 
 
 def _publishes(transition: Transition) -> bool:

@@ -30,6 +30,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from polycommit import operations as ops
+from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_reader, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings, load_settings
@@ -270,6 +271,7 @@ class Coordinator:
         self._reply_to = ""
         self._pending: dict[str, asyncio.Future[TransactionResult]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._traces: dict[str, Any] = {}  # tx id -> its open root span, only when tracing is on
 
     async def start(self) -> Coordinator:
         await self._publisher.start()
@@ -320,6 +322,7 @@ class Coordinator:
                         continue
                     # A STUCK result is delivered too: the saga goes on retrying, but the caller learns now.
                     future.set_result(TransactionResult.from_event(event))
+                    self._trace_result(record)
 
     async def submit(self, transaction: Transaction) -> asyncio.Future[TransactionResult]:
         """Publish the intent; the returned future completes with the result. A mode polycommit does not
@@ -329,10 +332,34 @@ class Coordinator:
             raise TransactionError("Coordinator.start() was not awaited")
         future: asyncio.Future[TransactionResult] = asyncio.get_running_loop().create_future()
         self._pending[transaction.tx_id] = future
-        future.add_done_callback(lambda _: self._pending.pop(transaction.tx_id, None))
+        future.add_done_callback(lambda _: self._finished(transaction.tx_id))
         intent = transaction.intent(self._reply_to, self.client_id)
-        await self._publisher.send(Outgoing(self.topics.intents, transaction.tx_id, "TransactionIntent", intent))
+        publishing = self._trace_publish(transaction)
+        outgoing = Outgoing(
+            self.topics.intents, transaction.tx_id, "TransactionIntent", intent, headers=tracing.headers_of(publishing)
+        )
+        await self._publisher.send(outgoing)
+        tracing.end_all([publishing])
         return future
+
+    def _finished(self, tx_id: str) -> None:
+        self._pending.pop(tx_id, None)
+        tracing.end_all([self._traces.pop(tx_id, None)])
+
+    def _trace_publish(self, transaction: Transaction) -> Any:
+        """When traced: the transaction's root span (open until its result) and its publish span."""
+        if not tracing.enabled():
+            return None
+        attributes = {"polycommit.tx_id": transaction.tx_id, "polycommit.name": transaction.name}
+        root = tracing.tracer().start_span(tracing.TRANSACTION, attributes=attributes)
+        self._traces[transaction.tx_id] = root
+        return tracing.span(tracing.CLIENT_PUBLISH, tracing.in_context(root), tracing.now_ns())
+
+    def _trace_result(self, record: Any) -> None:
+        root = self._traces.get(record.key.decode()) if self._traces else None
+        if root is not None:  # the result's delivery: from the coordinator's send to this client's fetch
+            parent = tracing.parent_of(record.headers) or tracing.in_context(root)
+            tracing.span(tracing.CLIENT_RESULT, parent, tracing.record_time_ns(record), tracing.now_ns())
 
     async def execute(self, transaction: Transaction, wait: float | None = None) -> TransactionResult:
         """Publish the intent and await the result (at most `wait` seconds, default the client's timeout)."""
