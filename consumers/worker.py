@@ -61,6 +61,7 @@ class StoreWorker:
         group_id: str | None = None,
         codec: EventCodec | None = None,
         on_batch: Callable[[list[StepOutcome]], None] | None = None,
+        observe: tracing.Observe = tracing.ignore,
     ) -> None:
         self.settings = settings
         self.participant = participant
@@ -74,6 +75,8 @@ class StoreWorker:
         self.topics = topics_for(settings)
         self.stats = WorkerStats()
         self.on_batch = on_batch
+        self.observe = observe  # metrics (polycommit.tooling.metrics); a no-op unless the process serves them
+        self._labels = {"process": participant.store, "store": participant.store}
         self.name = f"{self.store}-worker"
         self._catch_up: tuple[dict[Any, int], asyncio.Event] | None = None
         self._read_at_ns = 0  # when the batch in hand was fetched (the trace's command fetch hop ends there)
@@ -131,6 +134,7 @@ class StoreWorker:
                 started = time.perf_counter()
                 batch = await consumer.getmany(timeout_ms=100, max_records=self.batch_size)
                 self._read_at_ns = tracing.now_ns()
+                self._observe_fetch(consumer, batch)
                 self.stats.read_s += time.perf_counter() - started
                 records = [r for part in batch.values() for r in part]
                 if not records:
@@ -183,6 +187,9 @@ class StoreWorker:
         started = time.perf_counter()
         await publisher.publish_and_wait(out)
         tracing.end_all(spans)
+        acked_ms = tracing.now_ns() / 1e6
+        for record in sources:  # each command's trip: the coordinator's send to its outcome acked
+            self.observe("step", max(0.0, acked_ms - record.timestamp) / 1000, self._labels)
         self.stats.publish_s += time.perf_counter() - started
         failpoint("worker.after_publish")
         self.stats.batches += 1
@@ -190,6 +197,15 @@ class StoreWorker:
         self.stats.commands += len(commands)
         if self.on_batch is not None:
             self.on_batch([o for o in outcomes if o is not None])
+
+    def _observe_fetch(self, consumer: Any, batch: dict[Any, list[Any]]) -> None:
+        """Batch size, and the lag the fetch left: records past the last one fetched, up to the high watermark."""
+        if batch:
+            self.observe("batch", sum(len(records) for records in batch.values()), self._labels)
+            lag = sum(max(0, (consumer.highwater(tp) or 0) - records[-1].offset - 1) for tp, records in batch.items())
+            self.observe("consumer_lag", lag, self._labels)
+        else:  # an empty fetch: nothing was waiting
+            self.observe("consumer_lag", 0, self._labels)
 
     def _trace(self, records: list[Any], applying_ns: int) -> list[Any]:
         """Each command's fetch and apply spans, and its outcome's publish span (open), when traced."""
@@ -236,6 +252,7 @@ class StoreWorker:
 
     def _dead(self, record: Any, exc: BaseException, tx_id: str | None, error_class: str | None = None) -> Outgoing:
         self.stats.dead_letters += 1
+        self.observe("dead_letter", 1, self._labels)
         letter = dead_letter(record, exc, self.name, tx_id)
         if error_class is not None:
             letter["error_class"] = error_class

@@ -38,6 +38,7 @@ from polycommit.events import ErrorInfo, StepOutcome, TransactionIntent, Transac
 from polycommit.failpoints import failpoint
 
 log = logging.getLogger(__name__)
+_COORDINATOR = {"process": "coordinator"}  # the labels of this process's metrics
 
 
 @dataclass
@@ -79,6 +80,7 @@ class CoordinatorService:
         instance: str | None = None,
         codec: EventCodec | None = None,
         max_records: int = 2000,
+        observe: tracing.Observe = tracing.ignore,
     ) -> None:
         self.settings = settings
         self.policy = policy or SagaPolicy(max_payload_bytes=settings.max_payload_bytes)
@@ -96,6 +98,7 @@ class CoordinatorService:
         # The Kafka transaction of the previous loop, committing while the next batch is read and folded.
         self._committing: asyncio.Task[None] | None = None
         self._commit_failure: BaseException | None = None
+        self.observe = observe  # metrics (polycommit.tooling.metrics); a no-op unless the process serves them
         self.trace = tracing.LoopTrace()  # spans of the batch being folded, when tracing is on
 
     # -- state ownership ----------------------------------------------------------------------------
@@ -197,6 +200,8 @@ class CoordinatorService:
         started = time.perf_counter()
         batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.max_records)
         self.trace.batch_read()
+        if batch:
+            self.observe("batch", sum(len(records) for records in batch.values()), _COORDINATOR)
         self.replies.new_batch()
         unrestored = {tp.partition for tp in batch} - self.transactions.restored_partitions
         if unrestored:
@@ -241,6 +246,7 @@ class CoordinatorService:
             tracing.end_all(spans)
         self.stats.kafka_transactions += 1
         self.stats.commit_s += time.perf_counter() - committing
+        self.observe("kafka_transaction", time.perf_counter() - committing, _COORDINATOR)
 
     async def _consume(self, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]) -> None:
         self.trace.received(record)
@@ -254,6 +260,7 @@ class CoordinatorService:
                 raise CodecError(f"a {decoded.event_type} does not belong on {record.topic}")
         except (CodecError, ProtocolError) as exc:
             self.stats.dead_letters += 1
+            self.observe("dead_letter", 1, _COORDINATOR)
             tx_id = record.key.decode(errors="replace") if record.key else None  # records are keyed by tx id
             letter = dead_letter(record, exc, "coordinator", tx_id)
             out.append(
@@ -328,7 +335,9 @@ class CoordinatorService:
         out.extend(
             Outgoing(self.topics.locks, lock["resource"], "LockEvent", lock) for lock in transition.lock_requests
         )
-        out.extend(Outgoing(self.topics.alerts, tx_id, "Alert", alert) for alert in transition.alerts)
+        for alert in transition.alerts:
+            out.append(Outgoing(self.topics.alerts, tx_id, "Alert", alert))
+            self.observe("alert", 1, {"kind": alert["kind"], "tx_id": tx_id})
         for error in transition.rejections:
             self._reject(record, tx_id, error, out)
         if transition.result is not None:
@@ -345,12 +354,14 @@ class CoordinatorService:
         letter["error_class"] = error["error_class"]
         out.append(Outgoing(self.topics.dead_letters, tx_id, "DeadLetter", letter))
         self.stats.dead_letters += 1
+        self.observe("dead_letter", 1, _COORDINATOR)
 
     def _publish_result(
         self, state: TxState, result: TransactionResult, out: list[Outgoing], traced: tracing.Headers | None = None
     ) -> None:
         tx_id = result["tx_id"]
         self.stats.results[result["status"]] = self.stats.results.get(result["status"], 0) + 1
+        self.observe("transaction", 1, {"protocol": registry.protocol_of(state), "outcome": result["status"].lower()})
         encoded = self.codec.encode("TransactionResult", result)  # once, for both topics
         out.append(Outgoing(self.topics.results, tx_id, "TransactionResult", result, encoded=encoded))
         target = self.replies.target(state["intent"]["reply_to"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
@@ -41,6 +41,16 @@ COMMAND_FETCH = "polycommit.command.fetch"
 STORE_APPLY = "polycommit.store.apply"
 OUTCOME_PUBLISH = "polycommit.outcome.publish"
 CLIENT_RESULT = "polycommit.client.result"
+
+
+# What a process reports for its metrics: observe(name, value, labels). The coordinator and the consumers
+# call it (a no-op by default); polycommit.tooling.metrics turns it into Prometheus series, so neither
+# the library nor the workers import the tooling.
+Observe = Callable[[str, float, Mapping[str, str]], None]
+
+
+def ignore(name: str, value: float, labels: Mapping[str, str]) -> None:
+    """The default `Observe`: metrics off."""
 
 
 def enabled() -> bool:

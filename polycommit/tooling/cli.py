@@ -23,6 +23,8 @@ from polycommit.errors import PolycommitError
 from polycommit.events import STORES
 from polycommit.tooling import kafka_tuning
 
+METRICS_HELP = "serve Prometheus metrics on 127.0.0.1:PORT (default $POLYCOMMIT_METRICS_PORT; off)"
+
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True, default=str))
@@ -55,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="this coordinator's name (default $POLYCOMMIT_COORDINATOR_INSTANCE or 0); one per coordinator process",
     )
+    run.add_argument("--metrics-port", type=int, default=None, help=METRICS_HELP)
 
     recover = sub.add_parser("recover", help="finish every transaction the log has in flight, and report")
     recover.add_argument("--external", action="store_true", help="the coordinator and consumers already run")
@@ -64,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     consumer = sub.add_parser("consumer", help="run one store's consumer group member")
     consumer.add_argument("store", choices=list(STORES))
     consumer.add_argument("--batch-size", type=int, default=500)
+    consumer.add_argument("--metrics-port", type=int, default=None, help=METRICS_HELP)
 
     status = sub.add_parser("status", help="transactions in flight and stuck, from the coordinator's log")
     status.add_argument("--json", action="store_true")
@@ -130,16 +134,30 @@ async def _topics(args: argparse.Namespace) -> int:
 
 
 async def _run_until_signal(
-    stores: Sequence[str], coordinator: bool, batch_size: int = 500, instance: str | None = None
+    stores: Sequence[str],
+    coordinator: bool,
+    batch_size: int = 500,
+    instance: str | None = None,
+    metrics_port: int | None = None,
 ) -> int:
+    from polycommit import tracing
     from polycommit.bus import create_topics
+    from polycommit.tooling import metrics
     from polycommit.tooling.runtime import Runtime
+
+    tracing.configure("polycommit-" + ("coordinator" if coordinator else "-".join(stores)))
+    port = metrics.port_from(metrics_port)
+    observe = tracing.ignore
+    if port is not None:
+        series = metrics.Metrics()
+        series.serve(port)
+        observe = series.observe
 
     settings = load_settings()
     if instance is not None:
         settings = dataclasses.replace(settings, coordinator_instance=instance)
     await create_topics(settings)
-    runtime = Runtime(settings, stores=stores, coordinator=coordinator, batch_size=batch_size)
+    runtime = Runtime(settings, stores=stores, coordinator=coordinator, batch_size=batch_size, observe=observe)
     await runtime.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -183,13 +201,13 @@ async def _dispatch(args: argparse.Namespace) -> int:
         return await _topics(args)
     if args.command == "run":
         stores = STORES if args.what == "all" else ()
-        return await _run_until_signal(stores, coordinator=True, instance=args.instance)
+        return await _run_until_signal(stores, True, instance=args.instance, metrics_port=args.metrics_port)
     if args.command == "recover":
         from polycommit.tooling.recovery import run_recover
 
         return await run_recover(load_settings(), external=args.external, wait=args.wait, as_json=args.json)
     if args.command == "consumer":
-        return await _run_until_signal([args.store], coordinator=False, batch_size=args.batch_size)
+        return await _run_until_signal([args.store], False, args.batch_size, metrics_port=args.metrics_port)
     if args.command == "status":
         from polycommit.tooling.inspect import print_status
 

@@ -20,6 +20,7 @@ from consumers.base import Participant
 from consumers.worker import StoreWorker
 from orchestrator.saga import SagaPolicy
 from orchestrator.service import CoordinatorService
+from polycommit import tracing
 from polycommit.config import Settings
 from polycommit.errors import UnknownStoreError
 from polycommit.events import STORES
@@ -51,6 +52,7 @@ class Runtime:
     coordinator: bool = True
     policy: SagaPolicy | None = None
     batch_size: int = 500
+    observe: tracing.Observe = tracing.ignore  # the parts' metrics (polycommit.tooling.metrics)
     service: CoordinatorService | None = None
     workers: dict[str, StoreWorker] = field(default_factory=dict)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -62,12 +64,13 @@ class Runtime:
         self.workers = {}
         readies: list[tuple[str, asyncio.Event]] = []
         if self.coordinator:
-            self.service = CoordinatorService(self.settings, self.policy)
+            self.service = CoordinatorService(self.settings, self.policy, observe=self.observe)
             ready = asyncio.Event()
             readies.append(("coordinator", ready))
             self._tasks.append(asyncio.create_task(self.service.run(self._stop, ready), name="coordinator"))
         for store in self.stores:
-            worker = StoreWorker(self.settings, participant_for(store, self.settings), batch_size=self.batch_size)
+            participant = participant_for(store, self.settings)
+            worker = StoreWorker(self.settings, participant, batch_size=self.batch_size, observe=self.observe)
             self.workers[store] = worker
             ready = asyncio.Event()
             readies.append((store, ready))

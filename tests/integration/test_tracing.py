@@ -1,5 +1,6 @@
 """One transaction's trace: every hop, across the client, the coordinator and the three store consumers,
-lands in ONE trace, linked parent to child through the Kafka record headers."""
+lands in ONE trace, linked parent to child through the Kafka record headers; and the same run feeds the
+processes' metrics."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from polycommit import tracing
 from polycommit.client import Coordinator
 from polycommit.config import Settings
 from polycommit.tooling import bench
+from polycommit.tooling.metrics import Metrics
 from polycommit.tooling.runtime import Runtime
 
 pytestmark = pytest.mark.servers
@@ -40,7 +42,8 @@ def _trace_of(spans: tuple[ReadableSpan, ...], tx_id: str) -> list[ReadableSpan]
 
 async def test_every_hop_of_a_transaction_is_in_one_trace(topics: Settings, exporter: InMemorySpanExporter) -> None:
     await bench.prepare(topics)
-    runtime = await Runtime(topics).start()
+    metrics = Metrics()
+    runtime = await Runtime(topics, observe=metrics.observe).start()
     try:
         async with Coordinator(topics, timeout=60) as client:
             write = bench.writes(f"trace-{uuid.uuid4().hex[:6]}", 1)[0]
@@ -72,3 +75,9 @@ async def test_every_hop_of_a_transaction_is_in_one_trace(topics: Settings, expo
     ]
     assert not orphans, f"spans whose parent is not in the trace: {orphans}"
     assert all(s.end_time is not None and s.start_time is not None and s.end_time >= s.start_time for s in spans)
+    sample = metrics.registry.get_sample_value
+    assert sample("polycommit_transactions_total", {"protocol": "saga", "outcome": "completed"}) == 1
+    assert sample("polycommit_kafka_transaction_seconds_count") >= 4  # intent + three outcomes, at least
+    for store in ("postgres", "qdrant", "neo4j"):
+        assert sample("polycommit_step_seconds_count", {"store": store}) == 1
+        assert sample("polycommit_batch_size_count", {"process": store}) >= 1
