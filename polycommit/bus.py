@@ -264,13 +264,20 @@ class Publisher:
         batch = self.producer.create_batch()
         for key, value, headers in records:
             if batch.append(timestamp=None, key=key, value=value, headers=_listed(headers)) is None:
-                futures.append(await self.producer.send_batch(batch, topic, partition=partition))
+                futures.append(await self._send_closed(batch, topic, partition))
                 batch = self.producer.create_batch()
                 if batch.append(timestamp=None, key=key, value=value, headers=_listed(headers)) is None:
                     raise ValueError(f"a record of {len(value or b'')} bytes does not fit a batch")
         if batch.record_count():
-            futures.append(await self.producer.send_batch(batch, topic, partition=partition))
+            futures.append(await self._send_closed(batch, topic, partition))
         return futures
+
+    async def _send_closed(self, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
+        # A batch built here is complete: closed, it goes out at once. Left open, aiokafka's sender lets
+        # it linger `linger_ms` for records that will never come (a fixed wait on every publish).
+        batch.close()
+        future: asyncio.Future[Any] = await self.producer.send_batch(batch, topic, partition=partition)
+        return future
 
     async def send(self, item: Outgoing) -> None:
         """Send one record through the producer's accumulator (which batches concurrent senders) and

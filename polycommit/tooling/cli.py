@@ -80,17 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true")
 
     bench = sub.add_parser("bench", help="measure throughput and latency against direct writes")
-    bench.add_argument("--mode", choices=["saga"], default="saga")
-    bench.add_argument("--transactions", type=int, default=10_000)
-    bench.add_argument("--concurrency", type=int, default=256)
-    bench.add_argument("--external", action="store_true", help="the workers already run elsewhere")
-    bench.add_argument(
-        "--in-process",
-        action="store_true",
-        help="run the coordinator and the consumers in this process (default: one process each, as deployed)",
-    )
-    bench.add_argument("--no-direct", action="store_true", help="skip the direct-write baseline")
-    bench.add_argument("--json", action="store_true")
+    from polycommit.tooling.bench import add_arguments as bench_arguments
+
+    bench_arguments(bench)
 
     chaos = sub.add_parser("chaos", help="kill processes and the broker under load, then check the stores")
     chaos.add_argument("--transactions", type=int, default=2000, help="transactions to send (default 2000)")
