@@ -207,7 +207,11 @@ class Publisher:
         transactional_id: str | None = None,
         codec: EventCodec | None = None,
         client_id: str = "polycommit",
-        linger_ms: int = 2,
+        # No fixed wait: a batch forms from what is ready. Batches built here are closed (sent at once);
+        # records sent one by one (`send`) still share a request while the previous one is in flight.
+        # Measured for intents (one `send` each, ack awaited): linger 1 ms gave p50 2.1 ms at concurrency 1
+        # and 4.3 ms at 32; linger 0, 0.6 ms and 1.4 ms, with no loss of throughput at 256.
+        linger_ms: int = 0,
     ) -> None:
         self.codec = codec or default_codec()
         self.producer = AIOKafkaProducer(

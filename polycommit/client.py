@@ -266,7 +266,7 @@ class Coordinator:
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:8]}"
         self.timeout = timeout
         self.codec = codec or default_codec()
-        self._publisher = Publisher(self.settings, codec=self.codec, client_id=self.client_id, linger_ms=1)
+        self._publisher = Publisher(self.settings, codec=self.codec, client_id=self.client_id)
         self._replies: AIOKafkaConsumer | None = None
         self._reply_to = ""
         self._pending: dict[str, asyncio.Future[TransactionResult]] = {}
