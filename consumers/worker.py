@@ -79,6 +79,7 @@ class StoreWorker:
         self._labels = {"process": participant.store, "store": participant.store}
         self.name = f"{self.store}-worker"
         self._catch_up: tuple[dict[Any, int], asyncio.Event] | None = None
+        self._committing: asyncio.Task[None] | None = None  # the previous batch's offset commit
         self._read_at_ns = 0  # when the batch in hand was fetched (the trace's command fetch hop ends there)
 
     async def caught_up(self, end_offsets: dict[Any, int]) -> None:
@@ -138,17 +139,37 @@ class StoreWorker:
                 self.stats.read_s += time.perf_counter() - started
                 records = [r for part in batch.values() for r in part]
                 if not records:
+                    await self._committed()
                     await self._check_caught_up(consumer)
                     continue
                 await self._handle(records, publisher)
-                started = time.perf_counter()
-                await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
-                self.stats.commit_s += time.perf_counter() - started
+                await self._committed()  # one offset commit at a time, in batch order
+                offsets = {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
+                self._committing = asyncio.create_task(self._commit(consumer, offsets))
                 await self._check_caught_up(consumer)
+            await self._committed()
         finally:
+            if self._committing is not None:  # the session failed: the batch is redelivered, markers make it a no-op
+                self._committing.cancel()
+                await asyncio.gather(self._committing, return_exceptions=True)
+                self._committing = None
             await consumer.stop()
             await publisher.stop()
             await self.participant.close()
+
+    async def _commit(self, consumer: Any, offsets: dict[Any, int]) -> None:
+        """Commit a batch's offsets while the next batch is fetched and applied: the commit round trip is
+        no longer a wait before every batch (its outcomes are already acked, so a crash before it lands
+        only redelivers the batch, which the markers make a no-op)."""
+        started = time.perf_counter()
+        await consumer.commit(offsets)
+        self.stats.commit_s += time.perf_counter() - started
+
+    async def _committed(self) -> None:
+        """Wait for the previous batch's offset commit; its failure ends the session, as it always did."""
+        task, self._committing = self._committing, None
+        if task is not None:
+            await task
 
     async def _handle(self, records: list[Any], publisher: Publisher) -> None:
         commands: list[StoreCommand] = []

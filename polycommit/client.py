@@ -322,7 +322,7 @@ class Coordinator:
                         continue
                     # A STUCK result is delivered too: the saga goes on retrying, but the caller learns now.
                     future.set_result(TransactionResult.from_event(event))
-                    self._trace_result(record)
+                    tracing.client_result(self._traces, record)
 
     async def submit(self, transaction: Transaction) -> asyncio.Future[TransactionResult]:
         """Publish the intent; the returned future completes with the result. A mode polycommit does not
@@ -334,7 +334,7 @@ class Coordinator:
         self._pending[transaction.tx_id] = future
         future.add_done_callback(lambda _: self._finished(transaction.tx_id))
         intent = transaction.intent(self._reply_to, self.client_id)
-        publishing = self._trace_publish(transaction)
+        publishing = tracing.client_publish(self._traces, transaction.tx_id, transaction.name)
         outgoing = Outgoing(
             self.topics.intents, transaction.tx_id, "TransactionIntent", intent, headers=tracing.headers_of(publishing)
         )
@@ -345,21 +345,6 @@ class Coordinator:
     def _finished(self, tx_id: str) -> None:
         self._pending.pop(tx_id, None)
         tracing.end_all([self._traces.pop(tx_id, None)])
-
-    def _trace_publish(self, transaction: Transaction) -> Any:
-        """When traced: the transaction's root span (open until its result) and its publish span."""
-        if not tracing.enabled():
-            return None
-        attributes = {"polycommit.tx_id": transaction.tx_id, "polycommit.name": transaction.name}
-        root = tracing.tracer().start_span(tracing.TRANSACTION, attributes=attributes)
-        self._traces[transaction.tx_id] = root
-        return tracing.span(tracing.CLIENT_PUBLISH, tracing.in_context(root), tracing.now_ns())
-
-    def _trace_result(self, record: Any) -> None:
-        root = self._traces.get(record.key.decode()) if self._traces else None
-        if root is not None:  # the result's delivery: from the coordinator's send to this client's fetch
-            parent = tracing.parent_of(record.headers) or tracing.in_context(root)
-            tracing.span(tracing.CLIENT_RESULT, parent, tracing.record_time_ns(record), tracing.now_ns())
 
     async def execute(self, transaction: Transaction, wait: float | None = None) -> TransactionResult:
         """Publish the intent and await the result (at most `wait` seconds, default the client's timeout)."""

@@ -142,6 +142,23 @@ def configure(service_name: str, environ: Mapping[str, str] | None = None) -> bo
     return True
 
 
+def client_publish(roots: dict[str, Span], tx_id: str, name: str) -> Span | None:
+    """When traced: open the transaction's root span (kept in `roots` until its result) and its publish span."""
+    if not enabled():
+        return None
+    root = roots[tx_id] = tracer().start_span(
+        TRANSACTION, attributes={"polycommit.tx_id": tx_id, "polycommit.name": name}
+    )
+    return span(CLIENT_PUBLISH, in_context(root), now_ns())
+
+
+def client_result(roots: Mapping[str, Span], record: Any) -> None:
+    """The result's delivery, from the coordinator's send to the client's fetch, in the transaction's trace."""
+    root = roots.get(_key_of(record)) if roots else None
+    if root is not None:
+        span(CLIENT_RESULT, parent_of(record.headers) or in_context(root), record_time_ns(record), now_ns())
+
+
 class LoopTrace:
     """The spans a batched loop keeps for the transactions of its current batch; inert when untraced.
 
