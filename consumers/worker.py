@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 from consumers import timing
 from consumers.base import Participant, failed
 from consumers.command import TypedCommand, parse_command
+from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
@@ -60,6 +61,7 @@ class StoreWorker:
         group_id: str | None = None,
         codec: EventCodec | None = None,
         on_batch: Callable[[list[StepOutcome]], None] | None = None,
+        observe: tracing.Observe = tracing.ignore,
     ) -> None:
         self.settings = settings
         self.participant = participant
@@ -73,8 +75,12 @@ class StoreWorker:
         self.topics = topics_for(settings)
         self.stats = WorkerStats()
         self.on_batch = on_batch
+        self.observe = observe  # metrics (polycommit.tooling.metrics); a no-op unless the process serves them
+        self._labels = {"process": participant.store, "store": participant.store}
         self.name = f"{self.store}-worker"
         self._catch_up: tuple[dict[Any, int], asyncio.Event] | None = None
+        self._committing: asyncio.Task[None] | None = None  # the previous batch's offset commit
+        self._read_at_ns = 0  # when the batch in hand was fetched (the trace's command fetch hop ends there)
 
     async def caught_up(self, end_offsets: dict[Any, int]) -> None:
         """Wait until this member has consumed every partition up to `end_offsets` (used by replays and
@@ -128,20 +134,42 @@ class StoreWorker:
             while not stop.is_set():
                 started = time.perf_counter()
                 batch = await consumer.getmany(timeout_ms=100, max_records=self.batch_size)
+                self._read_at_ns = tracing.now_ns()
+                self._observe_fetch(consumer, batch)
                 self.stats.read_s += time.perf_counter() - started
                 records = [r for part in batch.values() for r in part]
                 if not records:
+                    await self._committed()
                     await self._check_caught_up(consumer)
                     continue
                 await self._handle(records, publisher)
-                started = time.perf_counter()
-                await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
-                self.stats.commit_s += time.perf_counter() - started
+                await self._committed()  # one offset commit at a time, in batch order
+                offsets = {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
+                self._committing = asyncio.create_task(self._commit(consumer, offsets))
                 await self._check_caught_up(consumer)
+            await self._committed()
         finally:
+            if self._committing is not None:  # the session failed: the batch is redelivered, markers make it a no-op
+                self._committing.cancel()
+                await asyncio.gather(self._committing, return_exceptions=True)
+                self._committing = None
             await consumer.stop()
             await publisher.stop()
             await self.participant.close()
+
+    async def _commit(self, consumer: Any, offsets: dict[Any, int]) -> None:
+        """Commit a batch's offsets while the next batch is fetched and applied: the commit round trip is
+        no longer a wait before every batch (its outcomes are already acked, so a crash before it lands
+        only redelivers the batch, which the markers make a no-op)."""
+        started = time.perf_counter()
+        await consumer.commit(offsets)
+        self.stats.commit_s += time.perf_counter() - started
+
+    async def _committed(self) -> None:
+        """Wait for the previous batch's offset commit; its failure ends the session, as it always did."""
+        task, self._committing = self._committing, None
+        if task is not None:
+            await task
 
     async def _handle(self, records: list[Any], publisher: Publisher) -> None:
         commands: list[StoreCommand] = []
@@ -160,15 +188,17 @@ class StoreWorker:
             sources.append(record)
         valid, positions, early = self._parse(commands)
         outcomes: list[StepOutcome | None] = list(early)
-        started = time.perf_counter()
+        started, applying = time.perf_counter(), tracing.now_ns()
         for position, result in zip(positions, await self._apply(valid), strict=True):
             outcomes[position] = result
         self.stats.apply_s += time.perf_counter() - started
         failpoint("worker.after_apply")
-        for record, command, maybe in zip(sources, commands, outcomes, strict=True):
+        spans = self._trace(sources, applying)
+        for record, command, maybe, span in zip(sources, commands, outcomes, spans, strict=True):
             assert maybe is not None
             step_outcome: StepOutcome = maybe
-            out.append(Outgoing(self.topics.outcomes, command["tx_id"], "StepOutcome", step_outcome))
+            traced = tracing.headers_of(span)
+            out.append(Outgoing(self.topics.outcomes, command["tx_id"], "StepOutcome", step_outcome, headers=traced))
             error = step_outcome["error"]
             if step_outcome["status"] == "FAILED" and error is not None and not error["retriable"]:
                 poison = PolycommitError(f"{error['error_class']}: {error['message']}")
@@ -177,6 +207,10 @@ class StoreWorker:
             self.stats.outcomes[status] = self.stats.outcomes.get(status, 0) + 1
         started = time.perf_counter()
         await publisher.publish_and_wait(out)
+        tracing.end_all(spans)
+        acked_ms = tracing.now_ns() / 1e6
+        for record in sources:  # each command's trip: the coordinator's send to its outcome acked
+            self.observe("step", max(0.0, acked_ms - record.timestamp) / 1000, self._labels)
         self.stats.publish_s += time.perf_counter() - started
         failpoint("worker.after_publish")
         self.stats.batches += 1
@@ -184,6 +218,25 @@ class StoreWorker:
         self.stats.commands += len(commands)
         if self.on_batch is not None:
             self.on_batch([o for o in outcomes if o is not None])
+
+    def _observe_fetch(self, consumer: Any, batch: dict[Any, list[Any]]) -> None:
+        """Batch size, and the lag the fetch left: records past the last one fetched, up to the high watermark."""
+        if batch:
+            self.observe("batch", sum(len(records) for records in batch.values()), self._labels)
+            lag = sum(max(0, (consumer.highwater(tp) or 0) - records[-1].offset - 1) for tp, records in batch.items())
+            self.observe("consumer_lag", lag, self._labels)
+        else:  # an empty fetch: nothing was waiting
+            self.observe("consumer_lag", 0, self._labels)
+
+    def _trace(self, records: list[Any], applying_ns: int) -> list[Any]:
+        """Each command's fetch and apply spans, and its outcome's publish span (open), when traced."""
+        if not tracing.enabled():
+            return [None] * len(records)
+        window, attributes = (
+            (applying_ns, tracing.now_ns()),
+            {"polycommit.store": self.store, "polycommit.batch_size": len(records)},
+        )
+        return [tracing.consumer_hops(record, self._read_at_ns, window, attributes) for record in records]
 
     def _parse(self, commands: list[StoreCommand]) -> tuple[list[TypedCommand], list[int], list[StepOutcome | None]]:
         """Parse every command once, refusing those no store could run before they reach the store (and
@@ -220,6 +273,7 @@ class StoreWorker:
 
     def _dead(self, record: Any, exc: BaseException, tx_id: str | None, error_class: str | None = None) -> Outgoing:
         self.stats.dead_letters += 1
+        self.observe("dead_letter", 1, self._labels)
         letter = dead_letter(record, exc, self.name, tx_id)
         if error_class is not None:
             letter["error_class"] = error_class

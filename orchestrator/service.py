@@ -36,6 +36,7 @@ from orchestrator.protocol import (
 )
 from orchestrator.saga import SagaPolicy
 from orchestrator.transactions import OwnedTransactions
+from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
@@ -45,6 +46,7 @@ from polycommit.events import ErrorInfo, OperatorCommand, StepOutcome, Transacti
 from polycommit.failpoints import failpoint
 
 log = logging.getLogger(__name__)
+_COORDINATOR = {"process": "coordinator"}  # the labels of this process's metrics
 
 
 @dataclass
@@ -86,6 +88,7 @@ class CoordinatorService:
         instance: str | None = None,
         codec: EventCodec | None = None,
         max_records: int = 2000,
+        observe: tracing.Observe = tracing.ignore,
     ) -> None:
         self.settings = settings
         self.policy = policy or SagaPolicy(max_payload_bytes=settings.max_payload_bytes)
@@ -103,6 +106,8 @@ class CoordinatorService:
         # The Kafka transaction of the previous loop, committing while the next batch is read and folded.
         self._committing: asyncio.Task[None] | None = None
         self._commit_failure: BaseException | None = None
+        self.observe = observe  # metrics (polycommit.tooling.metrics); a no-op unless the process serves them
+        self.trace = tracing.LoopTrace()  # spans of the batch being folded, when tracing is on
 
     # -- state ownership ----------------------------------------------------------------------------
 
@@ -202,6 +207,9 @@ class CoordinatorService:
             wait_ms = max(0, min(wait_ms, next_due - now_ms()))
         started = time.perf_counter()
         batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.max_records)
+        self.trace.batch_read()
+        if batch:
+            self.observe("batch", sum(len(records) for records in batch.values()), _COORDINATOR)
         self.replies.new_batch()
         unrestored = {tp.partition for tp in batch} - self.transactions.restored_partitions
         if unrestored:
@@ -225,9 +233,11 @@ class CoordinatorService:
         self.stats.fold_s += time.perf_counter() - folded
         # One Kafka transaction at a time, but the next batch is read and folded while this one commits.
         await self.drain()
-        self._committing = asyncio.create_task(self._commit(publisher, out, offsets))
+        self._committing = asyncio.create_task(self._commit(publisher, out, offsets, self.trace.take()))
 
-    async def _commit(self, publisher: Publisher, out: list[Outgoing], offsets: dict[TopicPartition, int]) -> None:
+    async def _commit(
+        self, publisher: Publisher, out: list[Outgoing], offsets: dict[TopicPartition, int], spans: list[Any]
+    ) -> None:
         committing = time.perf_counter()
         await publisher.producer.begin_transaction()
         try:
@@ -240,10 +250,14 @@ class CoordinatorService:
         except BaseException:
             await publisher.producer.abort_transaction()
             raise
+        finally:
+            tracing.end_all(spans)
         self.stats.kafka_transactions += 1
         self.stats.commit_s += time.perf_counter() - committing
+        self.observe("kafka_transaction", time.perf_counter() - committing, _COORDINATOR)
 
     async def _consume(self, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]) -> None:
+        self.trace.received(record)
         try:
             decoded = self.codec.decode(record.value)
             if decoded.event_type == "TransactionIntent" and record.topic == self.topics.intents:
@@ -256,11 +270,14 @@ class CoordinatorService:
                 raise CodecError(f"a {decoded.event_type} does not belong on {record.topic}")
         except (CodecError, ProtocolError) as exc:
             self.stats.dead_letters += 1
+            self.observe("dead_letter", 1, _COORDINATOR)
             tx_id = record.key.decode(errors="replace") if record.key else None  # records are keyed by tx id
             letter = dead_letter(record, exc, "coordinator", tx_id)
             out.append(
                 Outgoing(self.topics.dead_letters, tx_id or f"{record.topic}/{record.offset}", "DeadLetter", letter)
             )
+        finally:
+            self.trace.decided()
 
     async def _on_intent(
         self, intent: TransactionIntent, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]
@@ -334,18 +351,22 @@ class CoordinatorService:
     def _publish(self, transition: Transition, record: Any, out: list[Outgoing]) -> None:
         state = transition.state
         tx_id = state["intent"]["tx_id"]
+        traced = self.trace.headers()
         for command in transition.commands:
-            out.append(Outgoing(self.topics.commands(command["operation"]["store"]), tx_id, "StoreCommand", command))
+            topic = self.topics.commands(command["operation"]["store"])
+            out.append(Outgoing(topic, tx_id, "StoreCommand", command, headers=traced))
         self.stats.commands += len(transition.commands)
-        out.extend(Outgoing(self.topics.decisions, tx_id, "Decision", d) for d in transition.decisions)
+        out.extend(Outgoing(self.topics.decisions, tx_id, "Decision", d, headers=traced) for d in transition.decisions)
         out.extend(
             Outgoing(self.topics.locks, lock["resource"], "LockEvent", lock) for lock in transition.lock_requests
         )
-        out.extend(Outgoing(self.topics.alerts, tx_id, "Alert", alert) for alert in transition.alerts)
+        for alert in transition.alerts:
+            out.append(Outgoing(self.topics.alerts, tx_id, "Alert", alert))
+            self.observe("alert", 1, {"kind": alert["kind"], "tx_id": tx_id})
         for error in transition.rejections:
             self._reject(record, tx_id, error, out)
         if transition.result is not None:
-            self._publish_result(state, transition.result, out)
+            self._publish_result(state, transition.result, out, traced)
 
     def _reject(self, record: Any, tx_id: str, error: ErrorInfo, out: list[Outgoing]) -> None:
         """The input record is poison for its protocol: it is kept for inspection as a dead letter."""
@@ -358,15 +379,20 @@ class CoordinatorService:
         letter["error_class"] = error["error_class"]
         out.append(Outgoing(self.topics.dead_letters, tx_id, "DeadLetter", letter))
         self.stats.dead_letters += 1
+        self.observe("dead_letter", 1, _COORDINATOR)
 
-    def _publish_result(self, state: TxState, result: TransactionResult, out: list[Outgoing]) -> None:
+    def _publish_result(
+        self, state: TxState, result: TransactionResult, out: list[Outgoing], traced: tracing.Headers | None = None
+    ) -> None:
         tx_id = result["tx_id"]
         self.stats.results[result["status"]] = self.stats.results.get(result["status"], 0) + 1
+        self.observe("transaction", 1, {"protocol": registry.protocol_of(state), "outcome": result["status"].lower()})
         encoded = self.codec.encode("TransactionResult", result)  # once, for both topics
         out.append(Outgoing(self.topics.results, tx_id, "TransactionResult", result, encoded=encoded))
         target = self.replies.target(state["intent"]["reply_to"])
         if target is not None:
-            out.append(Outgoing(target[0], tx_id, "TransactionResult", result, partition=target[1], encoded=encoded))
+            reply = Outgoing(target[0], tx_id, "TransactionResult", result, target[1], encoded, headers=traced)
+            out.append(reply)
 
 
 def _publishes(transition: Transition) -> bool:

@@ -181,6 +181,17 @@ def key_hash(key: str) -> int:
     return int(murmur2(key.encode())) & 0x7FFFFFFF
 
 
+_Record = tuple[bytes, bytes | None, Sequence[tuple[str, bytes]] | None]  # key, value, headers
+
+
+_NO_HEADERS: list[tuple[str, bytes]] = []  # shared, never mutated: an untraced record allocates nothing
+
+
+def _listed(headers: Sequence[tuple[str, bytes]] | None) -> list[tuple[str, bytes]]:
+    """aiokafka's compiled batch builder takes a list only."""
+    return _NO_HEADERS if not headers else list(headers)
+
+
 @dataclass(frozen=True)
 class Outgoing:
     """One record to publish: an event (or a tombstone when `record` is None) keyed by transaction id."""
@@ -191,6 +202,7 @@ class Outgoing:
     record: Any
     partition: int | None = None
     encoded: bytes | None = None  # the record already encoded (one event published to several topics)
+    headers: Sequence[tuple[str, bytes]] | None = None  # the W3C trace context, when traced (polycommit.tracing)
 
 
 class Publisher:
@@ -203,7 +215,11 @@ class Publisher:
         transactional_id: str | None = None,
         codec: EventCodec | None = None,
         client_id: str = "polycommit",
-        linger_ms: int = 2,
+        # No fixed wait: a batch forms from what is ready. Batches built here are closed (sent at once);
+        # records sent one by one (`send`) still share a request while the previous one is in flight.
+        # Measured for intents (one `send` each, ack awaited): linger 1 ms gave p50 2.1 ms at concurrency 1
+        # and 4.3 ms at 32; linger 0, 0.6 ms and 1.4 ms, with no loss of throughput at 256.
+        linger_ms: int = 0,
     ) -> None:
         self.codec = codec or default_codec()
         self.producer = AIOKafkaProducer(
@@ -244,37 +260,46 @@ class Publisher:
 
     async def publish(self, items: Sequence[Outgoing]) -> list[asyncio.Future[Any]]:
         """Queue records in per-partition batches; await the returned futures for the broker's ack."""
-        grouped: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
+        grouped: dict[tuple[str, int], list[_Record]] = {}
         for item in items:
             partition = item.partition
             if partition is None:
                 partition = await self.partition_for(item.topic, item.key)
-            grouped.setdefault((item.topic, partition), []).append((item.key.encode(), self.encode(item)))
+            grouped.setdefault((item.topic, partition), []).append((item.key.encode(), self.encode(item), item.headers))
         futures: list[asyncio.Future[Any]] = []
         for (topic, partition), records in grouped.items():
             futures.extend(await self._send_records(topic, partition, records))
         return futures
 
-    async def _send_records(
-        self, topic: str, partition: int, records: Iterable[tuple[bytes, bytes | None]]
-    ) -> list[asyncio.Future[Any]]:
+    async def _send_records(self, topic: str, partition: int, records: Iterable[_Record]) -> list[asyncio.Future[Any]]:
         futures = []
         batch = self.producer.create_batch()
-        for key, value in records:
-            if batch.append(timestamp=None, key=key, value=value) is None:
-                futures.append(await self.producer.send_batch(batch, topic, partition=partition))
+        for key, value, headers in records:
+            if batch.append(timestamp=None, key=key, value=value, headers=_listed(headers)) is None:
+                futures.append(await self._send_closed(batch, topic, partition))
                 batch = self.producer.create_batch()
-                if batch.append(timestamp=None, key=key, value=value) is None:
+                if batch.append(timestamp=None, key=key, value=value, headers=_listed(headers)) is None:
                     raise ValueError(f"a record of {len(value or b'')} bytes does not fit a batch")
         if batch.record_count():
-            futures.append(await self.producer.send_batch(batch, topic, partition=partition))
+            futures.append(await self._send_closed(batch, topic, partition))
         return futures
+
+    async def _send_closed(self, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
+        # A batch built here is complete: closed, it goes out at once. Left open, aiokafka's sender lets
+        # it linger `linger_ms` for records that will never come (a fixed wait on every publish).
+        batch.close()
+        future: asyncio.Future[Any] = await self.producer.send_batch(batch, topic, partition=partition)
+        return future
 
     async def send(self, item: Outgoing) -> None:
         """Send one record through the producer's accumulator (which batches concurrent senders) and
         wait for the broker's ack: the path for intents, published one by one by many callers."""
         future = await self.producer.send(
-            item.topic, self.encode(item), key=item.key.encode(), partition=item.partition
+            item.topic,
+            self.encode(item),
+            key=item.key.encode(),
+            partition=item.partition,
+            headers=_listed(item.headers),
         )
         await future
 

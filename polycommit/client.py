@@ -30,6 +30,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from polycommit import operations as ops
+from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_reader, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings, load_settings
@@ -269,11 +270,12 @@ class Coordinator:
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:8]}"
         self.timeout = timeout
         self.codec = codec or default_codec()
-        self._publisher = Publisher(self.settings, codec=self.codec, client_id=self.client_id, linger_ms=1)
+        self._publisher = Publisher(self.settings, codec=self.codec, client_id=self.client_id)
         self._replies: AIOKafkaConsumer | None = None
         self._reply_to = ""
         self._pending: dict[str, asyncio.Future[TransactionResult]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._traces: dict[str, Any] = {}  # tx id -> its open root span, only when tracing is on
 
     async def start(self) -> Coordinator:
         await self._publisher.start()
@@ -324,6 +326,7 @@ class Coordinator:
                         continue
                     # A STUCK result is delivered too: the saga goes on retrying, but the caller learns now.
                     future.set_result(TransactionResult.from_event(event))
+                    tracing.client_result(self._traces, record)
 
     async def submit(self, transaction: Transaction) -> asyncio.Future[TransactionResult]:
         """Publish the intent; the returned future completes with the result. A mode polycommit does not
@@ -333,10 +336,19 @@ class Coordinator:
             raise TransactionError("Coordinator.start() was not awaited")
         future: asyncio.Future[TransactionResult] = asyncio.get_running_loop().create_future()
         self._pending[transaction.tx_id] = future
-        future.add_done_callback(lambda _: self._pending.pop(transaction.tx_id, None))
+        future.add_done_callback(lambda _: self._finished(transaction.tx_id))
         intent = transaction.intent(self._reply_to, self.client_id)
-        await self._publisher.send(Outgoing(self.topics.intents, transaction.tx_id, "TransactionIntent", intent))
+        publishing = tracing.client_publish(self._traces, transaction.tx_id, transaction.name)
+        outgoing = Outgoing(
+            self.topics.intents, transaction.tx_id, "TransactionIntent", intent, headers=tracing.headers_of(publishing)
+        )
+        await self._publisher.send(outgoing)
+        tracing.end_all([publishing])
         return future
+
+    def _finished(self, tx_id: str) -> None:
+        self._pending.pop(tx_id, None)
+        tracing.end_all([self._traces.pop(tx_id, None)])
 
     async def execute(self, transaction: Transaction, wait: float | None = None) -> TransactionResult:
         """Publish the intent and await the result (at most `wait` seconds, default the client's timeout)."""

@@ -23,6 +23,8 @@ from polycommit.errors import PolycommitError
 from polycommit.events import STORES
 from polycommit.tooling import dead_letter_replay, kafka_tuning, tx
 
+METRICS_HELP = "serve Prometheus metrics on 127.0.0.1:PORT (default $POLYCOMMIT_METRICS_PORT; off)"
+
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True, default=str))
@@ -55,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="this coordinator's name (default $POLYCOMMIT_COORDINATOR_INSTANCE or 0); one per coordinator process",
     )
+    run.add_argument("--metrics-port", type=int, default=None, help=METRICS_HELP)
 
     recover = sub.add_parser("recover", help="finish every transaction the log has in flight, and report")
     recover.add_argument("--external", action="store_true", help="the coordinator and consumers already run")
@@ -64,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     consumer = sub.add_parser("consumer", help="run one store's consumer group member")
     consumer.add_argument("store", choices=list(STORES))
     consumer.add_argument("--batch-size", type=int, default=500)
+    consumer.add_argument("--metrics-port", type=int, default=None, help=METRICS_HELP)
 
     status = sub.add_parser("status", help="transactions in flight and stuck, from the coordinator's log")
     status.add_argument("--json", action="store_true")
@@ -82,17 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true")
 
     bench = sub.add_parser("bench", help="measure throughput and latency against direct writes")
-    bench.add_argument("--mode", choices=["saga"], default="saga")
-    bench.add_argument("--transactions", type=int, default=10_000)
-    bench.add_argument("--concurrency", type=int, default=256)
-    bench.add_argument("--external", action="store_true", help="the workers already run elsewhere")
-    bench.add_argument(
-        "--in-process",
-        action="store_true",
-        help="run the coordinator and the consumers in this process (default: one process each, as deployed)",
-    )
-    bench.add_argument("--no-direct", action="store_true", help="skip the direct-write baseline")
-    bench.add_argument("--json", action="store_true")
+    from polycommit.tooling.bench import add_arguments as bench_arguments
+
+    bench_arguments(bench)
 
     check = sub.add_parser("check", help="judge the stores against the log: lost, leftover and orphan writes")
     check.add_argument("--prefix", default=None, help="topic prefix of the log to judge (default: the settings')")
@@ -164,15 +160,28 @@ async def _run_until_signal(
     batch_size: int = 500,
     instance: str | None = None,
     detector: bool = False,
+    metrics_port: int | None = None,
 ) -> int:
+    from polycommit import tracing
     from polycommit.bus import create_topics
+    from polycommit.tooling import metrics
     from polycommit.tooling.runtime import Runtime
+
+    tracing.configure("polycommit-" + ("coordinator" if coordinator else "-".join(stores)))
+    port = metrics.port_from(metrics_port)
+    observe = tracing.ignore
+    if port is not None:
+        series = metrics.Metrics()
+        series.serve(port)
+        observe = series.observe
 
     settings = load_settings()
     if instance is not None:
         settings = dataclasses.replace(settings, coordinator_instance=instance)
     await create_topics(settings)
-    runtime = Runtime(settings, stores=stores, coordinator=coordinator, batch_size=batch_size, detector=detector)
+    runtime = Runtime(
+        settings, stores=stores, coordinator=coordinator, batch_size=batch_size, detector=detector, observe=observe
+    )
     await runtime.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -222,13 +231,14 @@ async def _dispatch(args: argparse.Namespace) -> int:
             coordinator=args.what != "detector",
             instance=args.instance,
             detector=args.what in ("all", "detector"),
+            metrics_port=args.metrics_port,
         )
     if args.command == "recover":
         from polycommit.tooling.recovery import run_recover
 
         return await run_recover(load_settings(), external=args.external, wait=args.wait, as_json=args.json)
     if args.command == "consumer":
-        return await _run_until_signal([args.store], coordinator=False, batch_size=args.batch_size)
+        return await _run_until_signal([args.store], False, args.batch_size, metrics_port=args.metrics_port)
     if args.command == "status":
         from polycommit.tooling.inspect import print_status
 

@@ -34,9 +34,9 @@ class PartStartError(RuntimeError):
 
 
 def part_command(part: str) -> list[str]:
-    """`coordinator` or a store name -> the CLI invocation that runs it."""
+    """`coordinator` or a store name (`postgres#2`: another member of its group) -> the CLI invocation."""
     cli = [sys.executable, "-m", "polycommit.tooling.cli"]
-    return [*cli, "run", "coordinator"] if part == "coordinator" else [*cli, "consumer", part]
+    return [*cli, "run", "coordinator"] if part == "coordinator" else [*cli, "consumer", part.partition("#")[0]]
 
 
 def part_environment(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -20,6 +20,7 @@ from consumers.base import Participant
 from consumers.worker import StoreWorker
 from orchestrator.saga import SagaPolicy
 from orchestrator.service import CoordinatorService
+from polycommit import tracing
 from polycommit.config import Settings
 from polycommit.errors import UnknownStoreError
 from polycommit.events import STORES
@@ -52,6 +53,7 @@ class Runtime:
     detector: bool = False  # the deadlock detector (a faust app): `polycommit run all|detector`
     policy: SagaPolicy | None = None
     batch_size: int = 500
+    observe: tracing.Observe = tracing.ignore  # the parts' metrics (polycommit.tooling.metrics)
     service: CoordinatorService | None = None
     workers: dict[str, StoreWorker] = field(default_factory=dict)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -64,7 +66,7 @@ class Runtime:
         readies: list[tuple[str, asyncio.Event]] = []
         if self.coordinator:
             # Each part is its own Kafka principal (when the secrets name one), with only the ACLs it needs.
-            self.service = CoordinatorService(self.settings.as_role("coordinator"), self.policy)
+            self.service = CoordinatorService(self.settings.as_role("coordinator"), self.policy, observe=self.observe)
             ready = asyncio.Event()
             readies.append(("coordinator", ready))
             self._tasks.append(asyncio.create_task(self.service.run(self._stop, ready), name="coordinator"))
@@ -76,7 +78,9 @@ class Runtime:
             self._tasks.append(asyncio.create_task(Detector(self.settings).run(self._stop, ready), name="detector"))
         for store in self.stores:
             participant = participant_for(store, self.settings)
-            worker = StoreWorker(self.settings.as_role("consumer"), participant, batch_size=self.batch_size)
+            worker = StoreWorker(
+                self.settings.as_role("consumer"), participant, batch_size=self.batch_size, observe=self.observe
+            )
             self.workers[store] = worker
             ready = asyncio.Event()
             readies.append((store, ready))

@@ -27,6 +27,7 @@ polycommit.transaction
 from polycommit import Saga, Transaction, ops
 
 from aiokafka.producer import sender
+from opentelemetry import trace
 
 shipped = None
 for node in ast.parse(inspect.getsource(sender)).body:
@@ -35,6 +36,7 @@ for node in ast.parse(inspect.getsource(sender)).body:
 print(json.dumps({
     "modules": sorted(sys.modules),
     "backoff": sender.BACKOFF_OVERRIDE,
+    "tracer_provider": type(trace.get_tracer_provider()).__name__,
     "shipped": shipped,
     "api": [callable(polycommit.connect), callable(polycommit.transaction), Saga.__name__, Transaction.__name__,
             ops.__name__],
@@ -59,6 +61,17 @@ def test_the_client_api_imports_no_adapter_orchestrator_or_tooling() -> None:
     assert "polycommit.client" in modules  # the probe did load the library
     loaded = [m for m in modules if any(m == name or m.startswith(f"{name}.") for name in FOREIGN)]
     assert not loaded, f"importing polycommit's client API loaded {loaded}"
+
+
+def test_importing_the_library_configures_no_tracing() -> None:
+    """polycommit.tracing only uses the OpenTelemetry API: the global provider stays the API's no-op proxy
+    (an application's own configuration wins), and the SDK and exporters are not even loaded."""
+    report = _probe()
+    assert report["tracer_provider"] == "ProxyTracerProvider"
+    modules = report["modules"]
+    assert isinstance(modules, list)
+    assert "polycommit.tracing" in modules
+    assert not [m for m in modules if m.startswith(("opentelemetry.sdk", "opentelemetry.exporter"))]
 
 
 def test_importing_the_library_leaves_aiokafka_untouched() -> None:
