@@ -25,7 +25,16 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from orchestrator import registry
 from orchestrator.admission import ReplyTargets, canonical_or_refusal, key_refusal
 from orchestrator.admission import reply_target as reply_target
-from orchestrator.protocol import Event, IntentReceived, OutcomeReceived, TimerDue, Transition, TxState
+from orchestrator.protocol import (
+    Event,
+    HoldsLocks,
+    IntentReceived,
+    LocksGranted,
+    OutcomeReceived,
+    TimerDue,
+    Transition,
+    TxState,
+)
 from orchestrator.saga import SagaPolicy
 from orchestrator.transactions import OwnedTransactions
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
@@ -89,6 +98,10 @@ class CoordinatorService:
         self.transactional_id = f"{settings.topic_prefix}-coordinator-{self.instance}"
         self.max_records = max_records
         self.transactions = OwnedTransactions(settings, self.topics.tx_state, self.codec)
+        # Protocols with state across transactions (two-phase commit's locks), and the transactions
+        # their restore let go on, woken by the next loop.
+        self.lock_owners = [p for p in self.protocols.values() if isinstance(p, HoldsLocks)]
+        self._to_wake: list[str] = []
         self._publisher: Publisher | None = None  # the session's, for cluster metadata
         self.replies = ReplyTargets(self.topics, self._cluster_topics)
         self.stats = CoordinatorStats()
@@ -99,14 +112,22 @@ class CoordinatorService:
     # -- state ownership ----------------------------------------------------------------------------
 
     def forget(self, partitions: set[int]) -> None:
+        gone = [t for t in self.transactions.states if self.transactions.partition_of(t) in partitions]
+        for owner in self.lock_owners:
+            self._to_wake.extend(owner.forgotten(gone))
         self.transactions.forget(partitions)
 
     def forget_all(self) -> None:
+        for owner in self.lock_owners:
+            owner.forgotten(list(self.transactions.states))
+        self._to_wake.clear()
         self.transactions.forget_all()
 
     async def restore(self, partitions: set[int]) -> None:
         """Fold the changelog partitions this member now owns into its state (once each)."""
         restored = await self.transactions.restore(partitions)
+        for owner in self.lock_owners:
+            self._to_wake.extend(owner.restored(restored))
         self.stats.restored += len(restored)
         self.stats.corrupt_snapshots = self.transactions.corrupt_snapshots
         for state in restored:  # results go only to addresses the cache shows valid: load it for these
@@ -269,7 +290,7 @@ class CoordinatorService:
             self._publish(protocol.start(intent, now, refusal), record, out)
             return
         self.transactions.admit(tx_id, bytes(record.value))
-        self._apply(protocol.start(intent, now), None, record, out, touched)
+        self._apply(protocol.start(intent, now), None, record, out, touched, now)
 
     def _on_outcome(
         self, event: StepOutcome, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]
@@ -279,6 +300,9 @@ class CoordinatorService:
         self._decide(event["tx_id"], OutcomeReceived(event), record, now, out, touched)
 
     def _fire_due(self, now: int, out: list[Outgoing], touched: dict[str, TxState]) -> None:
+        woken, self._to_wake = self._to_wake, []
+        for tx_id in woken:
+            self._decide(tx_id, LocksGranted(), None, now, out, touched)
         for state in list(self.transactions.due(now)):
             self._decide(state["intent"]["tx_id"], TimerDue(), None, now, out, touched)
 
@@ -288,7 +312,7 @@ class CoordinatorService:
         state = self.transactions.get(tx_id)
         if state is not None:
             protocol = self.protocols[registry.protocol_of(state)]
-            self._apply(protocol.decide(state, event, now), state, record, out, touched)
+            self._apply(protocol.decide(state, event, now), state, record, out, touched, now)
 
     def _apply(
         self,
@@ -297,6 +321,7 @@ class CoordinatorService:
         record: Any,
         out: list[Outgoing],
         touched: dict[str, TxState],
+        now: int,
     ) -> None:
         state = transition.state
         tx_id = state["intent"]["tx_id"]
@@ -305,6 +330,8 @@ class CoordinatorService:
         touched[tx_id] = state
         self.transactions.keep(state)
         self._publish(transition, record, out)
+        for woken in transition.wake:  # their locks were this one's: they go on in the same Kafka transaction
+            self._decide(woken, LocksGranted(), None, now, out, touched)
 
     def _publish(self, transition: Transition, record: Any, out: list[Outgoing]) -> None:
         state = transition.state

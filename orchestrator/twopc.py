@@ -1,0 +1,347 @@
+"""Two-phase commit (consistency=STRONG) as a pure state machine: a table of (phase, event kind) -> transition.
+
+A transaction first takes exclusive locks on its write keys (`orchestrator.locks`, one table per
+coordinator member, owned by this protocol's instance), waiting FIFO up to the lock-wait timeout. Then
+PREPARE goes to every step at once. All votes yes -> decision COMMIT; any no, or the prepare window
+passing -> decision ABORT (presumed abort). The Decision record is published in the same Kafka
+transaction as the phase-2 commands; since consumers read committed records only, no participant ever
+sees a phase-2 command whose decision is not durable: that Kafka transaction's commit IS the commit
+point. Phase 2 goes to every step (ABORT too, to fence a late PREPARE); a failed phase-2 command is
+retried with backoff forever and reported as a heuristic hazard after `hazard_after` failures. The
+result (COMMITTED / ABORTED) comes once every step acknowledged phase 2; then the locks are released
+and the transactions they let go on are named in `Transition.wake`.
+
+No awaits, no clock: `now` is passed in. The lock table is the only state outside the snapshot, and
+`restored` rebuilds it from snapshots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal
+
+from orchestrator import twopc_model as m
+from orchestrator.locks import LockTable
+from orchestrator.protocol import (
+    Event,
+    Handler,
+    IntentReceived,
+    LocksGranted,
+    OutcomeReceived,
+    TimerDue,
+    Transition,
+    dispatch,
+    unchanged,
+)
+from orchestrator.saga_model import SagaPolicy, problem_step, validate
+from orchestrator.twopc_model import TwoPCPhase, TwoPCPolicy, Vote
+from polycommit.errors import PolycommitError, ProtocolError
+from polycommit.events import ErrorInfo, SagaSnapshot, TransactionIntent, TransactionStatus, error_info
+from polycommit.operations import lock_keys
+
+
+class TwoPCEvent(StrEnum):
+    INTENT_AGAIN = "intent again"
+    LOCKS_GRANTED = "locks granted"
+    VOTE_YES = "vote yes"  # PREPARED from a step still pending
+    VOTE_NO = "vote no"  # VOTED_NO (or FAILED) from a step still pending
+    STALE_VOTE = "stale vote"  # a duplicate, or a vote after the decision
+    ACKED = "phase 2 acknowledged"  # APPLIED / ALREADY_APPLIED / NOOP of the decided action
+    PHASE2_FAILED = "phase 2 failed"
+    STALE_ACK = "stale acknowledgement"  # a duplicate, or of an action this transaction never decided
+    TIMER_DUE = "timer due"
+    TIMER_EARLY = "timer early"
+
+
+_VOTES = {"PREPARED": TwoPCEvent.VOTE_YES, "VOTED_NO": TwoPCEvent.VOTE_NO, "FAILED": TwoPCEvent.VOTE_NO}
+_ACKS = {"APPLIED": TwoPCEvent.ACKED, "ALREADY_APPLIED": TwoPCEvent.ACKED, "NOOP": TwoPCEvent.ACKED}
+
+
+def classify(state: SagaSnapshot, event: Event, now: int, locks: LockTable) -> TwoPCEvent:
+    tx_id = state["intent"]["tx_id"]
+    if isinstance(event, TimerDue):
+        due = state["due_at_ms"]
+        return TwoPCEvent.TIMER_DUE if due and now >= due else TwoPCEvent.TIMER_EARLY
+    if isinstance(event, LocksGranted):
+        return TwoPCEvent.LOCKS_GRANTED if locks.holds_all(tx_id) else TwoPCEvent.TIMER_EARLY
+    if isinstance(event, IntentReceived):
+        if event.intent["tx_id"] != tx_id:
+            raise ProtocolError(f"{tx_id}: received the intent of {event.intent['tx_id']}")
+        return TwoPCEvent.INTENT_AGAIN
+    outcome = event.outcome
+    if outcome["tx_id"] != tx_id or not 0 <= outcome["step_index"] < len(state["steps"]):
+        raise ProtocolError(f"{tx_id}: outcome for {outcome['tx_id']} step {outcome['step_index']}, not of this one")
+    step = state["steps"][outcome["step_index"]]
+    if outcome["action"] == "PREPARE" and outcome["status"] in _VOTES:
+        return _VOTES[outcome["status"]] if step["status"] == Vote.PENDING else TwoPCEvent.STALE_VOTE
+    if outcome["action"] in ("COMMIT", "ABORT") and outcome["status"] in (*_ACKS, "FAILED"):
+        decided = "COMMIT" if state["phase"] in m.COMMIT_SIDE else "ABORT" if state["phase"] in m.ABORT_SIDE else None
+        if outcome["action"] != decided or step["status"] in m.ACKNOWLEDGED:
+            return TwoPCEvent.STALE_ACK
+        return _ACKS.get(outcome["status"], TwoPCEvent.PHASE2_FAILED)
+    raise ProtocolError(f"{tx_id}: two-phase commit never receives a {outcome['action']} outcome {outcome['status']}")
+
+
+# -- the transitions ---------------------------------------------------------------------------------
+
+
+def _finish(t: Transition, phase: TwoPCPhase, status: TransactionStatus, now: int) -> Transition:
+    t.state["phase"], t.state["waiting"], t.state["due_at_ms"] = phase, False, 0
+    t.result = m.result_of(t.state, status, now)
+    return t
+
+
+def _send_prepares(t: Transition, now: int, policy: TwoPCPolicy) -> Transition:
+    state = t.state
+    state["phase"], state["waiting"] = TwoPCPhase.PREPARING, True
+    state["due_at_ms"] = now + policy.prepare_window_ms
+    for step in state["steps"]:
+        step["attempts"] = 1
+    t.commands.extend(m.command(state, i, "PREPARE", now) for i in range(len(state["steps"])))
+    if not state["steps"]:
+        return _decide(t, "COMMIT", "nothing to prepare", now, policy)
+    return t
+
+
+def _decide(
+    t: Transition, outcome: Literal["COMMIT", "ABORT"], reason: str, now: int, policy: TwoPCPolicy
+) -> Transition:
+    """Take the decision: the Decision record and the phase-2 commands go out in one Kafka transaction."""
+    state = t.state
+    t.decisions.append(m.decision(state, outcome, reason, now))
+    state["phase"] = TwoPCPhase.COMMITTING if outcome == "COMMIT" else TwoPCPhase.ABORTING
+    if outcome == "ABORT" and state["error"] is None:
+        state["error"] = error_info("Aborted", reason, False)
+    return _send_phase2(t, range(len(state["steps"])), now, policy)
+
+
+def _send_phase2(t: Transition, indexes: Iterable[int], now: int, policy: TwoPCPolicy) -> Transition:
+    state = t.state
+    action: Literal["COMMIT", "ABORT"] = "COMMIT" if state["phase"] in m.COMMIT_SIDE else "ABORT"
+    for i in indexes:
+        state["steps"][i]["compensation_attempts"] += 1
+        t.commands.append(m.command(state, i, action, now))
+    state["waiting"] = True
+    state["due_at_ms"] = now + policy.phase2_resend_ms
+    return _maybe_end(t, now)
+
+
+def _maybe_end(t: Transition, now: int) -> Transition:
+    state = t.state
+    if any(s["status"] not in m.ACKNOWLEDGED for s in state["steps"]):
+        return t
+    committed = state["phase"] in m.COMMIT_SIDE
+    return _finish(
+        t, TwoPCPhase.COMMITTED if committed else TwoPCPhase.ABORTED, "COMMITTED" if committed else "ABORTED", now
+    )
+
+
+def _locks_granted(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
+    return _send_prepares(Transition(m.copy_state(state, now)), now, policy)
+
+
+def _lock_wait_over(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
+    """Nothing was prepared: the decision is ABORT with no phase 2, and the result is ABORTED now."""
+    t = Transition(m.copy_state(state, now))
+    message = f"locks not granted within {policy.lock_wait_ms} ms"
+    t.state["error"] = error_info("LockWaitTimeout", message, True)
+    t.decisions.append(m.decision(t.state, "ABORT", message, now))
+    for step in t.state["steps"]:
+        step["status"] = Vote.ABORTED
+    return _finish(t, TwoPCPhase.ABORTED, "ABORTED", now)
+
+
+def _vote_yes(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: TwoPCPolicy) -> Transition:
+    t = Transition(m.copy_state(state, now))
+    t.state["steps"][event.outcome["step_index"]]["status"] = Vote.PREPARED
+    if all(s["status"] == Vote.PREPARED for s in t.state["steps"]):
+        return _decide(t, "COMMIT", "every participant prepared", now, policy)
+    return t
+
+
+def _vote_no(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: TwoPCPolicy) -> Transition:
+    t = Transition(m.copy_state(state, now))
+    index = event.outcome["step_index"]
+    error = event.outcome["error"] or error_info("VotedNo", "no reason given", False)
+    t.state["steps"][index]["status"] = Vote.VOTED_NO
+    t.state["steps"][index]["error"] = error
+    t.state["error"] = error_info(error["error_class"], f"step {index}: {error['message']}", error["retriable"])
+    return _decide(t, "ABORT", f"step {index} voted no: {error['message']}", now, policy)
+
+
+def _window_over(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
+    t = Transition(m.copy_state(state, now))
+    missing = [s["index"] for s in t.state["steps"] if s["status"] == Vote.PENDING]
+    message = f"no vote from step(s) {missing} within {policy.prepare_window_ms} ms"
+    t.state["error"] = error_info("PrepareTimeout", message, True)
+    return _decide(t, "ABORT", f"presumed abort: {message}", now, policy)
+
+
+def _acked(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: TwoPCPolicy) -> Transition:
+    t = Transition(m.copy_state(state, now))
+    step = t.state["steps"][event.outcome["step_index"]]
+    step["status"] = Vote.COMMITTED if t.state["phase"] in m.COMMIT_SIDE else Vote.ABORTED
+    if t.state["phase"] in m.HAZARD and not any(s["status"] == Vote.PHASE2_FAILED for s in t.state["steps"]):
+        t.alerts.append(m.alert("resolved", t.state, f"step {step['index']} acknowledged phase 2", now))
+        t.state["phase"] = TwoPCPhase.COMMITTING if t.state["phase"] in m.COMMIT_SIDE else TwoPCPhase.ABORTING
+    return _maybe_end(t, now)
+
+
+def _phase2_failed(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: TwoPCPolicy) -> Transition:
+    """Never dropped: retried with backoff, and reported as a heuristic hazard after `hazard_after` failures."""
+    t = Transition(m.copy_state(state, now))
+    state_ = t.state
+    step = state_["steps"][event.outcome["step_index"]]
+    step["status"] = Vote.PHASE2_FAILED
+    step["error"] = event.outcome["error"]
+    state_["waiting"] = False
+    state_["due_at_ms"] = now + policy.backoff.backoff_ms(state_["intent"]["tx_id"], step["compensation_attempts"])
+    if step["compensation_attempts"] >= policy.hazard_after and state_["phase"] not in m.HAZARD:
+        committing = state_["phase"] in m.COMMIT_SIDE
+        state_["phase"] = TwoPCPhase.COMMIT_HAZARD if committing else TwoPCPhase.ABORT_HAZARD
+        reason = step["error"]["message"] if step["error"] else "no error given"
+        message = (
+            f"heuristic hazard: phase 2 of step {step['index']} failed {step['compensation_attempts']} times: {reason}"
+        )
+        t.alerts.append(m.alert("hazard", state_, message, now))
+    return t
+
+
+def _phase2_due(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
+    """A retry is due, or acknowledgements are overdue: send phase 2 again to every step not acknowledged
+    (idempotent in every store)."""
+    t = Transition(m.copy_state(state, now))
+    t.state["attempt"] += 1
+    return _send_phase2(t, [s["index"] for s in t.state["steps"] if s["status"] not in m.ACKNOWLEDGED], now, policy)
+
+
+# -- the table ----------------------------------------------------------------------------------------
+
+_L, _P = TwoPCPhase.LOCKING, TwoPCPhase.PREPARING
+_OUTCOMES = (TwoPCEvent.VOTE_YES, TwoPCEvent.VOTE_NO, TwoPCEvent.STALE_VOTE, TwoPCEvent.ACKED)
+_PHASE2_ROWS: dict[TwoPCEvent, Handler] = {
+    TwoPCEvent.INTENT_AGAIN: unchanged,
+    TwoPCEvent.LOCKS_GRANTED: unchanged,  # a duplicate wake-up: its prepares went out long ago
+    TwoPCEvent.VOTE_YES: unchanged,  # cannot happen (decided steps are never pending), kept explicit
+    TwoPCEvent.VOTE_NO: unchanged,
+    TwoPCEvent.STALE_VOTE: unchanged,  # a vote arriving after the decision
+    TwoPCEvent.ACKED: _acked,
+    TwoPCEvent.PHASE2_FAILED: _phase2_failed,
+    TwoPCEvent.STALE_ACK: unchanged,
+    TwoPCEvent.TIMER_DUE: _phase2_due,
+    TwoPCEvent.TIMER_EARLY: unchanged,
+}
+TABLE: dict[tuple[StrEnum, StrEnum], Handler] = {
+    (_L, TwoPCEvent.INTENT_AGAIN): unchanged,
+    (_L, TwoPCEvent.LOCKS_GRANTED): _locks_granted,
+    (_L, TwoPCEvent.TIMER_DUE): _lock_wait_over,
+    (_L, TwoPCEvent.TIMER_EARLY): unchanged,  # also a wake-up while some lock is still held by another
+    # Nothing was sent while locking: outcomes are from an earlier run of the same transaction id.
+    **{(_L, kind): unchanged for kind in (*_OUTCOMES, TwoPCEvent.PHASE2_FAILED, TwoPCEvent.STALE_ACK)},
+    (_P, TwoPCEvent.INTENT_AGAIN): unchanged,
+    (_P, TwoPCEvent.LOCKS_GRANTED): unchanged,
+    (_P, TwoPCEvent.VOTE_YES): _vote_yes,
+    (_P, TwoPCEvent.VOTE_NO): _vote_no,
+    (_P, TwoPCEvent.STALE_VOTE): unchanged,  # a duplicate vote
+    (_P, TwoPCEvent.TIMER_DUE): _window_over,  # presumed abort
+    (_P, TwoPCEvent.TIMER_EARLY): unchanged,
+    (_P, TwoPCEvent.STALE_ACK): unchanged,  # from an earlier run of the same transaction id
+    **{(TwoPCPhase(p), kind): h for p in (m.COMMIT_SIDE | m.ABORT_SIDE) for kind, h in _PHASE2_ROWS.items()},
+    **{(phase, kind): unchanged for phase in map(TwoPCPhase, m.TERMINAL) for kind in TwoPCEvent},
+}
+
+
+def phase_of(state: SagaSnapshot) -> TwoPCPhase:
+    try:
+        return TwoPCPhase(state["phase"])
+    except ValueError:
+        raise ProtocolError(f"{state['intent']['tx_id']}: two-phase commit has no phase {state['phase']!r}") from None
+
+
+def write_keys(intent: TransactionIntent) -> list[str]:
+    return sorted({k for step in intent["steps"] for k in lock_keys(step["operation"])})
+
+
+@dataclass
+class TwoPhaseCommit:
+    """Two-phase commit as the driver sees it (registered under "twopc"); owns its member's lock table."""
+
+    saga_policy: SagaPolicy = field(default_factory=SagaPolicy)
+    name: str = m.PROTOCOL
+    locks: LockTable = field(default_factory=LockTable)
+    policy: TwoPCPolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.policy = TwoPCPolicy.from_saga(self.saga_policy)
+
+    def start(self, intent: TransactionIntent, now: int, refusal: ErrorInfo | None = None) -> Transition:
+        state = m.initial_state(intent, now)
+        t = Transition(state)
+        problem = refusal or validate(intent, self.saga_policy)
+        if problem is not None:
+            state["error"] = problem
+            if 0 <= problem_step(problem) < len(state["steps"]):
+                state["steps"][problem_step(problem)]["error"] = problem
+            t.rejections.append(problem)
+            return _finish(t, TwoPCPhase.FAILED, "FAILED", now)
+        return self._lock(t, now)
+
+    def _lock(self, t: Transition, now: int) -> Transition:
+        state, tx_id = t.state, t.state["intent"]["tx_id"]
+        try:
+            keys = write_keys(state["intent"])
+        except PolycommitError as exc:  # validated above; kept for a defensive typed refusal
+            raise ProtocolError(f"{tx_id}: {exc}") from exc
+        granted = self.locks.request(tx_id, keys)
+        for key in keys:
+            holder = self.locks.holder(key)
+            action: m.LockAction = "GRANTED" if holder == tx_id else "WAITING"
+            t.lock_requests.append(m.lock_event(state, key, action, [] if holder == tx_id else [str(holder)], now))
+        if granted:
+            return _send_prepares(t, now, self.policy)
+        state["due_at_ms"] = now + self.policy.lock_wait_ms
+        return t
+
+    def decide(self, state: SagaSnapshot, event: Event, now: int) -> Transition:
+        row = (phase_of(state), classify(state, event, now, self.locks))
+        t = dispatch(TABLE, row, state, event, now, self.policy)
+        if t.state is not state and t.state["phase"] in m.TERMINAL:
+            self._release(t, now)
+        return t
+
+    def _release(self, t: Transition, now: int) -> None:
+        tx_id = t.state["intent"]["tx_id"]
+        for key in self.locks.keys_of(tx_id):
+            t.lock_requests.append(m.lock_event(t.state, key, "RELEASED", [], now))
+        t.wake.extend(self.locks.release(tx_id))
+
+    def restored(self, states: Iterable[SagaSnapshot]) -> list[str]:
+        """Rebuild the lock table from snapshots (holders first, then waiters in arrival order); returns
+        the waiters that now hold their locks, to be woken."""
+        ours = [s for s in states if s.get("protocol") == m.PROTOCOL and s["phase"] in m.IN_FLIGHT]
+        ours.sort(key=lambda s: (s["phase"] == TwoPCPhase.LOCKING, s["started_at_ms"], s["intent"]["tx_id"]))
+        for state in ours:
+            self.locks.request(state["intent"]["tx_id"], write_keys(state["intent"]))
+        return [
+            s["intent"]["tx_id"]
+            for s in ours
+            if s["phase"] == TwoPCPhase.LOCKING and self.locks.holds_all(s["intent"]["tx_id"])
+        ]
+
+    def forgotten(self, tx_ids: Iterable[str]) -> list[str]:
+        """Drop the locks of transactions this member no longer owns; returns waiters now granted."""
+        woken: list[str] = []
+        for tx_id in tx_ids:
+            woken.extend(self.locks.release(tx_id))
+        return woken
+
+    def is_terminal(self, phase: str) -> bool:
+        return phase in m.TERMINAL
+
+    def is_in_flight(self, phase: str) -> bool:
+        return phase in m.IN_FLIGHT
+
+    def is_stuck(self, phase: str) -> bool:
+        return phase in m.HAZARD
