@@ -250,6 +250,8 @@ class CoordinatorService:
             failpoint("coordinator.before_commit")
             await publisher.producer.commit_transaction()
             failpoint("coordinator.after_commit")
+            if any(o.topic == self.topics.decisions for o in out):
+                failpoint("coordinator.after_decision")  # the commit point passed, nothing else done
         except BaseException:
             await publisher.producer.abort_transaction()
             raise

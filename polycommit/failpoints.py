@@ -18,6 +18,13 @@ FAILPOINTS = (
     "coordinator.after_commit",  # Kafka transaction committed (commands, snapshots, offsets)
     "worker.after_apply",  # the store committed the batch, no outcome published yet
     "worker.after_publish",  # outcomes acknowledged by Kafka, command offsets not yet committed
+    "postgres.after_prepare",  # PREPARE TRANSACTION done, the vote not yet published
+    "neo4j.after_validate",  # a PREPARE batch validated, the votes not yet published
+    "qdrant.between_points_and_marker",  # Qdrant wrote the points, its marker not yet confirmed
+    "postgres.phase2",  # COMMIT/ROLLBACK PREPARED done, its outcome not yet published
+    "neo4j.phase2",  # the COMMIT write-set / ABORT fence applied, its outcome not yet published
+    "qdrant.phase2",  # the COMMIT write-set / ABORT fence applied, its outcome not yet published
+    "coordinator.after_decision",  # a Decision committed with its phase-2 commands, nothing else done yet
 )
 
 _hits: dict[str, int] = {}
