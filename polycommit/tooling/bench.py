@@ -56,9 +56,12 @@ def writes(run: str, count: int) -> list[Write]:
     return [Write(f"{run}-{i}", i, embed(f"{run}-{i}", DIMENSIONS)) for i in range(count)]
 
 
-def saga_of(write: Write, *, name: str = "bench", retries: int = 0, timeout: float = 0.0) -> Saga:
-    """The three writes as one saga; `retries` and `timeout` apply to each step (0: the client's defaults)."""
+def saga_of(write: Write, *, name: str = "bench", retries: int = 0, timeout: float = 0.0, mode: str = "saga") -> Saga:
+    """The three writes as one saga (or, `mode="2pc"`, one two-phase commit: consistency=STRONG);
+    `retries` and `timeout` apply to each step (0: the client's defaults)."""
     saga = Saga(name)
+    if mode == "2pc":
+        saga.consistency = "STRONG"
     for operation in (
         ops.upsert_row(TABLE, {"id": write.key}, {"v": write.value}),
         ops.upsert_points(COLLECTION, [ops.point(write.key, write.vector, {"v": write.value})]),
@@ -111,7 +114,7 @@ async def _stores(settings: Settings) -> AsyncIterator[tuple[Any, Any]]:
 
 
 async def run_sagas(
-    client: Coordinator, items: Sequence[Write], concurrency: int, progress: Progress | None
+    client: Coordinator, items: Sequence[Write], concurrency: int, progress: Progress | None, mode: str = "saga"
 ) -> tuple[list[float], list[TransactionResult | Exception], float]:
     """Keep `concurrency` transactions in flight; return latencies (ms), results and elapsed seconds."""
     latencies: list[float] = []
@@ -121,7 +124,7 @@ async def run_sagas(
     async def one(write: Write) -> None:
         started = time.perf_counter()
         try:
-            results.append(await client.execute(saga_of(write)))
+            results.append(await client.execute(saga_of(write, mode=mode)))
         except PolycommitError as exc:
             results.append(exc)
         latencies.append((time.perf_counter() - started) * 1000)
@@ -176,7 +179,13 @@ async def _direct(settings: Settings, qdrant: Any, neo4j: Any, items: Sequence[W
 
 
 def report(
-    items: int, concurrency: int, latencies: list[float], results: list[Any], elapsed: float, direct_s: float | None
+    items: int,
+    concurrency: int,
+    latencies: list[float],
+    results: list[Any],
+    elapsed: float,
+    direct_s: float | None,
+    mode: str = "saga",
 ) -> dict[str, Any]:
     ok = sum(1 for r in results if isinstance(r, TransactionResult) and r.ok)
     statuses: dict[str, int] = {}
@@ -186,7 +195,7 @@ def report(
     tps = items / elapsed if elapsed else 0.0
     direct_tps = items / direct_s if direct_s else None
     return {
-        "mode": "saga",
+        "mode": mode,
         "transactions": items,
         "concurrency": concurrency,
         "elapsed_s": round(elapsed, 3),
@@ -224,11 +233,11 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     try:
         run = f"b{uuid.uuid4().hex[:6]}"
         async with Coordinator(settings, timeout=300) as client:
-            await run_sagas(client, writes(f"{run}w", min(200, args.transactions)), 32, None)  # warm up
+            await run_sagas(client, writes(f"{run}w", min(200, args.transactions)), 32, None, args.mode)  # warm up
             items = writes(run, args.transactions)
             columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
             with Progress(*columns, console=console, transient=args.json) as progress:
-                latencies, results, elapsed = await run_sagas(client, items, args.concurrency, progress)
+                latencies, results, elapsed = await run_sagas(client, items, args.concurrency, progress, args.mode)
         stats = workers.stats() if isinstance(workers, Runtime) else {}
     finally:
         await _stop_workers(workers)
@@ -236,14 +245,16 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     if not args.external and not args.no_direct:
         with console.status("the same writes directly, batched like the consumers"):
             direct_s = await run_direct(settings, writes(f"{run}d", args.transactions))
-    summary = report(args.transactions, args.concurrency, latencies, results, elapsed, direct_s)
+    summary = report(args.transactions, args.concurrency, latencies, results, elapsed, direct_s, args.mode)
     summary["workers_ran"] = "external" if args.external else ("in-process" if args.in_process else "subprocesses")
     if stats:
         summary["workers"] = stats
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
-        table = Table(title=f"polycommit bench: {args.transactions} sagas, concurrency {args.concurrency}")
+        table = Table(
+            title=f"polycommit bench: {args.transactions} transactions ({args.mode}), concurrency {args.concurrency}"
+        )
         table.add_column("metric")
         table.add_column("value", justify="right")
         for key in ("tps", "p50_ms", "p95_ms", "p99_ms", "success_rate", "direct_tps", "ratio", "elapsed_s"):

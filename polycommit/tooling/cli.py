@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true")
 
     bench = sub.add_parser("bench", help="measure throughput and latency against direct writes")
-    bench.add_argument("--mode", choices=["saga"], default="saga")
+    bench.add_argument("--mode", choices=["saga", "2pc"], default="saga", help="sagas, or two-phase commit (STRONG)")
     bench.add_argument("--transactions", type=int, default=10_000)
     bench.add_argument("--concurrency", type=int, default=256)
     bench.add_argument("--external", action="store_true", help="the workers already run elsewhere")
@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-direct", action="store_true", help="skip the direct-write baseline")
     bench.add_argument("--json", action="store_true")
 
+    failpoints = sub.add_parser("failpoints", help="list the named crash points (POLYCOMMIT_FAILPOINT=name[:n])")
+    failpoints.add_argument("--json", action="store_true")
     chaos = sub.add_parser("chaos", help="kill processes and the broker under load, then check the stores")
     chaos.add_argument("--transactions", type=int, default=2000, help="transactions to send (default 2000)")
     chaos.add_argument("--kills", type=int, default=5, help="kills of a process or the broker (default 5)")
@@ -206,6 +208,15 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from polycommit.tooling.bench import run_bench
 
         return await run_bench(load_settings(), args)
+    if args.command == "failpoints":
+        from polycommit.failpoints import MEANINGS
+
+        if args.json:
+            _print_json([{"name": name, "meaning": meaning} for name, meaning in MEANINGS.items()])
+        else:
+            for name, meaning in MEANINGS.items():
+                print(f"{name:36} {meaning}")
+        return 0
     if args.command == "chaos":
         from polycommit.tooling.chaos import run_chaos
 
