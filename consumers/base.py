@@ -230,18 +230,21 @@ class Participant(abc.ABC):
         return [outcomes[i] for i in range(len(commands))]
 
     async def apply_any(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
-        """Saga and two-phase commit commands together: PREPAREs are voted on first (`vote`), then the
-        rest runs (`finish`); one outcome per command, in the same order."""
+        """Saga and two-phase commit commands together: the saga commands and phase 2 run (`finish`), then
+        the PREPAREs are voted on (`vote`); one outcome per command, in the same order."""
         from consumers import twophase
 
         if not twophase.has_two_phase(commands):
             return await self.apply_commands(commands)
         prepares, others = twophase.split(commands)
         results: dict[int, StepOutcome] = {}
-        if prepares:
-            results.update(zip(prepares, await self.vote([commands[i] for i in prepares]), strict=True))
+        # Phase 2 first: it frees PostgreSQL's prepared-transaction slots. Safe in any order: an ABORT
+        # before its PREPARE fences it (the PREPARE then votes no), and a COMMIT is only ever sent after
+        # its PREPARE voted, so a PREPARE met after it is a redelivery (its step is already committed).
         if others:
             results.update(zip(others, await self.finish([commands[i] for i in others]), strict=True))
+        if prepares:
+            results.update(zip(prepares, await self.vote([commands[i] for i in prepares]), strict=True))
         return [results[i] for i in range(len(commands))]
 
     async def vote(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:

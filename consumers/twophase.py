@@ -1,8 +1,8 @@
 """Two-phase commit on the participants' side: PREPARE votes, COMMIT/ABORT through the saga markers.
 
 A batch may mix saga commands and 2PC commands. PREPAREs are voted on by the store (`Participant.vote`)
-before the rest runs, in the batch's order relative to nothing else: a vote changes no store state in
-Neo4j and Qdrant, and in PostgreSQL a prepare is its own prepared transaction. For the stores that
+after the rest ran (see `Participant.apply_any` for why any order is safe): a vote changes no store
+state in Neo4j and Qdrant, and in PostgreSQL a prepare is its own prepared transaction. For the stores that
 cannot hold a prepared transaction durably (Neo4j, Qdrant: DESIGN.md's shape (b)), phase 2 runs on the
 exactly-once markers the saga path already has: COMMIT is an EXECUTE of the write-set (batched with the
 rest: UNWIND, one upsert call), ABORT a COMPENSATE that finds no EXECUTE marker, so it only records its

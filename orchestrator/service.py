@@ -191,6 +191,7 @@ class CoordinatorService:
         await publisher.start()
         self._publisher = publisher
         self.replies = ReplyTargets(self.topics, self._cluster_topics)  # a new session looks again
+        await self.replies.load()
         self.transactions.partitions = len(await publisher.partitions(self.topics.intents))
         consumer.subscribe(self.topics.coordinator_inputs(), listener=_Rebalance(self))
         await consumer.start()

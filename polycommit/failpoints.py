@@ -28,6 +28,17 @@ MEANINGS: dict[str, str] = {
     "coordinator.after_decision": "a Decision committed with its phase-2 commands, nothing else done yet",
 }
 FAILPOINTS: tuple[str, ...] = tuple(MEANINGS)
+# The failpoints only two-phase commit reaches (tests/fault/test_twopc_crash_points.py); sagas never do.
+TWO_PHASE_ONLY: frozenset[str] = frozenset(
+    {
+        "postgres.after_prepare",
+        "neo4j.after_validate",
+        "postgres.phase2",
+        "neo4j.phase2",
+        "qdrant.phase2",
+        "coordinator.after_decision",
+    }
+)
 
 _hits: dict[str, int] = {}
 
