@@ -85,3 +85,43 @@ class LockTable:
     def waiting(self) -> list[str]:
         """Transactions queued that do not hold all their keys."""
         return [t for t in self._keys if not self.holds_all(t)]
+
+
+class Admission:
+    """At most `capacity` transactions past their locks at once (preparing or in phase 2), the others
+    queued FIFO: PostgreSQL holds a bounded number of prepared transactions (max_prepared_transactions),
+    so a flood of prepares would make most of them vote no. Only transactions holding their locks queue."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.active: set[str] = set()
+        self.queue: deque[str] = deque()
+
+    def admit(self, tx_id: str) -> bool:
+        """True when `tx_id` may go on now; otherwise it is queued (once)."""
+        if tx_id in self.active:
+            return True
+        if len(self.active) < self.capacity and (not self.queue or self.queue[0] == tx_id):
+            if self.queue:
+                self.queue.popleft()
+            self.active.add(tx_id)
+            return True
+        if tx_id not in self.queue:
+            self.queue.append(tx_id)
+        return False
+
+    def leave(self, tx_id: str) -> list[str]:
+        """`tx_id` ended (or was never admitted): the queued transactions admitted in its place."""
+        self.active.discard(tx_id)
+        if tx_id in self.queue:
+            self.queue.remove(tx_id)
+        admitted: list[str] = []
+        while self.queue and len(self.active) < self.capacity:
+            head = self.queue.popleft()
+            self.active.add(head)
+            admitted.append(head)
+        return admitted
+
+    def clear(self) -> None:
+        self.active.clear()
+        self.queue.clear()

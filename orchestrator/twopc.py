@@ -23,7 +23,7 @@ from enum import StrEnum
 from typing import Literal
 
 from orchestrator import twopc_model as m
-from orchestrator.locks import LockTable
+from orchestrator.locks import Admission, LockTable
 from orchestrator.protocol import (
     Event,
     Handler,
@@ -53,19 +53,25 @@ class TwoPCEvent(StrEnum):
     STALE_ACK = "stale acknowledgement"  # a duplicate, or of an action this transaction never decided
     TIMER_DUE = "timer due"
     TIMER_EARLY = "timer early"
+    ADMISSION_WAIT = "admission wait"  # the lock-wait timer of one that holds its locks, queued for admission
 
 
 _VOTES = {"PREPARED": TwoPCEvent.VOTE_YES, "VOTED_NO": TwoPCEvent.VOTE_NO, "FAILED": TwoPCEvent.VOTE_NO}
 _ACKS = {"APPLIED": TwoPCEvent.ACKED, "ALREADY_APPLIED": TwoPCEvent.ACKED, "NOOP": TwoPCEvent.ACKED}
 
 
-def classify(state: SagaSnapshot, event: Event, now: int, locks: LockTable) -> TwoPCEvent:
+def classify(state: SagaSnapshot, event: Event, now: int, locks: LockTable, admitted: Iterable[str] = ()) -> TwoPCEvent:
     tx_id = state["intent"]["tx_id"]
     if isinstance(event, TimerDue):
         due = state["due_at_ms"]
-        return TwoPCEvent.TIMER_DUE if due and now >= due else TwoPCEvent.TIMER_EARLY
+        if not (due and now >= due):
+            return TwoPCEvent.TIMER_EARLY
+        if state["phase"] == TwoPCPhase.LOCKING and locks.holds_all(tx_id):
+            return TwoPCEvent.ADMISSION_WAIT  # flow control, not a lock wait: it never times out
+        return TwoPCEvent.TIMER_DUE
     if isinstance(event, LocksGranted):
-        return TwoPCEvent.LOCKS_GRANTED if locks.holds_all(tx_id) else TwoPCEvent.TIMER_EARLY
+        go = locks.holds_all(tx_id) and tx_id in admitted
+        return TwoPCEvent.LOCKS_GRANTED if go else TwoPCEvent.TIMER_EARLY
     if isinstance(event, IntentReceived):
         if event.intent["tx_id"] != tx_id:
             raise ProtocolError(f"{tx_id}: received the intent of {event.intent['tx_id']}")
@@ -75,7 +81,12 @@ def classify(state: SagaSnapshot, event: Event, now: int, locks: LockTable) -> T
         raise ProtocolError(f"{tx_id}: outcome for {outcome['tx_id']} step {outcome['step_index']}, not of this one")
     step = state["steps"][outcome["step_index"]]
     if outcome["action"] == "PREPARE" and outcome["status"] in _VOTES:
-        return _VOTES[outcome["status"]] if step["status"] == Vote.PENDING else TwoPCEvent.STALE_VOTE
+        if step["status"] != Vote.PENDING:
+            return TwoPCEvent.STALE_VOTE
+        kind = _VOTES[outcome["status"]]
+        if kind is TwoPCEvent.VOTE_NO and outcome["attempt"] != step["attempts"]:
+            return TwoPCEvent.STALE_VOTE  # a no from an attempt already sent again
+        return kind
     if outcome["action"] in ("COMMIT", "ABORT") and outcome["status"] in (*_ACKS, "FAILED"):
         decided = "COMMIT" if state["phase"] in m.COMMIT_SIDE else "ABORT" if state["phase"] in m.ABORT_SIDE else None
         if outcome["action"] != decided or step["status"] in m.ACKNOWLEDGED:
@@ -153,6 +164,13 @@ def _lock_wait_over(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPo
     return _finish(t, TwoPCPhase.ABORTED, "ABORTED", now)
 
 
+def _admission_wait(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
+    """Its locks are held; it waits for a place among the transactions preparing (see `Admission`)."""
+    t = Transition(m.copy_state(state, now))
+    t.state["due_at_ms"] = now + policy.lock_wait_ms
+    return t
+
+
 def _vote_yes(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: TwoPCPolicy) -> Transition:
     t = Transition(m.copy_state(state, now))
     t.state["steps"][event.outcome["step_index"]]["status"] = Vote.PREPARED
@@ -165,6 +183,14 @@ def _vote_no(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: TwoP
     t = Transition(m.copy_state(state, now))
     index = event.outcome["step_index"]
     error = event.outcome["error"] or error_info("VotedNo", "no reason given", False)
+    step = t.state["steps"][index]
+    if error["retriable"] and step["attempts"] < policy.prepare_attempts:
+        # A no that may turn yes (PostgreSQL out of prepared-transaction slots, a lock timeout): the
+        # store undid its attempt, so PREPARE is sent again, within the same prepare window.
+        step["attempts"] += 1
+        step["error"] = error
+        t.commands.append(m.command(t.state, index, "PREPARE", now))
+        return t
     t.state["steps"][index]["status"] = Vote.VOTED_NO
     t.state["steps"][index]["error"] = error
     t.state["error"] = error_info(error["error_class"], f"step {index}: {error['message']}", error["retriable"])
@@ -232,12 +258,14 @@ _PHASE2_ROWS: dict[TwoPCEvent, Handler] = {
     TwoPCEvent.STALE_ACK: unchanged,
     TwoPCEvent.TIMER_DUE: _phase2_due,
     TwoPCEvent.TIMER_EARLY: unchanged,
+    TwoPCEvent.ADMISSION_WAIT: unchanged,  # only classified in LOCKING
 }
 TABLE: dict[tuple[StrEnum, StrEnum], Handler] = {
     (_L, TwoPCEvent.INTENT_AGAIN): unchanged,
     (_L, TwoPCEvent.LOCKS_GRANTED): _locks_granted,
     (_L, TwoPCEvent.TIMER_DUE): _lock_wait_over,
     (_L, TwoPCEvent.TIMER_EARLY): unchanged,  # also a wake-up while some lock is still held by another
+    (_L, TwoPCEvent.ADMISSION_WAIT): _admission_wait,
     # Nothing was sent while locking: outcomes are from an earlier run of the same transaction id.
     **{(_L, kind): unchanged for kind in (*_OUTCOMES, TwoPCEvent.PHASE2_FAILED, TwoPCEvent.STALE_ACK)},
     (_P, TwoPCEvent.INTENT_AGAIN): unchanged,
@@ -248,6 +276,7 @@ TABLE: dict[tuple[StrEnum, StrEnum], Handler] = {
     (_P, TwoPCEvent.TIMER_DUE): _window_over,  # presumed abort
     (_P, TwoPCEvent.TIMER_EARLY): unchanged,
     (_P, TwoPCEvent.STALE_ACK): unchanged,  # from an earlier run of the same transaction id
+    (_P, TwoPCEvent.ADMISSION_WAIT): unchanged,  # only classified in LOCKING
     **{(TwoPCPhase(p), kind): h for p in (m.COMMIT_SIDE | m.ABORT_SIDE) for kind, h in _PHASE2_ROWS.items()},
     **{(phase, kind): unchanged for phase in map(TwoPCPhase, m.TERMINAL) for kind in TwoPCEvent},
 }
@@ -272,9 +301,11 @@ class TwoPhaseCommit:
     name: str = m.PROTOCOL
     locks: LockTable = field(default_factory=LockTable)
     policy: TwoPCPolicy = field(init=False)
+    admission: Admission = field(init=False)
 
     def __post_init__(self) -> None:
         self.policy = TwoPCPolicy.from_saga(self.saga_policy)
+        self.admission = Admission(self.policy.max_active)
 
     def start(self, intent: TransactionIntent, now: int, refusal: ErrorInfo | None = None) -> Transition:
         state = m.initial_state(intent, now)
@@ -299,13 +330,13 @@ class TwoPhaseCommit:
             holder = self.locks.holder(key)
             action: m.LockAction = "GRANTED" if holder == tx_id else "WAITING"
             t.lock_requests.append(m.lock_event(state, key, action, [] if holder == tx_id else [str(holder)], now))
-        if granted:
+        if granted and self.admission.admit(tx_id):
             return _send_prepares(t, now, self.policy)
         state["due_at_ms"] = now + self.policy.lock_wait_ms
         return t
 
     def decide(self, state: SagaSnapshot, event: Event, now: int) -> Transition:
-        row = (phase_of(state), classify(state, event, now, self.locks))
+        row = (phase_of(state), classify(state, event, now, self.locks, self.admission.active))
         t = dispatch(TABLE, row, state, event, now, self.policy)
         if t.state is not state and t.state["phase"] in m.TERMINAL:
             self._release(t, now)
@@ -315,7 +346,15 @@ class TwoPhaseCommit:
         tx_id = t.state["intent"]["tx_id"]
         for key in self.locks.keys_of(tx_id):
             t.lock_requests.append(m.lock_event(t.state, key, "RELEASED", [], now))
-        t.wake.extend(self.locks.release(tx_id))
+        t.wake.extend(self._go_on(self.locks.release(tx_id), [tx_id]))
+
+    def _go_on(self, granted: Iterable[str], gone: Iterable[str]) -> list[str]:
+        """Who may go on now: those just granted their locks if admitted, and those admitted in the
+        places of the transactions `gone`."""
+        woken = [tx for tx in granted if self.admission.admit(tx)]
+        for tx in gone:
+            woken.extend(t for t in self.admission.leave(tx) if t not in woken)
+        return woken
 
     def restored(self, states: Iterable[SagaSnapshot]) -> list[str]:
         """Rebuild the lock table from snapshots (holders first, then waiters in arrival order); returns
@@ -324,17 +363,16 @@ class TwoPhaseCommit:
         ours.sort(key=lambda s: (s["phase"] == TwoPCPhase.LOCKING, s["started_at_ms"], s["intent"]["tx_id"]))
         for state in ours:
             self.locks.request(state["intent"]["tx_id"], write_keys(state["intent"]))
-        return [
-            s["intent"]["tx_id"]
-            for s in ours
-            if s["phase"] == TwoPCPhase.LOCKING and self.locks.holds_all(s["intent"]["tx_id"])
-        ]
+            if state["phase"] in m.HOLDS_LOCKS:
+                self.admission.active.add(state["intent"]["tx_id"])
+        waiting = [s["intent"]["tx_id"] for s in ours if s["phase"] == TwoPCPhase.LOCKING]
+        return [tx for tx in waiting if self.locks.holds_all(tx) and self.admission.admit(tx)]
 
     def forgotten(self, tx_ids: Iterable[str]) -> list[str]:
         """Drop the locks of transactions this member no longer owns; returns waiters now granted."""
         woken: list[str] = []
         for tx_id in tx_ids:
-            woken.extend(self.locks.release(tx_id))
+            woken.extend(self._go_on(self.locks.release(tx_id), [tx_id]))
         return woken
 
     def is_terminal(self, phase: str) -> bool:

@@ -97,6 +97,7 @@ class PostgresParticipant(Participant):
         self._pool: asyncpg.Pool | None = None
         self.settled: list[dict[str, str]] = []  # prepared gids settled at the last start
         self.gid_space = twophase.space_of(settings.topic_prefix)
+        self.slots = twophase.Slots()
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -116,6 +117,10 @@ class PostgresParticipant(Participant):
         from consumers.postgres.settlement import settle_at_start  # reads the decisions topic
 
         self.settled = await settle_at_start(self.settings, self.pool)
+        async with self.pool.acquire() as conn:
+            limit = int(await conn.fetchval("SHOW max_prepared_transactions"))
+        # Three quarters of the server's prepared slots (others share the server); ours still held count.
+        self.slots = twophase.Slots(limit=max(1, limit * 3 // 4), used=len(await self.in_doubt()))
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -296,7 +301,7 @@ class PostgresParticipant(Participant):
 
     async def vote(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
         return await self._guarded(
-            commands, lambda conn, c: twophase.prepare(conn, c, self.gid_space, self._execute_one, classify)
+            commands, lambda conn, c: twophase.prepare(conn, c, self.gid_space, self._execute_one, classify, self.slots)
         )
 
     async def finish(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
@@ -307,7 +312,7 @@ class PostgresParticipant(Participant):
             zip(
                 ends,
                 await self._guarded(
-                    [commands[i] for i in ends], lambda conn, c: twophase.phase2(conn, c, self.gid_space)
+                    [commands[i] for i in ends], lambda conn, c: twophase.phase2(conn, c, self.gid_space, self.slots)
                 ),
                 strict=True,
             )

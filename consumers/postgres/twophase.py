@@ -16,6 +16,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -70,11 +71,25 @@ def _sqlstate(exc: BaseException) -> str:
     return str(getattr(exc, "sqlstate", "") or "")
 
 
+@dataclass
+class Slots:
+    """PostgreSQL holds at most `max_prepared_transactions` prepared at once (shared by everyone using
+    the server): this participant keeps its own count under a share of it, and a PREPARE over it votes
+    a retriable no at once, without doing the work (the coordinator sends it again)."""
+
+    limit: int = 150
+    used: int = 0
+
+    @property
+    def full(self) -> bool:
+        return self.used >= self.limit
+
+
 RunExecute = Callable[[asyncpg.Connection, TypedCommand, int], Awaitable[StepOutcome]]
 
 
 async def prepare(
-    conn: asyncpg.Connection, command: TypedCommand, space: str, run: RunExecute, classify: Any
+    conn: asyncpg.Connection, command: TypedCommand, space: str, run: RunExecute, classify: Any, slots: Slots
 ) -> StepOutcome:
     """Vote on one PREPARE: PREPARED once `PREPARE TRANSACTION` is done (or was done before)."""
     begun = timing.started()
@@ -82,6 +97,11 @@ async def prepare(
     gid = gid_of(space, command.tx_id, command.step_index)
     if await conn.fetchval(IS_PREPARED, gid):  # a redelivered PREPARE: the vote stands
         return outcome(source, "postgres", "PREPARED", timing.since(begun))
+    if slots.full:
+        busy = error_info("PreparedSlotsFull", f"{slots.used} prepared transactions held here", True)
+        return outcome(source, "postgres", "VOTED_NO", timing.since(begun), error=busy)
+    slots.used += 1  # taken before the first await that could let another prepare in
+    prepared = False
     await conn.execute("BEGIN")
     try:
         await conn.execute("SET LOCAL lock_timeout = '5s'")  # a held row votes no rather than hangs
@@ -89,6 +109,7 @@ async def prepare(
         status = result["status"]
         if status in ("APPLIED",) and conn.is_in_transaction():
             await conn.execute(f"PREPARE TRANSACTION '{gid}'")
+            prepared = True
             failpoint("postgres.after_prepare")
             return outcome(source, "postgres", "PREPARED", timing.since(begun))
         if status == "ALREADY_APPLIED":  # committed by an earlier run of this transaction
@@ -104,17 +125,20 @@ async def prepare(
         error = error_info(type(cls).__name__, str(cls), bool(getattr(cls, "retriable", False)))
         return outcome(source, "postgres", "VOTED_NO", timing.since(begun), error=error)
     finally:
+        if not prepared:
+            slots.used -= 1
         if conn.is_in_transaction():
             await conn.execute("ROLLBACK")
 
 
-async def phase2(conn: asyncpg.Connection, command: TypedCommand, space: str) -> StepOutcome:
+async def phase2(conn: asyncpg.Connection, command: TypedCommand, space: str, slots: Slots) -> StepOutcome:
     """COMMIT PREPARED / ROLLBACK PREPARED, idempotent: a gid already gone is judged by the markers."""
     begun = timing.started()
     source, gid = command.source, gid_of(space, command.tx_id, command.step_index)
     committing = command.action == "COMMIT"
     try:
         await conn.execute(f"{'COMMIT' if committing else 'ROLLBACK'} PREPARED '{gid}'")
+        slots.used = max(0, slots.used - 1)
         gone = False
     except asyncpg.PostgresError as exc:
         if _sqlstate(exc) != _UNDEFINED_OBJECT:

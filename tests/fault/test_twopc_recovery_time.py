@@ -59,12 +59,15 @@ async def test_every_process_killed_with_hundreds_in_flight_recovers_them_all(ru
     finally:
         await cluster.stop()
     statuses: dict[str, int] = {}
+    reasons: dict[str, int] = {}
     for r in results:
         statuses[r.status] = statuses.get(r.status, 0) + 1
+        if r.error:
+            reasons[r.error[:80]] = reasons.get(r.error[:80], 0) + 1
     assert set(statuses) <= {"committed", "aborted"}, statuses
     assert len(await transactions_in_flight(run)) == 0
     print(
         f"\nrecovery: {unfinished} transactions without a result at the kill ({coordinator_in_flight} in the "
         f"coordinator's state); processes ready after {restarted:.2f} s; every result after {seconds:.2f} s; "
-        f"statuses {statuses}"
+        f"statuses {statuses}; abort reasons {sorted(reasons.items(), key=lambda kv: -kv[1])[:3]}"
     )

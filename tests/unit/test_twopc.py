@@ -95,6 +95,16 @@ def test_one_no_aborts_every_step_and_late_votes_change_nothing() -> None:
     assert done.result["error"] is not None and "step 1" in done.result["error"]["message"]
 
 
+def test_a_retriable_no_sends_prepare_again_and_a_stale_no_changes_nothing() -> None:
+    protocol, t = prepared()
+    busy = reply(t.commands[0], "VOTED_NO", retriable=True)
+    again = protocol.decide(t.state, OutcomeReceived(busy), 5)
+    assert not again.decisions and [(c["action"], c["attempt"]) for c in again.commands] == [("PREPARE", 2)]
+    assert protocol.decide(again.state, OutcomeReceived(busy), 6).state is again.state  # attempt 1's no, again
+    yes = protocol.decide(again.state, OutcomeReceived(reply(again.commands[0], "PREPARED")), 7)
+    assert yes.state["steps"][0]["status"] == "prepared"
+
+
 def test_a_duplicate_vote_is_an_explicit_no_op_row() -> None:
     protocol, t = prepared()
     vote = reply(t.commands[0], "PREPARED")
@@ -199,3 +209,22 @@ def test_every_phase_has_a_row_for_every_event_it_can_meet() -> None:
         if phase in (TwoPCPhase.LOCKING, TwoPCPhase.PREPARING):
             continue
         assert all((phase, kind) in TABLE for kind in TwoPCEvent)
+
+
+def test_admission_caps_the_transactions_past_their_locks_and_lets_the_next_in_when_one_ends() -> None:
+    protocol = TwoPhaseCommit(POLICY)
+    protocol.admission.capacity = 1
+    first = protocol.start(intent("tx-1", row=1), 0)
+    second = protocol.start(intent("tx-2", row=2), 1)  # disjoint keys, but no room
+    assert [c["action"] for c in first.commands] == ["PREPARE"] * 3
+    assert second.state["phase"] == TwoPCPhase.LOCKING and not second.commands
+    assert protocol.decide(second.state, LocksGranted(), 2).state is second.state
+    rearmed = protocol.decide(second.state, TimerDue(), second.state["due_at_ms"])  # queued: never a timeout
+    assert rearmed.result is None and rearmed.state["due_at_ms"] > second.state["due_at_ms"]
+    decided = feed(protocol, first.state, [reply(c, "PREPARED") for c in first.commands])
+    done = feed(protocol, decided.state, [reply(c, "APPLIED") for c in decided.commands])
+    assert done.wake == ["tx-2"]
+    assert [c["action"] for c in protocol.decide(rearmed.state, LocksGranted(), 20).commands] == ["PREPARE"] * 3
+    fresh = TwoPhaseCommit(POLICY)
+    fresh.admission.capacity = 1
+    assert fresh.restored([second.state, first.state]) == []  # restored: tx-1 holds the only place
