@@ -102,9 +102,9 @@ async def prepare(
         return outcome(source, "postgres", "VOTED_NO", timing.since(begun), error=busy)
     slots.used += 1  # taken before the first await that could let another prepare in
     prepared = False
-    await conn.execute("BEGIN")
+    # One round trip; a row held by another prepared transaction votes (a retriable) no, never hangs.
+    await conn.execute("BEGIN; SET LOCAL lock_timeout = '5s'")
     try:
-        await conn.execute("SET LOCAL lock_timeout = '5s'")  # a held row votes no rather than hangs
         result = await run(conn, command, begun)
         status = result["status"]
         if status in ("APPLIED",) and conn.is_in_transaction():
