@@ -62,7 +62,7 @@ class TwoPCPolicy:
     phase2_resend_ms: int = 10_000  # a phase-2 command with no acknowledgement by then is sent again
     hazard_after: int = 5  # failed phase-2 attempts of one step before the heuristic hazard is reported
     prepare_attempts: int = 20  # PREPAREs of one step while its store answers a retriable no
-    max_active: int = 128  # transactions past their locks at once, per coordinator member (Admission)
+    max_active: int = 180  # transactions past their locks at once, per coordinator member (Admission)
     backoff: SagaPolicy = field(default_factory=SagaPolicy)
 
     @classmethod

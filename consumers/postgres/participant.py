@@ -119,8 +119,8 @@ class PostgresParticipant(Participant):
         self.settled = await settle_at_start(self.settings, self.pool)
         async with self.pool.acquire() as conn:
             limit = int(await conn.fetchval("SHOW max_prepared_transactions"))
-        # Three quarters of the server's prepared slots (others share the server); ours still held count.
-        self.slots = twophase.Slots(limit=max(1, limit * 3 // 4), used=len(await self.in_doubt()))
+        # The server's prepared slots but a few (others may share the server); ours still held count.
+        self.slots = twophase.Slots(limit=max(1, limit - 10), used=len(await self.in_doubt()))
 
     async def close(self) -> None:
         if self._pool is not None:
