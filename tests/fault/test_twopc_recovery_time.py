@@ -23,7 +23,7 @@ from polycommit.tooling.processes import Cluster
 
 pytestmark = pytest.mark.servers
 
-TRANSACTIONS = 3000
+TRANSACTIONS = 800
 IN_FLIGHT_AT_KILL = 500
 
 
