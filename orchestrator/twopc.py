@@ -338,6 +338,9 @@ class TwoPhaseCommit:
     def decide(self, state: SagaSnapshot, event: Event, now: int) -> Transition:
         row = (phase_of(state), classify(state, event, now, self.locks, self.admission.active))
         t = dispatch(TABLE, row, state, event, now, self.policy)
+        if row == (TwoPCPhase.LOCKING, TwoPCEvent.LOCKS_GRANTED):  # for the detector: waits that ended
+            keys = self.locks.keys_of(state["intent"]["tx_id"])
+            t.lock_requests.extend(m.lock_event(t.state, key, "GRANTED", [], now) for key in keys)
         if t.state is not state and t.state["phase"] in m.TERMINAL:
             self._release(t, now)
         return t

@@ -158,6 +158,7 @@ def test_a_second_transaction_on_the_same_key_waits_then_prepares_when_the_first
     assert done.wake == ["tx-2"]
     woken = protocol.decide(second.state, LocksGranted(), 20)
     assert [c["action"] for c in woken.commands] == ["PREPARE"] * 3
+    assert {e["action"] for e in woken.lock_requests} == {"GRANTED"} and len(woken.lock_requests) == 3
 
 
 def test_a_lock_wait_past_its_timeout_aborts_with_nothing_prepared() -> None:
