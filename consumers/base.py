@@ -27,6 +27,7 @@ from consumers.command import TypedCommand, marker_id, parse_command
 from polycommit.config import Settings
 from polycommit.errors import PolycommitError, UnsupportedError, describe
 from polycommit.events import ErrorInfo, OutcomeStatus, StepOutcome, Store, StoreCommand, error_info
+from polycommit.failpoints import failpoint
 
 __all__ = [
     "INLINE_BEFORE_IMAGE_BYTES",
@@ -180,7 +181,7 @@ def generations(
     return groups
 
 
-_TWO_PHASE = "two-phase commit is not built yet"
+_TWO_PHASE = "this store does not vote in two-phase commit"
 
 
 class Participant(abc.ABC):
@@ -189,8 +190,8 @@ class Participant(abc.ABC):
     `apply_commands` never raises for a single bad command: that command's outcome is FAILED with a typed
     error (`error.retriable` says whether the coordinator should try again), and the others still run.
     It raises only when the store itself is unreachable, so the consume loop retries the whole batch.
-    The two-phase commit verbs are part of the interface already and raise `UnsupportedError` until a
-    store implements them.
+    Two-phase commit adds `vote` (PREPARE) and `finish` (COMMIT / ABORT, with the saga commands), called
+    through `apply_any`.
     """
 
     store: Store
@@ -228,18 +229,39 @@ class Participant(abc.ABC):
         outcomes.update((position, result) for (position, _), result in zip(typed, applied, strict=True))
         return [outcomes[i] for i in range(len(commands))]
 
-    async def prepare(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
-        """Phase 1: apply and hold the commands' effects, and vote."""
+    async def apply_any(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
+        """Saga and two-phase commit commands together: the saga commands and phase 2 run (`finish`), then
+        the PREPAREs are voted on (`vote`); one outcome per command, in the same order."""
+        from consumers import twophase
+
+        if not twophase.has_two_phase(commands):
+            return await self.apply_commands(commands)
+        prepares, others = twophase.split(commands)
+        results: dict[int, StepOutcome] = {}
+        # Phase 2 first: it frees PostgreSQL's prepared-transaction slots. Safe in any order: an ABORT
+        # before its PREPARE fences it (the PREPARE then votes no), and a COMMIT is only ever sent after
+        # its PREPARE voted, so a PREPARE met after it is a redelivery (its step is already committed).
+        if others:
+            results.update(zip(others, await self.finish([commands[i] for i in others]), strict=True))
+        if prepares:
+            results.update(zip(prepares, await self.vote([commands[i] for i in prepares]), strict=True))
+        return [results[i] for i in range(len(commands))]
+
+    async def vote(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
+        """Phase 1: one vote per PREPARE, PREPARED or VOTED_NO (its error says why)."""
         raise UnsupportedError(_TWO_PHASE)
 
-    async def commit(self, tx_ids: Sequence[str]) -> None:
-        """Phase 2 after a commit decision: make the prepared effects of `tx_ids` durable."""
-        raise UnsupportedError(_TWO_PHASE)
+    async def finish(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
+        """Saga commands and phase 2 (COMMIT / ABORT). The default is DESIGN.md's shape (b), for stores
+        without a durable prepare: COMMIT applies the write-set as an EXECUTE, ABORT records its fence
+        as a COMPENSATE that finds nothing to undo; both exactly once by the markers."""
+        from consumers import twophase
 
-    async def abort(self, tx_ids: Sequence[str]) -> None:
-        """Phase 2 after an abort decision (or presumed abort): drop the prepared effects of `tx_ids`."""
-        raise UnsupportedError(_TWO_PHASE)
+        outcomes = await self.apply_commands([twophase.as_saga(c) for c in commands])
+        if twophase.has_two_phase(commands):
+            failpoint(f"{self.store}.phase2")  # the phase-2 effect is in the store, its outcome not published
+        return [twophase.from_saga(c, o) for c, o in zip(commands, outcomes, strict=True)]
 
-    async def list_in_doubt(self) -> list[str]:
-        """Transactions prepared here and not yet settled, for recovery to settle from the decision log."""
-        raise UnsupportedError(_TWO_PHASE)
+    async def in_doubt(self) -> list[str]:
+        """Transactions prepared here and not yet settled (a store with a durable prepare only)."""
+        return []

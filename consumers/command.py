@@ -63,9 +63,8 @@ class TypedCommand:
 
 def parse_command(command: StoreCommand, store: Store, max_payload_bytes: int) -> TypedCommand:
     """Parse and validate a command for `store`; a typed error for anything no retry can fix."""
-    if command["action"] not in ("EXECUTE", "COMPENSATE"):
-        # PREPARE / COMMIT / ABORT belong to two-phase commit, which the participants do not run yet.
-        raise UnsupportedError(f"the {store} participant runs EXECUTE and COMPENSATE, not {command['action']}")
+    if command["action"] not in ("EXECUTE", "COMPENSATE", "PREPARE", "COMMIT", "ABORT"):
+        raise UnsupportedError(f"the {store} participant does not run {command['action']}")
     parsed: list[ParsedOperation | None] = []
     for op in (command["operation"], command["compensation"]):
         if op is None:

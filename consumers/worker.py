@@ -260,7 +260,7 @@ class StoreWorker:
         delay = 0.2
         while True:
             try:
-                return await self.participant.apply_commands(commands) if commands else []
+                return await self.participant.apply_any(commands) if commands else []
             except StoreUnavailableError as exc:
                 log.warning("%s unavailable, retrying the batch in %.1fs: %s", self.store, delay, exc)
                 await asyncio.sleep(delay)

@@ -109,6 +109,11 @@ class ReplyTargets:
     def new_batch(self) -> None:
         self._refreshed_this_batch = False
 
+    async def load(self) -> None:
+        """Read the cluster's topics now (a new session): results of restored transactions may be
+        published before the restore that would otherwise load them has finished."""
+        self._partitions = await self.fetch()
+
     async def refusal(self, reply_to: str) -> ErrorInfo | None:
         problem = reply_to_problem(reply_to, self.topics, self._known(reply_to))
         if problem is not None and not self._refreshed_this_batch and not self._internal(reply_to):

@@ -10,10 +10,10 @@ duplicate events are rows of their own that change nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from polycommit.errors import ProtocolError
 from polycommit.events import (
@@ -64,7 +64,12 @@ class OperatorReceived:
     command: OperatorCommand
 
 
-Event = IntentReceived | OutcomeReceived | TimerDue | OperatorReceived
+@dataclass(frozen=True)
+class LocksGranted:
+    """The locks a transaction was waiting for are now all its own (another transaction released them)."""
+
+
+Event = IntentReceived | OutcomeReceived | TimerDue | OperatorReceived | LocksGranted
 
 
 # -- what one event did ----------------------------------------------------------------------------
@@ -87,6 +92,9 @@ class Transition:
     result: TransactionResult | None = None
     alerts: list[Alert] = field(default_factory=list)
     rejections: list[ErrorInfo] = field(default_factory=list)
+    # Other transactions this one's end let go on (their locks are granted): the driver folds a
+    # `LocksGranted` into each, in this order, within the same Kafka transaction.
+    wake: list[str] = field(default_factory=list)
 
 
 class TransactionProtocol(Protocol):
@@ -109,6 +117,17 @@ class TransactionProtocol(Protocol):
     def is_in_flight(self, phase: str) -> bool: ...
 
     def is_stuck(self, phase: str) -> bool: ...
+
+
+@runtime_checkable
+class HoldsLocks(Protocol):
+    """A protocol keeping state across transactions (two-phase commit's lock table): the driver tells it
+    which states it now owns and which it gave up; each call returns transactions to wake with
+    `LocksGranted`."""
+
+    def restored(self, states: Iterable[TxState]) -> list[str]: ...
+
+    def forgotten(self, tx_ids: Iterable[str]) -> list[str]: ...
 
 
 # -- the table -------------------------------------------------------------------------------------

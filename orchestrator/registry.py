@@ -11,18 +11,20 @@ from collections.abc import Callable, Mapping
 
 from orchestrator.protocol import TransactionProtocol, TxState
 from orchestrator.saga import SagaPolicy, SagaProtocol
+from orchestrator.twopc import TwoPhaseCommit
 from polycommit.errors import ProtocolError
 from polycommit.events import TransactionIntent
 
 # name -> factory, given the coordinator's policy (timeouts, backoff, payload limit).
 PROTOCOLS: Mapping[str, Callable[[SagaPolicy], TransactionProtocol]] = {
     "saga": SagaProtocol,
+    "twopc": TwoPhaseCommit,
 }
 
-# An intent's consistency chooses its protocol. STRONG has no row yet: it goes to the saga, which refuses
-# it by the table of unsupported modes (polycommit/modes.py) until two-phase commit adds its row here.
+# An intent's consistency chooses its protocol.
 PROTOCOL_FOR_CONSISTENCY: Mapping[str, str] = {
     "EVENTUAL": "saga",
+    "STRONG": "twopc",
 }
 DEFAULT_PROTOCOL = "saga"  # also the protocol of snapshots written before they named one
 

@@ -133,6 +133,8 @@ def classify(state: SagaSnapshot, event: Event, now: int) -> SagaEvent:
         if event.intent["tx_id"] != tx_id:
             raise ProtocolError(f"{tx_id}: received the intent of {event.intent['tx_id']}")
         return SagaEvent.INTENT_AGAIN
+    if not isinstance(event, OutcomeReceived):  # a saga holds no locks: nothing can be granted to it
+        raise ProtocolError(f"{tx_id}: a saga never waits for locks")
     outcome = event.outcome
     kind = _OUTCOME_KINDS.get(outcome["action"], {}).get(outcome["status"])
     if kind is None:

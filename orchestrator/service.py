@@ -27,7 +27,9 @@ from orchestrator.admission import ReplyTargets, canonical_or_refusal, expiry_re
 from orchestrator.admission import reply_target as reply_target
 from orchestrator.protocol import (
     Event,
+    HoldsLocks,
     IntentReceived,
+    LocksGranted,
     OperatorReceived,
     OutcomeReceived,
     TimerDue,
@@ -36,13 +38,14 @@ from orchestrator.protocol import (
 )
 from orchestrator.saga import SagaPolicy
 from orchestrator.transactions import OwnedTransactions
+from orchestrator.writer import TransitionWriter
 from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.deadletters import dead_letter
-from polycommit.errors import CodecError, PermanentError, ProtocolError
-from polycommit.events import ErrorInfo, OperatorCommand, StepOutcome, TransactionIntent, TransactionResult, now_ms
+from polycommit.errors import CodecError, ProtocolError
+from polycommit.events import OperatorCommand, StepOutcome, TransactionIntent, now_ms
 from polycommit.failpoints import failpoint
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,10 @@ class CoordinatorService:
         self.transactional_id = f"{settings.topic_prefix}-coordinator-{self.instance}"
         self.max_records = max_records
         self.transactions = OwnedTransactions(settings, self.topics.tx_state, self.codec)
+        # Protocols with state across transactions (two-phase commit's locks), and the transactions
+        # their restore let go on, woken by the next loop.
+        self.lock_owners = [p for p in self.protocols.values() if isinstance(p, HoldsLocks)]
+        self._to_wake: list[str] = []
         self._publisher: Publisher | None = None  # the session's, for cluster metadata
         self.replies = ReplyTargets(self.topics, self._cluster_topics)
         self.stats = CoordinatorStats()
@@ -108,18 +115,27 @@ class CoordinatorService:
         self._commit_failure: BaseException | None = None
         self.observe = observe  # metrics (polycommit.tooling.metrics); a no-op unless the process serves them
         self.trace = tracing.LoopTrace()  # spans of the batch being folded, when tracing is on
+        self.writer = TransitionWriter(self.topics, self.codec, self.replies, self.stats, self.trace, observe)
 
     # -- state ownership ----------------------------------------------------------------------------
 
     def forget(self, partitions: set[int]) -> None:
+        gone = [t for t in self.transactions.states if self.transactions.partition_of(t) in partitions]
+        for owner in self.lock_owners:
+            self._to_wake.extend(owner.forgotten(gone))
         self.transactions.forget(partitions)
 
     def forget_all(self) -> None:
+        for owner in self.lock_owners:
+            owner.forgotten(list(self.transactions.states))
+        self._to_wake.clear()
         self.transactions.forget_all()
 
     async def restore(self, partitions: set[int]) -> None:
         """Fold the changelog partitions this member now owns into its state (once each)."""
         restored = await self.transactions.restore(partitions)
+        for owner in self.lock_owners:
+            self._to_wake.extend(owner.restored(restored))
         self.stats.restored += len(restored)
         self.stats.corrupt_snapshots = self.transactions.corrupt_snapshots
         for state in restored:  # results go only to addresses the cache shows valid: load it for these
@@ -182,7 +198,8 @@ class CoordinatorService:
         )
         await publisher.start()
         self._publisher = publisher
-        self.replies = ReplyTargets(self.topics, self._cluster_topics)  # a new session looks again
+        self.replies.new_batch()  # a new session looks again: the cluster may have changed meanwhile
+        await self.replies.load()
         self.transactions.partitions = len(await publisher.partitions(self.topics.intents))
         consumer.subscribe(self.topics.coordinator_inputs(), listener=_Rebalance(self))
         await consumer.start()
@@ -247,6 +264,8 @@ class CoordinatorService:
             failpoint("coordinator.before_commit")
             await publisher.producer.commit_transaction()
             failpoint("coordinator.after_commit")
+            if any(o.topic == self.topics.decisions for o in out):
+                failpoint("coordinator.after_decision")  # the commit point passed, nothing else done
         except BaseException:
             await publisher.producer.abort_transaction()
             raise
@@ -298,10 +317,10 @@ class CoordinatorService:
         if refusal is not None:
             # Never admitted: no state, no changelog record (a wrong key may even name a partition that
             # another member owns); the result and the dead letter say why.
-            self._publish(protocol.start(intent, now, refusal), record, out)
+            self.writer.publish(protocol.start(intent, now, refusal), record, out)
             return
         self.transactions.admit(tx_id, bytes(record.value))
-        self._apply(protocol.start(intent, now), None, record, out, touched)
+        self._apply(protocol.start(intent, now), None, record, out, touched, now)
 
     def _on_outcome(
         self, event: StepOutcome, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]
@@ -321,6 +340,9 @@ class CoordinatorService:
         self._decide(tx_id, OperatorReceived(command), record, now, out, touched)
 
     def _fire_due(self, now: int, out: list[Outgoing], touched: dict[str, TxState]) -> None:
+        woken, self._to_wake = self._to_wake, []
+        for tx_id in woken:
+            self._decide(tx_id, LocksGranted(), None, now, out, touched)
         for state in list(self.transactions.due(now)):
             self._decide(state["intent"]["tx_id"], TimerDue(), None, now, out, touched)
 
@@ -330,7 +352,7 @@ class CoordinatorService:
         state = self.transactions.get(tx_id)
         if state is not None:
             protocol = self.protocols[registry.protocol_of(state)]
-            self._apply(protocol.decide(state, event, now), state, record, out, touched)
+            self._apply(protocol.decide(state, event, now), state, record, out, touched, now)
 
     def _apply(
         self,
@@ -339,6 +361,7 @@ class CoordinatorService:
         record: Any,
         out: list[Outgoing],
         touched: dict[str, TxState],
+        now: int,
     ) -> None:
         state = transition.state
         tx_id = state["intent"]["tx_id"]
@@ -346,53 +369,9 @@ class CoordinatorService:
             return  # a late or duplicate event: nothing changed
         touched[tx_id] = state
         self.transactions.keep(state)
-        self._publish(transition, record, out)
-
-    def _publish(self, transition: Transition, record: Any, out: list[Outgoing]) -> None:
-        state = transition.state
-        tx_id = state["intent"]["tx_id"]
-        traced = self.trace.headers()
-        for command in transition.commands:
-            topic = self.topics.commands(command["operation"]["store"])
-            out.append(Outgoing(topic, tx_id, "StoreCommand", command, headers=traced))
-        self.stats.commands += len(transition.commands)
-        out.extend(Outgoing(self.topics.decisions, tx_id, "Decision", d, headers=traced) for d in transition.decisions)
-        out.extend(
-            Outgoing(self.topics.locks, lock["resource"], "LockEvent", lock) for lock in transition.lock_requests
-        )
-        for alert in transition.alerts:
-            out.append(Outgoing(self.topics.alerts, tx_id, "Alert", alert))
-            self.observe("alert", 1, {"kind": alert["kind"], "tx_id": tx_id})
-        for error in transition.rejections:
-            self._reject(record, tx_id, error, out)
-        if transition.result is not None:
-            self._publish_result(state, transition.result, out, traced)
-
-    def _reject(self, record: Any, tx_id: str, error: ErrorInfo, out: list[Outgoing]) -> None:
-        """The input record is poison for its protocol: it is kept for inspection as a dead letter."""
-        if record is None:
-            log.error("%s: %s: %s (no input record to keep)", tx_id, error["error_class"], error["message"])
-            return
-        letter = dead_letter(
-            record, PermanentError(f"{error['error_class']}: {error['message']}"), "coordinator", tx_id
-        )
-        letter["error_class"] = error["error_class"]
-        out.append(Outgoing(self.topics.dead_letters, tx_id, "DeadLetter", letter))
-        self.stats.dead_letters += 1
-        self.observe("dead_letter", 1, _COORDINATOR)
-
-    def _publish_result(
-        self, state: TxState, result: TransactionResult, out: list[Outgoing], traced: tracing.Headers | None = None
-    ) -> None:
-        tx_id = result["tx_id"]
-        self.stats.results[result["status"]] = self.stats.results.get(result["status"], 0) + 1
-        self.observe("transaction", 1, {"protocol": registry.protocol_of(state), "outcome": result["status"].lower()})
-        encoded = self.codec.encode("TransactionResult", result)  # once, for both topics
-        out.append(Outgoing(self.topics.results, tx_id, "TransactionResult", result, encoded=encoded))
-        target = self.replies.target(state["intent"]["reply_to"])
-        if target is not None:
-            reply = Outgoing(target[0], tx_id, "TransactionResult", result, target[1], encoded, headers=traced)
-            out.append(reply)
+        self.writer.publish(transition, record, out)
+        for woken in transition.wake:  # their locks were this one's: they go on in the same Kafka transaction
+            self._decide(woken, LocksGranted(), None, now, out, touched)
 
 
 def _publishes(transition: Transition) -> bool:

@@ -12,12 +12,32 @@ from __future__ import annotations
 import os
 import signal
 
-# Every failpoint the code has, so a test (or a typo) can be checked against the list.
-FAILPOINTS = (
-    "coordinator.before_commit",  # decisions folded, Kafka transaction not yet committed
-    "coordinator.after_commit",  # Kafka transaction committed (commands, snapshots, offsets)
-    "worker.after_apply",  # the store committed the batch, no outcome published yet
-    "worker.after_publish",  # outcomes acknowledged by Kafka, command offsets not yet committed
+# Every failpoint the code has, with its one-line meaning (`polycommit failpoints`), so a test (or a typo)
+# can be checked against the list.
+MEANINGS: dict[str, str] = {
+    "coordinator.before_commit": "decisions folded, Kafka transaction not yet committed",
+    "coordinator.after_commit": "Kafka transaction committed (commands, snapshots, offsets)",
+    "worker.after_apply": "the store committed the batch, no outcome published yet",
+    "worker.after_publish": "outcomes acknowledged by Kafka, command offsets not yet committed",
+    "postgres.after_prepare": "PREPARE TRANSACTION done, the vote not yet published",
+    "neo4j.after_validate": "a PREPARE batch validated, the votes not yet published",
+    "qdrant.between_points_and_marker": "Qdrant wrote the points, its marker not yet confirmed",
+    "postgres.phase2": "COMMIT/ROLLBACK PREPARED done, its outcome not yet published",
+    "neo4j.phase2": "the COMMIT write-set / ABORT fence applied, its outcome not yet published",
+    "qdrant.phase2": "the COMMIT write-set / ABORT fence applied, its outcome not yet published",
+    "coordinator.after_decision": "a Decision committed with its phase-2 commands, nothing else done yet",
+}
+FAILPOINTS: tuple[str, ...] = tuple(MEANINGS)
+# The failpoints only two-phase commit reaches (tests/fault/test_twopc_crash_points.py); sagas never do.
+TWO_PHASE_ONLY: frozenset[str] = frozenset(
+    {
+        "postgres.after_prepare",
+        "neo4j.after_validate",
+        "postgres.phase2",
+        "neo4j.phase2",
+        "qdrant.phase2",
+        "coordinator.after_decision",
+    }
 )
 
 _hits: dict[str, int] = {}

@@ -1,8 +1,8 @@
 """The transaction modes polycommit does not run yet, refused by the client SDK and by the coordinator alike.
 
-An intent may ask for STRONG consistency, a stricter isolation level or a priority; until two-phase commit
-and the lock manager exist, accepting them would silently give the caller less than it asked for. Each
-row below is one refusal: the change that builds the missing part deletes its row.
+An intent may ask for a stricter isolation level or a priority; until the lock manager exists, accepting
+them would silently give the caller less than it asked for. Each row below is one refusal: the change
+that builds the missing part deletes its row (consistency=STRONG left when two-phase commit was built).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ class UnsupportedMode:
 
 
 UNSUPPORTED_MODES: tuple[UnsupportedMode, ...] = (
-    UnsupportedMode("consistency=STRONG", "two-phase commit", lambda m: m.consistency == "STRONG"),
     UnsupportedMode("isolation=REPEATABLE_READ", "the lock manager", lambda m: m.isolation == "REPEATABLE_READ"),
     UnsupportedMode("isolation=SERIALIZABLE", "the lock manager", lambda m: m.isolation == "SERIALIZABLE"),
     UnsupportedMode(

@@ -20,6 +20,8 @@ class RecoveryReport:
     finished: dict[str, str] = field(default_factory=dict)  # tx id -> status reported after recovery
     still_stuck: list[str] = field(default_factory=list)
     unfinished: list[str] = field(default_factory=list)
+    decided: dict[str, str] = field(default_factory=dict)  # tx id -> COMMIT / ABORT decided during recovery
+    settled: list[dict[str, str]] = field(default_factory=list)  # prepared gids settled by participants
     seconds: float = 0.0
 
     @property
@@ -35,6 +37,12 @@ class RecoveryReport:
             "unfinished": self.unfinished,
             "seconds": round(self.seconds, 3),
             "ok": self.ok,
+            "decided": count(self.decided.values()),
+            "settled_gids": self.settled,
+            "transactions": {
+                tx_id: {"phase": phase, "decided": self.decided.get(tx_id), "result": self.finished.get(tx_id)}
+                for tx_id, phase in sorted(self.in_flight.items())
+            },
         }
 
 
@@ -51,7 +59,15 @@ def begin(state: Mapping[str, SagaSnapshot]) -> RecoveryReport:
 
 
 def stuck_at_start(report: RecoveryReport) -> set[str]:
-    return {tx_id for tx_id, phase in report.in_flight.items() if phase == "stuck"}
+    """Stuck sagas, and two-phase commits whose phase 2 keeps failing (a reported heuristic hazard)."""
+    return {tx_id for tx_id, phase in report.in_flight.items() if phase == "stuck" or phase.endswith("(hazard)")}
+
+
+def decided(report: RecoveryReport, tx_id: str, outcome: str) -> RecoveryReport:
+    """A two-phase commit decision taken since recovery began."""
+    if tx_id in report.in_flight:
+        report.decided[tx_id] = outcome
+    return report
 
 
 def waiting(report: RecoveryReport) -> set[str]:
@@ -71,6 +87,7 @@ def record(report: RecoveryReport, tx_id: str, status: str) -> RecoveryReport:
 def finish(report: RecoveryReport, seconds: float) -> RecoveryReport:
     """Close the report: what is still stuck, what never reported, and how long it took."""
     stuck_now = {tx_id for tx_id, status in report.finished.items() if status == "stuck"}
+    stuck_now |= {t for t in stuck_at_start(report) if report.in_flight[t].endswith("(hazard)")} - set(report.finished)
     report.still_stuck = sorted(stuck_now | (stuck_at_start(report) - set(report.finished)))
     report.unfinished = sorted(waiting(report))
     report.seconds = seconds

@@ -247,6 +247,11 @@ class Neo4jParticipant(Participant):
         done = timing.since(begun)
         return {work[i][0]: result for i, result in unit.outcomes(done).items()}
 
+    async def vote(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
+        from consumers.neo4j.vote import vote
+
+        return await vote(self.driver, commands, _read_markers, self._ensure_keys, classify)
+
     # -- reads for tests and the consistency checker ------------------------------------------------
 
     async def read_node(self, label: str, key: Mapping[str, Any]) -> dict[str, Any] | None:

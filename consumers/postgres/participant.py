@@ -26,7 +26,7 @@ from consumers import timing
 from consumers.base import Marker, Participant, Plan, Timing, failed, marker_id, outcome, status_for
 from consumers.command import TypedCommand
 from consumers.planner import Planned, batch_groups, plan_batch
-from consumers.postgres import effects
+from consumers.postgres import effects, twophase
 from consumers.postgres import sql as q
 from polycommit.config import Settings
 from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError
@@ -91,10 +91,13 @@ class _Batch:
 class PostgresParticipant(Participant):
     store: Store = "postgres"
 
-    def __init__(self, settings: Settings, pool_size: int = 4) -> None:
+    def __init__(self, settings: Settings, pool_size: int = 16) -> None:
         self.settings = settings
-        self.pool_size = pool_size
+        self.pool_size = pool_size  # saga batches use one connection; prepares of a batch run side by side
         self._pool: asyncpg.Pool | None = None
+        self.settled: list[dict[str, str]] = []  # prepared gids settled at the last start
+        self.gid_space = twophase.space_of(settings.topic_prefix)
+        self.slots = twophase.Slots()
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -111,6 +114,13 @@ class PostgresParticipant(Participant):
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
         async with self.pool.acquire() as conn:
             await conn.execute(q.CREATE_MARKERS)
+        from consumers.postgres.settlement import settle_at_start  # reads the decisions topic
+
+        self.settled = await settle_at_start(self.settings, self.pool)
+        async with self.pool.acquire() as conn:
+            limit = int(await conn.fetchval("SHOW max_prepared_transactions"))
+        # The server's prepared slots but a few (others may share the server); ours still held count.
+        self.slots = twophase.Slots(limit=max(1, limit - 10), used=len(await self.in_doubt()))
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -286,6 +296,45 @@ class PostgresParticipant(Participant):
     async def _read_markers(self, conn: asyncpg.Connection, commands: Sequence[TypedCommand]) -> dict[str, Marker]:
         rows = await conn.fetch(q.READ_MARKERS, [c.tx_id for c in commands], [c.step_index for c in commands])
         return {marker_id(r[0], r[1], r[2]): Marker(r[3]) for r in rows}
+
+    # -- two-phase commit (consumers.postgres.twophase) ----------------------------------------------
+
+    async def vote(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
+        return await self._guarded(
+            commands, lambda conn, c: twophase.prepare(conn, c, self.gid_space, self._execute_one, classify, self.slots)
+        )
+
+    async def finish(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
+        saga = [i for i, c in enumerate(commands) if c.action in ("EXECUTE", "COMPENSATE")]
+        results = dict(zip(saga, await self.apply_commands([commands[i] for i in saga]), strict=True))
+        ends = [i for i in range(len(commands)) if i not in results]
+        results.update(
+            zip(
+                ends,
+                await self._guarded(
+                    [commands[i] for i in ends], lambda conn, c: twophase.phase2(conn, c, self.gid_space, self.slots)
+                ),
+                strict=True,
+            )
+        )
+        return [results[i] for i in range(len(commands))]
+
+    async def _guarded(self, commands: Sequence[TypedCommand], work: Any) -> list[StepOutcome]:
+        try:
+            return await twophase.on_pool(self.pool, commands, work)
+        except (OSError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StoreUnavailableError(f"PostgreSQL phase 2: {classify(exc)}") from exc  # retried as a batch
+
+    async def _execute_one(self, conn: asyncpg.Connection, command: TypedCommand, begun: int) -> StepOutcome:
+        """The saga's EXECUTE of a PREPARE's step, in the caller's open transaction."""
+        execute = TypedCommand({**command.source, "action": "EXECUTE"}, command.operation, None)
+        return (await self._apply(conn, [execute], begun))[0]
+
+    async def in_doubt(self) -> list[str]:
+        async with self.pool.acquire() as conn:
+            return [r[0] for r in await conn.fetch(twophase.PREPARED_GIDS, f"{twophase.GID_PREFIX}{self.gid_space}_")]
 
     # -- reads for tests, the demo and the consistency checker --------------------------------------
 

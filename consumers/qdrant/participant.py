@@ -42,7 +42,8 @@ from consumers.qdrant.effects import (
 )
 from polycommit.config import Settings
 from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError
-from polycommit.events import StepOutcome, Store
+from polycommit.events import StepOutcome, Store, error_info
+from polycommit.failpoints import failpoint
 from polycommit.parsed import PointsOperation, keys_of
 
 
@@ -169,6 +170,29 @@ class QdrantParticipant(Participant):
             results.update((i, failed(commands[i].source, self.store, exc, done)) for i, exc in rejected.items())
             return [results[i] for i in range(len(commands))]
 
+    async def vote(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
+        """Shape (b): a PREPARE changes nothing; it votes yes when the collection exists, the vectors
+        have its size (the payload JSON was parsed already) and no ABORT fenced the step before."""
+        if not self._started:
+            await self.start()
+        async with self._lock:
+            begun = timing.started()
+            markers, sizes = await self._read_state(commands)
+            done = timing.since(begun)
+        results: list[StepOutcome] = []
+        for command in commands:
+            try:
+                if command.compensate_id in markers:
+                    raise InvalidOperationError("the step was aborted here before")
+                writes_of(_points_op(command.operation), sizes)
+            except Exception as exc:
+                cls = type(exc).__name__ if not isinstance(exc, StoreError) else exc.error_class
+                error = error_info(cls, str(exc), bool(getattr(exc, "retriable", False)))
+                results.append(outcome(command.source, self.store, "VOTED_NO", done, error=error))
+            else:
+                results.append(outcome(command.source, self.store, "PREPARED", done))
+        return results
+
     async def _read_state(self, commands: Sequence[TypedCommand]) -> tuple[dict[str, Marker], dict[str, int]]:
         """The batch's markers (one read) and the vector sizes of the collections it names."""
         wanted = [i for c in commands for i in (c.execute_id, c.compensate_id)]
@@ -224,6 +248,7 @@ class QdrantParticipant(Participant):
                 # guard: markers and points are separate shards with separate WALs.
                 await self.backend.flush()
             await self._write_data(data)
+            failpoint("qdrant.between_points_and_marker")
             await self._confirm_markers(data)
         noops = [s for s in steps if s.decision is Plan.RECORD_NOOP_COMPENSATION]
         if noops:

@@ -51,7 +51,7 @@ __all__ = ["COLLECTION", "DIMENSIONS", "LABEL", "TABLE", "Write", "keep_in_fligh
 
 
 def add_arguments(bench: argparse.ArgumentParser) -> None:
-    bench.add_argument("--mode", choices=["saga"], default="saga")
+    bench.add_argument("--mode", choices=["saga", "2pc"], default="saga", help="sagas, or two-phase commit (STRONG)")
     bench.add_argument("--transactions", type=int, default=10_000, help="transactions per concurrency")
     bench.add_argument("--concurrency", default="256", help="transactions in flight; a list (1,8,32) runs a curve")
     bench.add_argument("--external", action="store_true", help="the workers already run elsewhere")
@@ -89,17 +89,18 @@ def cluster_for(settings: Settings, consumers: int) -> Cluster:
 
 
 async def run_sagas(
-    client: Coordinator, items: Sequence[Write], concurrency: int, progress: Progress | None
+    client: Coordinator, items: Sequence[Write], concurrency: int, progress: Progress | None, mode: str = "saga"
 ) -> tuple[list[float], list[TransactionResult | Exception], float]:
     """Keep `concurrency` transactions in flight; return latencies (ms), results and elapsed seconds."""
     latencies: list[float] = []
     results: list[TransactionResult | Exception] = []
-    task = progress.add_task(f"sagas, {concurrency} in flight", total=len(items)) if progress else None
+    what = "sagas" if mode == "saga" else "two-phase commits"
+    task = progress.add_task(f"{what}, {concurrency} in flight", total=len(items)) if progress else None
 
     async def one(write: Write) -> None:
         started = time.perf_counter()
         try:
-            results.append(await client.execute(saga_of(write)))
+            results.append(await client.execute(saga_of(write, mode=mode)))
         except PolycommitError as exc:
             results.append(exc)
         latencies.append((time.perf_counter() - started) * 1000)
@@ -121,7 +122,9 @@ def latency_summary(latencies: Sequence[float], count: int, elapsed: float) -> d
     }
 
 
-def report(concurrency: int, latencies: list[float], results: Sequence[Any], elapsed: float) -> dict[str, Any]:
+def report(
+    concurrency: int, latencies: list[float], results: Sequence[Any], elapsed: float, mode: str = "saga"
+) -> dict[str, Any]:
     """One point of the curve, from the client's side."""
     ok = sum(1 for r in results if isinstance(r, TransactionResult) and r.ok)
     statuses: dict[str, int] = {}
@@ -130,7 +133,7 @@ def report(concurrency: int, latencies: list[float], results: Sequence[Any], ela
         statuses[key] = statuses.get(key, 0) + 1
     items = len(results)
     return {
-        "mode": "saga",
+        "mode": mode,
         "transactions": items,
         "concurrency": concurrency,
         "elapsed_s": round(elapsed, 3),
@@ -164,14 +167,15 @@ async def _run_points(
     points: list[tuple[dict[str, Any], list[Write]]] = []
     try:
         async with Coordinator(settings, timeout=300) as client:
-            await run_sagas(client, writes(f"{run}w", min(200, args.transactions)), 32, None)  # warm up
+            warm_up = writes(f"{run}w", min(200, args.transactions))
+            await run_sagas(client, warm_up, 32, None, args.mode)
             columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
             with Progress(*columns, console=console, transient=args.json) as progress:
                 for level in levels:
                     if exporter is not None:
                         exporter.clear()
                     items = writes(f"{run}c{level}", args.transactions)
-                    point = report(level, *await run_sagas(client, items, level, progress))
+                    point = report(level, *await run_sagas(client, items, level, progress, args.mode), args.mode)
                     if exporter is not None:
                         point["budget"] = bench_trace.budget(exporter.get_finished_spans())
                     points.append((point, items))

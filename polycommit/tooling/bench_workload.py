@@ -43,9 +43,12 @@ def writes(run: str, count: int) -> list[Write]:
     return [Write(f"{run}-{i}", i, embed(f"{run}-{i}", DIMENSIONS)) for i in range(count)]
 
 
-def saga_of(write: Write, *, name: str = "bench", retries: int = 0, timeout: float = 0.0) -> Saga:
-    """The three writes as one saga; `retries` and `timeout` apply to each step (0: the client's defaults)."""
+def saga_of(write: Write, *, name: str = "bench", retries: int = 0, timeout: float = 0.0, mode: str = "saga") -> Saga:
+    """The three writes as one saga (or, `mode="2pc"`, one two-phase commit: consistency=STRONG);
+    `retries` and `timeout` apply to each step (0: the client's defaults)."""
     saga = Saga(name)
+    if mode == "2pc":
+        saga.consistency = "STRONG"
     for operation in (
         ops.upsert_row(TABLE, {"id": write.key}, {"v": write.value}),
         ops.upsert_points(COLLECTION, [ops.point(write.key, write.vector, {"v": write.value})]),

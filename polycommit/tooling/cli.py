@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--prefix", default=None, help="topic prefix of the log to judge (default: the settings')")
     check.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
+    failpoints = sub.add_parser("failpoints", help="list the named crash points (POLYCOMMIT_FAILPOINT=name[:n])")
+    failpoints.add_argument("--json", action="store_true")
+
     chaos = sub.add_parser("chaos", help="kill processes and servers under load, then check the stores")
     chaos.add_argument("--transactions", type=int, default=2000, help="transactions to send (default 2000)")
     chaos.add_argument("--kills", type=int, default=5, help="kills of a target (default 5)")
@@ -267,6 +270,15 @@ async def _dispatch(args: argparse.Namespace) -> int:
         from polycommit.tooling.checker.command import run_check
 
         return await run_check(load_settings(), args)
+    if args.command == "failpoints":
+        from polycommit.failpoints import MEANINGS
+
+        if args.json:
+            _print_json([{"name": name, "meaning": meaning} for name, meaning in MEANINGS.items()])
+        else:
+            for name, meaning in MEANINGS.items():
+                print(f"{name:36} {meaning}")
+        return 0
     if args.command == "chaos":
         from polycommit.tooling.chaos import run_chaos
 

@@ -24,10 +24,11 @@ __all__ = ["RecoveryReport", "print_report", "recover", "run_recover"]
 
 
 async def _results_from_now(settings: Settings) -> AIOKafkaConsumer:
-    """A reader of `polycommit.results` positioned at its current end, before anything runs."""
+    """A reader of the results and decisions topics positioned at their current ends, before anything runs."""
     reader = make_reader(settings, "polycommit-recover")
     await reader.start()
-    tps = await topic_partitions(reader, topics_for(settings).results)
+    topics = topics_for(settings)
+    tps = [*await topic_partitions(reader, topics.results), *await topic_partitions(reader, topics.decisions)]
     reader.assign(tps)
     await reader.seek_to_end(*tps)
     for tp in tps:
@@ -48,11 +49,15 @@ async def recover(settings: Settings, *, external: bool = False, wait: float = 3
             batch = await reader.getmany(timeout_ms=500, max_records=5000)
             for records in batch.values():
                 for record in records:
-                    result = codec.decode_as(record.value, "TransactionResult")
-                    fold.record(report, result["tx_id"], str(result["status"]))
+                    decoded = codec.decode(record.value)
+                    if decoded.event_type == "Decision":
+                        fold.decided(report, decoded.record["tx_id"], decoded.record["outcome"])
+                    elif decoded.event_type == "TransactionResult":
+                        fold.record(report, decoded.record["tx_id"], str(decoded.record["status"]))
     finally:
         await reader.stop()
         if runtime is not None:
+            report.settled = list(getattr(runtime.workers["postgres"].participant, "settled", []))
             await runtime.stop()
     return fold.finish(report, time.monotonic() - started)
 
@@ -63,6 +68,10 @@ def print_report(report: RecoveryReport) -> None:
     console = Console()
     console.print(f"in flight in the log: {len(report.in_flight)} {fold.count(report.in_flight.values())}")
     console.print(f"finished by recovery: {fold.count(report.finished.values())} in {report.seconds:.1f} s")
+    if report.decided or report.settled:
+        console.print(f"two-phase commit: decided {fold.count(report.decided.values())}")
+        for gid in report.settled:
+            console.print(f"  settled prepared {gid['gid']}: {gid['action']} ({gid['why']})")
     if report.still_stuck:
         console.print(f"[red]stuck (compensation keeps failing; see `polycommit status`): {report.still_stuck}[/]")
     if report.unfinished:

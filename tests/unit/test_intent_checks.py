@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import saga
+from orchestrator import registry, saga
 from polycommit import operations as ops
 from polycommit.client import Coordinator, Saga, Transaction
 from polycommit.config import load_settings
@@ -45,7 +45,6 @@ def test_a_compensation_for_the_same_store_is_accepted() -> None:
 # -- 8: modes that need two-phase commit or the lock manager ---------------------------------------
 
 UNSUPPORTED = [
-    ({"consistency": "STRONG"}, "consistency=STRONG"),
     ({"isolation": "REPEATABLE_READ"}, "isolation=REPEATABLE_READ"),
     ({"isolation": "SERIALIZABLE"}, "isolation=SERIALIZABLE"),
     ({"priority": 3}, "priority"),
@@ -61,6 +60,13 @@ def test_the_coordinator_refuses_an_unsupported_mode_naming_it(modes: dict[str, 
     error_class, message = failed_with(transaction(**modes).intent("", "any producer"))
     assert error_class == "UnsupportedError"
     assert named in message
+
+
+def test_strong_consistency_runs_as_two_phase_commit() -> None:
+    # consistency=STRONG left the table of refusals when two-phase commit was built (issue 10).
+    intent = transaction(consistency="STRONG").intent("", "test")
+    t = registry.protocols(POLICY)[registry.protocol_name(intent)].start(intent, 0)
+    assert [c["action"] for c in t.commands] == ["PREPARE"] and t.rejections == []
 
 
 @pytest.mark.parametrize("isolation", ["READ_COMMITTED", "READ_UNCOMMITTED"])

@@ -1,0 +1,358 @@
+"""Two-phase commit (consistency=STRONG) as a pure state machine: a table of (phase, event kind) -> transition.
+
+A transaction first takes exclusive locks on its write keys (`orchestrator.locks`, one table per
+coordinator member, owned by this protocol's instance), waiting FIFO up to the lock-wait timeout. Then
+PREPARE goes to every step at once. All votes yes -> decision COMMIT; any no, or the prepare window
+passing -> decision ABORT (presumed abort). The Decision record is published in the same Kafka
+transaction as the phase-2 commands; since consumers read committed records only, no participant ever
+sees a phase-2 command whose decision is not durable: that Kafka transaction's commit IS the commit
+point. Phase 2 goes to every step (ABORT too, to fence a late PREPARE); a failed phase-2 command is
+retried with backoff forever and reported as a heuristic hazard after `hazard_after` failures. The
+result (COMMITTED / ABORTED) comes once every step acknowledged phase 2; then the locks are released
+and the transactions they let go on are named in `Transition.wake`.
+
+No awaits, no clock: `now` is passed in. The lock table is the only state outside the snapshot, and
+`restored` rebuilds it from snapshots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal
+
+from orchestrator import operator
+from orchestrator import twopc_model as m
+from orchestrator.locks import Admission, LockTable
+from orchestrator.protocol import (
+    Event,
+    Handler,
+    OperatorReceived,
+    OutcomeReceived,
+    TimerDue,
+    Transition,
+    dispatch,
+    unchanged,
+)
+from orchestrator.saga_model import SagaPolicy, problem_step, validate
+from orchestrator.twopc_events import TwoPCEvent as TwoPCEvent
+from orchestrator.twopc_events import classify as classify
+from orchestrator.twopc_model import TwoPCPhase, TwoPCPolicy, Vote
+from polycommit.errors import PolycommitError, ProtocolError
+from polycommit.events import (
+    ErrorInfo,
+    OperatorCommand,
+    SagaSnapshot,
+    TransactionIntent,
+    TransactionStatus,
+    error_info,
+)
+from polycommit.operations import lock_keys
+
+# -- the transitions ---------------------------------------------------------------------------------
+
+
+def _finish(t: Transition, phase: TwoPCPhase, status: TransactionStatus, now: int) -> Transition:
+    t.state["phase"], t.state["waiting"], t.state["due_at_ms"] = phase, False, 0
+    t.result = m.result_of(t.state, status, now)
+    return t
+
+
+def _send_prepares(t: Transition, now: int, policy: TwoPCPolicy) -> Transition:
+    state = t.state
+    state["phase"], state["waiting"] = TwoPCPhase.PREPARING, True
+    state["due_at_ms"] = now + policy.prepare_window_ms
+    for step in state["steps"]:
+        step["attempts"] = 1
+    t.commands.extend(m.command(state, i, "PREPARE", now) for i in range(len(state["steps"])))
+    if not state["steps"]:
+        return _decide(t, "COMMIT", "nothing to prepare", now, policy)
+    return t
+
+
+def _decide(
+    t: Transition, outcome: Literal["COMMIT", "ABORT"], reason: str, now: int, policy: TwoPCPolicy
+) -> Transition:
+    """Take the decision: the Decision record and the phase-2 commands go out in one Kafka transaction."""
+    state = t.state
+    t.decisions.append(m.decision(state, outcome, reason, now))
+    state["phase"] = TwoPCPhase.COMMITTING if outcome == "COMMIT" else TwoPCPhase.ABORTING
+    if outcome == "ABORT" and state["error"] is None:
+        state["error"] = error_info("Aborted", reason, False)
+    return _send_phase2(t, range(len(state["steps"])), now, policy)
+
+
+def _send_phase2(t: Transition, indexes: Iterable[int], now: int, policy: TwoPCPolicy) -> Transition:
+    state = t.state
+    action: Literal["COMMIT", "ABORT"] = "COMMIT" if state["phase"] in m.COMMIT_SIDE else "ABORT"
+    for i in indexes:
+        state["steps"][i]["compensation_attempts"] += 1
+        t.commands.append(m.command(state, i, action, now))
+    state["waiting"] = True
+    state["due_at_ms"] = now + policy.phase2_resend_ms
+    return _maybe_end(t, now)
+
+
+def _maybe_end(t: Transition, now: int) -> Transition:
+    state = t.state
+    if any(s["status"] not in m.ACKNOWLEDGED for s in state["steps"]):
+        return t
+    committed = state["phase"] in m.COMMIT_SIDE
+    return _finish(
+        t, TwoPCPhase.COMMITTED if committed else TwoPCPhase.ABORTED, "COMMITTED" if committed else "ABORTED", now
+    )
+
+
+def _locks_granted(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
+    return _send_prepares(Transition(m.copy_state(state, now)), now, policy)
+
+
+def _lock_wait_over(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
+    """Nothing was prepared: the decision is ABORT with no phase 2, and the result is ABORTED now."""
+    t = Transition(m.copy_state(state, now))
+    message = f"locks not granted within {policy.lock_wait_ms} ms"
+    t.state["error"] = error_info("LockWaitTimeout", message, True)
+    t.decisions.append(m.decision(t.state, "ABORT", message, now))
+    for step in t.state["steps"]:
+        step["status"] = Vote.ABORTED
+    return _finish(t, TwoPCPhase.ABORTED, "ABORTED", now)
+
+
+def _admission_wait(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
+    """Its locks are held; it waits for a place among the transactions preparing (see `Admission`)."""
+    t = Transition(m.copy_state(state, now))
+    t.state["due_at_ms"] = now + policy.lock_wait_ms
+    return t
+
+
+def _vote_yes(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: TwoPCPolicy) -> Transition:
+    t = Transition(m.copy_state(state, now))
+    t.state["steps"][event.outcome["step_index"]]["status"] = Vote.PREPARED
+    if all(s["status"] == Vote.PREPARED for s in t.state["steps"]):
+        return _decide(t, "COMMIT", "every participant prepared", now, policy)
+    return t
+
+
+def _vote_no(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: TwoPCPolicy) -> Transition:
+    t = Transition(m.copy_state(state, now))
+    index = event.outcome["step_index"]
+    error = event.outcome["error"] or error_info("VotedNo", "no reason given", False)
+    step = t.state["steps"][index]
+    if error["retriable"] and step["attempts"] < policy.prepare_attempts:
+        # A no that may turn yes (PostgreSQL out of prepared-transaction slots, a lock timeout): the
+        # store undid its attempt, so PREPARE is sent again, within the same prepare window.
+        step["attempts"] += 1
+        step["error"] = error
+        t.commands.append(m.command(t.state, index, "PREPARE", now))
+        return t
+    t.state["steps"][index]["status"] = Vote.VOTED_NO
+    t.state["steps"][index]["error"] = error
+    t.state["error"] = error_info(error["error_class"], f"step {index}: {error['message']}", error["retriable"])
+    return _decide(t, "ABORT", f"step {index} voted no: {error['message']}", now, policy)
+
+
+def _window_over(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
+    t = Transition(m.copy_state(state, now))
+    missing = [s["index"] for s in t.state["steps"] if s["status"] == Vote.PENDING]
+    message = f"no vote from step(s) {missing} within {policy.prepare_window_ms} ms"
+    t.state["error"] = error_info("PrepareTimeout", message, True)
+    return _decide(t, "ABORT", f"presumed abort: {message}", now, policy)
+
+
+def _acked(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: TwoPCPolicy) -> Transition:
+    t = Transition(m.copy_state(state, now))
+    step = t.state["steps"][event.outcome["step_index"]]
+    step["status"] = Vote.COMMITTED if t.state["phase"] in m.COMMIT_SIDE else Vote.ABORTED
+    if t.state["phase"] in m.HAZARD and not any(s["status"] == Vote.PHASE2_FAILED for s in t.state["steps"]):
+        t.alerts.append(m.alert("resolved", t.state, f"step {step['index']} acknowledged phase 2", now))
+        t.state["phase"] = TwoPCPhase.COMMITTING if t.state["phase"] in m.COMMIT_SIDE else TwoPCPhase.ABORTING
+    return _maybe_end(t, now)
+
+
+def _phase2_failed(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: TwoPCPolicy) -> Transition:
+    """Never dropped: retried with backoff, and reported as a heuristic hazard after `hazard_after` failures."""
+    t = Transition(m.copy_state(state, now))
+    state_ = t.state
+    step = state_["steps"][event.outcome["step_index"]]
+    step["status"] = Vote.PHASE2_FAILED
+    step["error"] = event.outcome["error"]
+    state_["waiting"] = False
+    state_["due_at_ms"] = now + policy.backoff.backoff_ms(state_["intent"]["tx_id"], step["compensation_attempts"])
+    if step["compensation_attempts"] >= policy.hazard_after and state_["phase"] not in m.HAZARD:
+        committing = state_["phase"] in m.COMMIT_SIDE
+        state_["phase"] = TwoPCPhase.COMMIT_HAZARD if committing else TwoPCPhase.ABORT_HAZARD
+        reason = step["error"]["message"] if step["error"] else "no error given"
+        message = (
+            f"heuristic hazard: phase 2 of step {step['index']} failed {step['compensation_attempts']} times: {reason}"
+        )
+        t.alerts.append(m.alert("hazard", state_, message, now))
+    return t
+
+
+def _phase2_due(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
+    """A retry is due, or acknowledgements are overdue: send phase 2 again to every step not acknowledged
+    (idempotent in every store)."""
+    t = Transition(m.copy_state(state, now))
+    t.state["attempt"] += 1
+    return _send_phase2(t, [s["index"] for s in t.state["steps"] if s["status"] not in m.ACKNOWLEDGED], now, policy)
+
+
+# -- the table ----------------------------------------------------------------------------------------
+
+_L, _P = TwoPCPhase.LOCKING, TwoPCPhase.PREPARING
+_OUTCOMES = (TwoPCEvent.VOTE_YES, TwoPCEvent.VOTE_NO, TwoPCEvent.STALE_VOTE, TwoPCEvent.ACKED)
+_PHASE2_ROWS: dict[TwoPCEvent, Handler] = {
+    TwoPCEvent.INTENT_AGAIN: unchanged,
+    TwoPCEvent.LOCKS_GRANTED: unchanged,  # a duplicate wake-up: its prepares went out long ago
+    TwoPCEvent.VOTE_YES: unchanged,  # cannot happen (decided steps are never pending), kept explicit
+    TwoPCEvent.VOTE_NO: unchanged,
+    TwoPCEvent.STALE_VOTE: unchanged,  # a vote arriving after the decision
+    TwoPCEvent.ACKED: _acked,
+    TwoPCEvent.PHASE2_FAILED: _phase2_failed,
+    TwoPCEvent.STALE_ACK: unchanged,
+    TwoPCEvent.TIMER_DUE: _phase2_due,
+    TwoPCEvent.TIMER_EARLY: unchanged,
+    TwoPCEvent.ADMISSION_WAIT: unchanged,  # only classified in LOCKING
+}
+TABLE: dict[tuple[StrEnum, StrEnum], Handler] = {
+    (_L, TwoPCEvent.INTENT_AGAIN): unchanged,
+    (_L, TwoPCEvent.LOCKS_GRANTED): _locks_granted,
+    (_L, TwoPCEvent.TIMER_DUE): _lock_wait_over,
+    (_L, TwoPCEvent.TIMER_EARLY): unchanged,  # also a wake-up while some lock is still held by another
+    (_L, TwoPCEvent.ADMISSION_WAIT): _admission_wait,
+    # Nothing was sent while locking: outcomes are from an earlier run of the same transaction id.
+    **{(_L, kind): unchanged for kind in (*_OUTCOMES, TwoPCEvent.PHASE2_FAILED, TwoPCEvent.STALE_ACK)},
+    (_P, TwoPCEvent.INTENT_AGAIN): unchanged,
+    (_P, TwoPCEvent.LOCKS_GRANTED): unchanged,
+    (_P, TwoPCEvent.VOTE_YES): _vote_yes,
+    (_P, TwoPCEvent.VOTE_NO): _vote_no,
+    (_P, TwoPCEvent.STALE_VOTE): unchanged,  # a duplicate vote
+    (_P, TwoPCEvent.TIMER_DUE): _window_over,  # presumed abort
+    (_P, TwoPCEvent.TIMER_EARLY): unchanged,
+    (_P, TwoPCEvent.STALE_ACK): unchanged,  # from an earlier run of the same transaction id
+    (_P, TwoPCEvent.ADMISSION_WAIT): unchanged,  # only classified in LOCKING
+    **{(TwoPCPhase(p), kind): h for p in (m.COMMIT_SIDE | m.ABORT_SIDE) for kind, h in _PHASE2_ROWS.items()},
+    **{(phase, kind): unchanged for phase in map(TwoPCPhase, m.TERMINAL) for kind in TwoPCEvent},
+}
+
+
+def phase_of(state: SagaSnapshot) -> TwoPCPhase:
+    try:
+        return TwoPCPhase(state["phase"])
+    except ValueError:
+        raise ProtocolError(f"{state['intent']['tx_id']}: two-phase commit has no phase {state['phase']!r}") from None
+
+
+def write_keys(intent: TransactionIntent) -> list[str]:
+    return sorted({k for step in intent["steps"] for k in lock_keys(step["operation"])})
+
+
+@dataclass
+class TwoPhaseCommit:
+    """Two-phase commit as the driver sees it (registered under "twopc"); owns its member's lock table."""
+
+    saga_policy: SagaPolicy = field(default_factory=SagaPolicy)
+    name: str = m.PROTOCOL
+    locks: LockTable = field(default_factory=LockTable)
+    policy: TwoPCPolicy = field(init=False)
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.policy = TwoPCPolicy.from_saga(self.saga_policy)
+        self.admission = Admission(self.policy.max_active)
+
+    def start(self, intent: TransactionIntent, now: int, refusal: ErrorInfo | None = None) -> Transition:
+        state = m.initial_state(intent, now)
+        t = Transition(state)
+        problem = refusal or validate(intent, self.saga_policy)
+        if problem is not None:
+            state["error"] = problem
+            if 0 <= problem_step(problem) < len(state["steps"]):
+                state["steps"][problem_step(problem)]["error"] = problem
+            t.rejections.append(problem)
+            return _finish(t, TwoPCPhase.FAILED, "FAILED", now)
+        return self._lock(t, now)
+
+    def _lock(self, t: Transition, now: int) -> Transition:
+        state, tx_id = t.state, t.state["intent"]["tx_id"]
+        try:
+            keys = write_keys(state["intent"])
+        except PolycommitError as exc:  # validated above; kept for a defensive typed refusal
+            raise ProtocolError(f"{tx_id}: {exc}") from exc
+        granted = self.locks.request(tx_id, keys)
+        for key in keys:
+            holder = self.locks.holder(key)
+            action: m.LockAction = "GRANTED" if holder == tx_id else "WAITING"
+            t.lock_requests.append(m.lock_event(state, key, action, [] if holder == tx_id else [str(holder)], now))
+        if granted and self.admission.admit(tx_id):
+            return _send_prepares(t, now, self.policy)
+        state["due_at_ms"] = now + self.policy.lock_wait_ms
+        return t
+
+    def decide(self, state: SagaSnapshot, event: Event, now: int) -> Transition:
+        if isinstance(event, OperatorReceived):
+            return self._operator(state, event.command, now)
+        row = (phase_of(state), classify(state, event, now, self.locks, self.admission.active))
+        t = dispatch(TABLE, row, state, event, now, self.policy)
+        if row == (TwoPCPhase.LOCKING, TwoPCEvent.LOCKS_GRANTED):  # for the detector: waits that ended
+            keys = self.locks.keys_of(state["intent"]["tx_id"])
+            t.lock_requests.extend(m.lock_event(t.state, key, "GRANTED", [], now) for key in keys)
+        if t.state is not state and t.state["phase"] in m.TERMINAL:
+            self._release(t, now)
+        return t
+
+    def _operator(self, state: SagaSnapshot, command: OperatorCommand, now: int) -> Transition:
+        """`tx retry` of a decided transaction sends phase 2 again now (idempotent in every store), the
+        lever for a hazard once its cause is fixed; anything else is refused with the reason, never a crash.
+        A step cannot be "resolved by hand" here: the decision must reach every store, not be waived."""
+        phase = phase_of(state)
+        if command["action"] != "RETRY":
+            return operator.refused(state, command, "two-phase commit retries phase 2; it resolves no step", now)
+        if phase not in m.COMMIT_SIDE | m.ABORT_SIDE:
+            return operator.refused(state, command, f"nothing to retry while {phase.value}", now)
+        t = _phase2_due(state, TimerDue(), now, self.policy)
+        t.alerts.append(operator.audit(command, now))
+        return t
+
+    def _release(self, t: Transition, now: int) -> None:
+        tx_id = t.state["intent"]["tx_id"]
+        for key in self.locks.keys_of(tx_id):
+            t.lock_requests.append(m.lock_event(t.state, key, "RELEASED", [], now))
+        t.wake.extend(self._go_on(self.locks.release(tx_id), [tx_id]))
+
+    def _go_on(self, granted: Iterable[str], gone: Iterable[str]) -> list[str]:
+        """Who may go on now: those just granted their locks if admitted, and those admitted in the
+        places of the transactions `gone`."""
+        woken = [tx for tx in granted if self.admission.admit(tx)]
+        for tx in gone:
+            woken.extend(t for t in self.admission.leave(tx) if t not in woken)
+        return woken
+
+    def restored(self, states: Iterable[SagaSnapshot]) -> list[str]:
+        """Rebuild the lock table from snapshots (holders first, then waiters in arrival order); returns
+        the waiters that now hold their locks, to be woken."""
+        ours = [s for s in states if s.get("protocol") == m.PROTOCOL and s["phase"] in m.IN_FLIGHT]
+        ours.sort(key=lambda s: (s["phase"] == TwoPCPhase.LOCKING, s["started_at_ms"], s["intent"]["tx_id"]))
+        for state in ours:
+            self.locks.request(state["intent"]["tx_id"], write_keys(state["intent"]))
+            if state["phase"] in m.HOLDS_LOCKS:
+                self.admission.active.add(state["intent"]["tx_id"])
+        waiting = [s["intent"]["tx_id"] for s in ours if s["phase"] == TwoPCPhase.LOCKING]
+        return [tx for tx in waiting if self.locks.holds_all(tx) and self.admission.admit(tx)]
+
+    def forgotten(self, tx_ids: Iterable[str]) -> list[str]:
+        """Drop the locks of transactions this member no longer owns; returns waiters now granted."""
+        woken: list[str] = []
+        for tx_id in tx_ids:
+            woken.extend(self._go_on(self.locks.release(tx_id), [tx_id]))
+        return woken
+
+    def is_terminal(self, phase: str) -> bool:
+        return phase in m.TERMINAL
+
+    def is_in_flight(self, phase: str) -> bool:
+        return phase in m.IN_FLIGHT
+
+    def is_stuck(self, phase: str) -> bool:
+        return phase in m.HAZARD

@@ -1,0 +1,91 @@
+"""What a transition publishes: commands, decisions, lock events, alerts, dead letters and the result.
+
+The driver (orchestrator/service.py) folds events through a protocol and hands each transition here; this
+turns it into the records of the loop's Kafka transaction, routed to their topics and keys, with the
+trace context of the input and the metrics each kind of record counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from orchestrator import registry
+from orchestrator.admission import ReplyTargets
+from orchestrator.protocol import Transition, TxState
+from polycommit import tracing
+from polycommit.bus import Outgoing, Topics
+from polycommit.codec import EventCodec
+from polycommit.deadletters import dead_letter
+from polycommit.errors import PermanentError
+from polycommit.events import ErrorInfo, TransactionResult
+
+log = logging.getLogger("orchestrator.service")
+
+_COORDINATOR = {"process": "coordinator"}  # the labels of this process's metrics
+
+
+class TransitionWriter:
+    """Builds the outgoing records of transitions; counts them in the coordinator's stats and metrics."""
+
+    def __init__(
+        self,
+        topics: Topics,
+        codec: EventCodec,
+        replies: ReplyTargets,
+        stats: Any,
+        trace: tracing.LoopTrace,
+        observe: tracing.Observe,
+    ) -> None:
+        self.topics = topics
+        self.codec = codec
+        self.replies = replies
+        self.stats = stats
+        self.trace = trace
+        self.observe = observe
+
+    def publish(self, transition: Transition, record: Any, out: list[Outgoing]) -> None:
+        state = transition.state
+        tx_id = state["intent"]["tx_id"]
+        traced = self.trace.headers()
+        for command in transition.commands:
+            topic = self.topics.commands(command["operation"]["store"])
+            out.append(Outgoing(topic, tx_id, "StoreCommand", command, headers=traced))
+        self.stats.commands += len(transition.commands)
+        out.extend(Outgoing(self.topics.decisions, tx_id, "Decision", d, headers=traced) for d in transition.decisions)
+        out.extend(
+            Outgoing(self.topics.locks, lock["resource"], "LockEvent", lock) for lock in transition.lock_requests
+        )
+        for alert in transition.alerts:
+            out.append(Outgoing(self.topics.alerts, tx_id, "Alert", alert))
+            self.observe("alert", 1, {"kind": alert["kind"], "tx_id": tx_id})
+        for error in transition.rejections:
+            self.reject(record, tx_id, error, out)
+        if transition.result is not None:
+            self.publish_result(state, transition.result, out, traced)
+
+    def reject(self, record: Any, tx_id: str, error: ErrorInfo, out: list[Outgoing]) -> None:
+        """The input record is poison for its protocol: it is kept for inspection as a dead letter."""
+        if record is None:
+            log.error("%s: %s: %s (no input record to keep)", tx_id, error["error_class"], error["message"])
+            return
+        letter = dead_letter(
+            record, PermanentError(f"{error['error_class']}: {error['message']}"), "coordinator", tx_id
+        )
+        letter["error_class"] = error["error_class"]
+        out.append(Outgoing(self.topics.dead_letters, tx_id, "DeadLetter", letter))
+        self.stats.dead_letters += 1
+        self.observe("dead_letter", 1, _COORDINATOR)
+
+    def publish_result(
+        self, state: TxState, result: TransactionResult, out: list[Outgoing], traced: tracing.Headers | None = None
+    ) -> None:
+        tx_id = result["tx_id"]
+        self.stats.results[result["status"]] = self.stats.results.get(result["status"], 0) + 1
+        self.observe("transaction", 1, {"protocol": registry.protocol_of(state), "outcome": result["status"].lower()})
+        encoded = self.codec.encode("TransactionResult", result)  # once, for both topics
+        out.append(Outgoing(self.topics.results, tx_id, "TransactionResult", result, encoded=encoded))
+        target = self.replies.target(state["intent"]["reply_to"])
+        if target is not None:
+            reply = Outgoing(target[0], tx_id, "TransactionResult", result, target[1], encoded, headers=traced)
+            out.append(reply)

@@ -1,0 +1,73 @@
+"""Recovery of two-phase commit with hundreds of transactions in flight: kill -9 every polycommit
+process (coordinator and the three consumers; never the broker or the servers), start them again, and
+measure how long until every transaction has its result. The seconds are printed (run with -s) and
+asserted on nothing but completeness: this is a measurement, not a timing test."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from polycommit.bus import create_topics, delete_topics
+from polycommit.client import Coordinator
+from polycommit.config import Settings
+from polycommit.tooling.bench import prepare, saga_of, writes
+from polycommit.tooling.chaos import run_settings
+from polycommit.tooling.inspect import transactions_in_flight
+from polycommit.tooling.processes import Cluster
+
+pytestmark = pytest.mark.servers
+
+TRANSACTIONS = 800
+IN_FLIGHT_AT_KILL = 500
+
+
+@pytest.fixture
+async def run(settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
+    run = run_settings(settings, uuid.uuid4().hex[:8], prefix="rec2pc", edge_path=tmp_path / "qdrant-edge")
+    await create_topics(run, {"intents": 4, "commands.postgres": 2, "commands.qdrant": 1, "commands.neo4j": 2})
+    await prepare(run)
+    yield run
+    await delete_topics(run)
+
+
+async def test_every_process_killed_with_hundreds_in_flight_recovers_them_all(run: Settings, tmp_path: Path) -> None:
+    cluster = Cluster(run, tmp_path / "logs", supervise=False)
+    await cluster.start()
+    try:
+        async with Coordinator(run, timeout=600) as client:
+            transactions = [saga_of(w, mode="2pc") for w in writes(f"r{uuid.uuid4().hex[:6]}", TRANSACTIONS)]
+            futures = await asyncio.gather(*(client.submit(t) for t in transactions))
+            while sum(1 for f in futures if f.done()) < 50:  # some finished: the pipeline is full
+                await asyncio.wait(futures, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+            for part in cluster.processes.values():
+                part.kill()
+            await asyncio.gather(*(part.exited() for part in cluster.processes.values()))
+            unfinished = sum(1 for f in futures if not f.done())
+            coordinator_in_flight = len(await transactions_in_flight(run))
+            assert unfinished >= IN_FLIGHT_AT_KILL, unfinished
+            started = time.monotonic()
+            await asyncio.gather(*(cluster.start_one(name) for name in cluster.names))
+            restarted = time.monotonic() - started
+            results = await asyncio.wait_for(asyncio.gather(*futures), 300)
+            seconds = time.monotonic() - started
+    finally:
+        await cluster.stop()
+    statuses: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    for r in results:
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+        if r.error:
+            reasons[r.error[:80]] = reasons.get(r.error[:80], 0) + 1
+    assert set(statuses) <= {"committed", "aborted"}, statuses
+    assert len(await transactions_in_flight(run)) == 0
+    print(
+        f"\nrecovery: {unfinished} transactions without a result at the kill ({coordinator_in_flight} in the "
+        f"coordinator's state); processes ready after {restarted:.2f} s; every result after {seconds:.2f} s; "
+        f"statuses {statuses}; abort reasons {sorted(reasons.items(), key=lambda kv: -kv[1])[:3]}"
+    )
