@@ -3,6 +3,7 @@ three stores, and the coordinator refuses an intent older than the retention."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,7 +16,7 @@ from test_operator_commands import cli, resolve_left_stuck
 from consumers.qdrant.effects import MARKERS, marker_point_id
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
-from polycommit.bus import Outgoing, Publisher, topics_for
+from polycommit.bus import Outgoing, Publisher, create_topics, delete_topics, topics_for
 from polycommit.client import Coordinator, Saga
 from polycommit.config import Settings
 from polycommit.events import now_ms
@@ -30,9 +31,19 @@ DAY_MS = 24 * 3600 * 1000
 
 
 @pytest.fixture(scope="module")
-async def runtime(topics: Settings) -> AsyncIterator[Runtime]:
-    await workload.prepare_postgres(topics)
-    rt = Runtime(topics, policy=POLICY, batch_size=200)
+async def prune_topics(topics: Settings) -> AsyncIterator[Settings]:
+    """A log of this module's own: prune deletes the markers of every ended transaction of its log, and
+    the session's other tests replay their commands from offset 0 and expect those markers to be there."""
+    own = dataclasses.replace(topics, topic_prefix=f"{topics.topic_prefix}-prune")
+    await create_topics(own, {"intents": 2, "commands.postgres": 2, "commands.neo4j": 2, "commands.qdrant": 1})
+    yield own
+    await delete_topics(own)
+
+
+@pytest.fixture(scope="module")
+async def runtime(prune_topics: Settings) -> AsyncIterator[Runtime]:
+    await workload.prepare_postgres(prune_topics)
+    rt = Runtime(prune_topics, policy=POLICY, batch_size=200)
     await rt.start()
     qdrant = rt.workers["qdrant"].participant
     await qdrant.ensure_collection(workload.DOCUMENTS, workload.DIMENSIONS)  # type: ignore[attr-defined]
