@@ -6,7 +6,8 @@ test session's or a chaos run's topics are guarded like the default ones. A brok
 
 - client: writes intents; reads replies (without a group).
 - coordinator: reads intents, outcomes, tx-state; writes commands.*, tx-state, decisions, results, replies,
-  alerts, dead-letters, locks; group `<prefix>-coordinator`; transactional ids `<prefix>-coordinator-*`.
+  alerts, dead-letters, locks, and any reply topic under `<prefix>.`; group `<prefix>-coordinator`;
+  transactional ids `<prefix>-coordinator-*`.
 - consumer (every store's): reads commands.*, decisions; writes outcomes, dead-letters; groups
   `<prefix>-<store>`.
 - detector: reads locks; writes deadlocks; groups `<prefix>-detector*`.
@@ -85,6 +86,10 @@ def role_grants(t: Topics, users: Mapping[str, str], stores: Sequence[str]) -> l
         writes = [*commands, t.tx_state, t.decisions, t.results, t.replies, t.alerts, t.dead_letters, t.locks]
         grants += _topics(who, writes, Operation.WRITE)
         grants += [Grant(who, Resource.GROUP, f"{prefix}-coordinator", Operation.READ)]
+        # Results go to any reply topic an application creates under the deployment's prefix (admission
+        # refuses polycommit's own topics as reply addresses, so this opens no command topic to a client).
+        for op in (Operation.WRITE, Operation.DESCRIBE):
+            grants.append(Grant(who, Resource.TOPIC, f"{prefix}.", op, Pattern.PREFIXED))
         for op in (Operation.WRITE, Operation.DESCRIBE):
             grants.append(Grant(who, Resource.TRANSACTIONAL_ID, f"{prefix}-coordinator-", op, Pattern.PREFIXED))
     if "consumer" in users:

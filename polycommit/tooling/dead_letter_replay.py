@@ -25,6 +25,7 @@ from polycommit.config import Settings
 from polycommit.deadletters import REPLAY_HEADER
 from polycommit.errors import CodecError
 from polycommit.events import Alert, DeadLetter, now_ms
+from polycommit.kafka_client import client_security
 
 REPLAYED_ALERT = "dead_letter_replayed"
 
@@ -121,7 +122,7 @@ async def replay(
         return rows
     replayed = await read_replayed(settings)
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap,
+        **client_security(settings),
         acks="all",
         enable_idempotence=True,
         max_request_size=MAX_RECORD_BYTES,

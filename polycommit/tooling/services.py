@@ -145,7 +145,7 @@ async def start_servers(settings: Settings, names: Sequence[str] | None = None) 
         require_password(settings, name)
     # Every port of a server not yet running is tried first: a taken one is named, with its holder and
     # the variable that moves it, instead of failing deep inside the server.
-    ports.require_free(settings, [n for n in selected if n in _SERVERS and _SERVERS[n].pid(settings) is None])
+    await ports.await_free(settings, [n for n in selected if n in _SERVERS and _SERVERS[n].pid(settings) is None])
     await asyncio.to_thread(private_folders, settings)
     results = await asyncio.gather(*(_start_one(settings, n) for n in selected), return_exceptions=True)
     statuses: dict[str, ServerStatus] = {}

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient
-
 from polycommit.bus import topics_for
 from polycommit.config import Settings
+from polycommit.kafka_client import make_admin
 
 UNKNOWN_TOPIC = 3  # Kafka's UNKNOWN_TOPIC_OR_PARTITION error code
 
@@ -31,7 +30,7 @@ def shape(described: dict[str, Any]) -> dict[str, Any]:
 
 async def list_topics(settings: Settings) -> dict[str, dict[str, Any]]:
     names = topics_for(settings).all()
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=15000)
+    admin = make_admin(settings, request_timeout_ms=15000)
     await admin.start()
     try:
         described = {d["topic"]: d for d in await admin.describe_topics(names)}

@@ -33,6 +33,7 @@ from polycommit.client import Coordinator, Saga, Transaction
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.events import now_ms
+from polycommit.kafka_client import client_security
 from polycommit.tooling.bench import COLLECTION, TABLE, prepare
 from polycommit.tooling.runtime import Runtime
 from polycommit.tooling.workload import embed
@@ -146,7 +147,7 @@ async def copy(workload: Workload) -> AsyncIterator[Settings]:
     target = dataclasses.replace(workload.settings, topic_prefix=f"check-{RUN}-{uuid.uuid4().hex[:6]}")
     await create_topics(target)
     source, into = topics_for(workload.settings), topics_for(target)
-    producer = AIOKafkaProducer(bootstrap_servers=target.kafka.bootstrap, acks="all")
+    producer = AIOKafkaProducer(**client_security(target), acks="all")
     await producer.start()
     try:
         for name in ("intents", "outcomes", "results", "decisions", "dead_letters"):
@@ -161,7 +162,7 @@ async def copy(workload: Workload) -> AsyncIterator[Settings]:
 
 
 async def publish(settings: Settings, topic: str, tx_id: str, event_type: str, record: Mapping[str, Any]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap, acks="all")
+    producer = AIOKafkaProducer(**client_security(settings), acks="all")
     await producer.start()
     try:
         await producer.send_and_wait(topic, default_codec().encode(event_type, record), key=tx_id.encode())

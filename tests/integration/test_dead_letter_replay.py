@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from test_intent_admission import POLICY, records_for, send_raw_intent
 from test_operator_commands import cli
 
 from polycommit.bus import Publisher, topics_for
 from polycommit.config import Settings
+from polycommit.kafka_client import make_admin
 from polycommit.tooling.runtime import Runtime
 
 pytestmark = pytest.mark.servers
@@ -53,7 +54,7 @@ async def test_a_fixed_dead_letter_replays_to_completion_once(runtime: Runtime) 
     tx_id = await send_raw_intent(settings, reply_topic)
     letter = await letter_of(settings, tx_id)
     assert letter["error_class"] == "InvalidReplyToError" and letter["id"].startswith("dead-letters/")
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
+    admin = make_admin(settings)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(reply_topic, num_partitions=1, replication_factor=1)])

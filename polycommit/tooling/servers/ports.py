@@ -8,12 +8,14 @@ sockets, or `ss -ltnp`), and the environment variable that moves it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
 import shutil
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -138,3 +140,17 @@ def require_free(settings: Settings, names: list[str]) -> None:
     problems = [in_use_message(p) for name in names for p in server_ports(settings, name) if port_taken(p.port)]
     if problems:
         raise PortInUseError("\n".join(problems))
+
+
+async def await_free(settings: Settings, names: list[str], grace_s: float = 10.0) -> None:
+    """`require_free`, after a grace period: a server killed a moment ago (chaos, a crash test) may hold
+    its listening socket until the kernel has finished tearing the process down."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            require_free(settings, names)
+            return
+        except PortInUseError:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.2)  # polling the kernel's socket table: there is no event to await
