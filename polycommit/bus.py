@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import NewTopic
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import TopicAlreadyExistsError
@@ -26,6 +26,10 @@ from polycommit.config import Settings
 from polycommit.events import STORES
 from polycommit.kafka_client import client_security as client_security
 from polycommit.kafka_client import make_admin as make_admin
+from polycommit.log_reader import make_reader as make_reader
+from polycommit.log_reader import read_assigned as read_assigned
+from polycommit.log_reader import read_topic as read_topic
+from polycommit.log_reader import topic_partitions as topic_partitions
 
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # the broker's message.max.bytes; bigger intents are refused at the producer
 
@@ -309,29 +313,6 @@ class Publisher:
             await asyncio.gather(*futures)
 
 
-async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    """The partitions of `topic`, asking the broker when this consumer has no metadata for it yet."""
-    partitions = consumer.partitions_for_topic(topic)
-    if not partitions:
-        # A group-less consumer learns topics only once assigned; ask the cluster (what the public
-        # `topics()` does, keeping the partitions it drops).
-        cluster = await consumer._client.fetch_all_metadata()
-        partitions = cluster.partitions_for_topic(topic) or set()
-    return [TopicPartition(topic, p) for p in sorted(partitions)]
-
-
-def make_reader(settings: Settings, client_id: str, fetch_max_wait_ms: int = 100) -> AIOKafkaConsumer:
-    """A group-less read_committed consumer: the caller assigns partitions; it moves nobody's offsets."""
-    return AIOKafkaConsumer(
-        **client_security(settings),
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        client_id=client_id,
-        fetch_max_wait_ms=fetch_max_wait_ms,
-    )
-
-
 def make_consumer(
     settings: Settings,
     *topics: str,
@@ -365,36 +346,3 @@ def make_consumer(
         heartbeat_interval_ms=1000,
         max_partition_fetch_bytes=MAX_RECORD_BYTES,
     )
-
-
-async def read_topic(
-    settings: Settings, topic: str, handle: Callable[[Any], None], partitions: Iterable[int] | None = None
-) -> int:
-    """Call `handle` on every committed record of `topic` (or of some of its partitions), from the start
-    to the end it has now, with a group-less consumer: reading moves nobody's offsets."""
-    reader = make_reader(settings, "polycommit-inspect")
-    await reader.start()
-    count = 0
-    try:
-        tps = await topic_partitions(reader, topic)
-        if partitions is not None:
-            wanted = set(partitions)
-            tps = [tp for tp in tps if tp.partition in wanted]
-        if not tps:
-            return 0
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
-        end = await reader.end_offsets(tps)
-        remaining = {tp for tp in tps if end[tp] > 0}
-        while remaining:
-            batch = await reader.getmany(*remaining, timeout_ms=500, max_records=5000)
-            for records in batch.values():
-                for record in records:
-                    handle(record)
-                    count += 1
-            for tp in list(remaining):
-                if await reader.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-    finally:
-        await reader.stop()
-    return count

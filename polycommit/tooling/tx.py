@@ -20,7 +20,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from orchestrator.operator import AUDIT_ALERT, REFUSED_ALERT, describe
-from polycommit.bus import Outgoing, Publisher, key_hash, make_reader, topic_partitions, topics_for
+from polycommit.bus import Outgoing, Publisher, key_hash, make_reader, read_assigned, topic_partitions, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
@@ -95,38 +95,25 @@ async def _assign_everything(reader: AIOKafkaConsumer, settings: Settings, tx_id
 
 async def read_history(settings: Settings, tx_id: str) -> list[LogRecord]:
     codec = default_codec()
+    found: list[LogRecord] = []
+
+    def take(record: Any) -> None:
+        key = record.key.decode(errors="replace") if record.key is not None else None
+        try:
+            decoded = codec.decode(record.value)
+        except CodecError:
+            return  # a poison record: its dead letter, if about this tx, is listed instead
+        if concerns(decoded.event_type, decoded.record, key, tx_id):
+            found.append(
+                LogRecord(
+                    record.topic, record.partition, record.offset, record.timestamp, decoded.event_type, decoded.record
+                )
+            )
+
     reader = make_reader(settings, "polycommit-tx-show")
     await reader.start()
-    found: list[LogRecord] = []
     try:
-        tps = await _assign_everything(reader, settings, tx_id)
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
-        end = await reader.end_offsets(tps)
-        remaining = {tp for tp in tps if end[tp] > 0}
-        while remaining:
-            batch = await reader.getmany(*remaining, timeout_ms=500, max_records=5000)
-            for records in batch.values():
-                for record in records:
-                    key = record.key.decode(errors="replace") if record.key is not None else None
-                    try:
-                        decoded = codec.decode(record.value)
-                    except CodecError:
-                        continue  # a poison record: its dead letter, if about this tx, is listed instead
-                    if concerns(decoded.event_type, decoded.record, key, tx_id):
-                        found.append(
-                            LogRecord(
-                                record.topic,
-                                record.partition,
-                                record.offset,
-                                record.timestamp,
-                                decoded.event_type,
-                                decoded.record,
-                            )
-                        )
-            for tp in list(remaining):
-                if await reader.position(tp) >= end[tp]:
-                    remaining.discard(tp)
+        await read_assigned(reader, await _assign_everything(reader, settings, tx_id), take)
     finally:
         await reader.stop()
     return found
