@@ -61,5 +61,8 @@ def test_a_taken_port_names_itself_its_holder_and_the_variable(listening: int, s
 
 
 def test_free_ports_pass(listening: int) -> None:
-    port = free_port()
-    ports.require_free(with_ports(port, port + 10, port + 20), ["postgres", "kafka", "neo4j"])
+    # Each port picked free on its own: a neighbour of a free port may be some connection's local port.
+    pg, kafka, controller, neo4j = free_port(), free_port(), free_port(), free_port()
+    settings = with_ports(pg, kafka, neo4j)
+    settings = dataclasses.replace(settings, kafka=dataclasses.replace(settings.kafka, controller_port=controller))
+    ports.require_free(settings, ["postgres", "kafka", "neo4j"])
