@@ -96,13 +96,14 @@ def phase_of(state: SagaSnapshot) -> SagaPhase:
         raise ProtocolError(f"{state['intent']['tx_id']}: a saga has no phase {state['phase']!r}") from None
 
 
-def initial_state(intent: TransactionIntent, now: int) -> SagaSnapshot:
-    steps: list[StepResult] = [
+def initial_steps(intent: TransactionIntent, status: str) -> list[StepResult]:
+    """Every step's result before anything ran (shared by the protocols; each names its own first status)."""
+    return [
         {
             "index": i,
             "name": s["name"],
             "store": s["operation"]["store"],
-            "status": PENDING,
+            "status": status,
             "attempts": 0,
             "compensation_attempts": 0,
             "error": None,
@@ -111,6 +112,10 @@ def initial_state(intent: TransactionIntent, now: int) -> SagaSnapshot:
         }
         for i, s in enumerate(intent["steps"])
     ]
+
+
+def initial_state(intent: TransactionIntent, now: int) -> SagaSnapshot:
+    steps = initial_steps(intent, PENDING)
     return {
         "intent": intent,
         "protocol": PROTOCOL,

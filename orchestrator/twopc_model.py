@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from orchestrator.saga_model import SagaPolicy, alert, copy_state, result_of
+from orchestrator.saga_model import SagaPolicy, alert, copy_state, initial_steps, result_of
 from polycommit.events import Decision, LockEvent, SagaSnapshot, StoreCommand, TransactionIntent, store_command
 
 PROTOCOL = "twopc"
@@ -85,20 +85,7 @@ def initial_state(intent: TransactionIntent, now: int) -> SagaSnapshot:
         "attempt": 1,
         "due_at_ms": 0,
         "waiting": False,
-        "steps": [
-            {
-                "index": i,
-                "name": s["name"],
-                "store": s["operation"]["store"],
-                "status": Vote.PENDING,
-                "attempts": 0,
-                "compensation_attempts": 0,
-                "error": None,
-                "compensation_error": None,
-                "resolved_by": "",
-            }
-            for i, s in enumerate(intent["steps"])
-        ],
+        "steps": initial_steps(intent, Vote.PENDING),
         "before_images": [None] * len(intent["steps"]),
         "error": None,
         "started_at_ms": now,

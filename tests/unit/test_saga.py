@@ -6,11 +6,12 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from step_replies import reply
 
 from orchestrator import saga
 from polycommit import operations as ops
 from polycommit.client import Saga
-from polycommit.events import SagaSnapshot, StepOutcome, StoreCommand
+from polycommit.events import SagaSnapshot, StoreCommand
 
 POLICY = saga.SagaPolicy(default_timeout_ms=1000, backoff_base_ms=100, backoff_max_ms=2000, compensation_retries=3)
 
@@ -26,24 +27,6 @@ def intent(steps: int = 3, retries: int = 0, timeout: float = 0.0) -> Any:
     for i in range(steps):
         tx.step(stores[i % len(stores)], retries=retries, timeout=timeout)
     return tx.intent("polycommit.replies:0", "test")
-
-
-def reply(command: StoreCommand, status: str, *, retriable: bool = False, before: str | None = None) -> StepOutcome:
-    error = None
-    if status == "FAILED":
-        error = {"error_class": "StoreError", "message": "boom", "retriable": retriable}
-    return {
-        "tx_id": command["tx_id"],
-        "step_index": command["step_index"],
-        "action": command["action"],
-        "attempt": command["attempt"],
-        "store": command["operation"]["store"],
-        "status": status,  # type: ignore[typeddict-item]
-        "before_image": before,
-        "error": error,  # type: ignore[typeddict-item]
-        "at_ms": 0,
-        "duration_us": 0,
-    }
 
 
 def test_a_saga_runs_its_steps_in_order_and_completes() -> None:

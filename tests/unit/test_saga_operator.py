@@ -11,13 +11,14 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from step_replies import reply
 
 from orchestrator import registry, saga
 from orchestrator.protocol import OperatorReceived, OutcomeReceived, TimerDue, Transition
 from polycommit import operations as ops
 from polycommit.client import Saga
 from polycommit.errors import ProtocolError
-from polycommit.events import OperatorCommand, SagaSnapshot, StepOutcome, StoreCommand
+from polycommit.events import OperatorCommand, SagaSnapshot, StoreCommand
 
 POLICY = saga.SagaPolicy(default_timeout_ms=1000, backoff_base_ms=100, backoff_max_ms=2000, compensation_retries=3)
 PROTOCOL = saga.SagaProtocol(POLICY)
@@ -28,22 +29,6 @@ def intent(steps: int) -> Any:
     for i in range(steps):
         tx.step(ops.upsert_row("t", {"id": i}, {"v": i}))
     return tx.intent("polycommit.replies:0", "test")
-
-
-def reply(command: StoreCommand, status: str, message: str = "boom") -> StepOutcome:
-    error = None if status != "FAILED" else {"error_class": "StoreError", "message": message, "retriable": False}
-    return {
-        "tx_id": command["tx_id"],
-        "step_index": command["step_index"],
-        "action": command["action"],
-        "attempt": command["attempt"],
-        "store": command["operation"]["store"],
-        "status": status,  # type: ignore[typeddict-item]
-        "before_image": None,
-        "error": error,  # type: ignore[typeddict-item]
-        "at_ms": 0,
-        "duration_us": 0,
-    }
 
 
 def order(action: Any, step: int = -1, tx_id: str = "tx-1") -> OperatorReceived:

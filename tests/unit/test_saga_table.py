@@ -12,6 +12,7 @@ import pytest
 from fastavro import schemaless_writer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from step_replies import reply
 
 from orchestrator import registry, saga
 from orchestrator.protocol import IntentReceived, OutcomeReceived, TimerDue, Transition, dispatch
@@ -38,25 +39,6 @@ def intent(steps: int = 3, retries: int = 0, timeout: float = 0.0) -> Any:
     for i in range(steps):
         tx.step(stores[i % len(stores)], retries=retries, timeout=timeout)
     return tx.intent("polycommit.replies:0", "test")
-
-
-def reply(command: StoreCommand, status: str, *, retriable: bool = False) -> StepOutcome:
-    """The outcome a store would report for `command`."""
-    error = None
-    if status == "FAILED":
-        error = {"error_class": "StoreError", "message": "boom", "retriable": retriable}
-    return {
-        "tx_id": command["tx_id"],
-        "step_index": command["step_index"],
-        "action": command["action"],
-        "attempt": command["attempt"],
-        "store": command["operation"]["store"],
-        "status": status,  # type: ignore[typeddict-item]
-        "before_image": None,
-        "error": error,  # type: ignore[typeddict-item]
-        "at_ms": 0,
-        "duration_us": 0,
-    }
 
 
 def outcome(state: SagaSnapshot, action: str, status: str, *, step: int | None = None, attempt: int = 1) -> StepOutcome:

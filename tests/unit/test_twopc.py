@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from step_replies import reply
 
 from orchestrator import registry
 from orchestrator.protocol import IntentReceived, LocksGranted, OperatorReceived, OutcomeReceived, TimerDue, Transition
@@ -16,7 +17,7 @@ from orchestrator.twopc_model import TwoPCPhase
 from polycommit import operations as ops
 from polycommit.client import Transaction
 from polycommit.errors import ProtocolError
-from polycommit.events import SagaSnapshot, StepOutcome, StoreCommand
+from polycommit.events import SagaSnapshot, StepOutcome
 
 POLICY = SagaPolicy(default_timeout_ms=1000, backoff_base_ms=100, backoff_max_ms=2000, compensation_retries=3)
 
@@ -27,24 +28,6 @@ def intent(tx_id: str = "tx-1", row: int = 1) -> Any:
     tx.add(ops.merge_node("N", {"id": row}))
     tx.add(ops.upsert_points("c", [ops.point(row, [0.1, 0.2])]))
     return tx.intent("polycommit.replies:0", "test")
-
-
-def reply(command: StoreCommand, status: str, *, retriable: bool = False) -> StepOutcome:
-    error = None
-    if status in ("FAILED", "VOTED_NO"):
-        error = {"error_class": "StoreError", "message": "boom", "retriable": retriable}
-    return {
-        "tx_id": command["tx_id"],
-        "step_index": command["step_index"],
-        "action": command["action"],
-        "attempt": command["attempt"],
-        "store": command["operation"]["store"],
-        "status": status,  # type: ignore[typeddict-item]
-        "before_image": None,
-        "error": error,  # type: ignore[typeddict-item]
-        "at_ms": 0,
-        "duration_us": 0,
-    }
 
 
 def feed(protocol: TwoPhaseCommit, state: SagaSnapshot, outcomes: list[StepOutcome], now: int = 10) -> Transition:
