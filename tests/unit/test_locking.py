@@ -264,3 +264,43 @@ def test_the_wait_for_graph_sees_a_saga_wait_and_its_end() -> None:
     woken = protocol.decide(second.state, LocksGranted(), 20)
     graph.apply_all([*done.lock_requests, *woken.lock_requests])
     assert not graph.graph().edges
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.integers(min_value=1, max_value=2), min_size=2, max_size=5),
+    failing=st.sets(st.integers(min_value=0, max_value=4)),
+    order=st.randoms(use_true_random=False),
+)
+def test_compensating_sagas_keep_their_keys_until_undone_and_every_saga_ends(
+    rows: list[int], failing: set[int], order: Any
+) -> None:
+    """Sagas whose last step fails compensate while still holding their keys: no other saga on those keys
+    runs before the compensation is done, whatever the interleaving; all end, the table empties."""
+    protocol = locked()
+    states: dict[str, Transition] = {}
+    inbox: list[tuple[str, Any]] = []
+
+    def answer(tx: str, t: Transition) -> None:
+        last = len(t.state["intent"]["steps"]) - 1
+        for c in t.commands:
+            fails = int(tx.removeprefix("tx-")) in failing and c["step_index"] == last and c["action"] == "EXECUTE"
+            inbox.append((tx, OutcomeReceived(reply(c, "FAILED" if fails else "APPLIED"))))
+        inbox.extend((woken, LocksGranted()) for woken in t.wake)
+
+    for i, row in enumerate(rows):
+        t = protocol.start(intent(f"tx-{i}", row=row), i)
+        states[f"tx-{i}"] = t
+        answer(f"tx-{i}", t)
+    while inbox:
+        tx, event = inbox.pop(order.randrange(len(inbox)))
+        t = protocol.decide(states[tx].state, event, 100)
+        states[tx] = t
+        answer(tx, t)
+        running = [s.state for s in states.values() if protocol.is_in_flight(s.state["phase"])]
+        running = [s for s in running if s["phase"] != LockingPhase.LOCKING]
+        keys = [k for s in running for k in write_keys(s["intent"])]
+        assert len(keys) == len(set(keys))  # no key held by two running (or compensating) sagas
+    ends = {tx: s.state["phase"] for tx, s in states.items()}
+    assert ends == {f"tx-{i}": "compensated" if i in failing else "completed" for i in range(len(rows))}
+    assert len(protocol.locks) == 0
