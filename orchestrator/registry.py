@@ -1,7 +1,8 @@
 """Which protocol drives a transaction: the registry of protocols, and the questions asked of a state.
 
 Adding a protocol (two-phase commit, ...) is a pure module with a `TransactionProtocol` class and one row
-in `PROTOCOLS`; an intent chooses it through `PROTOCOL_FOR_CONSISTENCY`. A snapshot names its protocol,
+in `PROTOCOLS` (a protocol that takes no locks of its own may be wrapped in `orchestrator.locking.Locking`,
+as sagas are); an intent chooses it through `PROTOCOL_FOR_CONSISTENCY`. A snapshot names its protocol,
 so the driver and the changelog fold ask that protocol whether a state is terminal, never a phase name.
 """
 
@@ -9,15 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from orchestrator.locking import Locking
 from orchestrator.protocol import TransactionProtocol, TxState
 from orchestrator.saga import SagaPolicy, SagaProtocol
 from orchestrator.twopc import TwoPhaseCommit
 from polycommit.errors import ProtocolError
 from polycommit.events import TransactionIntent
 
+
+def locked_saga(policy: SagaPolicy) -> Locking:
+    """Sagas hold exclusive locks on their write keys until they end (unless an intent opts out), waiting
+    for them as long as a step may take by default."""
+    return Locking(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms)
+
+
 # name -> factory, given the coordinator's policy (timeouts, backoff, payload limit).
 PROTOCOLS: Mapping[str, Callable[[SagaPolicy], TransactionProtocol]] = {
-    "saga": SagaProtocol,
+    "saga": locked_saga,
     "twopc": TwoPhaseCommit,
 }
 

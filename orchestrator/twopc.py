@@ -24,7 +24,7 @@ from typing import Literal
 
 from orchestrator import operator
 from orchestrator import twopc_model as m
-from orchestrator.locks import Admission, LockTable
+from orchestrator.locks import EXCLUSIVE, Admission, LockTable
 from orchestrator.protocol import (
     Event,
     Handler,
@@ -280,14 +280,15 @@ class TwoPhaseCommit:
             keys = write_keys(state["intent"])
         except PolycommitError as exc:  # validated above; kept for a defensive typed refusal
             raise ProtocolError(f"{tx_id}: {exc}") from exc
-        granted = self.locks.request(tx_id, keys)
+        deadline = now + self.policy.lock_wait_ms
+        granted = self.locks.request(tx_id, keys, EXCLUSIVE, deadline)
         for key in keys:
-            holder = self.locks.holder(key)
-            action: m.LockAction = "GRANTED" if holder == tx_id else "WAITING"
-            t.lock_requests.append(m.lock_event(state, key, action, [] if holder == tx_id else [str(holder)], now))
+            held = self.locks.holds(tx_id, key)
+            action: m.LockAction = "GRANTED" if held else "WAITING"
+            t.lock_requests.append(m.lock_event(state, key, action, self.locks.blockers_on(tx_id, key), now))
         if granted and self.admission.admit(tx_id):
             return _send_prepares(t, now, self.policy)
-        state["due_at_ms"] = now + self.policy.lock_wait_ms
+        state["due_at_ms"] = deadline
         return t
 
     def decide(self, state: SagaSnapshot, event: Event, now: int) -> Transition:
@@ -335,7 +336,7 @@ class TwoPhaseCommit:
         ours = [s for s in states if s.get("protocol") == m.PROTOCOL and s["phase"] in m.IN_FLIGHT]
         ours.sort(key=lambda s: (s["phase"] == TwoPCPhase.LOCKING, s["started_at_ms"], s["intent"]["tx_id"]))
         for state in ours:
-            self.locks.request(state["intent"]["tx_id"], write_keys(state["intent"]))
+            self.locks.request(state["intent"]["tx_id"], write_keys(state["intent"]), EXCLUSIVE)
             if state["phase"] in m.HOLDS_LOCKS:
                 self.admission.active.add(state["intent"]["tx_id"])
         waiting = [s["intent"]["tx_id"] for s in ours if s["phase"] == TwoPCPhase.LOCKING]

@@ -106,6 +106,8 @@ class Transaction:
     isolation: Isolation = "READ_COMMITTED"
     priority: int = 0
     tx_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    locks: bool = True  # False gives up isolation: its compensations may undo other transactions' writes
+    lock_wait: float = 0.0  # seconds it may wait for its locks; 0: the coordinator's default
 
     def add(
         self,
@@ -139,14 +141,20 @@ class Transaction:
             "reply_to": reply_to,
             "client_id": client_id,
             "created_at_ms": now_ms(),
+            "locks": self.locks,
+            "lock_wait_ms": int(self.lock_wait * 1000),
         }
 
 
 class Saga(Transaction):
     """A named saga built step by step; steps with raw SQL or Cypher declare their compensation."""
 
-    def __init__(self, name: str, *, priority: int = 0, tx_id: str | None = None) -> None:
-        super().__init__(name=name, priority=priority, tx_id=tx_id or str(uuid.uuid4()))
+    def __init__(
+        self, name: str, *, priority: int = 0, tx_id: str | None = None, locks: bool = True, lock_wait: float = 0.0
+    ) -> None:
+        """`locks=False` opts out of the saga's locks, giving up isolation (README); `lock_wait` in seconds."""
+        tx_id = tx_id or str(uuid.uuid4())
+        super().__init__(name=name, priority=priority, tx_id=tx_id, locks=locks, lock_wait=lock_wait)
 
     def step(
         self,
@@ -371,9 +379,12 @@ class Coordinator:
         isolation: Isolation = "READ_COMMITTED",
         priority: int = 0,
         raise_on_failure: bool = False,
+        locks: bool = True,
+        lock_wait: float = 0.0,
     ) -> TransactionScope:
         refuse_unsupported(consistency, isolation, priority)  # before the caller builds its steps
         tx = Transaction(name=name, consistency=consistency, isolation=isolation, priority=priority)
+        tx.locks, tx.lock_wait = locks, lock_wait
         return TransactionScope(self, tx, raise_on_failure)
 
 

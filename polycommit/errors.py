@@ -97,6 +97,11 @@ class TransactionTimeoutError(RetriableError):
     """No result arrived for a transaction before the client's deadline; it may still finish."""
 
 
+class LockTimeoutError(RetriableError):
+    """A transaction waited longer than its lock-wait timeout for locks other transactions held. Nothing
+    of it ran, so sending it again later may succeed."""
+
+
 class InvalidIntentError(PermanentError):
     """The intent cannot be admitted as it was sent: its key, its reply address or a mode it asks for."""
 

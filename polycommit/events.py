@@ -7,7 +7,7 @@ Keeping them as the dicts fastavro reads and writes costs nothing on the hot pat
 from __future__ import annotations
 
 import time
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 Store = Literal["postgres", "qdrant", "neo4j"]
 STORES: tuple[Store, ...] = ("postgres", "qdrant", "neo4j")
@@ -71,6 +71,10 @@ class TransactionIntent(TypedDict):
     reply_to: str
     client_id: str
     created_at_ms: int
+    # v2 (decoded intents always carry them, with the schema's defaults): the saga's semantic lock, and
+    # how long it may wait for its locks (0: the coordinator's default).
+    locks: NotRequired[bool]
+    lock_wait_ms: NotRequired[int]
 
 
 class StoreCommand(TypedDict):
