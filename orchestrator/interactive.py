@@ -140,7 +140,7 @@ class Interactive(Locking):
         new = copy_state(state, now)
         new["phase"], new["due_at_ms"], new["error"] = phase, 0, error
         t = Transition(new, result=result_of(new, "ABORTED", now))
-        waiting = OpenLocks.of(state).waiting_request
+        waiting = OpenLocks.of(state).waiting_request if self.is_open(state["phase"]) else 0
         if waiting:
             refused = error or error_info(TransactionAbortedError.__name__, "released while it waited", True)
             t.lock_replies.append(reply(new, waiting, now, refused))

@@ -1,7 +1,8 @@
 """The transaction modes polycommit does not run yet, refused by the client SDK and by the coordinator alike.
 
-An intent may ask for a stricter isolation level or a priority; until the lock manager exists, accepting
-them would silently give the caller less than it asked for. Each row below is one refusal: the change
+An intent may ask for a stricter isolation level; until its mapping onto locks exists, accepting it would
+silently give the caller less than it asked for. (A priority is accepted: it weighs in the choice of a
+deadlock victim, orchestrator/interactive.py.) Each row below is one refusal: the change
 that builds the missing part deletes its row (consistency=STRONG left when two-phase commit was built).
 """
 
@@ -30,9 +31,6 @@ class UnsupportedMode:
 UNSUPPORTED_MODES: tuple[UnsupportedMode, ...] = (
     UnsupportedMode("isolation=REPEATABLE_READ", "the lock manager", lambda m: m.isolation == "REPEATABLE_READ"),
     UnsupportedMode("isolation=SERIALIZABLE", "the lock manager", lambda m: m.isolation == "SERIALIZABLE"),
-    UnsupportedMode(
-        "priority != 0", "the lock manager (it picks deadlock victims by priority)", lambda m: m.priority != 0
-    ),
 )
 
 
