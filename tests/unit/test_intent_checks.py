@@ -47,7 +47,6 @@ def test_a_compensation_for_the_same_store_is_accepted() -> None:
 UNSUPPORTED = [
     ({"isolation": "REPEATABLE_READ"}, "isolation=REPEATABLE_READ"),
     ({"isolation": "SERIALIZABLE"}, "isolation=SERIALIZABLE"),
-    ({"priority": 3}, "priority"),
 ]
 
 
@@ -67,6 +66,15 @@ def test_strong_consistency_runs_as_two_phase_commit() -> None:
     intent = transaction(consistency="STRONG").intent("", "test")
     t = registry.protocols(POLICY)[registry.protocol_name(intent)].start(intent, 0)
     assert [c["action"] for c in t.commands] == ["PREPARE"] and t.rejections == []
+
+
+def test_a_priority_runs() -> None:
+    # priority left the table of refusals with interactive transactions (issue 11): it weighs in the choice
+    # of a deadlock victim, and the lock events carry it to the detector.
+    intent = transaction(priority=3).intent("", "test")
+    t = registry.protocols(POLICY)[registry.protocol_name(intent)].start(intent, 0)
+    assert [c["action"] for c in t.commands] == ["EXECUTE"] and t.rejections == []
+    assert {e["priority"] for e in t.lock_requests} == {3}
 
 
 @pytest.mark.parametrize("isolation", ["READ_COMMITTED", "READ_UNCOMMITTED"])
