@@ -320,7 +320,7 @@ class Coordinator:
     async def submit(self, transaction: Transaction) -> asyncio.Future[TransactionResult]:
         """Publish the intent; the returned future completes with the result. A mode polycommit does not
         run yet raises UnsupportedError here, before anything is published."""
-        refuse_unsupported(transaction.consistency, transaction.isolation, transaction.priority)
+        refuse_unsupported(transaction.consistency, transaction.isolation, transaction.priority, transaction.locks)
         if self._replies is None:
             raise TransactionError("Coordinator.start() was not awaited")
         future: asyncio.Future[TransactionResult] = asyncio.get_running_loop().create_future()
@@ -373,7 +373,7 @@ class Coordinator:
         interactive: bool = False,
     ) -> TransactionScope | InteractiveScope:
         """`interactive=True`: locks are taken on demand inside the block (polycommit/interactive.py)."""
-        refuse_unsupported(consistency, isolation, priority)  # before the caller builds its steps
+        refuse_unsupported(consistency, isolation, priority, locks)  # before the caller builds its steps
         tx = Transaction(name=name, consistency=consistency, isolation=isolation, priority=priority)
         tx.locks, tx.lock_wait = locks, lock_wait
         if not interactive:
