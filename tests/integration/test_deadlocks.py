@@ -6,6 +6,7 @@ the stores; `coordinator.run` retries the victim until both business actions com
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -19,9 +20,11 @@ import pytest
 
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
+from polycommit.bus import read_topic, topics_for
 from polycommit.client import Coordinator
+from polycommit.codec import default_codec
 from polycommit.config import Settings
-from polycommit.errors import DeadlockVictimError
+from polycommit.errors import CodecError, DeadlockVictimError
 from polycommit.interactive import InteractiveScope
 from polycommit.tooling import workload
 from polycommit.tooling.runtime import Runtime
@@ -245,3 +248,55 @@ async def test_detection_latency_over_many_two_cycles(runtime: Runtime, client: 
     target = os.environ.get("POLYCOMMIT_DEADLOCK_REPORT")
     if target:
         await asyncio.to_thread(Path(target).write_text, json.dumps({**report, "all_ms": latencies}, indent=2))
+
+
+async def waiting_recorded(settings: Settings, tx_id: str) -> None:
+    """Until the coordinator has published (committed) a WAITING lock event of `tx_id`."""
+    codec, names = default_codec(), topics_for(settings)
+    deadline = asyncio.get_running_loop().time() + 30
+    found: list[bool] = []
+
+    def take(record: Any) -> None:
+        with contextlib.suppress(CodecError):
+            event = codec.decode_as(record.value, "LockEvent")
+            found.append(event["tx_id"] == tx_id and event["action"] == "WAITING")
+
+    while not any(found):
+        assert asyncio.get_running_loop().time() < deadline, f"{tx_id} never waited"
+        found.clear()
+        await read_topic(settings, names.locks, take)
+
+
+async def test_a_coordinator_restart_rebuilds_the_locks_open_transactions_hold_and_await(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    a, b = docs(2)
+    held, may_finish, waiter_opened = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    waiter_ids: list[str] = []
+
+    async def holder() -> Any:
+        async with client.transaction(name="holder", interactive=True, lock_wait=120) as tx:
+            await row(a, "holder")(tx)
+            held.set()
+            await may_finish.wait()
+            await node(b, "holder")(tx)
+        return tx.result
+
+    async def waiter() -> Any:
+        await held.wait()
+        async with client.transaction(name="waiter", interactive=True, lock_wait=120) as tx:
+            waiter_ids.append(tx.tx_id)
+            waiter_opened.set()
+            await row(a, "waiter")(tx)
+        return tx.result
+
+    tasks = [asyncio.create_task(holder()), asyncio.create_task(waiter())]
+    await waiter_opened.wait()
+    await waiting_recorded(runtime.settings, waiter_ids[0])
+    await runtime.stop()  # every lock the coordinator held is gone from memory ...
+    await runtime.start(timeout=120)  # ... and rebuilt from the open transactions' snapshots
+    may_finish.set()
+    results = await asyncio.gather(*tasks)
+    assert [r.status for r in results] == ["completed", "completed"], results
+    assert await title_of_row(runtime.settings, a) == "waiter"  # it ran after the holder, as the lock said
+    assert await title_of_node(runtime, b) == "holder"
