@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from step_replies import reply
 
 from orchestrator import registry
 from orchestrator.interactive import Interactive
 from orchestrator.interactive_model import LockRequested, OpenLocks, OpenPhase, VictimChosen
 from orchestrator.locking import LockingPhase
-from orchestrator.locks import EXCLUSIVE, SHARED
+from orchestrator.locks import EXCLUSIVE, SHARED, LockMode, covers
 from orchestrator.protocol import IntentReceived, LocksGranted, OutcomeReceived, TimerDue, Transition
 from orchestrator.saga import SagaPolicy, SagaProtocol
 from polycommit import operations as ops
@@ -232,3 +234,87 @@ def test_restore_rebuilds_what_open_transactions_held_and_awaited() -> None:
     t = fresh.decide(by_id["T2"], LockRequested({**request("T2", 2, []), "release": True}), 30)
     assert t.wake == ["T3"]
     assert replies(fresh.decide(by_id["T3"], LocksGranted(), 40)) == [(1, "GRANTED", None)]
+
+
+# -- random interleavings: requests, releases, verdicts and timers over a few keys ---------------------
+
+TXS, KEYS = ["T0", "T1", "T2", "T3"], [ROW, NODE, "k:2"]
+action = st.one_of(
+    st.tuples(
+        st.just("ask"),
+        st.sampled_from(TXS),
+        st.sets(st.sampled_from(KEYS), min_size=1),
+        st.sampled_from(["SHARED", "EXCLUSIVE"]),
+    ),
+    st.tuples(st.just("release"), st.sampled_from(TXS)),
+    st.tuples(st.just("verdict"), st.sampled_from(TXS), st.sampled_from(TXS)),
+    st.tuples(st.just("timer"), st.integers(min_value=0, max_value=2 * WAIT_MS)),
+)
+
+
+class Driver(Members):
+    """Members plus what the service does with a transition: wake whom it names, count every reply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: dict[tuple[str, int], int] = {}  # (tx, request) -> replies received
+        self.requests: dict[str, int] = {}
+        self.now = 10
+
+    def apply(self, t: Transition) -> None:
+        self.keep(t)
+        for r in t.lock_replies:
+            self.asked[(r["tx_id"], r["request"])] = self.asked.get((r["tx_id"], r["request"]), 0) + 1
+        if self.p.is_terminal(t.state["phase"]):
+            self.states.pop(t.state["intent"]["tx_id"])
+        for woken in t.wake:
+            self.apply(self.p.decide(self.states[woken], LocksGranted(), self.now))
+
+    def step(self, act: tuple[Any, ...]) -> None:
+        kind, tx = act[0], act[1]
+        state = self.states.get(tx) if kind != "timer" else None
+        if kind == "ask" and (state is None or state["phase"] == OpenPhase.OPEN):
+            n = self.requests[tx] = self.requests.get(tx, 0) + 1 if state is not None else 1
+            self.asked[(tx, n)] = 0
+            req = request(tx, n, sorted(act[2]), act[3])
+            self.apply(
+                self.p.open(req, self.now) if state is None else self.p.decide(state, LockRequested(req), self.now)
+            )
+        elif kind == "release" and state is not None:
+            self.apply(self.p.decide(state, LockRequested({**request(tx, 99, []), "release": True}), self.now))
+        elif kind == "verdict" and state is not None:
+            waiting = state["phase"] == OpenPhase.WAITING and bool(set(self.p.locks.blockers(tx)) & {act[2], tx})
+            t = self.p.decide(state, VictimChosen(verdict(tx, tx, act[2])), self.now)
+            assert (t.state["phase"] == OpenPhase.VICTIM) == waiting  # only a waiter in the cycle dies
+            self.apply(t)
+        elif kind == "timer":
+            self.now += tx
+            for due in [s for s in self.states.values() if s["due_at_ms"] <= self.now]:
+                if due["intent"]["tx_id"] in self.states:
+                    self.apply(self.p.decide(self.states[due["intent"]["tx_id"]], TimerDue(), self.now))
+
+    def check(self) -> None:
+        for tx_id, state in self.states.items():
+            for key, mode in OpenLocks.of(state).held.items():  # what the client was told it holds, it holds
+                held = self.p.locks.holders(key).get(tx_id)  # SHARED still, while its upgrade waits
+                assert held is not None and covers(held, LockMode(mode)), (tx_id, key, mode, held)
+            waiting = state["phase"] == OpenPhase.WAITING
+            assert waiting == (not self.p.locks.holds_all(tx_id)), state["phase"]
+        for key in KEYS:
+            holders = self.p.locks.holders(key)
+            assert len(holders) <= 1 or set(holders.values()) == {SHARED}
+        assert all(n <= 1 for n in self.asked.values()), self.asked  # never two answers to one request
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(action, max_size=40))
+def test_random_interleavings_keep_the_table_and_the_replies_consistent(actions: list[tuple[Any, ...]]) -> None:
+    d = Driver()
+    for act in actions:
+        d.step(act)
+        d.check()
+    for tx_id in list(d.states):  # everyone ends: every request got exactly one answer, every lock is free
+        if tx_id in d.states:
+            d.step(("release", tx_id))
+    assert all(n == 1 for n in d.asked.values()), d.asked
+    assert len(d.p.locks) == 0
