@@ -89,6 +89,7 @@ class Interactive(Locking):
         state = initial_state(open_intent(request), now)
         state["phase"] = OpenPhase.OPEN
         OpenLocks().into(state)
+        rejected = refusal  # the driver's verdict on the record itself (its key, reply address, age)
         if refusal is None and (request["release"] or request["request"] != 1):
             # Not a beginning: the transaction ended (idle, victim, released) and its state with it.
             why = "no such open transaction: it ended (idle, deadlock victim or released); nothing of it ran"
@@ -96,6 +97,7 @@ class Interactive(Locking):
         if refusal is not None:
             t = self.end(state, now, OpenPhase.RELEASED, refusal)
             t.lock_replies.append(reply(state, request["request"], now, refusal))
+            t.rejections.extend([rejected] if rejected is not None else [])  # the record becomes a dead letter
             return t
         return _ask(state, LockRequested(request), now, self)
 

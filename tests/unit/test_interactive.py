@@ -6,18 +6,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from step_replies import reply
 
 from orchestrator import registry
 from orchestrator.interactive import Interactive
+from orchestrator.interactive_inputs import input_topics
 from orchestrator.interactive_model import LockRequested, OpenLocks, OpenPhase, VictimChosen
 from orchestrator.locking import LockingPhase
 from orchestrator.locks import EXCLUSIVE, SHARED, LockMode, covers
 from orchestrator.protocol import IntentReceived, LocksGranted, OutcomeReceived, TimerDue, Transition
 from orchestrator.saga import SagaPolicy, SagaProtocol
 from polycommit import operations as ops
+from polycommit.bus import Topics
 from polycommit.client import Transaction
 from polycommit.codec import default_codec
 from polycommit.events import DeadlockVerdict, LockRequest
@@ -318,3 +321,29 @@ def test_random_interleavings_keep_the_table_and_the_replies_consistent(actions:
             d.step(("release", tx_id))
     assert all(n == 1 for n in d.asked.values()), d.asked
     assert len(d.p.locks) == 0
+
+
+def test_a_first_request_the_driver_refuses_is_answered_and_becomes_a_dead_letter() -> None:
+    p = protocol()
+    refusal = {"error_class": "InvalidIntentKeyError", "message": "wrong key", "retriable": False}
+    t = p.open(request("T9", 1, [ROW]), 0, refusal)  # type: ignore[arg-type]
+    assert replies(t) == [(1, "REFUSED", "InvalidIntentKeyError")] and t.rejections == [refusal]
+    assert "T9" not in p.locks
+
+
+class Partitions:
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = counts
+
+    async def partitions(self, topic: str) -> list[int]:
+        return list(range(self.counts[topic]))
+
+
+@pytest.mark.parametrize(("verdicts", "read"), [(2, True), (4, False)])
+async def test_the_coordinator_reads_verdicts_only_when_they_are_co_partitioned_with_intents(
+    verdicts: int, read: bool
+) -> None:
+    names = Topics("p")
+    counts = {names.intents: 2, names.deadlocks: verdicts}
+    topics = await input_topics(Partitions(counts), names)  # type: ignore[arg-type]
+    assert (names.deadlocks in topics) is read and set(names.coordinator_inputs()) <= set(topics)
