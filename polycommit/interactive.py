@@ -135,16 +135,27 @@ class InteractiveScope:
         """Hold `keys` in `mode` (EXCLUSIVE also gives SHARED; SHARED held, EXCLUSIVE asked is an upgrade)."""
         async with self._one_at_a_time:
             wanted = sorted({k for k in keys if not _covers(self.held.get(k), mode)})
-            if not wanted:
-                return
-            self.requests += 1
-            started = asyncio.get_running_loop().time()
-            answer = await self.coordinator.request_locks(self._request(wanted, mode))
-            if answer is None or answer["status"] != "GRANTED":
-                self._ended = True
-                raise refused(answer) if answer is not None else errors.TransactionError("no lock reply")
-            self.lock_waits_s.append(asyncio.get_running_loop().time() - started)
-            self.held.update({k: mode for k in wanted if not _covers(self.held.get(k), mode)})
+            if wanted:
+                await self._ask(wanted, mode)
+                self.held.update({k: mode for k in wanted if not _covers(self.held.get(k), mode)})
+
+    async def _ask(self, keys: list[str], mode: LockMode) -> None:
+        self.requests += 1
+        started = asyncio.get_running_loop().time()
+        answer = await self.coordinator.request_locks(self._request(keys, mode))
+        if answer is None or answer["status"] != "GRANTED":
+            self._ended = True
+            raise refused(answer) if answer is not None else errors.TransactionError("no lock reply")
+        self.lock_waits_s.append(asyncio.get_running_loop().time() - started)
+
+    async def _confirm_open(self) -> None:
+        """At REPEATABLE_READ and SERIALIZABLE the read locks must still be held when the intent runs: an
+        empty request, just before it, raises if the coordinator ended the transaction meanwhile (idle), and
+        restarts its idle timeout. (Below those levels no read lock is at stake: a write key lost with an
+        idle transaction is asked again by the intent itself.)"""
+        if self.requests and self.transaction.isolation in READ_LOCKING_LEVELS:
+            async with self._one_at_a_time:
+                await self._ask([], "SHARED")
 
     async def lock_for_read(self, keys: Iterable[str]) -> None:
         """The read locks of the isolation level: SHARED at REPEATABLE_READ and SERIALIZABLE, none below
@@ -191,6 +202,7 @@ class InteractiveScope:
         if exc_type is not None:
             await self.release()  # nothing was published: the locks go, nothing ran
             return
+        await self._confirm_open()
         self._ended = True
         self.result = await self.coordinator.execute(self.transaction)
         if self.raise_on_failure and not self.result.ok:

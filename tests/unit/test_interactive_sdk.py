@@ -172,3 +172,16 @@ async def test_the_client_builds_an_interactive_scope_and_refuses_a_strong_one()
             client.transaction(interactive=True, consistency="STRONG")
     finally:
         await client.close()
+
+
+async def test_at_a_strict_level_the_exit_confirms_the_transaction_is_still_open_before_its_intent() -> None:
+    fake = FakeCoordinator()
+    async with scope(fake, isolation="SERIALIZABLE") as tx:
+        await tx.lock_for_read([ROW])
+        await tx.neo4j.merge_node("N", {"id": 1})
+    assert [(r["request"], r["keys"]) for r in fake.sent][-1] == (3, []) and len(fake.intents) == 1
+    gone = FakeCoordinator(refuse={2: "TransactionAbortedError"})  # idle too long: the coordinator ended it
+    with pytest.raises(errors.TransactionAbortedError):
+        async with scope(gone, isolation="REPEATABLE_READ") as tx:
+            await tx.lock_for_read([ROW])
+    assert not gone.intents
