@@ -21,7 +21,7 @@ import pytest
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
 from polycommit.bus import read_topic, topics_for
-from polycommit.client import Coordinator
+from polycommit.client import Coordinator, Transaction
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError, DeadlockVictimError
@@ -300,3 +300,65 @@ async def test_a_coordinator_restart_rebuilds_the_locks_open_transactions_hold_a
     assert [r.status for r in results] == ["completed", "completed"], results
     assert await title_of_row(runtime.settings, a) == "waiter"  # it ran after the holder, as the lock said
     assert await title_of_node(runtime, b) == "holder"
+
+
+async def lock_history(settings: Settings, resource: str) -> list[tuple[str, str]]:
+    """(tx id, action) of every lock event on `resource`, in log order (one partition: keyed by resource)."""
+    codec, names = default_codec(), topics_for(settings)
+    found: list[tuple[str, str]] = []
+
+    def take(record: Any) -> None:
+        with contextlib.suppress(CodecError):
+            event = codec.decode_as(record.value, "LockEvent")
+            if event["resource"] == resource:
+                found.append((event["tx_id"], event["action"]))
+
+    await read_topic(settings, names.locks, take)
+    return found
+
+
+async def test_a_saga_waiting_for_its_write_keys_can_be_the_victim_of_an_interactive_transaction(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    a, b = docs(2)
+    saga = Transaction(name="plain saga")
+    saga.add(ops.upsert_row(workload.DOCUMENTS, {"id": a}, {"title": "saga"}))
+    saga.add(ops.merge_node("Document", {"id": b}, {"title": "saga"}))
+    async with client.transaction(name="interactive", interactive=True) as tx:
+        await row(a, "interactive")(tx)
+        pending = asyncio.create_task(client.execute(saga))  # takes the node, waits for the row
+        await waiting_recorded(runtime.settings, saga.tx_id)
+        await node(b, "interactive")(tx)  # closes the cycle: the saga is younger and has done nothing
+        result = await pending
+    assert result.status == "aborted" and result.error is not None, result
+    assert result.error.startswith("DeadlockVictimError"), result.error
+    assert tx.result is not None and tx.result.status == "completed", tx.result
+    assert await title_of_row(runtime.settings, a) == "interactive"
+    assert await title_of_node(runtime, b) == "interactive"
+
+
+async def test_a_serializable_read_lock_keeps_a_writer_out_until_the_reader_ends(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    a, b = docs(2)
+    key = ops.lock_keys(ops.upsert_row(workload.DOCUMENTS, {"id": a}, {}))[0]
+    writer_opened = asyncio.Event()
+    writer_ids: list[str] = []
+
+    async def writer() -> Any:
+        async with client.transaction(name="writer", interactive=True) as tx:
+            writer_ids.append(tx.tx_id)
+            writer_opened.set()
+            await row(a, "writer")(tx)
+        return tx.result
+
+    async with client.transaction(name="reader", interactive=True, isolation="SERIALIZABLE") as reader:
+        await reader.lock_for_read([key])
+        writing = asyncio.create_task(writer())
+        await writer_opened.wait()
+        await waiting_recorded(runtime.settings, writer_ids[0])
+        await node(b, "reader")(reader)
+    assert reader.result is not None and reader.result.status == "completed"
+    assert (await writing).status == "completed"
+    history = await lock_history(runtime.settings, key)
+    assert history.index((reader.tx_id, "RELEASED")) < history.index((writer_ids[0], "GRANTED")), history
