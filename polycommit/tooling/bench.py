@@ -51,7 +51,12 @@ __all__ = ["COLLECTION", "DIMENSIONS", "LABEL", "TABLE", "Write", "keep_in_fligh
 
 
 def add_arguments(bench: argparse.ArgumentParser) -> None:
-    bench.add_argument("--mode", choices=["saga", "2pc"], default="saga", help="sagas, or two-phase commit (STRONG)")
+    bench.add_argument(
+        "--mode",
+        choices=["saga", "saga-unlocked", "2pc"],
+        default="saga",
+        help="sagas, sagas opted out of their locks (locks=False), or two-phase commit (STRONG)",
+    )
     bench.add_argument("--transactions", type=int, default=10_000, help="transactions per concurrency")
     bench.add_argument("--concurrency", default="256", help="transactions in flight; a list (1,8,32) runs a curve")
     bench.add_argument("--external", action="store_true", help="the workers already run elsewhere")
@@ -94,7 +99,7 @@ async def run_sagas(
     """Keep `concurrency` transactions in flight; return latencies (ms), results and elapsed seconds."""
     latencies: list[float] = []
     results: list[TransactionResult | Exception] = []
-    what = "sagas" if mode == "saga" else "two-phase commits"
+    what = "two-phase commits" if mode == "2pc" else "sagas"
     task = progress.add_task(f"{what}, {concurrency} in flight", total=len(items)) if progress else None
 
     async def one(write: Write) -> None:

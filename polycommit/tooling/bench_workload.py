@@ -44,9 +44,9 @@ def writes(run: str, count: int) -> list[Write]:
 
 
 def saga_of(write: Write, *, name: str = "bench", retries: int = 0, timeout: float = 0.0, mode: str = "saga") -> Saga:
-    """The three writes as one saga (or, `mode="2pc"`, one two-phase commit: consistency=STRONG);
+    """The three writes as one saga (`mode="saga-unlocked"`: with no locks; `mode="2pc"`: one two-phase commit);
     `retries` and `timeout` apply to each step (0: the client's defaults)."""
-    saga = Saga(name)
+    saga = Saga(name, locks=mode != "saga-unlocked")
     if mode == "2pc":
         saga.consistency = "STRONG"
     for operation in (

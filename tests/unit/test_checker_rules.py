@@ -13,7 +13,7 @@ from polycommit import operations as ops
 from polycommit.client import Transaction
 from polycommit.tooling.checker.expectations import expectations
 from polycommit.tooling.checker.history import History
-from polycommit.tooling.checker.keys import Applied, key_states
+from polycommit.tooling.checker.keys import Applied, key_states, resource_of
 from polycommit.tooling.checker.leftovers import orphans, prepared_left, scopes
 from polycommit.tooling.checker.log import fold, log_violations
 from polycommit.tooling.checker.report import (
@@ -41,8 +41,10 @@ def image(row: dict[str, Any] | None) -> str:
     return json.dumps({"row": row})
 
 
-def judge(expects: list[Any], finals: dict[str, str], applied: dict[Any, Applied], row: Any) -> list[str]:
-    states, _ = key_states(expects, finals, applied, fresh_keys=False)
+def judge(
+    expects: list[Any], finals: dict[str, str], applied: dict[Any, Applied], row: Any, grants: Any = None
+) -> list[str]:
+    states, _ = key_states(expects, finals, applied, fresh_keys=False, grants=grants)
     rows = {("t", ("id",), json.dumps(ROW)): [row]} if row is not None else {}
     return [v.kind for v in judge_effects(states, finals, Found(rows, {}, {}))]
 
@@ -71,6 +73,58 @@ def test_the_last_completed_writer_in_applied_order_decides_a_shared_key() -> No
     assert judge(expects, finals, applied, {"id": "r1", "v": 1}) == []
     assert judge(expects, finals, applied, {"id": "r1", "v": 2}) == [EFFECT_WRONG]
     assert judge(expects, finals, applied, None) == [EFFECT_MISSING]
+
+
+RESOURCE = 'postgres:t:{"id":"r1"}'
+
+
+def test_the_lock_grant_order_decides_a_shared_key_and_a_stale_earlier_value_is_a_violation() -> None:
+    """Planted: two sagas on one key, the second granted it after the first ended; the store still holds
+    the first one's value (a compensation-like overwrite, or a lost write) although the second completed."""
+    expects = [*row_write("a", 1), *row_write("b", 2)]
+    finals = {"a": "completed", "b": "completed"}
+    applied = {("a", 0): Applied(5.0), ("b", 0): Applied(1.0)}  # the stores' clocks say otherwise
+    grants = {RESOURCE: ["a", "b"]}
+    wrong = judge(expects, finals, applied, {"id": "r1", "v": 1}, grants)
+    assert wrong == [EFFECT_WRONG]
+    states, _ = key_states(expects, finals, applied, fresh_keys=False, grants=grants)
+    assert [s.expect.tx_id for s in states] == ["b"]  # the violation names the later, completed writer
+    assert judge(expects, finals, applied, {"id": "r1", "v": 2}, grants) == []
+    # Without the lock log, applied order decides (b applied first, so a's value is right).
+    assert judge(expects, finals, applied, {"id": "r1", "v": 1}) == []
+
+
+def test_a_compensated_later_writer_contributes_nothing_and_a_writer_without_a_lock_falls_back() -> None:
+    expects = [*row_write("a", 1), *row_write("c", 3)]
+    finals = {"a": "completed", "c": "compensated"}
+    applied = {("a", 0): Applied(1.0), ("c", 0): Applied(2.0, image({"id": "r1", "v": 1}))}
+    grants = {RESOURCE: ["a", "c"]}
+    assert judge(expects, finals, applied, {"id": "r1", "v": 1}, grants) == []
+    assert judge(expects, finals, applied, {"id": "r1", "v": 3}, grants) == [EFFECT_WRONG]
+    # b opted out of locks (no grant): the applied times order the writers (b first, a last).
+    both = [*row_write("a", 1), *row_write("b", 2)]
+    done = {"a": "completed", "b": "completed"}
+    times = {("a", 0): Applied(3.0), ("b", 0): Applied(1.0)}
+    assert judge(both, done, times, {"id": "r1", "v": 1}, {RESOURCE: ["a"]}) == []
+    assert judge(both, done, times, {"id": "r1", "v": 2}, {RESOURCE: ["a"]}) == [EFFECT_WRONG]
+
+
+def test_an_expectation_names_its_resource_as_its_lock_key() -> None:
+    for op in (
+        ops.upsert_row("t", {"id": "r1"}, {"v": 1}),
+        ops.upsert_points("c", [ops.point("p1", [0.1, 0.2])]),
+        ops.merge_node("N", {"id": 7}, {"v": 1}),
+    ):
+        assert [resource_of(e) for e in expectations("a", 0, op)] == ops.lock_keys(op)
+
+
+def test_the_log_fold_keeps_each_resources_grants_in_order() -> None:
+    def event(tx_id: str, action: str) -> dict[str, Any]:
+        return {"tx_id": tx_id, "resource": RESOURCE, "action": action}
+
+    locks = [event("a", "GRANTED"), event("b", "WAITING"), event("a", "RELEASED"), event("b", "GRANTED")]
+    _, facts = fold([], [], [], [], 0, locks)
+    assert facts.grants == {RESOURCE: ["a", "b"]}
 
 
 def test_a_key_written_by_a_transaction_still_running_or_stuck_is_pending() -> None:

@@ -250,3 +250,17 @@ def test_sagas_on_shared_keys_never_run_at_once_and_all_complete(rows: list[int]
             assert sum(1 for s in running if s["intent"]["steps"][0]["operation"]["key"] == f'{{"id":{row}}}') <= 1
     assert all(s.state["phase"] == "completed" for s in states.values())
     assert len(protocol.locks) == 0
+
+
+def test_the_wait_for_graph_sees_a_saga_wait_and_its_end() -> None:
+    from projections.wait_for import WaitForGraph
+
+    protocol = locked()
+    first = protocol.start(intent("tx-1"), 0)
+    second = protocol.start(intent("tx-2"), 1)
+    graph = WaitForGraph().apply_all([*first.lock_requests, *second.lock_requests])
+    assert set(graph.graph().edges) == {("tx-2", "tx-1")}
+    done = run(protocol, first)
+    woken = protocol.decide(second.state, LocksGranted(), 20)
+    graph.apply_all([*done.lock_requests, *woken.lock_requests])
+    assert not graph.graph().edges

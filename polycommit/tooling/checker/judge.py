@@ -63,7 +63,8 @@ async def _check(
     applied = applied_steps(markers)
     if log is not None:
         applied.update(log.applied)  # the log's outcome time orders writers across stores and transactions
-    states, pending = key_states(expects, found.judged, applied, fresh_keys=keys_owned)
+    grants = log.grants if log is not None else None  # the lock table's order of writers, key by key
+    states, pending = key_states(expects, found.judged, applied, fresh_keys=keys_owned, grants=grants)
     progress(f"reading {len(states)} keys from the stores")
     judged = [s.expect for s in states]
     data = Found(

@@ -5,8 +5,10 @@ any of them. Its expected final state is therefore not "what one transaction wro
 
 - when a transaction still in flight (or stuck) wrote it: *pending*, not judged — its writer has not
   finished, so any value is still possible;
-- else, when some writer completed (or committed): the value of the last completed writer in applied
-  order (the order the stores applied the writes, from markers and outcomes);
+- else, when some writer completed (or committed): the value of the last completed writer, in the order
+  the lock table granted the key (the log's GRANTED lock events: with locks, the order every store
+  applied the writes in), or, when some writer took no lock (opted out, or no lock log at hand), in
+  applied order (from markers and outcomes); a compensated or aborted writer contributes nothing;
 - else (every writer was undone): the value the key had before the first of them, as that writer's
   before-image recorded it — a compensation restores the old row, it does not delete it; a compensated
   delete brings the row back;
@@ -18,15 +20,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from polycommit.parsed import dumps
 from polycommit.tooling.checker.expectations import Expect, frozen
 
 COMPLETED = ("completed", "committed")
 UNDONE = ("compensated", "failed", "aborted")
 StepRef = tuple[str, int]  # (tx_id, step index)
+# resource (a lock key) -> the transactions granted it, in the log's order (one resource, one partition)
+Grants = Mapping[str, Sequence[str]]
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,29 @@ def image_of(e: Expect, before: str) -> tuple[dict[str, Any] | None, list[float]
         return None
 
 
+def resource_of(e: Expect) -> str:
+    """The lock key naming the resource an expectation is about (the format of `polycommit.parsed.keys_of`)."""
+    if e.store == "qdrant":
+        return f"qdrant:{e.where[0]}:{e.key}"
+    return f"{e.store}:{e.where[0]}:{dumps(e.key)}"
+
+
+def writing_order(writers: list[Expect], applied: Mapping[StepRef, Applied], grants: Grants) -> list[Expect]:
+    """The key's writers in the order their writes took effect: by lock grant when every one of them was
+    granted the key, else by applied time; then by applied time and invocation order."""
+    position = {id(w): i for i, w in enumerate(writers)}
+
+    def at(w: Expect) -> float:
+        return applied.get((w.tx_id, w.step), Applied()).at_ms
+
+    rank: dict[str, int] = {}
+    for i, tx in enumerate(grants.get(resource_of(writers[0]), ())):
+        rank.setdefault(tx, i)
+    if all(w.tx_id in rank for w in writers):
+        return sorted(writers, key=lambda w: (rank[w.tx_id], at(w), position[id(w)]))
+    return sorted(writers, key=lambda w: (at(w), position[id(w)]))
+
+
 def group_by_key(expects: Iterable[Expect]) -> dict[tuple[Any, ...], list[Expect]]:
     groups: dict[tuple[Any, ...], list[Expect]] = {}
     for e in expects:
@@ -73,13 +101,16 @@ def group_by_key(expects: Iterable[Expect]) -> dict[tuple[Any, ...], list[Expect
 
 
 def key_state(
-    writers: list[Expect], finals: Mapping[str, str], applied: Mapping[StepRef, Applied], fresh_keys: bool
+    writers: list[Expect],
+    finals: Mapping[str, str],
+    applied: Mapping[StepRef, Applied],
+    fresh_keys: bool,
+    grants: Grants | None = None,
 ) -> KeyState | None:
     """The state one key must hold, from its writers in invocation order; None when pending or unknowable."""
     if any(finals.get(w.tx_id) not in (*COMPLETED, *UNDONE) for w in writers):
         return None
-    position = {id(w): i for i, w in enumerate(writers)}
-    ordered = sorted(writers, key=lambda w: (applied.get((w.tx_id, w.step), Applied()).at_ms, position[id(w)]))
+    ordered = writing_order(writers, applied, grants or {})
     completed = [w for w in ordered if finals[w.tx_id] in COMPLETED]
     if completed:
         last = completed[-1]
@@ -97,13 +128,17 @@ def key_state(
 
 
 def key_states(
-    expects: Iterable[Expect], finals: Mapping[str, str], applied: Mapping[StepRef, Applied], fresh_keys: bool
+    expects: Iterable[Expect],
+    finals: Mapping[str, str],
+    applied: Mapping[StepRef, Applied],
+    fresh_keys: bool,
+    grants: Grants | None = None,
 ) -> tuple[list[KeyState], int]:
     """The state every written key must hold, and how many keys are pending (left unjudged)."""
     states: list[KeyState] = []
     pending = 0
     for writers in group_by_key(expects).values():
-        state = key_state(writers, finals, applied, fresh_keys)
+        state = key_state(writers, finals, applied, fresh_keys, grants)
         if state is not None:
             states.append(state)
         elif any(finals.get(w.tx_id) not in (*COMPLETED, *UNDONE) for w in writers):

@@ -1,4 +1,5 @@
-"""The log as the checker's history: intents, outcomes, results and decisions folded into what was decided.
+"""The log as the checker's history: intents, outcomes, results, decisions and lock grants folded into what
+was decided.
 
 `fold` is pure (decoded records in log order in, a `History` and `LogFacts` out); `read_log` reads the
 topics with `polycommit.bus.read_topic`. Built for `polycommit check`, which judges a system it did not
@@ -33,6 +34,7 @@ class LogFacts:
     prepared: set[str] = field(default_factory=set)  # transactions with a participant that voted PREPARED
     decisions: dict[str, list[str]] = field(default_factory=dict)
     dead_letters: int = 0
+    grants: dict[str, list[str]] = field(default_factory=dict)  # resource -> tx ids granted it, in log order
 
 
 def transaction_of(intent: Mapping[str, Any]) -> Transaction:
@@ -63,8 +65,10 @@ def fold(
     results: Iterable[Mapping[str, Any]],
     decisions: Iterable[Mapping[str, Any]],
     dead_letters: int = 0,
+    locks: Iterable[Mapping[str, Any]] = (),
 ) -> tuple[History, LogFacts]:
-    """Records of each topic in log order -> the history (transactions by first intent) and the facts."""
+    """Records of each topic in log order -> the history (transactions by first intent) and the facts.
+    `locks`: lock events, each resource's in its partition's order (the order the lock table granted it)."""
     history = History(open_is_pending=True)
     facts = LogFacts(dead_letters=dead_letters)
     for intent in intents:
@@ -77,6 +81,9 @@ def fold(
         history.record(decision["tx_id"], DECIDED.get(decision["outcome"], decision["outcome"]))
     for result in results:
         history.record(result["tx_id"], result["status"])
+    for lock in locks:
+        if lock["action"] == "GRANTED":
+            facts.grants.setdefault(lock["resource"], []).append(lock["tx_id"])
     return history, facts
 
 
@@ -119,4 +126,5 @@ async def read_log(settings: Settings) -> tuple[History, LogFacts]:
     decisions = await read(topics.decisions, "Decision")
     results = await read(topics.results, "TransactionResult")
     letters = await read(topics.dead_letters, "DeadLetter")
-    return fold(intents, outcomes, results, decisions, len(letters))
+    locks = await read(topics.locks, "LockEvent")
+    return fold(intents, outcomes, results, decisions, len(letters), locks)
