@@ -211,8 +211,7 @@ class InteractiveScope:
 
 def retriable(result: TransactionResult) -> bool:
     """The transaction ended for a reason that a new attempt may not meet (a deadlock, a lock wait)."""
-    error = result.raw.get("error") if isinstance(result.raw, Mapping) else None
-    return not result.ok and error is not None and error["error_class"] in _BY_NAME and error["retriable"]
+    return not result.ok and result.error_class in {e.__name__ for e in RETRIED}
 
 
 async def run(

@@ -35,6 +35,12 @@ class TransactionResult:
     def ok(self) -> bool:
         return self.status in ("completed", "committed")
 
+    @property
+    def error_class(self) -> str | None:
+        """The class of the error that ended the transaction (e.g. `VersionConflict`), None without one."""
+        error = self.raw.get("error")
+        return str(error["error_class"]) if error else None
+
     @classmethod
     def from_event(cls, event: Mapping[str, Any]) -> TransactionResult:
         def describe(error: Mapping[str, Any] | None) -> str | None:

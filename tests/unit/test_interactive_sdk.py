@@ -15,7 +15,7 @@ from polycommit.client import Coordinator, Transaction
 from polycommit.codec import default_codec
 from polycommit.config import load_settings
 from polycommit.events import LockReply, LockRequest, error_info
-from polycommit.interactive import InteractiveScope, LockCalls, refuse_interactive, run
+from polycommit.interactive import InteractiveScope, LockCalls, refuse_interactive, retriable, run
 from polycommit.results import TransactionResult
 
 ROW = ops.lock_keys(ops.upsert_row("t", {"id": 1}, {"v": 1}))[0]
@@ -185,3 +185,13 @@ async def test_at_a_strict_level_the_exit_confirms_the_transaction_is_still_open
         async with scope(gone, isolation="REPEATABLE_READ") as tx:
             await tx.lock_for_read([ROW])
     assert not gone.intents
+
+
+def test_only_a_result_ended_by_a_deadlock_or_a_lock_wait_is_worth_another_attempt() -> None:
+    def ended(status: str, error_class: str | None) -> TransactionResult:
+        error = None if error_class is None else error_info(error_class, "x", False)
+        event = {"tx_id": "T", "status": status, "steps": [], "error": error, "started_at_ms": 0, "finished_at_ms": 0}
+        return TransactionResult.from_event(event)
+
+    assert retriable(ended("ABORTED", "DeadlockVictimError")) and retriable(ended("FAILED", "LockTimeoutError"))
+    assert not retriable(ended("FAILED", "UnsupportedError")) and not retriable(ended("COMPLETED", None))
