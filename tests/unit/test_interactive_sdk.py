@@ -190,7 +190,14 @@ async def test_at_a_strict_level_the_exit_confirms_the_transaction_is_still_open
 def test_only_a_result_ended_by_a_deadlock_or_a_lock_wait_is_worth_another_attempt() -> None:
     def ended(status: str, error_class: str | None) -> TransactionResult:
         error = None if error_class is None else error_info(error_class, "x", False)
-        event = {"tx_id": "T", "status": status, "steps": [], "error": error, "started_at_ms": 0, "finished_at_ms": 0}
+        event: dict[str, Any] = {
+            "tx_id": "T",
+            "status": status,
+            "steps": [],
+            "error": error,
+            "started_at_ms": 0,
+            "finished_at_ms": 0,
+        }
         return TransactionResult.from_event(event)
 
     assert retriable(ended("ABORTED", "DeadlockVictimError")) and retriable(ended("FAILED", "LockTimeoutError"))
