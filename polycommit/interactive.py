@@ -97,6 +97,21 @@ def refused(answer: LockReply) -> errors.PolycommitError:
     return _BY_NAME.get(error["error_class"], errors.TransactionError)(f"{answer['tx_id']}: {error['message']}")
 
 
+# -- the lock keys of what a read touches, for `tx.lock_for_read` (the same keys the writes lock) ------
+
+
+def row_key(table: str, key: Mapping[str, Any]) -> str:
+    return ops.lock_keys(ops.delete_row(table, key))[0]
+
+
+def point_key(collection: str, point_id: str | int) -> str:
+    return ops.lock_keys(ops.delete_points(collection, [point_id]))[0]
+
+
+def node_key(label: str, key: Mapping[str, Any]) -> str:
+    return ops.lock_keys(ops.delete_node(label, key))[0]
+
+
 def refuse_interactive(tx: Transaction) -> None:
     """What an interactive transaction cannot be: STRONG (two-phase commit keeps a lock table of its own, so
     locks taken before the intent would not hold there), or without locks (there would be nothing to take)."""

@@ -15,7 +15,16 @@ from polycommit.client import Coordinator, Transaction
 from polycommit.codec import default_codec
 from polycommit.config import load_settings
 from polycommit.events import LockReply, LockRequest, error_info
-from polycommit.interactive import InteractiveScope, LockCalls, refuse_interactive, retriable, run
+from polycommit.interactive import (
+    InteractiveScope,
+    LockCalls,
+    node_key,
+    point_key,
+    refuse_interactive,
+    retriable,
+    row_key,
+    run,
+)
 from polycommit.results import TransactionResult
 
 ROW = ops.lock_keys(ops.upsert_row("t", {"id": 1}, {"v": 1}))[0]
@@ -202,3 +211,9 @@ def test_only_a_result_ended_by_a_deadlock_or_a_lock_wait_is_worth_another_attem
 
     assert retriable(ended("ABORTED", "DeadlockVictimError")) and retriable(ended("FAILED", "LockTimeoutError"))
     assert not retriable(ended("FAILED", "UnsupportedError")) and not retriable(ended("COMPLETED", None))
+
+
+def test_a_read_locks_the_key_a_write_of_the_same_row_point_or_node_locks() -> None:
+    assert row_key("t", {"id": 1}) == ops.lock_keys(ops.upsert_row("t", {"id": 1}, {"v": 2}))[0]
+    assert point_key("c", 7) == ops.lock_keys(ops.upsert_points("c", [ops.point(7, [0.1], {})]))[0]
+    assert node_key("N", {"id": 1}) == ops.lock_keys(ops.merge_node("N", {"id": 1}, {"v": 2}))[0]
