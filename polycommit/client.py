@@ -34,7 +34,7 @@ from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_reader, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings, load_settings
-from polycommit.errors import TransactionError, TransactionTimeoutError
+from polycommit.errors import TransactionError, TransactionTimeoutError, UnexpectedEventTypeError
 from polycommit.events import (
     Consistency,
     Isolation,
@@ -292,6 +292,8 @@ class Coordinator:
                         continue  # another client's result on the same partition, or a repeat
                     try:
                         event = self.codec.decode_as(record.value, "TransactionResult")
+                    except UnexpectedEventTypeError:
+                        continue  # a LockReply no `tx.lock` call awaits any more (polycommit/interactive.py)
                     except Exception as exc:  # a corrupt reply must fail its caller, not the reader
                         future.set_exception(exc)
                         continue
