@@ -26,6 +26,7 @@ from polycommit.interactive import (
     run,
 )
 from polycommit.results import TransactionResult
+from polycommit.tooling.processes import part_command
 
 ROW = ops.lock_keys(ops.upsert_row("t", {"id": 1}, {"v": 1}))[0]
 
@@ -217,3 +218,7 @@ def test_a_read_locks_the_key_a_write_of_the_same_row_point_or_node_locks() -> N
     assert row_key("t", {"id": 1}) == ops.lock_keys(ops.upsert_row("t", {"id": 1}, {"v": 2}))[0]
     assert point_key("c", 7) == ops.lock_keys(ops.upsert_points("c", [ops.point(7, [0.1], {})]))[0]
     assert node_key("N", {"id": 1}) == ops.lock_keys(ops.merge_node("N", {"id": 1}, {"v": 2}))[0]
+
+
+def test_the_process_cluster_can_run_the_detector_as_a_part() -> None:
+    assert part_command("detector")[-2:] == ["run", "detector"]
