@@ -21,6 +21,7 @@ from polycommit.events import (
     Decision,
     ErrorInfo,
     LockEvent,
+    LockReply,
     OperatorCommand,
     SagaSnapshot,
     StepOutcome,
@@ -95,6 +96,20 @@ class Transition:
     # Other transactions this one's end let go on (their locks are granted): the driver folds a
     # `LocksGranted` into each, in this order, within the same Kafka transaction.
     wake: list[str] = field(default_factory=list)
+    # Answers to an interactive transaction's lock requests, sent to its reply address.
+    lock_replies: list[LockReply] = field(default_factory=list)
+
+    def publishes(self) -> bool:
+        """Anything to publish (a transition that keeps its state object and publishes nothing changed nothing)."""
+        return bool(
+            self.commands
+            or self.decisions
+            or self.lock_requests
+            or self.alerts
+            or self.rejections
+            or self.result is not None
+            or self.lock_replies
+        )
 
 
 class TransactionProtocol(Protocol):

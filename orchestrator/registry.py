@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from orchestrator.interactive import Interactive
 from orchestrator.locking import Locking
 from orchestrator.protocol import TransactionProtocol, TxState
 from orchestrator.saga import SagaPolicy, SagaProtocol
@@ -24,9 +25,15 @@ def locked_saga(policy: SagaPolicy) -> Locking:
     return Locking(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms)
 
 
+def interactive_saga(policy: SagaPolicy) -> Interactive:
+    """Locked sagas, and interactive transactions that take their locks on demand before their intent
+    (orchestrator/interactive.py), on one lock table."""
+    return Interactive(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms)
+
+
 # name -> factory, given the coordinator's policy (timeouts, backoff, payload limit).
 PROTOCOLS: Mapping[str, Callable[[SagaPolicy], TransactionProtocol]] = {
-    "saga": locked_saga,
+    "saga": interactive_saga,
     "twopc": TwoPhaseCommit,
 }
 

@@ -207,7 +207,7 @@ def _same_store(operation: Operation, compensation: Operation) -> None:
 def validate(intent: TransactionIntent, policy: SagaPolicy) -> ErrorInfo | None:
     """The first reason no store could run this intent, or None. Nothing runs if one step is invalid."""
     try:
-        refuse_unsupported(intent["consistency"], intent["isolation"], intent["priority"])
+        refuse_unsupported(intent["consistency"], intent["isolation"], intent["priority"], intent.get("locks", True))
     except UnsupportedError as exc:
         return error_info(exc.error_class, str(exc), False)
     for i, step in enumerate(intent["steps"]):

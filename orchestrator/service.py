@@ -25,6 +25,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from orchestrator import operator, registry
 from orchestrator.admission import ReplyTargets, canonical_or_refusal, expiry_refusal, key_refusal
 from orchestrator.admission import reply_target as reply_target
+from orchestrator.interactive_inputs import INPUTS, InteractiveInputs, input_topics
 from orchestrator.protocol import (
     Event,
     HoldsLocks,
@@ -116,6 +117,8 @@ class CoordinatorService:
         self.observe = observe  # metrics (polycommit.tooling.metrics); a no-op unless the process serves them
         self.trace = tracing.LoopTrace()  # spans of the batch being folded, when tracing is on
         self.writer = TransitionWriter(self.topics, self.codec, self.replies, self.stats, self.trace, observe)
+        retention = settings.marker_retention_ms
+        self.interactive = InteractiveInputs(self.transactions, self.protocols, self.replies, self.codec, retention)
 
     # -- state ownership ----------------------------------------------------------------------------
 
@@ -201,7 +204,7 @@ class CoordinatorService:
         self.replies.new_batch()  # a new session looks again: the cluster may have changed meanwhile
         await self.replies.load()
         self.transactions.partitions = len(await publisher.partitions(self.topics.intents))
-        consumer.subscribe(self.topics.coordinator_inputs(), listener=_Rebalance(self))
+        consumer.subscribe(await input_topics(publisher, self.topics), listener=_Rebalance(self))
         await consumer.start()
         try:
             if ready is not None:
@@ -285,6 +288,8 @@ class CoordinatorService:
                 self._on_operator(decoded.record, record, now, out, touched)  # type: ignore[arg-type]
             elif decoded.event_type == "StepOutcome" and record.topic == self.topics.outcomes:
                 self._on_outcome(decoded.record, record, now, out, touched)  # type: ignore[arg-type]
+            elif decoded.event_type in INPUTS and record.topic in (self.topics.intents, self.topics.deadlocks):
+                await self._on_interactive(decoded.event_type, decoded.record, record, now, out, touched)
             else:
                 raise CodecError(f"a {decoded.event_type} does not belong on {record.topic}")
         except (CodecError, ProtocolError) as exc:
@@ -305,6 +310,7 @@ class CoordinatorService:
         intent, malformed = canonical_or_refusal(intent)
         tx_id = intent["tx_id"]
         if tx_id in self.transactions:  # the protocol decides what its intent arriving again means
+            self.interactive.intent_arrived(tx_id, bytes(record.value))
             self._decide(tx_id, IntentReceived(intent), record, now, out, touched)
             return
         protocol = self.protocols[registry.protocol_name(intent)]
@@ -321,6 +327,16 @@ class CoordinatorService:
             return
         self.transactions.admit(tx_id, bytes(record.value))
         self._apply(protocol.start(intent, now), None, record, out, touched, now)
+
+    async def _on_interactive(
+        self, kind: str, event: Any, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]
+    ) -> None:
+        """A lock request or a deadlock verdict (orchestrator/interactive_inputs.py)."""
+        before, t = await self.interactive.transition(kind, event, record, now)
+        if t is not None and before is None and t.result is not None:
+            self.writer.publish(t, record, out)  # refused before it opened: no state, no changelog record
+        elif t is not None:
+            self._apply(t, before, record, out, touched, now)
 
     def _on_outcome(
         self, event: StepOutcome, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]
@@ -365,21 +381,10 @@ class CoordinatorService:
     ) -> None:
         state = transition.state
         tx_id = state["intent"]["tx_id"]
-        if state is before and not _publishes(transition):
+        if state is before and not transition.publishes():
             return  # a late or duplicate event: nothing changed
         touched[tx_id] = state
         self.transactions.keep(state)
         self.writer.publish(transition, record, out)
         for woken in transition.wake:  # their locks were this one's: they go on in the same Kafka transaction
             self._decide(woken, LocksGranted(), None, now, out, touched)
-
-
-def _publishes(transition: Transition) -> bool:
-    return bool(
-        transition.commands
-        or transition.decisions
-        or transition.lock_requests
-        or transition.alerts
-        or transition.rejections
-        or transition.result is not None
-    )

@@ -61,6 +61,11 @@ class TransitionWriter:
             self.observe("alert", 1, {"kind": alert["kind"], "tx_id": tx_id})
         for error in transition.rejections:
             self.reject(record, tx_id, error, out)
+        target = self.replies.target(state["intent"]["reply_to"]) if transition.lock_replies else None
+        if target is not None:  # to the client's own partition, like its result
+            topic, partition = target
+            replies = transition.lock_replies
+            out.extend(Outgoing(topic, tx_id, "LockReply", a, partition, headers=traced) for a in replies)
         if transition.result is not None:
             self.publish_result(state, transition.result, out, traced)
 

@@ -5,7 +5,7 @@ test session's or a chaos run's topics are guarded like the default ones. A brok
 (PLAINTEXT, docker-compose) answers SECURITY_DISABLED, which is not an error: there is nothing to guard.
 
 - client: writes intents; reads replies (without a group).
-- coordinator: reads intents, outcomes, tx-state; writes commands.*, tx-state, decisions, results, replies,
+- coordinator: reads intents, outcomes, tx-state, deadlocks; writes commands.*, tx-state, decisions, results, replies,
   alerts, dead-letters, locks, and any reply topic under `<prefix>.`; group `<prefix>-coordinator`;
   transactional ids `<prefix>-coordinator-*`.
 - consumer (every store's): reads commands.*, decisions; writes outcomes, dead-letters; groups
@@ -82,7 +82,7 @@ def role_grants(t: Topics, users: Mapping[str, str], stores: Sequence[str]) -> l
         grants += _topics(client, [t.intents], Operation.WRITE) + _topics(client, [t.replies], Operation.READ)
     if "coordinator" in users:
         who = f"User:{users['coordinator']}"
-        grants += _topics(who, [t.intents, t.outcomes, t.tx_state], Operation.READ)
+        grants += _topics(who, [t.intents, t.outcomes, t.tx_state, t.deadlocks], Operation.READ)
         writes = [*commands, t.tx_state, t.decisions, t.results, t.replies, t.alerts, t.dead_letters, t.locks]
         grants += _topics(who, writes, Operation.WRITE)
         grants += [Grant(who, Resource.GROUP, f"{prefix}-coordinator", Operation.READ)]

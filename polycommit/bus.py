@@ -146,7 +146,8 @@ async def create_topics(settings: Settings, partitions: dict[str, int] | None = 
         report: dict[str, str] = {}
         new = []
         for name in topics.all():
-            n = coordinator if name in (topics.outcomes, topics.tx_state) else count(name)
+            # Verdicts too: the member owning a victim reads them (orchestrator/interactive_inputs.py).
+            n = coordinator if name in (topics.outcomes, topics.tx_state, topics.deadlocks) else count(name)
             if name in existing:
                 report[name] = "exists"
                 continue

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, Unpack, overload
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -34,66 +34,26 @@ from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_reader, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings, load_settings
-from polycommit.errors import TransactionError, TransactionTimeoutError
-from polycommit.events import Consistency, Isolation, NodeRef, Operation, Point, Step, TransactionIntent, now_ms
+from polycommit.errors import TransactionError, TransactionTimeoutError, UnexpectedEventTypeError
+from polycommit.events import (
+    Consistency,
+    Isolation,
+    LockReply,
+    LockRequest,
+    NodeRef,
+    Operation,
+    Point,
+    Step,
+    TransactionIntent,
+    now_ms,
+)
+from polycommit.interactive import InteractiveScope, LockCalls, ScopeOptions, refuse_interactive
 from polycommit.modes import refuse_unsupported
+from polycommit.results import StepOutcomeView as StepOutcomeView
+from polycommit.results import TransactionResult as TransactionResult
 
-
-@dataclass(frozen=True)
-class StepOutcomeView:
-    index: int
-    name: str
-    store: str
-    status: str
-    attempts: int
-    compensation_attempts: int
-    error: str | None
-    compensation_error: str | None = None  # the compensation's own error, apart from the step's
-    resolved_by: str = ""  # the operator who repaired the step by hand (status resolved_by_operator)
-
-
-@dataclass(frozen=True)
-class TransactionResult:
-    """How a transaction ended, as the coordinator reported it."""
-
-    tx_id: str
-    status: str  # completed | compensated | stuck | failed (sagas); committed | aborted (two-phase)
-    steps: tuple[StepOutcomeView, ...]
-    error: str | None
-    duration_ms: int
-    raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("completed", "committed")
-
-    @classmethod
-    def from_event(cls, event: Mapping[str, Any]) -> TransactionResult:
-        def describe(error: Mapping[str, Any] | None) -> str | None:
-            return None if error is None else f"{error['error_class']}: {error['message']}"
-
-        steps = tuple(
-            StepOutcomeView(
-                s["index"],
-                s["name"],
-                s["store"],
-                s["status"],
-                s["attempts"],
-                s["compensation_attempts"],
-                describe(s["error"]),
-                describe(s.get("compensation_error")),
-                s.get("resolved_by", ""),
-            )
-            for s in event["steps"]
-        )
-        return cls(
-            tx_id=event["tx_id"],
-            status=str(event["status"]).lower(),
-            steps=steps,
-            error=describe(event["error"]),
-            duration_ms=int(event["finished_at_ms"]) - int(event["started_at_ms"]),
-            raw=event,
-        )
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 
 @dataclass
@@ -284,6 +244,7 @@ class Coordinator:
         self._pending: dict[str, asyncio.Future[TransactionResult]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._traces: dict[str, Any] = {}  # tx id -> its open root span, only when tracing is on
+        self.lock_calls = LockCalls(self.codec)  # `tx.lock` calls awaiting their LockReply
 
     async def start(self) -> Coordinator:
         await self._publisher.start()
@@ -324,11 +285,15 @@ class Coordinator:
             batch = await self._replies.getmany(timeout_ms=200, max_records=5000)
             for records in batch.values():
                 for record in records:
+                    if self.lock_calls.waiting and self.lock_calls.route(record):
+                        continue
                     future = self._pending.get(record.key.decode()) if record.key else None
                     if future is None or future.done():
                         continue  # another client's result on the same partition, or a repeat
                     try:
                         event = self.codec.decode_as(record.value, "TransactionResult")
+                    except UnexpectedEventTypeError:
+                        continue  # a LockReply no `tx.lock` call awaits any more (polycommit/interactive.py)
                     except Exception as exc:  # a corrupt reply must fail its caller, not the reader
                         future.set_exception(exc)
                         continue
@@ -336,10 +301,28 @@ class Coordinator:
                     future.set_result(TransactionResult.from_event(event))
                     tracing.client_result(self._traces, record)
 
+    @property
+    def reply_to(self) -> str:
+        return self._reply_to
+
+    async def request_locks(self, request: LockRequest) -> LockReply | None:
+        """Publish a LockRequest and await its LockReply (None for a release, which is not answered)."""
+        if self._replies is None:
+            raise TransactionError("Coordinator.start() was not awaited")
+        outgoing = Outgoing(self.topics.intents, request["tx_id"], "LockRequest", request)  # keyed as its intent
+        return await self.lock_calls.call(self._publisher.send(outgoing), request, self.timeout)
+
+    async def run(self, block: Callable[[InteractiveScope], Awaitable[Any]], **options: Any) -> TransactionResult:
+        """`block(tx)` in an interactive transaction, run again when it is a deadlock victim or its locks
+        time out (`polycommit.interactive.run`: retries=3, backoff=0.05 s, and `transaction`'s options)."""
+        from polycommit.interactive import run
+
+        return await run(self, block, **options)
+
     async def submit(self, transaction: Transaction) -> asyncio.Future[TransactionResult]:
         """Publish the intent; the returned future completes with the result. A mode polycommit does not
         run yet raises UnsupportedError here, before anything is published."""
-        refuse_unsupported(transaction.consistency, transaction.isolation, transaction.priority)
+        refuse_unsupported(transaction.consistency, transaction.isolation, transaction.priority, transaction.locks)
         if self._replies is None:
             raise TransactionError("Coordinator.start() was not awaited")
         future: asyncio.Future[TransactionResult] = asyncio.get_running_loop().create_future()
@@ -371,6 +354,14 @@ class Coordinator:
     async def execute_many(self, transactions: Sequence[Transaction]) -> list[TransactionResult]:
         return list(await asyncio.gather(*(self.execute(t) for t in transactions)))
 
+    @overload
+    def transaction(
+        self, *, interactive: Literal[False] = False, **options: Unpack[ScopeOptions]
+    ) -> TransactionScope: ...
+
+    @overload
+    def transaction(self, *, interactive: Literal[True], **options: Unpack[ScopeOptions]) -> InteractiveScope: ...
+
     def transaction(
         self,
         *,
@@ -381,11 +372,16 @@ class Coordinator:
         raise_on_failure: bool = False,
         locks: bool = True,
         lock_wait: float = 0.0,
-    ) -> TransactionScope:
-        refuse_unsupported(consistency, isolation, priority)  # before the caller builds its steps
+        interactive: bool = False,
+    ) -> TransactionScope | InteractiveScope:
+        """`interactive=True`: locks are taken on demand inside the block (polycommit/interactive.py)."""
+        refuse_unsupported(consistency, isolation, priority, locks)  # before the caller builds its steps
         tx = Transaction(name=name, consistency=consistency, isolation=isolation, priority=priority)
         tx.locks, tx.lock_wait = locks, lock_wait
-        return TransactionScope(self, tx, raise_on_failure)
+        if not interactive:
+            return TransactionScope(self, tx, raise_on_failure)
+        refuse_interactive(tx)
+        return InteractiveScope(self, tx, raise_on_failure)
 
 
 @contextlib.asynccontextmanager

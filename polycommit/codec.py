@@ -55,6 +55,8 @@ EVENT_TYPES = (
     "SagaSnapshot",
     "Alert",
     "OperatorCommand",
+    "LockRequest",
+    "LockReply",
 )
 
 

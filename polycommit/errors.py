@@ -102,6 +102,16 @@ class LockTimeoutError(RetriableError):
     of it ran, so sending it again later may succeed."""
 
 
+class DeadlockVictimError(RetriableError):
+    """The deadlock detector chose this transaction to break a cycle of lock waits: it was aborted while it
+    waited, nothing of it ran, and its locks went to the others. Running it again may succeed."""
+
+
+class TransactionAbortedError(RetriableError):
+    """An open interactive transaction is gone: it was idle longer than its lock-wait timeout, chosen as a
+    deadlock victim, or released. Nothing of it ran; running it again may succeed."""
+
+
 class InvalidIntentError(PermanentError):
     """The intent cannot be admitted as it was sent: its key, its reply address or a mode it asks for."""
 

@@ -183,6 +183,33 @@ class LockEvent(TypedDict):
     at_ms: int
 
 
+class LockRequest(TypedDict):
+    """An interactive transaction asks for locks before its intent (or gives up, with `release`)."""
+
+    tx_id: str
+    request: int
+    keys: list[str]
+    mode: Literal["SHARED", "EXCLUSIVE"]
+    release: bool
+    name: str
+    isolation: Isolation
+    priority: int
+    reply_to: str
+    client_id: str
+    lock_wait_ms: int
+    created_at_ms: int
+
+
+class LockReply(TypedDict):
+    """The coordinator's answer to one LockRequest: GRANTED, or REFUSED with the error that ended it."""
+
+    tx_id: str
+    request: int
+    status: Literal["GRANTED", "REFUSED"]
+    error: ErrorInfo | None
+    at_ms: int
+
+
 class Alert(TypedDict):
     kind: str
     tx_id: str

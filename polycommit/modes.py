@@ -1,8 +1,11 @@
-"""The transaction modes polycommit does not run yet, refused by the client SDK and by the coordinator alike.
+"""The transaction modes polycommit refuses, by the client SDK and by the coordinator alike.
 
-An intent may ask for a stricter isolation level or a priority; until the lock manager exists, accepting
-them would silently give the caller less than it asked for. Each row below is one refusal: the change
-that builds the missing part deletes its row (consistency=STRONG left when two-phase commit was built).
+An intent may ask for a mode whose guarantee polycommit cannot give; accepting it would silently give the
+caller less than it asked for. Each row below is one refusal: the change that builds the missing part
+deletes its row (consistency=STRONG left when two-phase commit was built; a priority other than 0 and the
+isolation levels REPEATABLE_READ and SERIALIZABLE with interactive transactions, whose reads take SHARED
+locks at those levels: `InteractiveScope.lock_for_read`). What is left: a strict level with `locks=False`,
+which gives up the very locks the level is built on.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ class Modes:
     consistency: str
     isolation: str
     priority: int
+    locks: bool = True
 
 
 @dataclass(frozen=True)
@@ -27,18 +31,22 @@ class UnsupportedMode:
     asked: Callable[[Modes], bool]
 
 
+_NEEDS_LOCKS = "the transaction's locks (locks=False gives up isolation)"
 UNSUPPORTED_MODES: tuple[UnsupportedMode, ...] = (
-    UnsupportedMode("isolation=REPEATABLE_READ", "the lock manager", lambda m: m.isolation == "REPEATABLE_READ"),
-    UnsupportedMode("isolation=SERIALIZABLE", "the lock manager", lambda m: m.isolation == "SERIALIZABLE"),
     UnsupportedMode(
-        "priority != 0", "the lock manager (it picks deadlock victims by priority)", lambda m: m.priority != 0
+        "isolation=REPEATABLE_READ with locks=False",
+        _NEEDS_LOCKS,
+        lambda m: m.isolation == "REPEATABLE_READ" and not m.locks,
+    ),
+    UnsupportedMode(
+        "isolation=SERIALIZABLE with locks=False", _NEEDS_LOCKS, lambda m: m.isolation == "SERIALIZABLE" and not m.locks
     ),
 )
 
 
-def refuse_unsupported(consistency: str, isolation: str, priority: int) -> None:
-    """Raise UnsupportedError naming the first mode asked for that polycommit does not run yet."""
-    modes = Modes(consistency, isolation, priority)
+def refuse_unsupported(consistency: str, isolation: str, priority: int, locks: bool = True) -> None:
+    """Raise UnsupportedError naming the first mode asked for that polycommit does not run."""
+    modes = Modes(consistency, isolation, priority, locks)
     for mode in UNSUPPORTED_MODES:
         if mode.asked(modes):
             raise UnsupportedError(f"{mode.name} is not supported yet: it needs {mode.needs}")

@@ -34,9 +34,10 @@ class PartStartError(RuntimeError):
 
 
 def part_command(part: str) -> list[str]:
-    """`coordinator` or a store name (`postgres#2`: another member of its group) -> the CLI invocation."""
+    """`coordinator`, `detector` (the deadlock detector, for runs of interactive transactions) or a store
+    name (`postgres#2`: another member of its group) -> the CLI invocation."""
     cli = [sys.executable, "-m", "polycommit.tooling.cli"]
-    return [*cli, "run", "coordinator"] if part == "coordinator" else [*cli, "consumer", part.partition("#")[0]]
+    return [*cli, "run", part] if part in ("coordinator", "detector") else [*cli, "consumer", part.partition("#")[0]]
 
 
 def part_environment(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -45,9 +45,10 @@ def test_a_compensation_for_the_same_store_is_accepted() -> None:
 # -- 8: modes that need two-phase commit or the lock manager ---------------------------------------
 
 UNSUPPORTED = [
-    ({"isolation": "REPEATABLE_READ"}, "isolation=REPEATABLE_READ"),
-    ({"isolation": "SERIALIZABLE"}, "isolation=SERIALIZABLE"),
-    ({"priority": 3}, "priority"),
+    # REPEATABLE_READ and SERIALIZABLE left the table with interactive transactions (issue 11): what is
+    # refused now is asking for them without the locks they are built on.
+    ({"isolation": "REPEATABLE_READ", "locks": False}, "isolation=REPEATABLE_READ with locks=False"),
+    ({"isolation": "SERIALIZABLE", "locks": False}, "isolation=SERIALIZABLE with locks=False"),
 ]
 
 
@@ -69,7 +70,16 @@ def test_strong_consistency_runs_as_two_phase_commit() -> None:
     assert [c["action"] for c in t.commands] == ["PREPARE"] and t.rejections == []
 
 
-@pytest.mark.parametrize("isolation", ["READ_COMMITTED", "READ_UNCOMMITTED"])
+def test_a_priority_runs() -> None:
+    # priority left the table of refusals with interactive transactions (issue 11): it weighs in the choice
+    # of a deadlock victim, and the lock events carry it to the detector.
+    intent = transaction(priority=3).intent("", "test")
+    t = registry.protocols(POLICY)[registry.protocol_name(intent)].start(intent, 0)
+    assert [c["action"] for c in t.commands] == ["EXECUTE"] and t.rejections == []
+    assert {e["priority"] for e in t.lock_requests} == {3}
+
+
+@pytest.mark.parametrize("isolation", ["READ_COMMITTED", "READ_UNCOMMITTED", "REPEATABLE_READ", "SERIALIZABLE"])
 def test_the_supported_isolation_levels_run(isolation: Any) -> None:
     t = saga.SagaProtocol(POLICY).start(transaction(isolation=isolation).intent("", "test"), 0)
     assert [c["action"] for c in t.commands] == ["EXECUTE"] and t.rejections == []

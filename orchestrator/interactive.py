@@ -1,0 +1,311 @@
+"""Interactive transactions: locks taken on demand before the intent exists, and deadlock victims aborted.
+Pure: no I/O, `now` is passed in.
+
+`Interactive` is the saga's lock wrapper (`Locking`) with these phases added, on its one lock table, so
+interactive transactions and sagas exclude one another on the same keys. A client's first `LockRequest` opens a
+transaction in the phase `open` (a state with no steps, its intent made from the request): each request
+asks its keys in one mode, answered by a `LockReply` GRANTED at once or, after a FIFO wait in `open,
+waiting`, when the holders release. The intent, when it comes, goes to the lock wrapper's `start` with the
+locks already held: it asks only what is still missing (the write keys of steps not locked yet) and the
+saga starts at once when it holds them all. A release, an idle or lock-wait timeout, or a deadlock verdict
+ends an open transaction with nothing run (result ABORTED): its locks go and the transactions they let go
+on are woken; a request that was waiting gets a LockReply REFUSED with the error.
+
+A verdict acts only on a victim that still waits in this table for a member of the verdict's cycle; any
+other verdict (a duplicate, a victim granted or ended since, one this member does not own) changes
+nothing, so verdicts may arrive any number of times (the detector delivers at least once). A saga waiting
+in the lock wrapper's `locking` phase (an interactive transaction that sent its intent, or any saga whose
+keys an open transaction holds) is a victim like an open one.
+
+Restore: an open state's snapshot carries what it holds and what it waits for (see `OpenLocks`, kept in
+`before_images[0]`: an open state has no steps, so the field is free and SagaSnapshot keeps its schema).
+Once the saga runs, its snapshot is the lock wrapper's and a restore takes back its write keys: the locks it
+took only to read are not restored, which keeps it serializable (two-phase locking: it asks for no lock
+after that point) though no longer strict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from orchestrator import operator
+from orchestrator.interactive_model import (
+    InteractiveEvent,
+    LockRequested,
+    OpenEvent,
+    OpenLocks,
+    OpenPhase,
+    VictimChosen,
+    open_intent,
+    open_lock_event,
+    reply,
+    victim_error,
+    waits_in_cycle,
+)
+from orchestrator.locking import Locking, LockingPhase, lock_event
+from orchestrator.locks import EXCLUSIVE, LockMode
+from orchestrator.protocol import (
+    Handler,
+    IntentReceived,
+    LocksGranted,
+    OperatorReceived,
+    OutcomeReceived,
+    TimerDue,
+    Transition,
+    TxState,
+    dispatch,
+    unchanged,
+)
+from orchestrator.saga_model import copy_state, initial_state, result_of
+from polycommit.errors import (
+    LockTimeoutError,
+    ProtocolError,
+    TransactionAbortedError,
+    UnsupportedError,
+)
+from polycommit.events import (
+    ErrorInfo,
+    LockRequest,
+    error_info,
+)
+
+_OWN: frozenset[str] = frozenset(OpenPhase)
+_TERMINAL = frozenset({OpenPhase.RELEASED, OpenPhase.VICTIM})
+
+
+@dataclass
+class Interactive(Locking):
+    """The saga protocol as the driver sees it: the lock wrapper (sagas under locks) plus the open phases."""
+
+    def wait_ms(self, state: TxState) -> int:
+        return state["intent"].get("lock_wait_ms") or self.lock_wait_ms
+
+    # -- the driver's entry points ------------------------------------------------------------------
+
+    def open(self, request: LockRequest, now: int, refusal: ErrorInfo | None = None) -> Transition:
+        """The first LockRequest of a transaction this member does not know."""
+        state = initial_state(open_intent(request), now)
+        state["phase"] = OpenPhase.OPEN
+        OpenLocks().into(state)
+        rejected = refusal  # the driver's verdict on the record itself (its key, reply address, age)
+        if refusal is None and (request["release"] or request["request"] != 1):
+            # Not a beginning: the transaction ended (idle, victim, released) and its state with it.
+            why = "no such open transaction: it ended (idle, deadlock victim or released); nothing of it ran"
+            refusal = error_info(TransactionAbortedError.__name__, why, True)
+        if refusal is not None:
+            t = self.end(state, now, OpenPhase.RELEASED, refusal)
+            t.lock_replies.append(reply(state, request["request"], now, refusal))
+            t.rejections.extend([rejected] if rejected is not None else [])  # the record becomes a dead letter
+            return t
+        return _ask(state, LockRequested(request), now, self)
+
+    def decide(self, state: TxState, event: InteractiveEvent, now: int) -> Transition:
+        if state["phase"] in _OWN:
+            row = (OpenPhase(state["phase"]), self.classify(state, event, now))
+            return dispatch(TABLE, row, state, event, now, self)
+        if isinstance(event, VictimChosen):
+            return self._saga_victim(state, event, now)
+        if isinstance(event, LockRequested):  # its intent came already: the client sends none after it
+            return Transition(state)
+        return super().decide(state, event, now)
+
+    def classify(self, state: TxState, event: InteractiveEvent, now: int) -> OpenEvent:
+        tx_id = state["intent"]["tx_id"]
+        if isinstance(event, LockRequested):
+            if event.request["release"]:
+                return OpenEvent.RELEASE
+            if event.request["request"] <= OpenLocks.of(state).last:
+                return OpenEvent.ASKED_AGAIN
+            return OpenEvent.ASKED_WHILE_WAITING if state["phase"] == OpenPhase.WAITING else OpenEvent.ASKED
+        if isinstance(event, VictimChosen):
+            return OpenEvent.VICTIM if waits_in_cycle(self.locks, tx_id, event.verdict) else OpenEvent.STALE_VERDICT
+        if isinstance(event, IntentReceived):
+            if event.intent["tx_id"] != tx_id:
+                raise ProtocolError(f"{tx_id}: received the intent of {event.intent['tx_id']}")
+            return OpenEvent.INTENT
+        if isinstance(event, OutcomeReceived):
+            return OpenEvent.STALE_OUTCOME
+        if isinstance(event, OperatorReceived):
+            return OpenEvent.OPERATOR
+        if state["phase"] == OpenPhase.WAITING and self.locks.holds_all(tx_id):
+            return OpenEvent.GRANTED
+        if isinstance(event, TimerDue) and state["due_at_ms"] and now >= state["due_at_ms"]:
+            return OpenEvent.TIMED_OUT
+        return OpenEvent.STILL_WAITING if isinstance(event, LocksGranted) else OpenEvent.TIMER_EARLY
+
+    # -- ending -------------------------------------------------------------------------------------
+
+    def end(self, state: TxState, now: int, phase: OpenPhase, error: ErrorInfo | None) -> Transition:
+        """Nothing ran: the result is ABORTED, the locks go, whoever waited for them is woken."""
+        new = copy_state(state, now)
+        new["phase"], new["due_at_ms"], new["error"] = phase, 0, error
+        t = Transition(new, result=result_of(new, "ABORTED", now))
+        waiting = OpenLocks.of(state).waiting_request if self.is_open(state["phase"]) else 0
+        if waiting:
+            refused = error or error_info(TransactionAbortedError.__name__, "released while it waited", True)
+            t.lock_replies.append(reply(new, waiting, now, refused))
+        self.release(t, now)
+        return t
+
+    def release(self, t: Transition, now: int) -> None:
+        tx_id = t.state["intent"]["tx_id"]
+        if tx_id not in self.locks:
+            return
+        for key in self.locks.keys_of(tx_id):
+            mode = self.locks.mode_of(tx_id, key) or EXCLUSIVE
+            t.lock_requests.append(lock_event(t.state, key, "RELEASED", [], now, mode))
+        t.wake.extend(self.locks.release(tx_id))
+
+    def _saga_victim(self, state: TxState, event: VictimChosen, now: int) -> Transition:
+        """A saga waiting for its write keys (after its intent) is a victim like an open transaction."""
+        tx_id = state["intent"]["tx_id"]
+        if state["phase"] != LockingPhase.LOCKING or not waits_in_cycle(self.locks, tx_id, event.verdict):
+            return Transition(state)
+        return self.end(state, now, OpenPhase.VICTIM, victim_error(event.verdict))
+
+    # -- the rest of the protocol's questions ---------------------------------------------------------
+
+    def is_open(self, phase: str) -> bool:
+        """Before its intent: holding locks taken on demand, maybe waiting for more."""
+        return phase in (OpenPhase.OPEN, OpenPhase.WAITING)
+
+    def is_terminal(self, phase: str) -> bool:
+        return phase in _TERMINAL or super().is_terminal(phase)
+
+    def is_in_flight(self, phase: str) -> bool:
+        return phase in (OpenPhase.OPEN, OpenPhase.WAITING) or super().is_in_flight(phase)
+
+    def is_stuck(self, phase: str) -> bool:
+        return phase not in _OWN and super().is_stuck(phase)
+
+    def restored(self, states: Iterable[TxState]) -> list[str]:
+        """Rebuild the shared table: the locks open transactions held and the sagas' (holders first, so a
+        restored waiter never queues ahead of a key's holder), then the open transactions' waits."""
+        states = list(states)
+        opened = [s for s in states if s.get("protocol") == self.name and s["phase"] in (_O, _W)]
+        opened.sort(key=lambda s: (s["started_at_ms"], s["intent"]["tx_id"]))
+        for state in opened:
+            held = OpenLocks.of(state).held
+            for mode in (LockMode.SHARED, EXCLUSIVE):
+                self.locks.request(state["intent"]["tx_id"], [k for k, m in held.items() if m == mode], mode)
+        opened_ids = {s["intent"]["tx_id"] for s in opened}
+        woken = super().restored(s for s in states if s["intent"]["tx_id"] not in opened_ids)
+        for state in opened:
+            info = OpenLocks.of(state)
+            if info.waiting_request:
+                mode = LockMode(info.waiting_mode)
+                self.locks.request(state["intent"]["tx_id"], info.waiting_keys, mode, state["due_at_ms"])
+                if self.locks.holds_all(state["intent"]["tx_id"]):
+                    woken.append(state["intent"]["tx_id"])
+        return woken
+
+
+# -- the transitions of the open phases (the policy argument of a row is the Interactive protocol) ----
+
+
+def _ask(state: TxState, event: LockRequested, now: int, p: Interactive) -> Transition:
+    """Ask the request's keys: granted now (reply GRANTED) or queued behind their holders (reply later)."""
+    request, tx_id = event.request, state["intent"]["tx_id"]
+    keys, mode = sorted(set(request["keys"])), LockMode(request["mode"])
+    new, info = copy_state(state, now), OpenLocks.of(state)
+    info.last = request["request"]
+    deadline = now + p.wait_ms(state)
+    t = Transition(new)
+    if p.locks.request(tx_id, keys, mode, deadline):
+        info.held.update({k: str(p.locks.mode_of(tx_id, k)) for k in keys})
+        new["phase"], new["due_at_ms"] = OpenPhase.OPEN, now + p.wait_ms(state)  # the idle deadline
+        t.lock_replies.append(reply(new, request["request"], now))
+    else:
+        info.wait(request["request"], keys, mode)
+        new["phase"], new["due_at_ms"] = OpenPhase.WAITING, deadline
+    info.into(new)
+    for key in keys:
+        blockers = p.locks.blockers_on(tx_id, key)
+        action = "WAITING" if blockers else "GRANTED"
+        t.lock_requests.append(open_lock_event(new, key, action, blockers, now, mode, len(info.held)))
+    return t
+
+
+def _granted(state: TxState, event: InteractiveEvent, now: int, p: Interactive) -> Transition:
+    tx_id, new, info = state["intent"]["tx_id"], copy_state(state, now), OpenLocks.of(state)
+    keys, request = info.waiting_keys, info.waiting_request
+    info.granted({k: str(p.locks.mode_of(tx_id, k)) for k in keys})
+    info.into(new)
+    new["phase"], new["due_at_ms"] = OpenPhase.OPEN, now + p.wait_ms(state)
+    t = Transition(new, lock_replies=[reply(new, request, now)])
+    for key in keys:
+        mode = p.locks.mode_of(tx_id, key) or EXCLUSIVE
+        t.lock_requests.append(open_lock_event(new, key, "GRANTED", [], now, mode, len(info.held)))
+    return t
+
+
+def _refuse_request(state: TxState, event: LockRequested, now: int, p: Interactive) -> Transition:
+    """One request at a time (the SDK sends them so): a second one while the first waits is refused alone."""
+    why = f"request {event.request['request']} came while request {OpenLocks.of(state).last} still waits"
+    refused = error_info(UnsupportedError.__name__, why, False)
+    return Transition(state, lock_replies=[reply(state, event.request["request"], now, refused)])
+
+
+def _release(state: TxState, event: InteractiveEvent, now: int, p: Interactive) -> Transition:
+    return p.end(state, now, OpenPhase.RELEASED, None)
+
+
+def _timed_out(state: TxState, event: InteractiveEvent, now: int, p: Interactive) -> Transition:
+    tx_id = state["intent"]["tx_id"]
+    if state["phase"] == OpenPhase.WAITING:
+        held_by = ", ".join(p.locks.blockers(tx_id)) or "nobody"
+        message = f"locks not granted within {p.wait_ms(state)} ms (held by {held_by}); nothing ran"
+        return p.end(state, now, OpenPhase.RELEASED, error_info(LockTimeoutError.__name__, message, True))
+    message = f"open for {p.wait_ms(state)} ms with no request and no intent: aborted, nothing ran"
+    return p.end(state, now, OpenPhase.RELEASED, error_info(TransactionAbortedError.__name__, message, True))
+
+
+def _victim(state: TxState, event: VictimChosen, now: int, p: Interactive) -> Transition:
+    return p.end(state, now, OpenPhase.VICTIM, victim_error(event.verdict))
+
+
+def _commit(state: TxState, event: IntentReceived, now: int, p: Interactive) -> Transition:
+    """The intent: its saga starts under the locks held, asking only the write keys still missing."""
+    intent = event.intent
+    refusal = None
+    if intent["consistency"] != "EVENTUAL":
+        why = "an interactive transaction runs as a saga: consistency=STRONG keeps a lock table of its own"
+        refusal = error_info(UnsupportedError.__name__, why, False)
+    t = Locking.start(p, intent, now, refusal)
+    t.state["started_at_ms"] = state["started_at_ms"]  # its age counts from its first lock (victim score)
+    for lock in t.lock_requests:
+        lock["started_at_ms"] = state["started_at_ms"]
+    if Locking.is_terminal(p, t.state["phase"]):
+        p.release(t, now)  # refused, or no steps: nothing runs, the open locks go
+    return t
+
+
+def _operator_refused(state: TxState, event: OperatorReceived, now: int, p: Interactive) -> Transition:
+    return operator.refused(state, event.command, "it is open: no intent yet, nothing ran", now)
+
+
+_O, _W = OpenPhase.OPEN, OpenPhase.WAITING
+_BOTH: dict[OpenEvent, Handler] = {
+    OpenEvent.ASKED_AGAIN: unchanged,
+    OpenEvent.RELEASE: _release,
+    OpenEvent.INTENT: _commit,
+    OpenEvent.TIMER_EARLY: unchanged,
+    OpenEvent.TIMED_OUT: _timed_out,
+    OpenEvent.STALE_VERDICT: unchanged,
+    OpenEvent.STALE_OUTCOME: unchanged,
+    OpenEvent.OPERATOR: _operator_refused,
+}
+TABLE: dict[tuple[StrEnum, StrEnum], Handler] = {
+    **{(_O, kind): handler for kind, handler in _BOTH.items()},
+    **{(_W, kind): handler for kind, handler in _BOTH.items()},
+    (_O, OpenEvent.ASKED): _ask,
+    (_O, OpenEvent.STILL_WAITING): unchanged,  # a duplicate wake-up
+    (_W, OpenEvent.ASKED_WHILE_WAITING): _refuse_request,
+    (_W, OpenEvent.GRANTED): _granted,
+    (_W, OpenEvent.STILL_WAITING): unchanged,
+    (_W, OpenEvent.VICTIM): _victim,
+    (_O, OpenEvent.VICTIM): _victim,  # never: an open transaction holding all it asked waits for nobody
+    **{(phase, kind): unchanged for phase in _TERMINAL for kind in OpenEvent},
+}

@@ -1,0 +1,118 @@
+"""How lock requests and deadlock verdicts reach the coordinator member that owns their transaction, and
+which protocol transition each one is (the driver, orchestrator/service.py, publishes it).
+
+Lock requests travel on the intents topic keyed by tx_id, like the intent that follows them, so the member
+holding an interactive transaction's locks is the one that runs its intent. Verdicts are keyed by victim
+(the detector's producer partitions keys as every polycommit producer does, murmur2); when
+`<prefix>.deadlocks` has the intents topic's partition count, the consumer group's range assignor gives
+each member the same partition numbers of both, so the member owning a transaction reads the verdicts
+naming it, within its read-process-commit Kafka transaction: the abort and the verdict's offset commit
+together. A deadlocks topic with another count would hand verdicts (and the restore of their partitions)
+to members that do not own the victims: it is then not read at all, an error says why, and the lock-wait
+timeout still ends every deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from orchestrator.admission import ReplyTargets, expiry_refusal, key_refusal
+from orchestrator.interactive import Interactive
+from orchestrator.interactive_model import LockRequested, VictimChosen, open_intent
+from orchestrator.protocol import TransactionProtocol, Transition, TxState
+from orchestrator.registry import protocol_of
+from orchestrator.transactions import OwnedTransactions
+from polycommit.bus import Publisher, Topics
+from polycommit.codec import EventCodec
+from polycommit.events import DeadlockVerdict, LockRequest
+
+log = logging.getLogger("orchestrator.service")
+
+INPUTS = frozenset({"LockRequest", "DeadlockVerdict"})
+
+
+async def input_topics(publisher: Publisher, topics: Topics) -> list[str]:
+    """The coordinator group's topics: its inputs, and the verdicts when they are co-partitioned."""
+    inputs = topics.coordinator_inputs()
+    intents, verdicts = await publisher.partitions(topics.intents), await publisher.partitions(topics.deadlocks)
+    if len(verdicts) == len(intents):
+        return [*inputs, topics.deadlocks]
+    log.error(
+        "%s has %d partitions, %s %d: deadlock verdicts are not read (a verdict would reach a member that does "
+        "not own its victim); deadlocks end by lock-wait timeout. Recreate %s with %d partitions.",
+        topics.deadlocks,
+        len(verdicts),
+        topics.intents,
+        len(intents),
+        topics.deadlocks,
+        len(intents),
+    )
+    return inputs
+
+
+class InteractiveInputs:
+    """Turns a LockRequest or a DeadlockVerdict into the transition of its transaction's protocol."""
+
+    def __init__(
+        self,
+        transactions: OwnedTransactions,
+        protocols: Mapping[str, TransactionProtocol],
+        replies: ReplyTargets,
+        codec: EventCodec,
+        marker_retention_ms: int,
+    ) -> None:
+        self.transactions = transactions
+        self.protocols = protocols
+        self.replies = replies
+        self.codec = codec
+        self.marker_retention_ms = marker_retention_ms
+
+    def _interactive(self, state: TxState | None) -> Interactive | None:
+        protocol = self.protocols.get("saga" if state is None else protocol_of(state))
+        return protocol if isinstance(protocol, Interactive) else None
+
+    async def transition(
+        self, event_type: str, event: Any, record: Any, now: int
+    ) -> tuple[TxState | None, Transition | None]:
+        """(the state before, the transition); no transition when the record changes nothing here."""
+        if event_type == "DeadlockVerdict":
+            return self.verdict(event, now)
+        return await self.lock_request(event, record, now)
+
+    def verdict(self, verdict: DeadlockVerdict, now: int) -> tuple[TxState | None, Transition | None]:
+        """A verdict about a transaction this member does not hold (ended, unknown, or run by a protocol
+        that takes no part in these cycles) changes nothing."""
+        state = self.transactions.get(verdict["victim"])
+        protocol = self._interactive(state)
+        if state is None or protocol is None:
+            return state, None
+        return state, protocol.decide(state, VictimChosen(verdict), now)
+
+    async def lock_request(
+        self, request: LockRequest, record: Any, now: int
+    ) -> tuple[TxState | None, Transition | None]:
+        tx_id = request["tx_id"]
+        state = self.transactions.get(tx_id)
+        protocol = self._interactive(state)
+        if protocol is None:
+            return state, None  # its transaction runs a protocol that takes no lock requests
+        if state is not None:
+            return state, protocol.decide(state, LockRequested(request), now)
+        refusal = (
+            key_refusal(record.key, tx_id)
+            or expiry_refusal(open_intent(request), now, self.marker_retention_ms)
+            or await self.replies.refusal(request["reply_to"])
+        )
+        t = protocol.open(request, now, refusal)
+        if t.result is None:  # opened: its snapshots carry the intent it is known by until its own comes
+            self.transactions.admit(tx_id, self.codec.encode("TransactionIntent", t.state["intent"]))
+        return None, t
+
+    def intent_arrived(self, tx_id: str, intent_bytes: bytes) -> None:
+        """An open transaction's own intent came: its snapshots carry that one from now on."""
+        state = self.transactions.get(tx_id)
+        protocol = self._interactive(state)
+        if state is not None and protocol is not None and protocol.is_open(state["phase"]):
+            self.transactions.admit(tx_id, intent_bytes)

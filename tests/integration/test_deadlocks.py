@@ -1,0 +1,364 @@
+"""Interactive transactions deadlocking across the stores, on the real servers with the coordinator, the
+store consumers and the deadlock detector running: exactly one victim per cycle, chosen by the score (the
+lower priority; at equal priority the younger with less work), the others commit and their writes are in
+the stores; `coordinator.run` retries the victim until both business actions completed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from orchestrator.saga import SagaPolicy
+from polycommit import operations as ops
+from polycommit.bus import read_topic, topics_for
+from polycommit.client import Coordinator, Transaction
+from polycommit.codec import default_codec
+from polycommit.config import Settings
+from polycommit.errors import CodecError, DeadlockVictimError
+from polycommit.interactive import InteractiveScope
+from polycommit.tooling import workload
+from polycommit.tooling.runtime import Runtime
+
+# A lock wait far longer than detection: a cycle the detector missed fails the test (LockTimeoutError).
+POLICY = SagaPolicy(default_timeout_ms=20_000, backoff_base_ms=100, backoff_max_ms=1000, compensation_retries=3)
+LATENCY_RUNS = int(os.environ.get("POLYCOMMIT_DEADLOCK_RUNS", "50"))
+pytestmark = pytest.mark.servers
+
+Lock = Callable[[InteractiveScope], Awaitable[None]]
+
+
+@pytest.fixture(scope="module")
+async def runtime(topics: Settings) -> AsyncIterator[Runtime]:
+    await workload.prepare_postgres(topics)
+    rt = Runtime(topics, policy=POLICY, batch_size=200, detector=True)
+    await rt.start(timeout=120)
+    qdrant = rt.workers["qdrant"].participant
+    await qdrant.ensure_collection(workload.DOCUMENTS, workload.DIMENSIONS)  # type: ignore[attr-defined]
+    yield rt
+    await rt.stop()
+
+
+@pytest.fixture(scope="module")
+async def client(runtime: Runtime) -> AsyncIterator[Coordinator]:
+    async with Coordinator(runtime.settings, timeout=60) as coordinator:
+        yield coordinator
+
+
+def row(doc: str, title: str) -> Lock:
+    async def write(tx: InteractiveScope) -> None:
+        await tx.postgres.upsert(workload.DOCUMENTS, {"id": doc}, {"title": title})
+
+    return write
+
+
+def node(doc: str, title: str) -> Lock:
+    async def write(tx: InteractiveScope) -> None:
+        await tx.neo4j.merge_node("Document", {"id": doc}, {"title": title})
+
+    return write
+
+
+def point(doc: str, title: str) -> Lock:
+    async def write(tx: InteractiveScope) -> None:
+        await tx.qdrant.upsert(workload.DOCUMENTS, [ops.point(doc, workload.embed(title), {"title": title})])
+
+    return write
+
+
+def extra_lock(name: str) -> Lock:
+    async def take(tx: InteractiveScope) -> None:
+        await tx.lock([f"test:extra:{name}"])
+
+    return take
+
+
+class Cycle:
+    """Transactions that each take their first locks, wait until every one holds them, then ask the next
+    one's: a cycle of waits, closed by whichever asks last. Synchronised on the grants, never on time."""
+
+    def __init__(self, size: int) -> None:
+        self.holding = [asyncio.Event() for _ in range(size)]
+        self.asked_at: list[float] = [0.0] * size
+        self.ended_at: list[float] = [0.0] * size
+
+    async def member(self, i: int, tx: InteractiveScope, first: list[Lock], then: Lock) -> None:
+        for lock in first:
+            await lock(tx)
+        self.holding[i].set()
+        for other in self.holding:
+            await other.wait()
+        self.asked_at[i] = time.perf_counter()
+        try:
+            await then(tx)
+        finally:
+            self.ended_at[i] = time.perf_counter()
+
+
+async def run_cycle(
+    client: Coordinator, plans: list[tuple[list[Lock], Lock]], priorities: list[int] | None = None
+) -> tuple[list[Any], Cycle]:
+    """Run the members (opened in order, each after the previous one's first locks are held) and return
+    each one's outcome: its TransactionResult, or the exception that ended it."""
+    cycle = Cycle(len(plans))
+    priorities = priorities or [0] * len(plans)
+
+    async def one(i: int) -> Any:
+        if i:
+            await cycle.holding[i - 1].wait()  # arrival order: member i is younger than member i - 1
+        scope = client.transaction(name=f"cycle-{i}", interactive=True, priority=priorities[i])
+        async with scope as tx:
+            await cycle.member(i, tx, *plans[i])
+        return scope.result
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(len(plans))), return_exceptions=True)
+    return list(outcomes), cycle
+
+
+def victims(outcomes: list[Any]) -> list[int]:
+    return [i for i, o in enumerate(outcomes) if isinstance(o, DeadlockVictimError)]
+
+
+def committed(outcomes: list[Any]) -> list[int]:
+    return [i for i, o in enumerate(outcomes) if not isinstance(o, BaseException) and o.status == "completed"]
+
+
+async def title_of_row(settings: Settings, doc: str) -> str | None:
+    conn = await asyncpg.connect(settings.postgres.dsn)
+    try:
+        value = await conn.fetchval(f"SELECT title FROM {workload.DOCUMENTS} WHERE id = $1", doc)
+        return None if value is None else str(value)
+    finally:
+        await conn.close()
+
+
+async def title_of_node(runtime: Runtime, doc: str) -> str | None:
+    found = await runtime.workers["neo4j"].participant.read_node("Document", {"id": doc})  # type: ignore[attr-defined]
+    return None if found is None else str(found["title"])
+
+
+def docs(n: int) -> list[str]:
+    run = uuid.uuid4().hex[:8]
+    return [f"dl-{run}-{i}" for i in range(n)]
+
+
+async def test_opposite_orders_across_two_stores_one_victim_the_younger_with_less_work(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    a, b = docs(2)
+    plans = [
+        ([row(a, "t0"), extra_lock(a)], node(b, "t0")),  # older, two locks held
+        ([node(b, "t1")], row(a, "t1")),  # younger, one lock held: the victim
+    ]
+    outcomes, _ = await run_cycle(client, plans)
+    assert victims(outcomes) == [1], outcomes
+    assert committed(outcomes) == [0], outcomes
+    assert await title_of_row(runtime.settings, a) == "t0"
+    assert await title_of_node(runtime, b) == "t0"
+
+
+async def test_the_lower_priority_dies_even_when_it_is_older_with_more_work(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    a, b = docs(2)
+    plans = [([row(a, "low"), extra_lock(a)], node(b, "low")), ([node(b, "high")], row(a, "high"))]
+    outcomes, _ = await run_cycle(client, plans, priorities=[0, 5])
+    assert victims(outcomes) == [0], outcomes
+    assert committed(outcomes) == [1], outcomes
+    assert await title_of_row(runtime.settings, a) == "high"
+    assert await title_of_node(runtime, b) == "high"
+
+
+async def test_a_three_cycle_across_the_three_stores_has_one_victim_and_two_commits(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    a, b, c = docs(3)
+    plans = [
+        ([row(a, "t0"), extra_lock(a)], node(b, "t0")),
+        ([node(b, "t1"), extra_lock(b)], point(c, "t1")),
+        ([point(c, "t2")], row(a, "t2")),  # the youngest, with the least work
+    ]
+    outcomes, _ = await run_cycle(client, plans)
+    assert victims(outcomes) == [2], outcomes
+    assert committed(outcomes) == [0, 1], outcomes
+    assert await title_of_row(runtime.settings, a) == "t0"
+    assert await title_of_node(runtime, b) == "t0"
+    qdrant = runtime.workers["qdrant"].participant
+    points = await qdrant.read_points(workload.DOCUMENTS, [ops.point_id(c)])  # type: ignore[attr-defined]
+    assert len(points) == 1
+
+
+async def test_run_retries_the_victim_until_both_business_actions_complete(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    a, b = docs(2)
+    holding = [asyncio.Event(), asyncio.Event()]
+    attempts = [0, 0]
+
+    def transfer(i: int, first: Lock, then: Lock) -> Callable[[InteractiveScope], Awaitable[None]]:
+        async def block(tx: InteractiveScope) -> None:
+            attempts[i] += 1
+            await first(tx)
+            holding[i].set()
+            await holding[1 - i].wait()  # set once: a retry goes straight on
+            await then(tx)
+
+        return block
+
+    results = await asyncio.gather(
+        client.run(transfer(0, row(a, "t0"), node(b, "t0")), retries=5, name="transfer-0"),
+        client.run(transfer(1, node(b, "t1"), row(a, "t1")), retries=5, name="transfer-1"),
+    )
+    assert [r.status for r in results] == ["completed", "completed"], results
+    assert sorted(attempts)[0] == 1 and sorted(attempts)[1] >= 2, attempts  # one victim, retried
+    last = "t0" if attempts[0] > 1 else "t1"  # the retried one ran after the survivor
+    assert await title_of_row(runtime.settings, a) == last
+    assert await title_of_node(runtime, b) == last
+
+
+async def test_detection_latency_over_many_two_cycles(runtime: Runtime, client: Coordinator) -> None:
+    """Each 2-cycle gets exactly one victim; the time from the cycle-closing request leaving the client to
+    the victim's abort reaching it is recorded (an upper bound of the detection latency: it includes the
+    request's own hop), and written to POLYCOMMIT_DEADLOCK_REPORT when set."""
+    latencies: list[float] = []
+    for _ in range(LATENCY_RUNS):
+        a, b = docs(2)
+        plans = [([row(a, "t0"), extra_lock(a)], node(b, "t0")), ([node(b, "t1")], row(a, "t1"))]
+        outcomes, cycle = await run_cycle(client, plans)
+        assert len(victims(outcomes)) == 1 and len(committed(outcomes)) == 1, outcomes
+        (victim,) = victims(outcomes)
+        latencies.append((cycle.ended_at[victim] - max(cycle.asked_at)) * 1000)
+    ordered = sorted(latencies)
+    report = {
+        "runs": len(ordered),
+        "p50_ms": ordered[len(ordered) // 2],
+        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        "max_ms": ordered[-1],
+    }
+    print(f"deadlock detection latency: {report}")
+    target = os.environ.get("POLYCOMMIT_DEADLOCK_REPORT")
+    if target:
+        await asyncio.to_thread(Path(target).write_text, json.dumps({**report, "all_ms": latencies}, indent=2))
+
+
+async def waiting_recorded(settings: Settings, tx_id: str) -> None:
+    """Until the coordinator has published (committed) a WAITING lock event of `tx_id`."""
+    codec, names = default_codec(), topics_for(settings)
+    deadline = asyncio.get_running_loop().time() + 30
+    found: list[bool] = []
+
+    def take(record: Any) -> None:
+        with contextlib.suppress(CodecError):
+            event = codec.decode_as(record.value, "LockEvent")
+            found.append(event["tx_id"] == tx_id and event["action"] == "WAITING")
+
+    while not any(found):
+        assert asyncio.get_running_loop().time() < deadline, f"{tx_id} never waited"
+        found.clear()
+        await read_topic(settings, names.locks, take)
+
+
+async def test_a_coordinator_restart_rebuilds_the_locks_open_transactions_hold_and_await(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    a, b = docs(2)
+    held, may_finish, waiter_opened = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    waiter_ids: list[str] = []
+
+    async def holder() -> Any:
+        async with client.transaction(name="holder", interactive=True, lock_wait=120) as tx:
+            await row(a, "holder")(tx)
+            held.set()
+            await may_finish.wait()
+            await node(b, "holder")(tx)
+        return tx.result
+
+    async def waiter() -> Any:
+        await held.wait()
+        async with client.transaction(name="waiter", interactive=True, lock_wait=120) as tx:
+            waiter_ids.append(tx.tx_id)
+            waiter_opened.set()
+            await row(a, "waiter")(tx)
+        return tx.result
+
+    tasks = [asyncio.create_task(holder()), asyncio.create_task(waiter())]
+    await waiter_opened.wait()
+    await waiting_recorded(runtime.settings, waiter_ids[0])
+    await runtime.stop()  # every lock the coordinator held is gone from memory ...
+    await runtime.start(timeout=120)  # ... and rebuilt from the open transactions' snapshots
+    may_finish.set()
+    results = await asyncio.gather(*tasks)
+    assert [r.status for r in results] == ["completed", "completed"], results
+    assert await title_of_row(runtime.settings, a) == "waiter"  # it ran after the holder, as the lock said
+    assert await title_of_node(runtime, b) == "holder"
+
+
+async def lock_history(settings: Settings, resource: str) -> list[tuple[str, str]]:
+    """(tx id, action) of every lock event on `resource`, in log order (one partition: keyed by resource)."""
+    codec, names = default_codec(), topics_for(settings)
+    found: list[tuple[str, str]] = []
+
+    def take(record: Any) -> None:
+        with contextlib.suppress(CodecError):
+            event = codec.decode_as(record.value, "LockEvent")
+            if event["resource"] == resource:
+                found.append((event["tx_id"], event["action"]))
+
+    await read_topic(settings, names.locks, take)
+    return found
+
+
+async def test_a_saga_waiting_for_its_write_keys_can_be_the_victim_of_an_interactive_transaction(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    a, b = docs(2)
+    saga = Transaction(name="plain saga")
+    saga.add(ops.upsert_row(workload.DOCUMENTS, {"id": a}, {"title": "saga"}))
+    saga.add(ops.merge_node("Document", {"id": b}, {"title": "saga"}))
+    async with client.transaction(name="interactive", interactive=True) as tx:
+        await row(a, "interactive")(tx)
+        pending = asyncio.create_task(client.execute(saga))  # takes the node, waits for the row
+        await waiting_recorded(runtime.settings, saga.tx_id)
+        await node(b, "interactive")(tx)  # closes the cycle: the saga is younger and has done nothing
+        result = await pending
+    assert result.status == "aborted" and result.error is not None, result
+    assert result.error.startswith("DeadlockVictimError"), result.error
+    assert tx.result is not None and tx.result.status == "completed", tx.result
+    assert await title_of_row(runtime.settings, a) == "interactive"
+    assert await title_of_node(runtime, b) == "interactive"
+
+
+async def test_a_serializable_read_lock_keeps_a_writer_out_until_the_reader_ends(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    a, b = docs(2)
+    key = ops.lock_keys(ops.upsert_row(workload.DOCUMENTS, {"id": a}, {}))[0]
+    writer_opened = asyncio.Event()
+    writer_ids: list[str] = []
+
+    async def writer() -> Any:
+        async with client.transaction(name="writer", interactive=True) as tx:
+            writer_ids.append(tx.tx_id)
+            writer_opened.set()
+            await row(a, "writer")(tx)
+        return tx.result
+
+    async with client.transaction(name="reader", interactive=True, isolation="SERIALIZABLE") as reader:
+        await reader.lock_for_read([key])
+        writing = asyncio.create_task(writer())
+        await writer_opened.wait()
+        await waiting_recorded(runtime.settings, writer_ids[0])
+        await node(b, "reader")(reader)
+    assert reader.result is not None and reader.result.status == "completed"
+    assert (await writing).status == "completed"
+    history = await lock_history(runtime.settings, key)
+    assert history.index((reader.tx_id, "RELEASED")) < history.index((writer_ids[0], "GRANTED")), history

@@ -1,0 +1,224 @@
+"""The SDK side of interactive transactions, without Kafka: what each lock call sends, what it skips, the
+typed errors of a refusal, the release on an exception, read locks by isolation level, the routing of
+LockReply records, and `run` retrying a deadlock victim with a new transaction."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from polycommit import errors
+from polycommit import operations as ops
+from polycommit.client import Coordinator, Transaction
+from polycommit.codec import default_codec
+from polycommit.config import load_settings
+from polycommit.events import LockReply, LockRequest, error_info
+from polycommit.interactive import (
+    InteractiveScope,
+    LockCalls,
+    node_key,
+    point_key,
+    refuse_interactive,
+    retriable,
+    row_key,
+    run,
+)
+from polycommit.results import TransactionResult
+from polycommit.tooling.processes import part_command
+
+ROW = ops.lock_keys(ops.upsert_row("t", {"id": 1}, {"v": 1}))[0]
+
+
+def answer(request: LockRequest, error_class: str | None = None) -> LockReply:
+    tx_id, n = request["tx_id"], request["request"]
+    if error_class is None:
+        return {"tx_id": tx_id, "request": n, "status": "GRANTED", "error": None, "at_ms": 0}
+    error = error_info(error_class, "boom", True)
+    return {"tx_id": tx_id, "request": n, "status": "REFUSED", "error": error, "at_ms": 0}
+
+
+class FakeCoordinator:
+    """Answers lock requests as told (GRANTED unless `refuse` names an error class for a request number)."""
+
+    reply_to, client_id = "polycommit.replies:0", "fake"
+
+    def __init__(self, refuse: dict[int, str] | None = None) -> None:
+        self.sent: list[LockRequest] = []
+        self.intents: list[Transaction] = []
+        self.refuse = refuse or {}
+
+    async def request_locks(self, request: LockRequest) -> LockReply | None:
+        self.sent.append(request)
+        return None if request["release"] else answer(request, self.refuse.get(request["request"]))
+
+    async def execute(self, transaction: Transaction) -> TransactionResult:
+        self.intents.append(transaction)
+        event: dict[str, Any] = {"tx_id": transaction.tx_id, "status": "COMPLETED", "steps": [], "error": None}
+        return TransactionResult.from_event({**event, "started_at_ms": 0, "finished_at_ms": 1})
+
+    def transaction(self, **options: Any) -> InteractiveScope:
+        options.pop("interactive")
+        return InteractiveScope(self, Transaction(**options), False)  # type: ignore[arg-type]
+
+
+def scope(fake: FakeCoordinator, **options: Any) -> InteractiveScope:
+    return InteractiveScope(fake, Transaction(**options), False)  # type: ignore[arg-type]
+
+
+async def test_a_write_locks_its_keys_once_then_buffers_its_step_and_the_exit_publishes_the_intent() -> None:
+    fake = FakeCoordinator()
+    async with scope(fake, priority=2) as tx:
+        await tx.postgres.upsert("t", {"id": 1}, {"v": 1})
+        await tx.postgres.upsert("t", {"id": 1}, {"v": 2})  # held already: no second request
+        await tx.lock([ROW], "SHARED")  # EXCLUSIVE covers SHARED
+    assert [(r["request"], r["keys"], r["mode"], r["priority"]) for r in fake.sent] == [(1, [ROW], "EXCLUSIVE", 2)]
+    assert len(fake.intents) == 1 and len(fake.intents[0].steps) == 2 and tx.result is not None
+
+
+async def test_a_shared_lock_then_a_write_asks_an_upgrade() -> None:
+    fake = FakeCoordinator()
+    async with scope(fake) as tx:
+        await tx.lock([ROW], "SHARED")
+        await tx.postgres.upsert("t", {"id": 1}, {"v": 1})
+    assert [(r["request"], r["mode"]) for r in fake.sent] == [(1, "SHARED"), (2, "EXCLUSIVE")]
+
+
+async def test_a_refusal_raises_its_typed_error_and_nothing_is_published_or_released() -> None:
+    fake = FakeCoordinator(refuse={2: "DeadlockVictimError"})
+    with pytest.raises(errors.DeadlockVictimError):
+        async with scope(fake) as tx:
+            await tx.lock(["a"])
+            await tx.lock(["b"])
+    assert not fake.intents and [r["release"] for r in fake.sent] == [False, False]  # the coordinator ended it
+
+
+async def test_an_exception_in_the_block_releases_the_locks_and_publishes_no_intent() -> None:
+    fake = FakeCoordinator()
+    with pytest.raises(ValueError):
+        async with scope(fake) as tx:
+            await tx.lock(["a"])
+            raise ValueError("business rule")
+    assert not fake.intents and fake.sent[-1]["release"] is True and fake.sent[-1]["request"] == 2
+
+
+@pytest.mark.parametrize(("isolation", "locks"), [("READ_COMMITTED", 0), ("REPEATABLE_READ", 1), ("SERIALIZABLE", 1)])
+async def test_read_locks_follow_the_isolation_level(isolation: Any, locks: int) -> None:
+    fake = FakeCoordinator()
+    tx = scope(fake, isolation=isolation)
+    await tx.lock_for_read([ROW])
+    assert [r["mode"] for r in fake.sent] == ["SHARED"] * locks
+
+
+def test_strong_or_unlocked_interactive_transactions_are_refused() -> None:
+    with pytest.raises(errors.UnsupportedError, match="STRONG"):
+        refuse_interactive(Transaction(consistency="STRONG"))
+    with pytest.raises(errors.UnsupportedError, match="locks=False"):
+        refuse_interactive(Transaction(locks=False))
+
+
+async def test_run_retries_a_victim_in_a_new_transaction_and_gives_up_after_its_retries() -> None:
+    fake = FakeCoordinator(refuse={1: "DeadlockVictimError"})
+    calls: list[str] = []
+
+    async def block(tx: InteractiveScope) -> None:
+        calls.append(tx.tx_id)
+        if len(calls) > 1:
+            fake.refuse = {}
+        await tx.lock(["a"])
+
+    result = await run(fake, block, retries=2, backoff=0.0)  # type: ignore[arg-type]
+    assert result.ok and len(calls) == 2 and calls[0] != calls[1]
+    fake.refuse = {1: "DeadlockVictimError"}
+    with pytest.raises(errors.DeadlockVictimError):
+        await run(fake, lambda tx: tx.lock(["a"]), retries=1, backoff=0.0)  # type: ignore[arg-type]
+
+
+async def test_lock_replies_reach_their_call_and_other_records_pass_through() -> None:
+    codec = default_codec()
+    calls = LockCalls(codec)
+    request: LockRequest = {
+        "tx_id": "T1",
+        "request": 1,
+        "keys": ["a"],
+        "mode": "EXCLUSIVE",
+        "release": False,
+        "name": "",
+        "isolation": "READ_COMMITTED",
+        "priority": 0,
+        "reply_to": "",
+        "client_id": "",
+        "lock_wait_ms": 0,
+        "created_at_ms": 0,
+    }
+
+    class Record:
+        def __init__(self, value: bytes) -> None:
+            self.value = value
+
+    sent = asyncio.Event()
+
+    async def send() -> None:
+        sent.set()  # the call is registered before its request goes out
+
+    waiting = asyncio.create_task(calls.call(send(), request, 5))
+    await sent.wait()
+    result = codec.encode(
+        "TransactionResult",
+        {"tx_id": "T1", "status": "COMPLETED", "steps": [], "error": None, "started_at_ms": 0, "finished_at_ms": 0},
+    )
+    assert calls.route(Record(result)) is False and calls.route(Record(b"garbage")) is False
+    assert calls.route(Record(codec.encode("LockReply", answer(request)))) is True
+    granted = await waiting
+    assert granted is not None and granted["status"] == "GRANTED" and not calls.waiting
+
+
+async def test_the_client_builds_an_interactive_scope_and_refuses_a_strong_one() -> None:
+    client = Coordinator(load_settings())  # never started: building a scope needs no Kafka
+    try:
+        assert isinstance(client.transaction(interactive=True, priority=3), InteractiveScope)
+        with pytest.raises(errors.UnsupportedError):
+            client.transaction(interactive=True, consistency="STRONG")
+    finally:
+        await client.close()
+
+
+async def test_at_a_strict_level_the_exit_confirms_the_transaction_is_still_open_before_its_intent() -> None:
+    fake = FakeCoordinator()
+    async with scope(fake, isolation="SERIALIZABLE") as tx:
+        await tx.lock_for_read([ROW])
+        await tx.neo4j.merge_node("N", {"id": 1})
+    assert [(r["request"], r["keys"]) for r in fake.sent][-1] == (3, []) and len(fake.intents) == 1
+    gone = FakeCoordinator(refuse={2: "TransactionAbortedError"})  # idle too long: the coordinator ended it
+    with pytest.raises(errors.TransactionAbortedError):
+        async with scope(gone, isolation="REPEATABLE_READ") as tx:
+            await tx.lock_for_read([ROW])
+    assert not gone.intents
+
+
+def test_only_a_result_ended_by_a_deadlock_or_a_lock_wait_is_worth_another_attempt() -> None:
+    def ended(status: str, error_class: str | None) -> TransactionResult:
+        error = None if error_class is None else error_info(error_class, "x", False)
+        event: dict[str, Any] = {
+            "tx_id": "T",
+            "status": status,
+            "steps": [],
+            "error": error,
+            "started_at_ms": 0,
+            "finished_at_ms": 0,
+        }
+        return TransactionResult.from_event(event)
+
+    assert retriable(ended("ABORTED", "DeadlockVictimError")) and retriable(ended("FAILED", "LockTimeoutError"))
+    assert not retriable(ended("FAILED", "UnsupportedError")) and not retriable(ended("COMPLETED", None))
+
+
+def test_a_read_locks_the_key_a_write_of_the_same_row_point_or_node_locks() -> None:
+    assert row_key("t", {"id": 1}) == ops.lock_keys(ops.upsert_row("t", {"id": 1}, {"v": 2}))[0]
+    assert point_key("c", 7) == ops.lock_keys(ops.upsert_points("c", [ops.point(7, [0.1], {})]))[0]
+    assert node_key("N", {"id": 1}) == ops.lock_keys(ops.merge_node("N", {"id": 1}, {"v": 2}))[0]
+
+
+def test_the_process_cluster_can_run_the_detector_as_a_part() -> None:
+    assert part_command("detector")[-2:] == ["run", "detector"]
