@@ -82,8 +82,24 @@ class StoreUnavailableError(RetriableError):
     """A store cannot be reached right now."""
 
 
-class VersionConflictError(PermanentError):
-    """Optimistic concurrency: the stored version differs from the expected one."""
+class VersionConflict(PermanentError):
+    """Optimistic concurrency: a key's stored version is not the one the operation expected.
+
+    Permanent for the step (the same write can never succeed against that version): a saga compensates,
+    a two-phase commit votes no. The caller reads again and retries (`polycommit.occ.retry_on_conflict`).
+    """
+
+    def __init__(self, resource: str, expected: int, actual: int) -> None:
+        super().__init__(f"{resource}: expected version {expected}, found {actual}")
+        self.resource = resource
+        self.expected = expected
+        self.actual = actual
+
+    def __reduce__(self) -> tuple[type[VersionConflict], tuple[str, int, int]]:
+        return type(self), (self.resource, self.expected, self.actual)
+
+
+VersionConflictError = VersionConflict  # the name this class had before optimistic concurrency was built
 
 
 # -- transactions ----------------------------------------------------------------------------------
