@@ -89,14 +89,12 @@ class VersionConflict(PermanentError):
     a two-phase commit votes no. The caller reads again and retries (`polycommit.occ.retry_on_conflict`).
     """
 
-    def __init__(self, resource: str, expected: int, actual: int) -> None:
-        super().__init__(f"{resource}: expected version {expected}, found {actual}")
+    def __init__(self, resource: str, expected: int | None, actual: int | None, *, message: str = "") -> None:
+        # `message` alone: a conflict reported by a store through a transaction's result (its text only).
+        super().__init__(message or f"{resource}: expected version {expected}, found {actual}")
         self.resource = resource
         self.expected = expected
         self.actual = actual
-
-    def __reduce__(self) -> tuple[type[VersionConflict], tuple[str, int, int]]:
-        return type(self), (self.resource, self.expected, self.actual)
 
 
 VersionConflictError = VersionConflict  # the name this class had before optimistic concurrency was built
