@@ -65,6 +65,8 @@ def _quote(identifier: str) -> str:
 
 def _row_query(table: str, key: Mapping[str, Any]) -> str:
     """Row and version in ONE statement: one snapshot, so the value is the one the version counts."""
+    if not key:
+        raise InvalidOperationError(f"a read of {table} needs a non-empty key")
     t = _quote(table)
     match = " AND ".join(f"t.{_quote(k)} = r.{_quote(k)}" for k in key)
     return (
@@ -75,9 +77,9 @@ def _row_query(table: str, key: Mapping[str, Any]) -> str:
 
 
 def _node_query(label: str, key: Mapping[str, Any]) -> str:
-    fields = ", ".join(f"`{k}`: $key.`{k}`" for k in key if IDENTIFIER.match(k))
-    if not IDENTIFIER.match(label) or len(fields.split(",")) != len(key):
+    if not key or not all(IDENTIFIER.match(name) for name in (label, *key)):
         raise InvalidOperationError(f"node :{label} {dumps(dict(key))} is not named by plain identifiers")
+    fields = ", ".join(f"`{k}`: $key.`{k}`" for k in key)
     return f"OPTIONAL MATCH (n:`{label}` {{{fields}}}) RETURN properties(n) AS props"
 
 

@@ -47,6 +47,7 @@ from polycommit.config import Settings
 from polycommit.errors import InvalidOperationError, PolycommitError, StoreError, StoreUnavailableError
 from polycommit.events import StepOutcome, Store, error_info
 from polycommit.failpoints import failpoint
+from polycommit.parsed import PointsOperation
 from polycommit.versioning import TOMBSTONES, tombstone_id, without_version
 
 
@@ -155,11 +156,15 @@ class QdrantParticipant(Participant):
         async with self._lock:
             begun = timing.started()
             markers, sizes = await self._read_state(commands)
-            checked = [op for c in commands if (op := c.operation).expected_version is not None]  # type: ignore[union-attr]
-            pairs = [(op.collection, i) for op in checked if op.collection in sizes for i in op.ids]  # type: ignore[union-attr]
+            checked = [
+                op
+                for c in commands
+                if isinstance(op := c.operation, PointsOperation) and op.expected_version is not None
+            ]
+            pairs = [(op.collection, i) for op in checked if op.collection in sizes for i in op.ids]
             # Read without holding anything past the vote: the coordinator's exclusive locks on these keys
             # last until phase 2 is done, so the versions cannot change before the COMMIT writes.
-            versions = current_versions(pairs, *await self._read_current(pairs))
+            current = await self._read_current(pairs)
             done = timing.since(begun)
         results: list[StepOutcome] = []
         for command in commands:
@@ -168,7 +173,7 @@ class QdrantParticipant(Participant):
                     raise InvalidOperationError("the step was aborted here before")
                 op = points_op(command.operation)
                 writes_of(op, sizes)
-                problem = version_conflict(op, versions)
+                problem = version_conflict(op, current_versions([(op.collection, i) for i in op.ids], *current))
                 if problem is not None:
                     raise problem
             except Exception as exc:

@@ -236,3 +236,28 @@ async def test_a_stale_prepare_votes_no_with_a_version_conflict_and_changes_noth
     [commit] = await run(p, (ok_tx, "COMMIT", store.write(9, expected=1)))
     assert commit["status"] in ("APPLIED", "ALREADY_APPLIED")
     assert (await store.value(), await store.version()) == (9, 2)
+
+
+@pytest.mark.parametrize("kind", ["edge", "local"])
+async def test_qdrant_judges_one_point_id_in_two_collections_apart(
+    kind: str, settings: Settings, tmp_path: Path
+) -> None:
+    backend = EdgeBackend(tmp_path / "edge") if kind == "edge" else ClientBackend(path=tmp_path / "local")
+    participant = QdrantParticipant(settings, backend=backend)
+    await participant.start()
+    try:
+        await participant.ensure_collection("left", 2)
+        await participant.ensure_collection("right", 2)
+        point = ops.point(7, [1.0, 0.0], {"n": 1})
+        await run(participant, (uid(), "EXECUTE", ops.upsert_points("left", [point])))
+        await run(participant, (uid(), "EXECUTE", ops.upsert_points("left", [point])))
+        votes = await run(
+            participant,
+            (uid(), "PREPARE", ops.upsert_points("left", [point], expected_version=2)),
+            (uid(), "PREPARE", ops.upsert_points("right", [point], expected_version=0)),
+            (uid(), "PREPARE", ops.upsert_points("right", [point], expected_version=2)),
+        )
+        assert statuses(votes) == ["PREPARED", "PREPARED", "VOTED_NO"]
+        assert error_class(votes[2]) == "VersionConflict"
+    finally:
+        await participant.close()
