@@ -56,7 +56,12 @@ async def vote(
                 for i, e in effects.items():
                     if i not in problems and e.raw:
                         problems.update(await _explain(tx, i, e))
-                problems.update(await _version_conflicts(tx, {i: e for i, e in effects.items() if i not in problems}))
+                # A PREPARE whose step is applied here already (a redelivery after its COMMIT) stands:
+                # its own write moved the version on.
+                fresh = {
+                    i: e for i, e in effects.items() if i not in problems and commands[i].execute_id not in markers
+                }
+                problems.update(await _version_conflicts(tx, fresh))
             finally:
                 await tx.close()
     except (Neo4jError, DriverError) as exc:

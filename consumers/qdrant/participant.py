@@ -173,9 +173,10 @@ class QdrantParticipant(Participant):
                     raise InvalidOperationError("the step was aborted here before")
                 op = points_op(command.operation)
                 writes_of(op, sizes)
-                problem = version_conflict(op, current_versions([(op.collection, i) for i in op.ids], *current))
-                if problem is not None:
-                    raise problem
+                if command.execute_id not in markers:  # else a redelivery after its COMMIT: its write moved it
+                    problem = version_conflict(op, current_versions([(op.collection, i) for i in op.ids], *current))
+                    if problem is not None:
+                        raise problem
             except Exception as exc:
                 cls = exc.error_class if isinstance(exc, PolycommitError) else type(exc).__name__
                 error = error_info(cls, str(exc), bool(getattr(exc, "retriable", False)))

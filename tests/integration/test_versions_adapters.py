@@ -236,6 +236,10 @@ async def test_a_stale_prepare_votes_no_with_a_version_conflict_and_changes_noth
     [commit] = await run(p, (ok_tx, "COMMIT", store.write(9, expected=1)))
     assert commit["status"] in ("APPLIED", "ALREADY_APPLIED")
     assert (await store.value(), await store.version()) == (9, 2)
+    # The same PREPARE redelivered after its COMMIT: its own write moved the version, the vote stands.
+    [again] = await run(p, (ok_tx, "PREPARE", store.write(9, expected=1)))
+    assert again["status"] == "PREPARED", again
+    assert (await store.value(), await store.version()) == (9, 2)
 
 
 @pytest.mark.parametrize("kind", ["edge", "local"])
