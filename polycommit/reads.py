@@ -33,6 +33,8 @@ from polycommit.parsed import IDENTIFIER, NodeKey, RowOperation, canonical_id, d
 
 __all__ = ["PointSource", "StoreReads", "Versioned"]
 
+_CONNECTIONS = 8  # per store and client: reads are short, and the servers' connections are shared
+
 
 @dataclass(frozen=True)
 class Versioned:
@@ -176,7 +178,9 @@ class StoreReads:
                 import asyncpg
 
                 try:
-                    self._pool = await asyncpg.create_pool(self.settings.postgres.dsn, min_size=1, max_size=4)
+                    self._pool = await asyncpg.create_pool(
+                        self.settings.postgres.dsn, min_size=1, max_size=_CONNECTIONS
+                    )
                 except (OSError, asyncpg.PostgresError) as exc:
                     raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
             return self._pool
@@ -187,8 +191,12 @@ class StoreReads:
                 from neo4j import AsyncGraphDatabase
 
                 cfg = self.settings.neo4j
+                # A few connections: each busy one holds a server bolt thread, which every client shares.
                 self._driver = AsyncGraphDatabase.driver(
-                    cfg.uri, auth=(cfg.user, cfg.password), notifications_min_severity="OFF"
+                    cfg.uri,
+                    auth=(cfg.user, cfg.password),
+                    notifications_min_severity="OFF",
+                    max_connection_pool_size=_CONNECTIONS,
                 )
             return self._driver
 
