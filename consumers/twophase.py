@@ -12,22 +12,34 @@ participant does the I/O.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from consumers.command import TypedCommand
 from polycommit.events import OutcomeStatus, StepAction, StepOutcome, error_info
+from polycommit.parsed import ParsedOperation, RawOperation
 
 TWO_PHASE_ACTIONS = frozenset({"PREPARE", "COMMIT", "ABORT"})
 _SAGA_ACTION: dict[str, StepAction] = {"COMMIT": "EXECUTE", "ABORT": "COMPENSATE"}
 
 
 def as_saga(command: TypedCommand) -> TypedCommand:
-    """COMMIT -> EXECUTE, ABORT -> COMPENSATE (with no compensation: nothing was applied to undo)."""
+    """COMMIT -> EXECUTE, ABORT -> COMPENSATE (with no compensation: nothing was applied to undo).
+
+    The write-set applies without its expected version: the vote checked it, under the coordinator's
+    exclusive locks held until phase 2 ends; a decided COMMIT must not fail on it afterwards (it would
+    be a hazard retried forever)."""
     action = _SAGA_ACTION.get(command.action)
     if action is None:
         return command
     source = {**command.source, "action": action, "compensation": None}
-    return TypedCommand(source, command.operation, None)  # type: ignore[arg-type]
+    return TypedCommand(source, without_expected_version(command.operation), None)  # type: ignore[arg-type]
+
+
+def without_expected_version(operation: ParsedOperation) -> ParsedOperation:
+    if isinstance(operation, RawOperation) or operation.expected_version is None:
+        return operation
+    return dataclasses.replace(operation, expected_version=None)
 
 
 def from_saga(original: TypedCommand, result: StepOutcome) -> StepOutcome:

@@ -21,6 +21,9 @@ from typing import Any
 from polycommit import operations as ops
 from polycommit.client import Coordinator, Saga, Transaction, TransactionResult, TransactionScope, connect
 from polycommit.config import Settings, load_settings
+from polycommit.errors import VersionConflict
+from polycommit.occ import retry_on_conflict
+from polycommit.reads import Versioned
 
 __all__ = [
     "Coordinator",
@@ -29,9 +32,12 @@ __all__ = [
     "Transaction",
     "TransactionResult",
     "TransactionScope",
+    "VersionConflict",
+    "Versioned",
     "connect",
     "load_settings",
     "ops",
+    "retry_on_conflict",
     "transaction",
 ]
 

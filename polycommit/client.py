@@ -22,14 +22,13 @@ import asyncio
 import contextlib
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Unpack, overload
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from polycommit import operations as ops
 from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_reader, topics_for
 from polycommit.codec import EventCodec, default_codec
@@ -40,17 +39,17 @@ from polycommit.events import (
     Isolation,
     LockReply,
     LockRequest,
-    NodeRef,
     Operation,
-    Point,
     Step,
     TransactionIntent,
     now_ms,
 )
 from polycommit.interactive import InteractiveScope, LockCalls, ScopeOptions, refuse_interactive
 from polycommit.modes import refuse_unsupported
+from polycommit.reads import PointSource, StoreReads
 from polycommit.results import StepOutcomeView as StepOutcomeView
 from polycommit.results import TransactionResult as TransactionResult
+from polycommit.store_steps import Neo4jSteps, PostgresSteps, QdrantSteps
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -129,70 +128,6 @@ class Saga(Transaction):
         return self
 
 
-# -- structured operations collected inside `async with coordinator.transaction()` ----------------
-
-
-class _PostgresSteps:
-    def __init__(self, tx: Transaction) -> None:
-        self._tx = tx
-
-    def upsert(self, table: str, key: Mapping[str, Any], values: Mapping[str, Any], **step: Any) -> None:
-        self._tx.add(ops.upsert_row(table, key, values), **step)
-
-    def delete(self, table: str, key: Mapping[str, Any], **step: Any) -> None:
-        self._tx.add(ops.delete_row(table, key), **step)
-
-    def execute(self, statement: str, *params: Any, compensate: Operation | None = None, **step: Any) -> None:
-        self._tx.add(ops.sql(statement, params), compensate=compensate, **step)
-
-
-class _QdrantSteps:
-    def __init__(self, tx: Transaction) -> None:
-        self._tx = tx
-
-    def upsert(self, collection: str, points: Iterable[Point], **step: Any) -> None:
-        self._tx.add(ops.upsert_points(collection, points), **step)
-
-    def delete(self, collection: str, ids: Iterable[str | int], **step: Any) -> None:
-        self._tx.add(ops.delete_points(collection, ids), **step)
-
-
-class _Neo4jSteps:
-    def __init__(self, tx: Transaction) -> None:
-        self._tx = tx
-
-    def merge_node(
-        self, label: str, key: Mapping[str, Any], properties: Mapping[str, Any] | None = None, **step: Any
-    ) -> None:
-        self._tx.add(ops.merge_node(label, key, properties), **step)
-
-    def delete_node(self, label: str, key: Mapping[str, Any], **step: Any) -> None:
-        self._tx.add(ops.delete_node(label, key), **step)
-
-    def merge_relationship(
-        self,
-        rel_type: str,
-        from_node: NodeRef,
-        to_node: NodeRef,
-        properties: Mapping[str, Any] | None = None,
-        **step: Any,
-    ) -> None:
-        self._tx.add(ops.merge_relationship(rel_type, from_node, to_node, properties), **step)
-
-    def delete_relationship(self, rel_type: str, from_node: NodeRef, to_node: NodeRef, **step: Any) -> None:
-        self._tx.add(ops.delete_relationship(rel_type, from_node, to_node), **step)
-
-    def run(
-        self,
-        statement: str,
-        params: Mapping[str, Any] | None = None,
-        *,
-        compensate: Operation | None = None,
-        **step: Any,
-    ) -> None:
-        self._tx.add(ops.cypher(statement, params), compensate=compensate, **step)
-
-
 class TransactionScope:
     """The `tx` of `async with coordinator.transaction() as tx`: collects steps, commits on exit."""
 
@@ -200,9 +135,11 @@ class TransactionScope:
         self.coordinator = coordinator
         self.transaction = transaction
         self.raise_on_failure = raise_on_failure
-        self.postgres = _PostgresSteps(transaction)
-        self.qdrant = _QdrantSteps(transaction)
-        self.neo4j = _Neo4jSteps(transaction)
+        # Writes become steps; reads (`await tx.postgres.get(...)`) go to the store over the client's own
+        # connections (polycommit.reads), so a write can expect the version it read.
+        self.postgres = PostgresSteps(transaction, lambda: coordinator.reads)
+        self.qdrant = QdrantSteps(transaction, lambda: coordinator.reads)
+        self.neo4j = Neo4jSteps(transaction, lambda: coordinator.reads)
         self.result: TransactionResult | None = None
 
     @property
@@ -232,6 +169,7 @@ class Coordinator:
         client_id: str | None = None,
         timeout: float = 120.0,
         codec: EventCodec | None = None,
+        point_source: PointSource | None = None,
     ) -> None:
         self.settings = settings or load_settings()
         self.topics = topics_for(self.settings)
@@ -245,6 +183,15 @@ class Coordinator:
         self._reader: asyncio.Task[None] | None = None
         self._traces: dict[str, Any] = {}  # tx id -> its open root span, only when tracing is on
         self.lock_calls = LockCalls(self.codec)  # `tx.lock` calls awaiting their LockReply
+        self._point_source = point_source  # Qdrant reads through a consumer's backend (Edge: one opener)
+        self._reads: StoreReads | None = None
+
+    @property
+    def reads(self) -> StoreReads:
+        """Versioned reads of the three stores, connected on first use, closed with the client."""
+        if self._reads is None:
+            self._reads = StoreReads(self.settings, self._point_source)
+        return self._reads
 
     async def start(self) -> Coordinator:
         await self._publisher.start()
@@ -269,6 +216,8 @@ class Coordinator:
         if self._replies is not None:
             await self._replies.stop()
         await self._publisher.stop()
+        if self._reads is not None:
+            await self._reads.close()
         for future in self._pending.values():
             if not future.done():
                 future.cancel()

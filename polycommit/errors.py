@@ -82,8 +82,22 @@ class StoreUnavailableError(RetriableError):
     """A store cannot be reached right now."""
 
 
-class VersionConflictError(PermanentError):
-    """Optimistic concurrency: the stored version differs from the expected one."""
+class VersionConflict(PermanentError):
+    """Optimistic concurrency: a key's stored version is not the one the operation expected.
+
+    Permanent for the step (the same write can never succeed against that version): a saga compensates,
+    a two-phase commit votes no. The caller reads again and retries (`polycommit.occ.retry_on_conflict`).
+    """
+
+    def __init__(self, resource: str, expected: int | None, actual: int | None, *, message: str = "") -> None:
+        # `message` alone: a conflict reported by a store through a transaction's result (its text only).
+        super().__init__(message or f"{resource}: expected version {expected}, found {actual}")
+        self.resource = resource
+        self.expected = expected
+        self.actual = actual
+
+
+VersionConflictError = VersionConflict  # the name this class had before optimistic concurrency was built
 
 
 # -- transactions ----------------------------------------------------------------------------------

@@ -81,13 +81,25 @@ def _operation(store: str, kind: str, **fields: Any) -> Operation:
 # -- builders ---------------------------------------------------------------------------------------
 
 
-def upsert_row(table: str, key: Mapping[str, Any], values: Mapping[str, Any]) -> Operation:
-    """Insert or update one row of `table` identified by `key` (its columns need a unique constraint)."""
-    return _operation("postgres", "upsert_row", target=table, key=dumps(dict(key)), values=dumps(dict(values)))
+def upsert_row(
+    table: str, key: Mapping[str, Any], values: Mapping[str, Any], *, expected_version: int | None = None
+) -> Operation:
+    """Insert or update one row of `table` identified by `key` (its columns need a unique constraint).
+
+    `expected_version` (on every structured builder): apply only if the key is at that version (0: it
+    must not exist), else the step fails with `VersionConflict` (see polycommit.versioning)."""
+    return _operation(
+        "postgres",
+        "upsert_row",
+        target=table,
+        key=dumps(dict(key)),
+        values=dumps(dict(values)),
+        expected_version=expected_version,
+    )
 
 
-def delete_row(table: str, key: Mapping[str, Any]) -> Operation:
-    return _operation("postgres", "delete_row", target=table, key=dumps(dict(key)))
+def delete_row(table: str, key: Mapping[str, Any], *, expected_version: int | None = None) -> Operation:
+    return _operation("postgres", "delete_row", target=table, key=dumps(dict(key)), expected_version=expected_version)
 
 
 def sql(statement: str, params: Iterable[Any] = (), lock_keys: Iterable[str] = ()) -> Operation:
@@ -109,25 +121,47 @@ def point(id: str | int, vector: Iterable[float], payload: Mapping[str, Any] | N
     return {"id": point_id(id), "vector": [float(x) for x in vector], "payload": dumps(dict(payload or {}))}
 
 
-def upsert_points(collection: str, points: Iterable[Point]) -> Operation:
-    return _operation("qdrant", "upsert_points", target=collection, points=list(points))
+def upsert_points(collection: str, points: Iterable[Point], *, expected_version: int | None = None) -> Operation:
+    """Upsert points; `expected_version` applies to every one of them."""
+    return _operation(
+        "qdrant", "upsert_points", target=collection, points=list(points), expected_version=expected_version
+    )
 
 
-def delete_points(collection: str, ids: Iterable[str | int]) -> Operation:
-    return _operation("qdrant", "delete_points", target=collection, point_ids=[point_id(i) for i in ids])
+def delete_points(collection: str, ids: Iterable[str | int], *, expected_version: int | None = None) -> Operation:
+    return _operation(
+        "qdrant",
+        "delete_points",
+        target=collection,
+        point_ids=[point_id(i) for i in ids],
+        expected_version=expected_version,
+    )
 
 
 def node(label: str, key: Mapping[str, Any]) -> NodeRef:
     return {"label": label, "key": dumps(dict(key))}
 
 
-def merge_node(label: str, key: Mapping[str, Any], properties: Mapping[str, Any] | None = None) -> Operation:
+def merge_node(
+    label: str,
+    key: Mapping[str, Any],
+    properties: Mapping[str, Any] | None = None,
+    *,
+    expected_version: int | None = None,
+) -> Operation:
     """MERGE a node by its key properties (a uniqueness constraint is created for them) and SET the rest."""
-    return _operation("neo4j", "merge_node", target=label, key=dumps(dict(key)), values=dumps(dict(properties or {})))
+    return _operation(
+        "neo4j",
+        "merge_node",
+        target=label,
+        key=dumps(dict(key)),
+        values=dumps(dict(properties or {})),
+        expected_version=expected_version,
+    )
 
 
-def delete_node(label: str, key: Mapping[str, Any]) -> Operation:
-    return _operation("neo4j", "delete_node", target=label, key=dumps(dict(key)))
+def delete_node(label: str, key: Mapping[str, Any], *, expected_version: int | None = None) -> Operation:
+    return _operation("neo4j", "delete_node", target=label, key=dumps(dict(key)), expected_version=expected_version)
 
 
 def merge_relationship(
@@ -135,6 +169,8 @@ def merge_relationship(
     from_node: NodeRef,
     to_node: NodeRef,
     properties: Mapping[str, Any] | None = None,
+    *,
+    expected_version: int | None = None,
 ) -> Operation:
     """MERGE one relationship of `rel_type` between two nodes (both merged by key if missing)."""
     return _operation(
@@ -144,11 +180,21 @@ def merge_relationship(
         from_node=from_node,
         to_node=to_node,
         values=dumps(dict(properties or {})),
+        expected_version=expected_version,
     )
 
 
-def delete_relationship(rel_type: str, from_node: NodeRef, to_node: NodeRef) -> Operation:
-    return _operation("neo4j", "delete_relationship", target=rel_type, from_node=from_node, to_node=to_node)
+def delete_relationship(
+    rel_type: str, from_node: NodeRef, to_node: NodeRef, *, expected_version: int | None = None
+) -> Operation:
+    return _operation(
+        "neo4j",
+        "delete_relationship",
+        target=rel_type,
+        from_node=from_node,
+        to_node=to_node,
+        expected_version=expected_version,
+    )
 
 
 def cypher(statement: str, params: Mapping[str, Any] | None = None, lock_keys: Iterable[str] = ()) -> Operation:

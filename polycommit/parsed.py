@@ -83,6 +83,7 @@ class RowOperation:
     table: str
     key: dict[str, Any]
     values: dict[str, Any]
+    expected_version: int | None = None  # optimistic concurrency: see polycommit.versioning
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,9 @@ class PointsOperation:
     collection: str
     points: tuple[PointValue, ...]
     ids: tuple[str, ...]
+    # One expected version for the operation: every point it names must be at it (the schema has one
+    # per operation; "create these points, none may exist" is `expected_version=0`).
+    expected_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,7 @@ class NodeOperation:
     kind: Literal["merge_node", "delete_node"]
     node: NodeKey
     properties: dict[str, Any]
+    expected_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ class RelationshipOperation:
     start: NodeKey
     end: NodeKey
     properties: dict[str, Any]
+    expected_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +232,21 @@ def _end(ref: NodeRef | None, kind: str) -> NodeKey:
     return _node_key(ref["label"], ref["key"])
 
 
+def _expected_version(op: Operation) -> int | None:
+    """The operation's expected version: None (no check), or a version >= 0 (0: the key must not exist)."""
+    expected = op.get("expected_version")
+    if expected is None:
+        return None
+    if op["kind"] in RAW_KINDS:
+        raise InvalidOperationError(
+            f"{op['kind']} steps cannot carry expected_version: polycommit versions the keys of structured "
+            "operations only (a raw statement's writes are declared, not known)"
+        )
+    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
+        raise InvalidOperationError(f"expected_version must be an integer >= 0, not {expected!r}")
+    return expected
+
+
 def _raw(op: Operation) -> RawOperation:
     statement = op["statement"]
     if not statement.strip():
@@ -252,7 +273,7 @@ def _row(op: Operation) -> RowOperation:
     _identifiers(key, "key column")
     values = json_object(op["values"], "values")
     _identifiers(values, "column")
-    return RowOperation(op["kind"], op["target"], key, values)  # type: ignore[arg-type]
+    return RowOperation(op["kind"], op["target"], key, values, _expected_version(op))  # type: ignore[arg-type]
 
 
 def _points(op: Operation) -> PointsOperation:
@@ -260,7 +281,8 @@ def _points(op: Operation) -> PointsOperation:
     if op["kind"] == "delete_points":
         if not op["point_ids"]:
             raise InvalidOperationError("delete_points needs at least one id")
-        return PointsOperation("delete_points", op["target"], (), tuple(canonical_id(i) for i in op["point_ids"]))
+        ids = tuple(canonical_id(i) for i in op["point_ids"])
+        return PointsOperation("delete_points", op["target"], (), ids, _expected_version(op))
     if not op["points"]:
         raise InvalidOperationError("upsert_points needs at least one point")
     points = []
@@ -269,7 +291,9 @@ def _points(op: Operation) -> PointsOperation:
         if not p["vector"]:
             raise InvalidOperationError(f"point {p['id']} has no vector")
         points.append(PointValue(canonical_id(p["id"]), p["vector"], payload))
-    return PointsOperation("upsert_points", op["target"], tuple(points), tuple(p.id for p in points))
+    return PointsOperation(
+        "upsert_points", op["target"], tuple(points), tuple(p.id for p in points), _expected_version(op)
+    )
 
 
 def _graph(op: Operation) -> NodeOperation | RelationshipOperation:
@@ -282,10 +306,10 @@ def _graph(op: Operation) -> NodeOperation | RelationshipOperation:
         changed = sorted(k for k in properties if k in node.key and properties[k] != node.key[k])
         if changed:
             raise InvalidOperationError(f"merge_node would change its key properties {changed}")
-        return NodeOperation(kind, node, properties)  # type: ignore[arg-type]
+        return NodeOperation(kind, node, properties, _expected_version(op))  # type: ignore[arg-type]
     _identifiers([op["target"]], "relationship type")
     start, end = _end(op["from_node"], kind), _end(op["to_node"], kind)
-    return RelationshipOperation(kind, op["target"], start, end, properties)  # type: ignore[arg-type]
+    return RelationshipOperation(kind, op["target"], start, end, properties, _expected_version(op))  # type: ignore[arg-type]
 
 
 def parse_operation(op: Operation, max_payload_bytes: int) -> ParsedOperation:
@@ -299,6 +323,7 @@ def parse_operation(op: Operation, max_payload_bytes: int) -> ParsedOperation:
     if size > max_payload_bytes:
         raise PayloadTooLargeError(f"operation payload is {size} bytes; the limit is {max_payload_bytes}")
     if kind in RAW_KINDS:
+        _expected_version(op)  # refused on raw steps
         return _raw(op)
     if store == "postgres":
         return _row(op)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from consumers.neo4j.effects import Effect, EffectKind, NodeShape, NodeTarget, RelShape, RelTarget, Target
+from polycommit import versioning
 from polycommit.errors import InvalidOperationError
 from polycommit.parsed import IDENTIFIER, dumps
 
@@ -122,6 +123,25 @@ READ_MARKERS = f"UNWIND $ids AS id MATCH (m:{MARKER_LABEL} {{id: id}}) RETURN co
 # CREATE, not MERGE: a second writer of the same marker (a redelivery racing on another consumer) then
 # fails on the uniqueness constraint and rolls back its whole effect instead of applying it twice.
 WRITE_MARKERS = f"UNWIND $rows AS row CREATE (:{MARKER_LABEL} {{id: row.id, before: row.before}})"
+
+
+# Versions (polycommit.versioning): one (:PolycommitVersion {key, version}) node per resource key, kept
+# after the key's delete (its tombstone). Neo4j does not lock what a query reads, so the lock query writes
+# first (SET takes the node's write lock until the transaction ends) and reads after: nobody can change a
+# version between our check and our bump. Keys come sorted, so batches lock them in one order.
+VERSION_LABEL = versioning.VERSION_LABEL
+CREATE_VERSION_CONSTRAINT = (
+    f"CREATE CONSTRAINT polycommit_version_key IF NOT EXISTS FOR (v:{VERSION_LABEL}) REQUIRE v.key IS UNIQUE"
+)
+LOCK_VERSIONS = (
+    f"UNWIND $keys AS k MERGE (v:{VERSION_LABEL} {{key: k}}) ON CREATE SET v.version = 0 "
+    "SET v.locked = true REMOVE v.locked RETURN collect([k, v.version]) AS versions"
+)
+BUMP_VERSIONS = f"UNWIND $keys AS k MATCH (v:{VERSION_LABEL} {{key: k}}) SET v.version = v.version + 1"
+READ_VERSIONS = (
+    f"UNWIND $keys AS k OPTIONAL MATCH (v:{VERSION_LABEL} {{key: k}}) "
+    "RETURN collect([k, coalesce(v.version, 0)]) AS versions"
+)
 
 
 def row_of(effect: Effect) -> dict[str, Any]:

@@ -8,12 +8,13 @@ effects may share one UNWIND query per (kind, shape), the result staying that of
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 from consumers.command import TypedCommand
-from polycommit.errors import InvalidOperationError
+from polycommit import versioning
+from polycommit.errors import InvalidOperationError, VersionConflict
 from polycommit.events import NodeRef, Store
 from polycommit.parsed import (
     NodeKey,
@@ -54,9 +55,12 @@ class RelTarget:
     start: NodeTarget
     end: NodeTarget
     shape: RelShape = field(init=False, compare=False)
+    lock_key: str = field(init=False, compare=False)  # the format of polycommit.parsed.keys_of
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", (self.type, self.start.shape, self.end.shape))
+        start, end = NodeKey(self.start.label, self.start.key), NodeKey(self.end.label, self.end.key)
+        object.__setattr__(self, "lock_key", f"neo4j:{self.type}:{start.name}->{end.name}")
 
 
 Target: TypeAlias = NodeTarget | RelTarget
@@ -72,6 +76,12 @@ class Effect:
     properties: dict[str, Any] = field(default_factory=dict)
     statement: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    expected_version: int | None = None  # the operation's (a restore never expects one)
+
+    @property
+    def resource(self) -> str | None:
+        """The key whose version this effect bumps (polycommit.versioning); None for raw Cypher."""
+        return self.target.lock_key if self.target is not None else None
 
 
 @dataclass(frozen=True)
@@ -104,10 +114,12 @@ def effect_of(op: ParsedOperation) -> Effect:
         assert isinstance(op.params, dict)  # parse_operation gives Cypher named parameters
         return Effect("cypher", statement=op.statement, params=op.params)
     if isinstance(op, NodeOperation):
-        return Effect("merge" if op.kind == "merge_node" else "delete", node_target(op.node), op.properties)
+        kind: EffectKind = "merge" if op.kind == "merge_node" else "delete"
+        return Effect(kind, node_target(op.node), op.properties, expected_version=op.expected_version)
     if isinstance(op, RelationshipOperation):
         rel = RelTarget(op.type, node_target(op.start), node_target(op.end))
-        return Effect("merge" if op.kind == "merge_relationship" else "delete", rel, op.properties)
+        kind = "merge" if op.kind == "merge_relationship" else "delete"
+        return Effect(kind, rel, op.properties, expected_version=op.expected_version)
     raise InvalidOperationError(f"the neo4j participant cannot run {type(op).__name__}")
 
 
@@ -168,3 +180,15 @@ def reads(effects: Effects) -> list[str]:
 
 def nodes_of(target: Target) -> list[NodeTarget]:
     return [target] if isinstance(target, NodeTarget) else [target.start, target.end]
+
+
+def version_conflicts(effects: Sequence[Effect], versions: Mapping[str, int]) -> dict[int, VersionConflict]:
+    """The effects (by index) whose expected version is not their key's (absent: 0, never written)."""
+    found: dict[int, VersionConflict] = {}
+    for i, effect in enumerate(effects):
+        if effect.resource is None:
+            continue
+        problem = versioning.conflict(effect.resource, effect.expected_version, versions.get(effect.resource, 0))
+        if problem is not None:
+            found[i] = problem
+    return found

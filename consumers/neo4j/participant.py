@@ -30,8 +30,10 @@ from consumers.base import Marker, Participant, failed
 from consumers.command import TypedCommand
 from consumers.neo4j.cypher import (
     CREATE_MARKER_CONSTRAINT,
+    CREATE_VERSION_CONSTRAINT,
     MARKER_LABEL,
     READ_MARKERS,
+    READ_VERSIONS,
     constraint_statement,
     read_query,
     row_of,
@@ -122,6 +124,7 @@ class Neo4jParticipant(Participant):
         try:
             await self.driver.verify_connectivity()
             await self._schema(CREATE_MARKER_CONSTRAINT)
+            await self._schema(CREATE_VERSION_CONSTRAINT)
         except Exception as exc:
             await self.close()
             raise classify(exc) from exc
@@ -263,6 +266,15 @@ class Neo4jParticipant(Participant):
         target = RelTarget(rel_type, end_target(from_node), end_target(to_node))
         records = await self._read_query(read_query(target), row_of(Effect("noop", target)))
         return records[0]["props"] if records else None
+
+    async def read_version(self, resource: str) -> int:
+        """The version of a node or relationship, by its lock key (0: never written by polycommit)."""
+        try:
+            async with self.driver.session(default_access_mode="READ") as session:
+                record = await (await session.run(READ_VERSIONS, keys=[resource])).single(strict=True)
+        except (Neo4jError, DriverError) as exc:
+            raise classify(exc) from exc
+        return int(record["versions"][0][1])
 
     async def _read_query(self, query: str, row: dict[str, Any]) -> list[dict[str, Any]]:
         try:

@@ -14,8 +14,18 @@ from typing import Any, Literal
 from neo4j import AsyncTransaction
 
 from consumers.base import Plan, Timing, failed, is_reference, outcome, status_for
-from consumers.neo4j.cypher import WRITE_MARKERS, Seen, effect_query, refusal, row_of
-from consumers.neo4j.effects import STORE, Effect, EffectKind, Effects, NodeShape, RelShape, before_image_of, restoring
+from consumers.neo4j.cypher import BUMP_VERSIONS, LOCK_VERSIONS, WRITE_MARKERS, Seen, effect_query, refusal, row_of
+from consumers.neo4j.effects import (
+    STORE,
+    Effect,
+    EffectKind,
+    Effects,
+    NodeShape,
+    RelShape,
+    before_image_of,
+    restoring,
+    version_conflicts,
+)
 from consumers.planner import Planned
 from polycommit.errors import InvalidOperationError, PolycommitError
 from polycommit.events import StepOutcome
@@ -60,7 +70,9 @@ class Unit:
             effect = self._planned(p)
             if effect is not None:
                 work.append((p, effect))
+        work = await self._checked(work)
         seen = await self._apply_structured([e for _, e in work])
+        written: list[str] = []
         for (p, effect), s in zip(work, seen, strict=True):
             reason = refusal(effect, s)
             if reason is not None:
@@ -71,6 +83,22 @@ class Unit:
                 await result.consume()
             before = before_image_of(effect.target, s.properties) if effect.target is not None else None
             self.record(p, "APPLIED", before)
+            if effect.resource is not None:
+                written.append(effect.resource)
+        if written:  # every structured write raises its key's version, compensations included
+            await (await self.tx.run(BUMP_VERSIONS, keys=written)).consume()
+
+    async def _checked(self, work: list[tuple[Planned, Effect]]) -> list[tuple[Planned, Effect]]:
+        """Lock the versions of the group's keys (held to the end of the transaction, so check and bump
+        are atomic); fail and drop the effects whose expected version is not their key's."""
+        keys = sorted({e.resource for _, e in work if e.resource is not None})
+        if not keys:
+            return work
+        record = await (await self.tx.run(LOCK_VERSIONS, keys=keys)).single(strict=True)
+        conflicts = version_conflicts([e for _, e in work], {k: int(v) for k, v in record["versions"]})
+        for i, problem in conflicts.items():
+            self.errors[work[i][0].position] = problem
+        return [w for i, w in enumerate(work) if i not in conflicts]
 
     def _planned(self, p: Planned) -> Effect | None:
         """The effect a command still has to apply, if any (NOOP compensations are recorded here)."""

@@ -18,7 +18,8 @@ from neo4j.exceptions import DriverError, Neo4jError
 from consumers import timing
 from consumers.base import Marker, outcome
 from consumers.command import TypedCommand
-from consumers.neo4j.effects import Effects, effects_of, nodes_of
+from consumers.neo4j.cypher import READ_VERSIONS
+from consumers.neo4j.effects import Effects, effects_of, nodes_of, version_conflicts
 from polycommit.errors import PolycommitError, StoreUnavailableError, describe
 from polycommit.events import StepOutcome, error_info
 from polycommit.failpoints import failpoint
@@ -55,6 +56,12 @@ async def vote(
                 for i, e in effects.items():
                     if i not in problems and e.raw:
                         problems.update(await _explain(tx, i, e))
+                # A PREPARE whose step is applied here already (a redelivery after its COMMIT) stands:
+                # its own write moved the version on.
+                fresh = {
+                    i: e for i, e in effects.items() if i not in problems and commands[i].execute_id not in markers
+                }
+                problems.update(await _version_conflicts(tx, fresh))
             finally:
                 await tx.close()
     except (Neo4jError, DriverError) as exc:
@@ -73,6 +80,20 @@ async def vote(
         else:
             results.append(outcome(command.source, "neo4j", "PREPARED", done))
     return results
+
+
+async def _version_conflicts(tx: Any, effects: Mapping[int, Effects]) -> dict[int, BaseException]:
+    """The PREPAREs whose expected version is not their key's. Read without a lock: safe because the
+    coordinator holds an exclusive lock on every key of the transaction from before PREPARE until phase
+    2 is done, so no other transaction can change a version between this vote and the COMMIT's write."""
+    checked = {i: e.effect for i, e in effects.items() if e.effect.expected_version is not None}
+    keys = sorted({r for e in checked.values() if (r := e.resource) is not None})
+    if not keys:
+        return {}
+    record = await (await tx.run(READ_VERSIONS, keys=keys)).single(strict=True)
+    versions = {k: int(v) for k, v in record["versions"]}
+    order = list(checked)
+    return {order[j]: c for j, c in version_conflicts(list(checked.values()), versions).items()}
 
 
 async def _explain(tx: Any, index: int, e: Effects) -> dict[int, BaseException]:

@@ -12,7 +12,8 @@ from typing import Any
 
 from consumers.base import Plan
 from consumers.planner import Planned
-from polycommit.errors import InvalidOperationError
+from polycommit import versioning
+from polycommit.errors import InvalidOperationError, VersionConflict
 from polycommit.parsed import RowOperation, keys_of
 
 Shape = tuple[str, str, tuple[str, ...], tuple[str, ...]]  # (kind, table, key columns, other columns)
@@ -60,3 +61,27 @@ def set_based(p: Planned) -> bool:
 
 def writes(p: Planned) -> list[str]:
     return keys_of(p.command.operation) if set_based(p) else []
+
+
+# -- versions (polycommit.versioning: a polycommit-owned table, bumped in the write's own transaction) --
+
+
+def resource(op: RowOperation) -> str:
+    """The row's version key: its lock key."""
+    return keys_of(op)[0]
+
+
+def checks_versions(ops: list[RowOperation]) -> bool:
+    """Whether a group must read its versions under lock before writing (any expected version in it)."""
+    return any(op.expected_version is not None for op in ops)
+
+
+def version_conflicts(members: list[tuple[int, RowOperation]], versions: dict[str, int]) -> dict[int, VersionConflict]:
+    """The members (by position) whose expected version is not the locked one (absent: 0, never written)."""
+    found: dict[int, VersionConflict] = {}
+    for position, op in members:
+        name = resource(op)
+        problem = versioning.conflict(name, op.expected_version, versions.get(name, 0))
+        if problem is not None:
+            found[position] = problem
+    return found

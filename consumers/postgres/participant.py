@@ -29,7 +29,7 @@ from consumers.planner import Planned, batch_groups, plan_batch
 from consumers.postgres import effects, twophase
 from consumers.postgres import sql as q
 from polycommit.config import Settings
-from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError
+from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError, VersionConflict
 from polycommit.events import StepOutcome, Store
 from polycommit.parsed import ParsedOperation, RawOperation, RowOperation
 
@@ -80,6 +80,8 @@ class _Batch:
     def outcome(self, p: Planned, store: Store, timing: Timing) -> StepOutcome:
         if p.position in self.errors:
             return failed(p.command.source, store, self.errors[p.position], timing)
+        if p.decision is Plan.ALREADY_APPLIED and p.earlier in self.errors:
+            return failed(p.command.source, store, self.errors[p.earlier], timing)  # its twin here failed
         before: str | None = None
         if p.decision is Plan.APPLY_EXECUTE:
             before = self.before.get(p.position)
@@ -114,6 +116,7 @@ class PostgresParticipant(Participant):
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
         async with self.pool.acquire() as conn:
             await conn.execute(q.CREATE_MARKERS)
+            await conn.execute(q.CREATE_VERSIONS)
         from consumers.postgres.settlement import settle_at_start  # reads the decisions topic
 
         self.settled = await settle_at_start(self.settings, self.pool)
@@ -193,7 +196,9 @@ class PostgresParticipant(Participant):
         for group in batch_groups(batch.planned, effects.writes, alone=lambda p: not effects.set_based(p)):
             if effects.set_based(group[0]):
                 members = [(p.position, op) for p in group if isinstance(op := p.command.operation, RowOperation)]
-                batch.before.update(await self._run_rows(conn, members))
+                images, conflicts = await self._run_rows(conn, members)
+                batch.before.update(images)
+                batch.errors.update(conflicts)
             else:
                 await self._run_one(conn, batch, group[0], begun)
             batch.ran.extend(group)
@@ -209,6 +214,8 @@ class PostgresParticipant(Participant):
     async def _run_one(self, conn: asyncpg.Connection, batch: _Batch, p: Planned, begun: int) -> None:
         operation = p.command.operation
         step: ParsedOperation
+        if p.decision is Plan.APPLY_COMPENSATION and p.earlier in batch.errors:
+            return  # its EXECUTE, earlier in this batch, failed (e.g. a version conflict): nothing to undo
         if p.decision is Plan.APPLY_EXECUTE:
             step = operation
         elif p.decision is Plan.APPLY_COMPENSATION and p.command.compensation is not None:
@@ -234,9 +241,10 @@ class PostgresParticipant(Participant):
         if not isinstance(step, RowOperation):
             batch.errors[p.position] = InvalidOperationError(f"postgres cannot run {type(step).__name__}")
             return
-        before = (await self._run_rows(conn, [(p.position, step)]))[p.position]
-        if p.decision is Plan.APPLY_EXECUTE:
-            batch.before[p.position] = before
+        images, conflicts = await self._run_rows(conn, [(p.position, step)])
+        batch.errors.update(conflicts)
+        if p.decision is Plan.APPLY_EXECUTE and p.position in images:
+            batch.before[p.position] = images[p.position]
 
     async def _run_raw(self, conn: asyncpg.Connection, op: RawOperation) -> None:
         """One raw statement in a savepoint, so that its failure undoes it alone, by the extended protocol
@@ -269,9 +277,19 @@ class PostgresParticipant(Participant):
             raise _TransactionEnded(InvalidOperationError("a raw SQL step ended the consumer's batch transaction"))
         await conn.execute(q.ROLLBACK_TO_SAVEPOINT)
 
-    async def _run_rows(self, conn: asyncpg.Connection, members: list[tuple[int, RowOperation]]) -> dict[int, str]:
+    async def _run_rows(
+        self, conn: asyncpg.Connection, members: list[tuple[int, RowOperation]]
+    ) -> tuple[dict[int, str], dict[int, VersionConflict]]:
         """Row operations on distinct keys: a few statements per shape, whatever their number; returns
-        each one's before-image by position."""
+        each one's before-image by position, and the members refused by their expected version (not run).
+
+        Versions first, then rows, always in that order (no two batches wait on each other crosswise): the
+        version rows are locked and checked, bumped for the members that go ahead, then the rows written,
+        all in the caller's transaction, so check, write and bump are one atomic change."""
+        conflicts = await self._check_versions(conn, members)
+        members = [m for m in members if m[0] not in conflicts]
+        if members:
+            await conn.execute(q.BUMP_VERSIONS, [effects.resource(op) for _, op in members])
         shapes: dict[effects.Shape, list[tuple[int, RowOperation]]] = {}
         for position, op in members:
             shapes.setdefault(effects.shape(op), []).append((position, op))
@@ -291,7 +309,18 @@ class PostgresParticipant(Participant):
                 await conn.execute(q.update_rows(table, keys, columns), existing)
             if missing:
                 await conn.execute(q.insert_rows(table, keys, keys + columns), missing)
-        return images
+        return images, conflicts
+
+    async def _check_versions(
+        self, conn: asyncpg.Connection, members: list[tuple[int, RowOperation]]
+    ) -> dict[int, VersionConflict]:
+        """Lock the version rows of a group that expects versions; the members whose expectation fails."""
+        if not effects.checks_versions([op for _, op in members]):
+            return {}
+        names = [effects.resource(op) for _, op in members]
+        await conn.execute(q.ENSURE_VERSIONS, names)
+        versions = {r[0]: int(r[1]) for r in await conn.fetch(q.LOCK_VERSIONS, names)}
+        return effects.version_conflicts(members, versions)
 
     async def _read_markers(self, conn: asyncpg.Connection, commands: Sequence[TypedCommand]) -> dict[str, Marker]:
         rows = await conn.fetch(q.READ_MARKERS, [c.tx_id for c in commands], [c.step_index for c in commands])
@@ -342,6 +371,12 @@ class PostgresParticipant(Participant):
         async with self.pool.acquire() as conn:
             value = await conn.fetchval(q.read_row(table, tuple(key)), [json.dumps(key)])
         return json.loads(value) if value is not None else None
+
+    async def read_version(self, table: str, key: dict[str, Any]) -> int:
+        """The row's version (0: never written by polycommit)."""
+        async with self.pool.acquire() as conn:
+            value = await conn.fetchval(q.READ_VERSION, effects.resource(RowOperation("upsert_row", table, key, {})))
+        return int(value or 0)
 
     async def markers_of(self, tx_id: str) -> dict[str, str | None]:
         async with self.pool.acquire() as conn:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from polycommit import versioning
+
 MARKER_TABLE = "polycommit_steps"
 CREATE_MARKERS = f"""
 CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (
@@ -27,6 +29,25 @@ JOIN unnest($1::text[], $2::int[]) AS k(tx_id, step_index) USING (tx_id, step_in
 WRITE_MARKERS = f"""
 INSERT INTO {MARKER_TABLE} (tx_id, step_index, action, before_image)
 SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::jsonb[])"""
+# Versions (polycommit.versioning): one row per resource key, never deleted (a deleted row's version is
+# its tombstone). Locked in one canonical order, so two batches locking the same keys never deadlock here.
+VERSION_TABLE = versioning.VERSION_TABLE
+CREATE_VERSIONS = f"""
+CREATE TABLE IF NOT EXISTS {VERSION_TABLE} (
+    resource text   PRIMARY KEY,
+    version  bigint NOT NULL
+)"""
+# Rows at version 0 ("never written") make absent keys lockable: a row lock cannot hold a key that has
+# no row, and two writers expecting 0 must not both create it.
+ENSURE_VERSIONS = f"""
+INSERT INTO {VERSION_TABLE} (resource, version) SELECT r, 0 FROM unnest($1::text[]) AS r ORDER BY r
+ON CONFLICT (resource) DO NOTHING"""
+LOCK_VERSIONS = f"""
+SELECT resource, version FROM {VERSION_TABLE} WHERE resource = ANY($1::text[]) ORDER BY resource FOR UPDATE"""
+BUMP_VERSIONS = f"""
+INSERT INTO {VERSION_TABLE} (resource, version) SELECT r, 1 FROM unnest($1::text[]) AS r ORDER BY r
+ON CONFLICT (resource) DO UPDATE SET version = {VERSION_TABLE}.version + 1"""
+READ_VERSION = f"SELECT version FROM {VERSION_TABLE} WHERE resource = $1"
 # A raw step runs in a savepoint of the batch's transaction: its failure undoes it alone.
 SAVEPOINT = "SAVEPOINT polycommit_raw_step"
 RELEASE_SAVEPOINT = "RELEASE SAVEPOINT polycommit_raw_step"

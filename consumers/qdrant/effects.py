@@ -1,8 +1,13 @@
 """What a Qdrant command writes, without I/O: point writes, before-images and the writes that restore one.
 
-A step's before-image is `{"points": {"<id>": null | {"vector": [...], "payload": {...}}}}` for every
-point it writes; restoring it deletes the points that did not exist and rewrites the others. Markers are
-points of their own collection, with ids derived from the marker's name.
+A step's before-image is `{"points": {"<id>": null | {"vector": [...], "payload": {...}}}, "versions":
+{"<id>": n}}` for every point it writes; restoring it deletes the points that did not exist and rewrites
+the others. Markers are points of their own collection, with ids derived from the marker's name.
+
+Versions (polycommit.versioning) live in the point's payload (`_polycommit_version`), so a point and its
+version are written by one upsert; a deleted point's version goes to a tombstone point in
+`_polycommit_versions`. Payloads in before-images are the user's, without the version: a restore writes
+them back with a NEW version (a compensation is a write like any other).
 """
 
 from __future__ import annotations
@@ -10,12 +15,20 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from consumers.qdrant.backend import PointData
-from polycommit.errors import InvalidOperationError
+from polycommit.errors import InvalidOperationError, VersionConflict
 from polycommit.parsed import PointsOperation, canonical_id, dumps
+from polycommit.versioning import (
+    TOMBSTONES,
+    VERSION_FIELD,
+    conflict,
+    point_version,
+    tombstone_id,
+    without_version,
+)
 
 MARKERS = "_polycommit_markers"
 # Fixed forever: marker point ids derive from it, and a new value would orphan every existing marker.
@@ -66,8 +79,8 @@ def writes_of(op: PointsOperation, sizes: Mapping[str, int]) -> PointWrites:
     """Check an operation against the store's collections (`sizes`: vector size by existing collection)
     and turn it into point writes."""
     target = op.collection
-    if target == MARKERS:
-        raise InvalidOperationError(f"collection {MARKERS} is reserved for polycommit's markers")
+    if target in (MARKERS, TOMBSTONES):
+        raise InvalidOperationError(f"collection {target} is reserved for polycommit")
     size = sizes.get(target)
     if size is None:
         raise InvalidOperationError(f"collection {target} does not exist")
@@ -79,6 +92,8 @@ def writes_of(op: PointsOperation, sizes: Mapping[str, int]) -> PointWrites:
     for p in op.points:
         if len(p.vector) != size:
             raise InvalidOperationError(f"wrong vector size: expected {size}, got {len(p.vector)}")
+        if VERSION_FIELD in p.payload:
+            raise InvalidOperationError(f"payload field {VERSION_FIELD} is reserved for polycommit's versions")
         writes.upsert(target, p.id, {"vector": p.vector, "payload": p.payload})
     return writes
 
@@ -96,10 +111,70 @@ def restore_writes(collection: str, before_image: str | None) -> PointWrites:
             writes.delete(collection, canonical_id(point_id))
         else:
             vector = [float(x) for x in old["vector"]]
-            writes.upsert(collection, canonical_id(point_id), {"vector": vector, "payload": dict(old["payload"])})
+            payload = without_version(old["payload"])
+            writes.upsert(collection, canonical_id(point_id), {"vector": vector, "payload": payload})
     return writes
 
 
-def before_image(writes: PointWrites, found: Mapping[str, Mapping[str, PointData]]) -> str:
-    """`{"points": {"<id>": null | {"vector": [...], "payload": {...}}}}` for every point the step writes."""
-    return dumps({"points": {i: found.get(c, {}).get(i) for c, i in writes.touched()}})
+def _users(point: PointData | None) -> PointData | None:
+    return None if point is None else {"vector": point["vector"], "payload": without_version(point["payload"])}
+
+
+def before_image(writes: PointWrites, found: Mapping[str, Mapping[str, PointData]], versions: Mapping[str, int]) -> str:
+    """`{"points": {"<id>": null | {"vector": [...], "payload": {...}}}, "versions": {"<id>": n}}` for every
+    point the step writes (the versions recorded too: a re-applied step checks and bumps from them)."""
+    touched = writes.touched()
+    points = {i: _users(found.get(c, {}).get(i)) for c, i in touched}
+    return dumps({"points": points, "versions": {i: versions.get(i, 0) for _, i in touched}})
+
+
+# -- versions -----------------------------------------------------------------------------------------
+
+
+def current_versions(
+    touched: Iterable[tuple[str, str]],
+    found: Mapping[str, Mapping[str, PointData]],
+    tombstones: Mapping[str, PointData],
+) -> dict[str, int]:
+    """The version of each (collection, point id) as read (`found`: points by collection and id;
+    `tombstones`: tombstone points by their id), by point id."""
+    versions: dict[str, int] = {}
+    for collection, point_id in touched:
+        point = found.get(collection, {}).get(point_id)
+        tombstone = tombstones.get(tombstone_id(collection, point_id))
+        versions[point_id] = point_version(
+            point["payload"] if point is not None else None, tombstone["payload"] if tombstone is not None else None
+        )
+    return versions
+
+
+def recorded_versions(image: str | None) -> dict[str, int]:
+    """The versions a before-image recorded (none in an image written before versions existed: all 0)."""
+    versions = json.loads(image).get("versions") if image else None
+    return {str(k): int(v) for k, v in versions.items()} if isinstance(versions, dict) else {}
+
+
+def version_conflict(op: PointsOperation, versions: Mapping[str, int]) -> VersionConflict | None:
+    """The first point of `op` not at its expected version (one expected version for every point)."""
+    for point_id in op.ids:
+        problem = conflict(f"qdrant:{op.collection}:{point_id}", op.expected_version, versions.get(point_id, 0))
+        if problem is not None:
+            return problem
+    return None
+
+
+def versioned(writes: PointWrites, versions: Mapping[str, int]) -> PointWrites:
+    """The writes as stored: each upserted point carries its new version, each deleted one a tombstone."""
+    stored = PointWrites()
+    for collection, points in writes.upserts.items():
+        for point_id, point in points.items():
+            payload = {**point["payload"], VERSION_FIELD: versions.get(point_id, 0) + 1}
+            stored.upsert(collection, point_id, {"vector": point["vector"], "payload": payload})
+    for collection, ids in writes.deletes.items():
+        for point_id in ids:
+            stored.delete(collection, point_id)
+            tombstone = {VERSION_FIELD: versions.get(point_id, 0) + 1, "collection": collection, "id": point_id}
+            stored.upsert(
+                TOMBSTONES, tombstone_id(collection, point_id), {"vector": MARKER_VECTOR, "payload": tombstone}
+            )
+    return stored

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from consumers import timing
 from consumers.base import Marker, Participant, Plan, Timing, failed, marker_id, outcome, status_for
 from consumers.command import TypedCommand
-from consumers.planner import Planned, batch_groups, plan_batch
+from consumers.planner import batch_groups
 from consumers.qdrant.backend import PointData, QdrantBackend, canonical_id
 from consumers.qdrant.client import ClientBackend
 from consumers.qdrant.edge import EdgeBackend
@@ -36,15 +35,20 @@ from consumers.qdrant.effects import (
     MARKERS,
     PointWrites,
     before_image,
+    current_versions,
     marker_point_id,
     restore_writes,
+    version_conflict,
+    versioned,
     writes_of,
 )
+from consumers.qdrant.steps import Step, check_versions, plan_steps, points_op, targets
 from polycommit.config import Settings
-from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError
+from polycommit.errors import InvalidOperationError, PolycommitError, StoreError, StoreUnavailableError
 from polycommit.events import StepOutcome, Store, error_info
 from polycommit.failpoints import failpoint
-from polycommit.parsed import PointsOperation, keys_of
+from polycommit.parsed import PointsOperation
+from polycommit.versioning import TOMBSTONES, tombstone_id, without_version
 
 
 def backend_for(settings: Settings) -> QdrantBackend:
@@ -55,40 +59,6 @@ def backend_for(settings: Settings) -> QdrantBackend:
         assert q.local_path is not None
         return ClientBackend(path=q.local_path)
     return EdgeBackend(q.edge_path)
-
-
-@dataclass(eq=False)
-class _Step:
-    """One planned command's way through the batch (`index`: its position in the batch as given)."""
-
-    planned: Planned
-    index: int
-    writes: PointWrites | None = None  # None for a compensation derived from an EXECUTE earlier in the batch
-    source: _Step | None = None  # that EXECUTE, or the twin an ALREADY_APPLIED repeats
-    before: str | None = None
-    before_known: bool = False
-    error: BaseException | None = None
-    keys: list[str] = field(default_factory=list)
-    marker: str = field(init=False)  # this command's own marker id...
-    marker_point: str = field(init=False)  # ...and its point id in MARKERS
-
-    def __post_init__(self) -> None:
-        self.marker = self.planned.command.own_id
-        self.marker_point = marker_point_id(self.marker)
-
-    @property
-    def decision(self) -> Plan:
-        return self.planned.decision
-
-
-def _points_op(op: object) -> PointsOperation:
-    if not isinstance(op, PointsOperation):  # parse_command admits no other qdrant operation
-        raise InvalidOperationError(f"the qdrant participant cannot run {type(op).__name__}")
-    return op
-
-
-def _targets(command: TypedCommand) -> set[str]:
-    return {op.collection for op in (command.operation, command.compensation) if isinstance(op, PointsOperation)}
 
 
 class QdrantParticipant(Participant):
@@ -111,6 +81,7 @@ class QdrantParticipant(Participant):
     async def start(self) -> None:
         # Dot, not Cosine: a one-dimensional marker vector needs no normalisation.
         await self.backend.ensure_collection(MARKERS, 1, "Dot")
+        await self.backend.ensure_collection(TOMBSTONES, 1, "Dot")
         self._started = True
 
     async def close(self) -> None:
@@ -139,7 +110,14 @@ class QdrantParticipant(Participant):
     # -- reads for tests, the demo and the consistency checker --------------------------------------
 
     async def read_points(self, collection: str, ids: Iterable[str | int]) -> dict[str, PointData]:
-        return await self.backend.retrieve(collection, [canonical_id(i) for i in ids])
+        """The points as the user wrote them (polycommit's version field left out)."""
+        found = await self.backend.retrieve(collection, [canonical_id(i) for i in ids])
+        return {i: {"vector": p["vector"], "payload": without_version(p["payload"])} for i, p in found.items()}
+
+    async def read_versions(self, collection: str, ids: Iterable[str | int]) -> dict[str, int]:
+        """Each point's version (polycommit.versioning), by canonical id."""
+        pairs = [(collection, canonical_id(i)) for i in ids]
+        return current_versions(pairs, *await self._read_current(pairs))
 
     async def read_marker(self, tx_id: str, step_index: int, action: str) -> Marker | None:
         marker = marker_id(tx_id, step_index, action)
@@ -155,7 +133,7 @@ class QdrantParticipant(Participant):
         async with self._lock:
             begun = timing.started()
             markers, sizes = await self._read_state(commands)
-            steps, rejected = _plan(commands, markers, sizes)
+            steps, rejected = plan_steps(commands, markers, sizes)
             active = [s for s in steps if s.planned.writes_marker]
             by_position = {s.planned.position: s for s in active}
             keys = {s.planned.position: s.keys for s in active}
@@ -178,15 +156,29 @@ class QdrantParticipant(Participant):
         async with self._lock:
             begun = timing.started()
             markers, sizes = await self._read_state(commands)
+            checked = [
+                op
+                for c in commands
+                if isinstance(op := c.operation, PointsOperation) and op.expected_version is not None
+            ]
+            pairs = [(op.collection, i) for op in checked if op.collection in sizes for i in op.ids]
+            # Read without holding anything past the vote: the coordinator's exclusive locks on these keys
+            # last until phase 2 is done, so the versions cannot change before the COMMIT writes.
+            current = await self._read_current(pairs)
             done = timing.since(begun)
         results: list[StepOutcome] = []
         for command in commands:
             try:
                 if command.compensate_id in markers:
                     raise InvalidOperationError("the step was aborted here before")
-                writes_of(_points_op(command.operation), sizes)
+                op = points_op(command.operation)
+                writes_of(op, sizes)
+                if command.execute_id not in markers:  # else a redelivery after its COMMIT: its write moved it
+                    problem = version_conflict(op, current_versions([(op.collection, i) for i in op.ids], *current))
+                    if problem is not None:
+                        raise problem
             except Exception as exc:
-                cls = type(exc).__name__ if not isinstance(exc, StoreError) else exc.error_class
+                cls = exc.error_class if isinstance(exc, PolycommitError) else type(exc).__name__
                 error = error_info(cls, str(exc), bool(getattr(exc, "retriable", False)))
                 results.append(outcome(command.source, self.store, "VOTED_NO", done, error=error))
             else:
@@ -198,7 +190,7 @@ class QdrantParticipant(Participant):
         wanted = [i for c in commands for i in (c.execute_id, c.compensate_id)]
         try:
             markers = await self._read_markers(wanted)
-            for name in set().union(*(_targets(c) for c in commands)) - self._sizes.keys():
+            for name in set().union(*(targets(c) for c in commands)) - self._sizes.keys():
                 size = await self.backend.collection_info(name)
                 if size is not None:
                     self._sizes[name] = size
@@ -222,7 +214,7 @@ class QdrantParticipant(Participant):
 
     # -- applying a generation ----------------------------------------------------------------------
 
-    async def _run_group(self, steps: list[_Step]) -> None:
+    async def _run_group(self, steps: list[Step]) -> None:
         try:
             await self._apply_group(steps)
         except StoreUnavailableError:
@@ -236,10 +228,12 @@ class QdrantParticipant(Participant):
             for step in steps:
                 await self._run_group([step])
 
-    async def _apply_group(self, steps: list[_Step]) -> None:
+    async def _apply_group(self, steps: list[Step]) -> None:
         self._resolve_derived(steps)
         steps = [s for s in steps if s.error is None]
         await self._read_before_images(steps)
+        check_versions(steps)
+        steps = [s for s in steps if s.error is None]
         data = [s for s in steps if s.planned.writes_data]
         if data:
             await self._write_markers(data, pending=True)
@@ -254,31 +248,47 @@ class QdrantParticipant(Participant):
         if noops:
             await self._write_markers(noops, pending=False)
 
-    def _resolve_derived(self, steps: list[_Step]) -> None:
+    def _resolve_derived(self, steps: list[Step]) -> None:
         """Compensations of an EXECUTE from this same batch: its before-image is known by now."""
         for step in steps:
             if step.writes is None and step.decision is Plan.APPLY_COMPENSATION:
-                assert isinstance(step.source, _Step)
+                assert isinstance(step.source, Step)
+                if step.source.error is not None:
+                    step.writes = PointWrites()  # its EXECUTE here failed (a version conflict): nothing to undo
+                    continue
                 try:
                     step.writes = restore_writes(
-                        _points_op(step.planned.command.operation).collection, step.source.before
+                        points_op(step.planned.command.operation).collection, step.source.before
                     )
                 except Exception as exc:
                     step.error = exc
 
-    async def _read_before_images(self, steps: list[_Step]) -> None:
-        unread = [s for s in steps if s.decision is Plan.APPLY_EXECUTE and not s.before_known]
-        wanted: dict[str, list[str]] = {}
-        for step in unread:
-            assert step.writes is not None
-            for collection, point_id in step.writes.touched():
-                wanted.setdefault(collection, []).append(point_id)
-        found = {c: await self.backend.retrieve(c, ids) for c, ids in wanted.items()}
-        for step in unread:
-            assert step.writes is not None
-            step.before, step.before_known = before_image(step.writes, found), True
+    async def _read_before_images(self, steps: list[Step]) -> None:
+        """The before-images of the generation's EXECUTEs and the versions of every point it writes.
 
-    async def _write_markers(self, steps: list[_Step], *, pending: bool) -> None:
+        A re-applied EXECUTE (pending marker) takes both from its marker: the store may show its own write.
+        A compensation reads the versions now: it writes a new version over whatever is there."""
+        unread = [s for s in steps if s.planned.writes_data and not s.before_known]
+        pairs = [pair for s in unread if s.writes is not None for pair in s.writes.touched()]
+        found, tombstones = await self._read_current(pairs)
+        for step in unread:
+            assert step.writes is not None
+            step.versions = current_versions(step.writes.touched(), found, tombstones)
+            if step.decision is Plan.APPLY_EXECUTE:
+                step.before, step.before_known = before_image(step.writes, found, step.versions), True
+
+    async def _read_current(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> tuple[dict[str, dict[str, PointData]], dict[str, PointData]]:
+        """The points named (by collection), and the tombstones of those absent (by tombstone id)."""
+        wanted: dict[str, list[str]] = {}
+        for collection, point_id in pairs:
+            wanted.setdefault(collection, []).append(point_id)
+        found = {c: await self.backend.retrieve(c, ids) for c, ids in wanted.items()}
+        graves = [tombstone_id(c, i) for c, ids in wanted.items() for i in ids if i not in found[c]]
+        return found, await self.backend.retrieve(TOMBSTONES, graves, with_vectors=False)
+
+    async def _write_markers(self, steps: list[Step], *, pending: bool) -> None:
         points: dict[str, PointData] = {}
         for step in steps:
             # Only an EXECUTE's before-image is ever needed again: compensations restore from it.
@@ -287,17 +297,17 @@ class QdrantParticipant(Participant):
             points[step.marker_point] = {"vector": MARKER_VECTOR, "payload": payload}
         await self.backend.upsert(MARKERS, points)
 
-    async def _confirm_markers(self, steps: list[_Step]) -> None:
+    async def _confirm_markers(self, steps: list[Step]) -> None:
         """Turn pending markers, written by this generation, into done ones."""
         # One payload update for all of them: cheaper than rewriting whole points (the payload
         # conversion dominates an Edge upsert), and it keeps the recorded before-images as they are.
         await self.backend.set_payload(MARKERS, [s.marker_point for s in steps], {"pending": False})
 
-    async def _write_data(self, steps: list[_Step]) -> None:
+    async def _write_data(self, steps: list[Step]) -> None:
         merged = PointWrites()
         for step in steps:
             assert step.writes is not None
-            merged.merge(step.writes)
+            merged.merge(versioned(step.writes, step.versions))
         for collection, points in merged.upserts.items():
             await self.backend.upsert(collection, points)
         for collection, ids in merged.deletes.items():
@@ -305,7 +315,7 @@ class QdrantParticipant(Participant):
 
     # -- outcomes -----------------------------------------------------------------------------------
 
-    def _outcome(self, step: _Step, done: Timing) -> StepOutcome:
+    def _outcome(self, step: Step, done: Timing) -> StepOutcome:
         command = step.planned.command.source
         source = step.source
         if source is not None and source.error is not None and step.decision is Plan.ALREADY_APPLIED:
@@ -321,49 +331,3 @@ class QdrantParticipant(Participant):
             elif step.planned.own is not None:
                 before = step.planned.own.before_image
         return outcome(command, self.store, status_for(step.decision), done, before_image=before)
-
-
-# -- planning (pure) --------------------------------------------------------------------------------
-
-
-def _plan(
-    commands: Sequence[TypedCommand], markers: dict[str, Marker], sizes: dict[str, int]
-) -> tuple[list[_Step], dict[int, BaseException]]:
-    """Plan the batch with the shared planner, then turn each decision into point writes. A command the
-    store refuses (a missing collection, a wrong vector size) is left out and the rest planned again,
-    so it never counts as recorded for the commands after it."""
-    rejected: dict[int, BaseException] = {}
-    while True:
-        kept = [i for i in range(len(commands)) if i not in rejected]
-        steps = [_Step(p, kept[p.position]) for p in plan_batch([commands[i] for i in kept], markers)]
-        fresh: dict[int, BaseException] = {}
-        for step in steps:
-            try:
-                _prepare(step, steps, sizes)
-            except Exception as exc:  # anything wrong with one command fails that command alone
-                fresh[step.index] = exc
-        if not fresh:
-            return steps, rejected
-        rejected.update(fresh)
-
-
-def _prepare(step: _Step, steps: Sequence[_Step], sizes: dict[str, int]) -> None:
-    p = step.planned
-    command = p.command
-    if p.earlier is not None:
-        step.source = steps[p.earlier]
-    if p.decision is Plan.APPLY_EXECUTE:
-        step.writes = writes_of(_points_op(command.operation), sizes)
-        step.keys = keys_of(command.operation)
-        if p.own is not None and p.own.pending:
-            # An earlier attempt may have written the data already, so the store may show our own
-            # write: the before-image recorded ahead of it is the only true one.
-            step.before, step.before_known = p.own.before_image, True
-    elif p.decision is Plan.APPLY_COMPENSATION:
-        # A restore writes back exactly the points its EXECUTE wrote (the before-image names them all).
-        step.keys = keys_of(command.compensation or command.operation)
-        if command.compensation is not None:
-            step.writes = writes_of(_points_op(command.compensation), sizes)
-        elif p.execute is not None:
-            step.writes = restore_writes(_points_op(command.operation).collection, p.execute.before_image)
-        # else: the EXECUTE is earlier in this batch; its before-image exists once its generation ran
