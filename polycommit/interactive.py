@@ -27,6 +27,7 @@ from polycommit import errors
 from polycommit import operations as ops
 from polycommit.codec import EventCodec
 from polycommit.events import Consistency, Isolation, LockReply, LockRequest, NodeRef, Operation, Point, now_ms
+from polycommit.reads import Versioned
 from polycommit.results import TransactionResult
 
 if TYPE_CHECKING:
@@ -260,15 +261,33 @@ async def run(
 # -- the write builders, awaitable: each locks its operation's keys before adding its step --------------
 
 
+# Reads go straight to the store (polycommit.reads), after the read lock of the isolation level: SHARED at
+# REPEATABLE_READ and SERIALIZABLE, held to the end, so what was read cannot change before the commit.
+
+
 class _Postgres:
     def __init__(self, scope: InteractiveScope) -> None:
         self._scope = scope
 
-    async def upsert(self, table: str, key: Mapping[str, Any], values: Mapping[str, Any], **step: Any) -> None:
-        await self._scope.add(ops.upsert_row(table, key, values), **step)
+    async def get(self, table: str, key: Mapping[str, Any]) -> Versioned:
+        await self._scope.lock_for_read([row_key(table, key)])
+        return await self._scope.coordinator.reads.read_row(table, key)
 
-    async def delete(self, table: str, key: Mapping[str, Any], **step: Any) -> None:
-        await self._scope.add(ops.delete_row(table, key), **step)
+    async def upsert(
+        self,
+        table: str,
+        key: Mapping[str, Any],
+        values: Mapping[str, Any],
+        *,
+        expected_version: int | None = None,
+        **step: Any,
+    ) -> None:
+        await self._scope.add(ops.upsert_row(table, key, values, expected_version=expected_version), **step)
+
+    async def delete(
+        self, table: str, key: Mapping[str, Any], *, expected_version: int | None = None, **step: Any
+    ) -> None:
+        await self._scope.add(ops.delete_row(table, key, expected_version=expected_version), **step)
 
     async def execute(
         self,
@@ -285,6 +304,10 @@ class _Qdrant:
     def __init__(self, scope: InteractiveScope) -> None:
         self._scope = scope
 
+    async def retrieve(self, collection: str, point_id: str | int) -> Versioned:
+        await self._scope.lock_for_read([point_key(collection, point_id)])
+        return await self._scope.coordinator.reads.read_point(collection, point_id)
+
     async def upsert(self, collection: str, points: Iterable[Point], **step: Any) -> None:
         await self._scope.add(ops.upsert_points(collection, points), **step)
 
@@ -295,6 +318,10 @@ class _Qdrant:
 class _Neo4j:
     def __init__(self, scope: InteractiveScope) -> None:
         self._scope = scope
+
+    async def get_node(self, label: str, key: Mapping[str, Any]) -> Versioned:
+        await self._scope.lock_for_read([node_key(label, key)])
+        return await self._scope.coordinator.reads.read_node(label, key)
 
     async def merge_node(
         self, label: str, key: Mapping[str, Any], properties: Mapping[str, Any] | None = None, **step: Any
