@@ -102,4 +102,16 @@ def test_any_serial_execution_has_no_anomaly(transactions: list[list[tuple[bool,
                 lists.setdefault(key, []).append(counter)
                 done.append(Append(key, counter))
         history.append(Txn(f"t{i}", tuple(done)))
-    assert analyse(history).anomalies == []
+    history.append(Txn("final", tuple(Read(key, tuple(values)) for key, values in lists.items())))
+    assert analyse(history, final_reads=True).anomalies == []
+
+
+def test_a_committed_append_missing_from_the_final_read_is_lost_only_when_reads_are_final() -> None:
+    history = [
+        Txn("t1", (Read("x", ()), Append("x", 1))),
+        Txn("t2", (Read("x", ()), Append("x", 2))),  # wrote [2] over [1]: a lost update
+        Txn("final", (Read("x", (2,)),)),
+    ]
+    assert "lost-append" not in analyse(history).kinds()
+    (lost,) = [a for a in analyse(history, final_reads=True).anomalies if a.kind == "lost-append"]
+    assert lost.transactions == ("t1",)

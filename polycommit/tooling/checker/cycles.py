@@ -13,7 +13,9 @@ A cycle of ww edges alone is G0 (dirty write); a cycle of ww and wr edges with a
 (circular information flow); a cycle with at least one rw edge is G2 (anti-dependency cycle: write
 skew and its kin). Serializability forbids all three. Two anomalies need no cycle: G1a (a committed
 transaction read a value an aborted one appended) and incompatible orders (two reads of one key that
-are not prefixes of each other: no version order explains them).
+are not prefixes of each other: no version order explains them). When the history ends with a read of
+every key taken after every other transaction ended (`final_reads=True`), each key's longest read is its
+final state, and a committed append missing from it is a lost append (a lost update).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import networkx as nx
 Key = Hashable
 Value = Hashable
 EdgeKind = Literal["ww", "wr", "rw"]
-ANOMALIES: tuple[str, ...] = ("G0", "G1a", "G1c", "G2", "incompatible-order")
+ANOMALIES: tuple[str, ...] = ("G0", "G1a", "G1c", "G2", "incompatible-order", "lost-append")
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class Analysis:
         return {a.kind for a in self.anomalies}
 
 
-def analyse(history: Iterable[Txn]) -> Analysis:
+def analyse(history: Iterable[Txn], *, final_reads: bool = False) -> Analysis:
     """Every anomaly the history shows (at most one example cycle per anomaly kind and component)."""
     txns = list(history)
     committed = [t for t in txns if t.committed]
@@ -79,7 +81,18 @@ def analyse(history: Iterable[Txn]) -> Analysis:
     analysis.anomalies.extend(_aborted_reads(committed, writer, {t.tx_id for t in txns if not t.committed}))
     graph = _dependency_graph(committed, writer, orders)
     analysis.anomalies.extend(_cycles(graph))
+    if final_reads:
+        analysis.anomalies.extend(_lost_appends(committed, orders))
     return analysis
+
+
+def _lost_appends(committed: Sequence[Txn], orders: dict[Key, tuple[Value, ...]]) -> list[Anomaly]:
+    return [
+        Anomaly("lost-append", (t.tx_id,), f"{op.key!r}: {op.value!r} is not in the final {orders.get(op.key, ())}")
+        for t in committed
+        for op in t.ops
+        if isinstance(op, Append) and op.value not in orders.get(op.key, ())
+    ]
 
 
 def _writers(txns: Sequence[Txn]) -> dict[tuple[Key, Value], str]:
