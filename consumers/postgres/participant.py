@@ -118,6 +118,8 @@ class PostgresParticipant(Participant):
         async with self.pool.acquire() as conn:
             await conn.execute(q.CREATE_MARKERS)
             await conn.execute(twophase.CREATE_MEMBERS)
+            if await conn.fetchval("SELECT to_regclass($1)", twophase.MEMBERS_INDEX) is None:
+                await conn.execute(twophase.CREATE_MEMBERS_INDEX)
         from consumers.postgres.settlement import settle_at_start  # reads the decisions topic
 
         self.settled = await settle_at_start(self.settings, self.pool)

@@ -46,8 +46,11 @@ CREATE TABLE IF NOT EXISTS {MEMBERS_TABLE} (
     tx_id      text    NOT NULL,
     step_index integer NOT NULL,
     PRIMARY KEY (gid, tx_id, step_index)
-);
-CREATE INDEX IF NOT EXISTS {MEMBERS_TABLE}_member ON {MEMBERS_TABLE} (tx_id, step_index)"""
+)"""
+# Created only when missing: CREATE INDEX waits for the prepared batches' locks on the table even when
+# the index exists, and a participant starting while batches are prepared must not hang on them.
+MEMBERS_INDEX = f"{MEMBERS_TABLE}_member"
+CREATE_MEMBERS_INDEX = f"CREATE INDEX IF NOT EXISTS {MEMBERS_INDEX} ON {MEMBERS_TABLE} (tx_id, step_index)"
 WRITE_MEMBERS = f"""
 INSERT INTO {MEMBERS_TABLE} (gid, tx_id, step_index)
 SELECT $1, * FROM unnest($2::text[], $3::int[]) ON CONFLICT DO NOTHING"""
