@@ -161,7 +161,7 @@ class PostgresParticipant(Participant):
                         position = remaining[ended.index][0]
                         outcomes[position] = failed(commands[position].source, self.store, ended.error, ended.at)
                         remaining = [r for r in remaining if r[0] != position]
-        except (OSError, asyncpg.InterfaceError) as exc:
+        except twophase.UNREACHABLE as exc:
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
         return [outcomes[i] for i in range(len(commands))]
 
@@ -308,7 +308,7 @@ class PostgresParticipant(Participant):
     async def vote(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
         try:
             return await twophase.prepare(self, commands)
-        except (OSError, asyncpg.InterfaceError) as exc:
+        except twophase.UNREACHABLE as exc:
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
 
     async def finish(self, commands: Sequence[TypedCommand]) -> list[StepOutcome | None]:
@@ -319,7 +319,7 @@ class PostgresParticipant(Participant):
         ends = [i for i in range(len(commands)) if i not in results]
         try:
             decided, released = await phase2.finish(self, [commands[i] for i in ends])
-        except (OSError, asyncpg.InterfaceError) as exc:
+        except twophase.UNREACHABLE as exc:
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
         except asyncpg.PostgresError as exc:
             raise StoreUnavailableError(f"PostgreSQL phase 2: {classify(exc)}") from exc  # retried as a batch

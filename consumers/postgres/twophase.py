@@ -97,6 +97,11 @@ def batch_gid(space: str) -> str:
     return f"{GID_PREFIX}{space}_b{uuid.uuid4().hex[:20]}"
 
 
+# The store is unreachable, or the connection broke mid-operation (asyncpg's InternalClientError, e.g.
+# after the server died under a query): the worker retries the whole batch on a fresh connection.
+UNREACHABLE = (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+
+
 def sqlstate(exc: BaseException) -> str:
     return str(getattr(exc, "sqlstate", "") or "")
 
@@ -206,8 +211,8 @@ async def _prepare_batch(host: Host, commands: list[TypedCommand], begun: int) -
                 host.batches.add(gid, members)
                 failpoint("postgres.after_prepare")
             return [_vote(c, r, prepared, begun) for c, r in zip(commands, results, strict=True)]
-        except (OSError, asyncpg.InterfaceError):
-            raise  # the store is unreachable: the worker retries the batch
+        except UNREACHABLE:
+            raise  # the worker retries the batch
         except Exception as exc:  # the batch's transaction itself failed (a raw step ended it): all vote no
             cls = host.classify(exc) if isinstance(exc, asyncpg.PostgresError) else exc
             error = error_info(type(cls).__name__, str(cls), bool(getattr(cls, "retriable", False)))
@@ -215,8 +220,16 @@ async def _prepare_batch(host: Host, commands: list[TypedCommand], begun: int) -
         finally:
             if not prepared:
                 host.slots.used -= 1
-            if conn.is_in_transaction():
-                await conn.execute("ROLLBACK")
+            await _end(conn)
+
+
+async def _end(conn: asyncpg.Connection) -> None:
+    """Roll back what was not prepared; a connection that cannot (it broke mid-operation) is dropped."""
+    try:
+        if conn.is_in_transaction():
+            await conn.execute("ROLLBACK")
+    except (*UNREACHABLE, asyncpg.PostgresError):
+        conn.terminate()
 
 
 async def _run_members(
