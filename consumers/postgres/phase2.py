@@ -81,6 +81,7 @@ async def _settle_batch(host: tp.Host, settlement: Settlement) -> bool:
         except asyncpg.PostgresError as exc:
             if tp.sqlstate(exc) != tp.UNDEFINED_OBJECT:
                 raise
+            host.slots.used = max(0, host.slots.used - 1)  # ours, settled elsewhere: its slot is free too
             return False
         host.slots.used = max(0, host.slots.used - 1)
         if settlement.verb == "ROLLBACK":
