@@ -229,15 +229,16 @@ class Participant(abc.ABC):
         outcomes.update((position, result) for (position, _), result in zip(typed, applied, strict=True))
         return [outcomes[i] for i in range(len(commands))]
 
-    async def apply_any(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
+    async def apply_any(self, commands: Sequence[TypedCommand]) -> list[StepOutcome | None]:
         """Saga and two-phase commit commands together: the saga commands and phase 2 run (`finish`), then
-        the PREPAREs are voted on (`vote`); one outcome per command, in the same order."""
+        the PREPAREs are voted on (`vote`); one outcome per command, in the same order. None: the command
+        is held (a phase 2 waiting for others, see PostgreSQL's batches); its outcome comes from `released`."""
         from consumers import twophase
 
         if not twophase.has_two_phase(commands):
-            return await self.apply_commands(commands)
+            return list(await self.apply_commands(commands))
         prepares, others = twophase.split(commands)
-        results: dict[int, StepOutcome] = {}
+        results: dict[int, StepOutcome | None] = {}
         # Phase 2 first: it frees PostgreSQL's prepared-transaction slots. Safe in any order: an ABORT
         # before its PREPARE fences it (the PREPARE then votes no), and a COMMIT is only ever sent after
         # its PREPARE voted, so a PREPARE met after it is a redelivery (its step is already committed).
@@ -247,11 +248,16 @@ class Participant(abc.ABC):
             results.update(zip(prepares, await self.vote([commands[i] for i in prepares]), strict=True))
         return [results[i] for i in range(len(commands))]
 
+    def released(self) -> list[StepOutcome]:
+        """Outcomes of commands held by earlier batches (None in `apply_any`) that are settled now; each is
+        returned once. A held command lost in a crash is sent again by the coordinator (phase-2 resend)."""
+        return []
+
     async def vote(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
         """Phase 1: one vote per PREPARE, PREPARED or VOTED_NO (its error says why)."""
         raise UnsupportedError(_TWO_PHASE)
 
-    async def finish(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
+    async def finish(self, commands: Sequence[TypedCommand]) -> Sequence[StepOutcome | None]:
         """Saga commands and phase 2 (COMMIT / ABORT). The default is DESIGN.md's shape (b), for stores
         without a durable prepare: COMMIT applies the write-set as an EXECUTE, ABORT records its fence
         as a COMPENSATE that finds nothing to undo; both exactly once by the markers."""

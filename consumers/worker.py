@@ -195,7 +195,8 @@ class StoreWorker:
         failpoint("worker.after_apply")
         spans = self._trace(sources, applying)
         for record, command, maybe, span in zip(sources, commands, outcomes, spans, strict=True):
-            assert maybe is not None
+            if maybe is None:
+                continue  # held by the participant (a phase 2 waiting for others): published when released
             step_outcome: StepOutcome = maybe
             traced = tracing.headers_of(span)
             out.append(Outgoing(self.topics.outcomes, command["tx_id"], "StepOutcome", step_outcome, headers=traced))
@@ -205,6 +206,8 @@ class StoreWorker:
                 out.append(self._dead(record, poison, command["tx_id"], error["error_class"]))
             status = step_outcome["status"]
             self.stats.outcomes[status] = self.stats.outcomes.get(status, 0) + 1
+        # Outcomes of commands held by earlier batches that this one settled (PostgreSQL's batched 2PC).
+        out.extend(Outgoing(self.topics.outcomes, o["tx_id"], "StepOutcome", o) for o in self.participant.released())
         started = time.perf_counter()
         await publisher.publish_and_wait(out)
         tracing.end_all(spans)
@@ -255,7 +258,7 @@ class StoreWorker:
             positions.append(position)
         return valid, positions, early
 
-    async def _apply(self, commands: list[TypedCommand]) -> list[StepOutcome]:
+    async def _apply(self, commands: list[TypedCommand]) -> list[StepOutcome | None]:
         """Apply a batch; while the store is unreachable, wait and try the same batch again."""
         delay = 0.2
         while True:

@@ -62,7 +62,10 @@ class TwoPCPolicy:
     phase2_resend_ms: int = 10_000  # a phase-2 command with no acknowledgement by then is sent again
     hazard_after: int = 5  # failed phase-2 attempts of one step before the heuristic hazard is reported
     prepare_attempts: int = 20  # PREPAREs of one step while its store answers a retriable no
-    max_active: int = 180  # transactions past their locks at once, per coordinator member (Admission)
+    # Transactions past their locks at once, per coordinator member (Admission). PostgreSQL prepares a
+    # batch of steps per prepared transaction (consumers/postgres/batches.py), so its prepared slots no
+    # longer bound this; it stays as flow control against a flood of prepares.
+    max_active: int = 4096
     backoff: SagaPolicy = field(default_factory=SagaPolicy)
 
     @classmethod

@@ -28,6 +28,10 @@ class RecoveryReport:
     def ok(self) -> bool:
         return not self.unfinished and not self.still_stuck
 
+    def settled_gids_of(self, tx_id: str) -> list[str]:
+        """The prepared PostgreSQL transactions holding `tx_id`'s steps that were settled, with their verb."""
+        return [f"{e['gid']}: {e['action']}" for e in self.settled if tx_id in _members(e)]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "in_flight": len(self.in_flight),
@@ -40,10 +44,19 @@ class RecoveryReport:
             "decided": count(self.decided.values()),
             "settled_gids": self.settled,
             "transactions": {
-                tx_id: {"phase": phase, "decided": self.decided.get(tx_id), "result": self.finished.get(tx_id)}
+                tx_id: {
+                    "phase": phase,
+                    "decided": self.decided.get(tx_id),
+                    "result": self.finished.get(tx_id),
+                    "settled_gids": self.settled_gids_of(tx_id),
+                }
                 for tx_id, phase in sorted(self.in_flight.items())
             },
         }
+
+
+def _members(entry: Mapping[str, str]) -> list[str]:
+    return [tx for tx in entry.get("transactions", "").split(",") if tx]
 
 
 def count(values: Iterable[str]) -> dict[str, int]:

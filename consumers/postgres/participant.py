@@ -26,8 +26,9 @@ from consumers import timing
 from consumers.base import Marker, Participant, Plan, Timing, failed, marker_id, outcome, status_for
 from consumers.command import TypedCommand
 from consumers.planner import Planned, batch_groups, plan_batch
-from consumers.postgres import effects, twophase
+from consumers.postgres import effects, phase2, twophase
 from consumers.postgres import sql as q
+from consumers.postgres.batches import BatchRegistry
 from polycommit.config import Settings
 from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError, VersionConflict
 from polycommit.events import StepOutcome, Store
@@ -100,6 +101,8 @@ class PostgresParticipant(Participant):
         self.settled: list[dict[str, str]] = []  # prepared gids settled at the last start
         self.gid_space = twophase.space_of(settings.topic_prefix)
         self.slots = twophase.Slots()
+        self.batches = BatchRegistry()  # prepared batches not yet settled, and the phase 2 they hold
+        self._released: list[StepOutcome] = []
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -117,6 +120,9 @@ class PostgresParticipant(Participant):
         async with self.pool.acquire() as conn:
             await conn.execute(q.CREATE_MARKERS)
             await conn.execute(q.CREATE_VERSIONS)
+            await conn.execute(twophase.CREATE_MEMBERS)
+            if await conn.fetchval("SELECT to_regclass($1)", twophase.MEMBERS_INDEX) is None:
+                await conn.execute(twophase.CREATE_MEMBERS_INDEX)
         from consumers.postgres.settlement import settle_at_start  # reads the decisions topic
 
         self.settled = await settle_at_start(self.settings, self.pool)
@@ -158,7 +164,7 @@ class PostgresParticipant(Participant):
                         position = remaining[ended.index][0]
                         outcomes[position] = failed(commands[position].source, self.store, ended.error, ended.at)
                         remaining = [r for r in remaining if r[0] != position]
-        except (OSError, asyncpg.InterfaceError) as exc:
+        except twophase.UNREACHABLE as exc:
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
         return [outcomes[i] for i in range(len(commands))]
 
@@ -329,37 +335,40 @@ class PostgresParticipant(Participant):
     # -- two-phase commit (consumers.postgres.twophase) ----------------------------------------------
 
     async def vote(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
-        return await self._guarded(
-            commands, lambda conn, c: twophase.prepare(conn, c, self.gid_space, self._execute_one, classify, self.slots)
-        )
-
-    async def finish(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
-        saga = [i for i, c in enumerate(commands) if c.action in ("EXECUTE", "COMPENSATE")]
-        results = dict(zip(saga, await self.apply_commands([commands[i] for i in saga]), strict=True))
-        ends = [i for i in range(len(commands)) if i not in results]
-        results.update(
-            zip(
-                ends,
-                await self._guarded(
-                    [commands[i] for i in ends], lambda conn, c: twophase.phase2(conn, c, self.gid_space, self.slots)
-                ),
-                strict=True,
-            )
-        )
-        return [results[i] for i in range(len(commands))]
-
-    async def _guarded(self, commands: Sequence[TypedCommand], work: Any) -> list[StepOutcome]:
         try:
-            return await twophase.on_pool(self.pool, commands, work)
-        except (OSError, asyncpg.InterfaceError) as exc:
+            return await twophase.prepare(self, commands)
+        except twophase.UNREACHABLE as exc:
+            raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
+
+    async def finish(self, commands: Sequence[TypedCommand]) -> list[StepOutcome | None]:
+        saga = [i for i, c in enumerate(commands) if c.action in ("EXECUTE", "COMPENSATE")]
+        results: dict[int, StepOutcome | None] = dict(
+            zip(saga, await self.apply_commands([commands[i] for i in saga]), strict=True)
+        )
+        ends = [i for i in range(len(commands)) if i not in results]
+        try:
+            decided, released = await phase2.finish(self, [commands[i] for i in ends])
+        except twophase.UNREACHABLE as exc:
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
         except asyncpg.PostgresError as exc:
             raise StoreUnavailableError(f"PostgreSQL phase 2: {classify(exc)}") from exc  # retried as a batch
+        self._released.extend(released)
+        results.update(zip(ends, decided, strict=True))
+        return [results[i] for i in range(len(commands))]
 
-    async def _execute_one(self, conn: asyncpg.Connection, command: TypedCommand, begun: int) -> StepOutcome:
-        """The saga's EXECUTE of a PREPARE's step, in the caller's open transaction."""
-        execute = TypedCommand({**command.source, "action": "EXECUTE"}, command.operation, None)
-        return (await self._apply(conn, [execute], begun))[0]
+    def released(self) -> list[StepOutcome]:
+        released, self._released = self._released, []
+        return released
+
+    def classify(self, exc: Exception) -> StoreError:
+        return classify(exc)
+
+    async def execute_in(
+        self, conn: asyncpg.Connection, commands: Sequence[TypedCommand], begun: int
+    ) -> list[StepOutcome]:
+        """The saga's EXECUTE of PREPAREs' steps, in the caller's open transaction."""
+        executes = [TypedCommand({**c.source, "action": "EXECUTE"}, c.operation, None) for c in commands]
+        return await self._apply(conn, executes, begun)
 
     async def in_doubt(self) -> list[str]:
         async with self.pool.acquire() as conn:

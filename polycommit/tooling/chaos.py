@@ -11,8 +11,10 @@ received after the restarted target was ready again (for the coordinator and the
 needs them, so this is the true stall; for a store consumer, results of transactions already past that
 store may arrive sooner, and are not counted).
 
-The servers killed are those of the settings' home: run it against servers of its own (a POLYCOMMIT_HOME
-and ports of its own), never against servers others are using.
+`--mode 2pc` sends two-phase commits instead (consistency=STRONG; a seeded fraction abort because a
+participant votes no), and the verdict also requires that no prepared PostgreSQL transaction of the run
+is left open (`prepared_left`, 0). The servers killed are those of the settings' home: run it against
+servers of its own (a POLYCOMMIT_HOME and ports of its own), never against servers others are using.
 
 A subprocess that exits on its own (say, when the broker vanishes under it) is restarted, as a supervisor
 would, and listed in the report. At the end every subprocess is stopped cleanly, results the clients
@@ -73,6 +75,20 @@ def run_settings(base: Settings, run_id: str, *, prefix: str = "chaos", edge_pat
     return dataclasses.replace(
         base, topic_prefix=f"{prefix}-{run_id}", qdrant=dataclasses.replace(base.qdrant, edge_path=edge)
     )
+
+
+async def prepared_left(settings: Settings) -> list[str]:
+    """This run's prepared PostgreSQL transactions (gids `pc_<space>_...`) still open."""
+    import asyncpg
+
+    from consumers.postgres import twophase
+
+    conn = await asyncpg.connect(settings.postgres.dsn)
+    try:
+        space = twophase.space_of(settings.topic_prefix)
+        return sorted(r[0] for r in await conn.fetch(twophase.PREPARED_GIDS, f"{twophase.GID_PREFIX}{space}_"))
+    finally:
+        await conn.close()
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -154,7 +170,8 @@ async def _drive(run: ChaosRun, args: argparse.Namespace, console: Console, star
         mix = Mix(failing=getattr(args, "failing", 0.1), short_timeout=getattr(args, "short_timeout", 0.1))
 
         def sagas() -> Iterator[Saga]:
-            for kind, saga in mixed(items, mix, random.Random(f"{args.seed}/mix"), args.step_timeout):
+            rng = random.Random(f"{args.seed}/mix")
+            for kind, saga in mixed(items, mix, rng, args.step_timeout, getattr(args, "mode", "saga")):
                 run.mix[kind] = run.mix.get(kind, 0) + 1
                 yield saga
 
@@ -216,7 +233,11 @@ async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, code
     summary["retried_after_timeout"] = len(run.retried)
     summary["exit_codes"] = codes
     summary["mix"] = dict(sorted(run.mix.items()))
-    ok = report.ok and not history.missing()
+    summary["mode"] = getattr(args, "mode", "saga")
+    # Two-phase commit's prepared transactions of this run still open in PostgreSQL: must be none.
+    left = await prepared_left(settings)
+    summary["prepared_left"], summary["prepared_left_gids"] = len(left), left[:20]
+    ok = report.ok and not history.missing() and not left
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:

@@ -48,7 +48,8 @@ def summarize(
 
 
 def print_summary(console: Console, summary: dict[str, Any]) -> None:
-    table = Table(title=f"polycommit chaos {summary['run']}: {summary['transactions']} transactions")
+    mode = "two-phase commits" if summary.get("mode") == "2pc" else "transactions"
+    table = Table(title=f"polycommit chaos {summary['run']}: {summary['transactions']} {mode}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("statuses", json.dumps(summary["statuses"]))
@@ -60,6 +61,9 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
     table.add_row("processes that exited alone", str(len(summary["unexpected_exits"])))
     table.add_row("intent re-publishes", str(summary["publish_errors"]))
     table.add_row("transactions with a step retried", str(summary.get("retried_after_timeout", 0)))
+    if summary.get("mode") == "2pc":
+        left = summary.get("prepared_left", 0)
+        table.add_row("prepared transactions left", f"[{'green' if not left else 'red'}]{left}[/]")
     ok = summary["violations"] == 0
     table.add_row("violations", f"[{'green' if ok else 'red'}]{summary['violations']}[/]")
     table.add_row("elapsed (s)", str(summary["elapsed_s"]))

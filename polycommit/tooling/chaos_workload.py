@@ -3,7 +3,9 @@
 The mix is seeded: most sagas make the benchmark's three writes on keys of their own; a fraction end in
 a step that always fails (so the writes before it are really compensated), and a fraction run with a
 step timeout short enough to expire under load (so a step that may still land is compensated, or
-retried). The client is replaceable: killing it drops every reply it was waiting for — those
+retried). In 2PC mode (`--mode 2pc`) every transaction is a two-phase commit, and the fractions are
+transactions that abort because a participant votes no. The client is replaceable: killing it drops
+every reply it was waiting for — those
 transactions' results are read back from the `results` topic at the end, as an operator would.
 """
 
@@ -43,8 +45,15 @@ def saga_of(write: Write, *, timeout: float = STEP_TIMEOUT_S) -> Saga:
     return bench.saga_of(write, name="chaos", retries=STEP_RETRIES, timeout=timeout)
 
 
-def mixed(items: Iterable[Write], mix: Mix, rng: random.Random, step_timeout: float) -> Iterator[tuple[str, Saga]]:
-    """(kind, saga) for each write: "plain", "failing" (ends in FAILING_STEP) or "short-timeout"."""
+def mixed(
+    items: Iterable[Write], mix: Mix, rng: random.Random, step_timeout: float, mode: str = "saga"
+) -> Iterator[tuple[str, Saga]]:
+    """(kind, saga) for each write: "plain", "failing" (ends in FAILING_STEP) or "short-timeout"; with
+    `mode="2pc"` two-phase commits (consistency=STRONG) that abort for real instead: "failing"
+    (PostgreSQL votes no on FAILING_STEP) and "voted-no" (a vector of the wrong size: Qdrant votes no)."""
+    if mode == "2pc":
+        yield from _two_phase(items, mix, rng)
+        return
     for write in items:
         draw = rng.random()
         if draw < mix.failing:
@@ -53,6 +62,18 @@ def mixed(items: Iterable[Write], mix: Mix, rng: random.Random, step_timeout: fl
             yield "short-timeout", bench.saga_of(write, name="chaos", retries=1, timeout=mix.short_timeout_s)
         else:
             yield "plain", saga_of(write, timeout=step_timeout)
+
+
+def _two_phase(items: Iterable[Write], mix: Mix, rng: random.Random) -> Iterator[tuple[str, Saga]]:
+    for write in items:
+        draw = rng.random()
+        if draw < mix.failing:
+            yield "failing", bench.saga_of(write, name="chaos", mode="2pc").step(FAILING_STEP, name="always fails")
+        elif draw < mix.failing + mix.short_timeout:
+            bad = Write(write.key, write.value, write.vector[:-1])
+            yield "voted-no", bench.saga_of(bad, name="chaos", mode="2pc")
+        else:
+            yield "plain", bench.saga_of(write, name="chaos", mode="2pc")
 
 
 @dataclass

@@ -36,10 +36,48 @@ async def _results_from_now(settings: Settings) -> AIOKafkaConsumer:
     return reader
 
 
+async def prepared_batches(settings: Settings) -> dict[str, list[str]]:
+    """Our prepared PostgreSQL transactions now: gid -> the transactions it holds (from the membership
+    table; a one-step gid of earlier versions names none)."""
+    import asyncpg
+
+    from consumers.postgres import twophase
+
+    conn = await asyncpg.connect(settings.postgres.dsn)
+    try:
+        space = twophase.space_of(settings.topic_prefix)
+        gids = [r[0] for r in await conn.fetch(twophase.PREPARED_GIDS, f"{twophase.GID_PREFIX}{space}_")]
+        found: dict[str, list[str]] = {gid: [] for gid in gids}
+        if gids and await conn.fetchval("SELECT to_regclass($1)", twophase.MEMBERS_TABLE) is not None:
+            for gid, tx_id, _step in await conn.fetch(twophase.MEMBERS_OF, gids):
+                found[gid].append(tx_id)
+        return {gid: sorted(set(txs)) for gid, txs in found.items()}
+    finally:
+        await conn.close()
+
+
+async def _settled_meanwhile(settings: Settings, before: dict[str, list[str]]) -> list[dict[str, str]]:
+    """The prepared gids open at the start that are gone now, with what their members' decisions made of
+    them: how `recover --external` reports the settling done by participants running elsewhere."""
+    from consumers.postgres.settlement import decisions_by_tx
+
+    now = await prepared_batches(settings)
+    gone = {gid: txs for gid, txs in before.items() if gid not in now}
+    decisions = await decisions_by_tx(settings) if gone else {}
+    settled = []
+    for gid, txs in sorted(gone.items()):
+        verdicts = [decisions.get(tx) for tx in txs]
+        action = "COMMIT" if txs and all(v == "COMMIT" for v in verdicts) else "ROLLBACK"
+        why = "COMMIT" if action == "COMMIT" else ("ABORT" if "ABORT" in verdicts else "presumed abort")
+        settled.append({"gid": gid, "action": action, "why": why, "transactions": ",".join(txs)})
+    return settled
+
+
 async def recover(settings: Settings, *, external: bool = False, wait: float = 300.0) -> RecoveryReport:
     await create_topics(settings)
     started = time.monotonic()
     report = fold.begin(await transactions_in_flight(settings))
+    prepared = await prepared_batches(settings)
     reader = await _results_from_now(settings)
     runtime = None if external or not fold.waiting(report) else await Runtime(settings).start()
     codec = default_codec()
@@ -59,6 +97,8 @@ async def recover(settings: Settings, *, external: bool = False, wait: float = 3
         if runtime is not None:
             report.settled = list(getattr(runtime.workers["postgres"].participant, "settled", []))
             await runtime.stop()
+    known = {entry["gid"] for entry in report.settled}
+    report.settled.extend(e for e in await _settled_meanwhile(settings, prepared) if e["gid"] not in known)
     return fold.finish(report, time.monotonic() - started)
 
 
@@ -71,7 +111,8 @@ def print_report(report: RecoveryReport) -> None:
     if report.decided or report.settled:
         console.print(f"two-phase commit: decided {fold.count(report.decided.values())}")
         for gid in report.settled:
-            console.print(f"  settled prepared {gid['gid']}: {gid['action']} ({gid['why']})")
+            members = f" for {gid['transactions']}" if gid.get("transactions") else ""
+            console.print(f"  settled prepared {gid['gid']}: {gid['action']} ({gid['why']}){members}")
     if report.still_stuck:
         console.print(f"[red]stuck (compensation keeps failing; see `polycommit status`): {report.still_stuck}[/]")
     if report.unfinished:

@@ -38,6 +38,9 @@ pytestmark = pytest.mark.servers
 
 TRANSACTIONS = 20
 DEATH_DEADLINE_S = 60.0
+# Failpoints only an aborting transaction reaches: their workload has one in four with a vector of the
+# wrong size, so Qdrant votes no, the decision is ABORT, and PostgreSQL's batch holding it rolls back.
+NEEDS_ABORTS = frozenset({"postgres.after_batch_rollback"})
 RESULTS_DEADLINE_S = 120.0
 
 CASES: list[tuple[str, str]] = [
@@ -45,6 +48,7 @@ CASES: list[tuple[str, str]] = [
     ("neo4j.after_validate", "neo4j"),
     ("qdrant.between_points_and_marker", "qdrant"),  # reached by the COMMIT write-set
     ("postgres.phase2", "postgres"),
+    ("postgres.after_batch_rollback", "postgres"),  # reached by an ABORT (a bad vector) in a prepared batch
     ("neo4j.phase2", "neo4j"),
     ("qdrant.phase2", "qdrant"),
     ("coordinator.after_decision:2", "coordinator"),  # its second decision: others are in flight
@@ -132,6 +136,8 @@ async def test_a_process_killed_at_a_two_phase_failpoint_ends_decided_and_consis
 ) -> None:
     cluster = Cluster(fault_settings, tmp_path / "logs", supervise=False)
     items = writes(f"t{uuid.uuid4().hex[:6]}", TRANSACTIONS)
+    if spec in NEEDS_ABORTS:
+        items = [Write(w.key, w.value, w.vector[:-1]) if i % 4 == 1 else w for i, w in enumerate(items)]
     transactions: list[Saga] = [saga_of(w, mode="2pc") for w in items]
     await cluster.start({owner: spec})
     try:

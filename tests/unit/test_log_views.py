@@ -76,3 +76,16 @@ def test_a_stuck_transaction_that_resolves_during_recovery_is_finished_not_stuck
     assert done.still_stuck == ["t"]
     assert done.unfinished == []
     assert done.finished == {"s": "compensated", "t": "stuck"}
+
+
+def test_recovery_reports_per_transaction_the_prepared_batches_settled_for_it() -> None:
+    report = recovery.begin({"a": _snapshot("preparing"), "b": _snapshot("committing"), "c": _snapshot("forward")})
+    report.settled = [
+        {"gid": "pc_x_b1", "action": "COMMIT", "why": "COMMIT", "transactions": "a,b"},
+        {"gid": "pc_x_b2", "action": "ROLLBACK", "why": "ABORT", "transactions": "b"},
+        {"gid": "pc_x_a_0", "action": "ROLLBACK", "why": "presumed abort"},  # a one-step gid: no members
+    ]
+    transactions = recovery.finish(report, 0.1).to_json()["transactions"]
+    assert transactions["a"]["settled_gids"] == ["pc_x_b1: COMMIT"]
+    assert transactions["b"]["settled_gids"] == ["pc_x_b1: COMMIT", "pc_x_b2: ROLLBACK"]
+    assert transactions["c"]["settled_gids"] == []
