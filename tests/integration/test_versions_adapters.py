@@ -41,7 +41,9 @@ async def run(p: Participant, *steps: tuple[str, StepAction, Operation]) -> list
     typed = [
         parse_command(store_command(tx, 0, action, op, issued_at_ms=0), p.store, 1 << 20) for tx, action, op in steps
     ]
-    return await p.apply_any(typed)
+    outcomes = await p.apply_any(typed)
+    assert all(o is not None for o in outcomes), "only a batched 2PC COMMIT is ever held"
+    return [o for o in outcomes if o is not None]
 
 
 def error_class(outcome: StepOutcome) -> str | None:
