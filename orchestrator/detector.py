@@ -27,7 +27,7 @@ from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
 from polycommit.events import DeadlockVerdict, LockEvent, now_ms
-from projections.wait_for import Verdict, WaitForGraph
+from projections.wait_for import REJUDGE_AFTER_MS, Verdict, WaitForGraph
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,17 @@ class Detector:
         locks = self.app.topic(self.topics.locks, key_serializer="raw", value_serializer="raw")
         self.verdict_topic = self.app.topic(self.topics.deadlocks, key_serializer="raw", value_serializer="raw")
         self.app.agent(locks, name="wait-for-graph")(self._agent)
+        # Verdicts also when no lock event comes: a deadlock whose victim was not aborted (its verdict
+        # was stale on arrival) is judged again once REJUDGE_AFTER_MS has passed (projections/wait_for).
+        self.app.timer(interval=REJUDGE_AFTER_MS / 2000, on_leader=False)(self._tick)
 
     async def _agent(self, stream: Any) -> AsyncIterator[None]:
         async for values in stream.take(BATCH_EVENTS, within=BATCH_WITHIN_S):
             await self.fold(values)
             yield None
+
+    async def _tick(self) -> None:
+        await self.fold([])
 
     async def fold(self, values: list[bytes]) -> list[DeadlockVerdict]:
         """Fold a batch of raw lock events and publish the verdicts it makes (also called by tests)."""

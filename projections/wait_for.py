@@ -25,6 +25,7 @@ from polycommit.events import LockEvent
 # (a transaction would need to run for over a day to outrank one priority level).
 WORK_WEIGHT = 10.0
 PRIORITY_WEIGHT = 100_000.0
+REJUDGE_AFTER_MS = 1_000
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,11 @@ class WaitForGraph:
     # waiter -> resource -> the transactions it waits for on that resource
     waits: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict)
     members: dict[str, Member] = field(default_factory=dict)
-    # Victims already named: left out of further cycles until they release, so one deadlock gets one
-    # verdict even when the detector sees its events again (at-least-once delivery).
-    doomed: set[str] = field(default_factory=set)
+    # Victims already named (-> when): left out of further cycles until they release, so one deadlock
+    # gets one verdict even when the detector sees its events again (at-least-once delivery) -- but
+    # only for REJUDGE_AFTER_MS: a victim the coordinator did not abort (its verdict was stale when it
+    # arrived, or lost) and that is still in a cycle then is named again, so no deadlock outlives it.
+    doomed: dict[str, int] = field(default_factory=dict)
     last_seen_ms: dict[str, int] = field(default_factory=dict)
 
     def apply(self, event: LockEvent) -> None:
@@ -78,19 +81,22 @@ class WaitForGraph:
             self.apply(event)
         return self
 
-    def graph(self) -> nx.DiGraph:
+    def graph(self, now_ms: int | None = None) -> nx.DiGraph:
+        """The waits, without the victims named less than REJUDGE_AFTER_MS before `now_ms` (all named
+        victims when `now_ms` is None)."""
+        doomed = {tx for tx, at in self.doomed.items() if now_ms is None or now_ms - at < REJUDGE_AFTER_MS}
         g = nx.DiGraph()
         for waiter, resources in self.waits.items():
-            if waiter in self.doomed:
+            if waiter in doomed:
                 continue
             for blockers in resources.values():
-                g.add_edges_from((waiter, b) for b in blockers if b not in self.doomed)
+                g.add_edges_from((waiter, b) for b in blockers if b not in doomed)
         return g
 
-    def cycles(self) -> list[tuple[str, ...]]:
+    def cycles(self, now_ms: int | None = None) -> list[tuple[str, ...]]:
         """One cycle per strongly connected component: breaking it may break the component, and the next
         call finds what is left (a victim's edges are gone by then, so no member is judged twice)."""
-        g = self.graph()
+        g = self.graph(now_ms)
         found: list[tuple[str, ...]] = []
         for component in nx.strongly_connected_components(g):
             if len(component) < 2:
@@ -103,10 +109,10 @@ class WaitForGraph:
     def verdicts(self, now_ms: int) -> list[Verdict]:
         """Name a victim for every cycle there is now, and remember it (see `doomed`)."""
         out: list[Verdict] = []
-        for cycle in self.cycles():
+        for cycle in self.cycles(now_ms):
             scores = {tx: self.members.get(tx, Member(tx)).score(now_ms) for tx in cycle}
             victim = min(cycle, key=lambda tx: (scores[tx], _descending(tx)))
-            self.doomed.add(victim)
+            self.doomed[victim] = now_ms
             out.append(Verdict(cycle, victim, scores))
         return out
 
@@ -139,7 +145,7 @@ class WaitForGraph:
                 else:
                     self._stop_waiting(waiter, resource)
         if tx in self.doomed and tx not in self.waits and not self._blocks_anyone(tx):
-            self.doomed.discard(tx)  # the victim has let go: a later deadlock of the same tx is a new one
+            self.doomed.pop(tx, None)  # the victim has let go: a later deadlock of the same tx is a new one
 
     def forget_idle(self, now_ms: int, idle_ms: int) -> None:
         """Drop what is known of transactions with no event for `idle_ms` that nobody waits for: lock
@@ -148,7 +154,7 @@ class WaitForGraph:
             if now_ms - seen > idle_ms and tx not in self.waits and not self._blocks_anyone(tx):
                 del self.last_seen_ms[tx]
                 self.members.pop(tx, None)
-                self.doomed.discard(tx)
+                self.doomed.pop(tx, None)
 
     def _blocks_anyone(self, tx: str) -> bool:
         return any(tx in blockers for resources in self.waits.values() for blockers in resources.values())

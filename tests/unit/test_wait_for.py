@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polycommit.events import LockEvent
-from projections.wait_for import WaitForGraph
+from projections.wait_for import REJUDGE_AFTER_MS, WaitForGraph
 
 
 def event(
@@ -136,3 +136,13 @@ def _has_cycle(edges: set[tuple[str, str]]) -> bool:
             if all((combo[i], combo[(i + 1) % size]) in edges for i in range(size)):
                 return True
     return False
+
+
+def test_a_victim_still_in_its_cycle_is_named_again_after_the_rejudge_delay() -> None:
+    """A verdict the coordinator found stale (or lost) must not leave the deadlock forever."""
+    graph = WaitForGraph()
+    graph.apply_all([event("t1", "WAITING", "a", ("t2",), at=1), event("t2", "WAITING", "b", ("t1",), at=2)])
+    (first,) = graph.verdicts(1_000)
+    assert graph.verdicts(1_000 + REJUDGE_AFTER_MS - 1) == []  # a redelivery changes nothing meanwhile
+    (again,) = graph.verdicts(1_000 + REJUDGE_AFTER_MS)
+    assert again.victim == first.victim
