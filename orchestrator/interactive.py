@@ -86,6 +86,9 @@ class Interactive(Locking):
 
     def open(self, request: LockRequest, now: int, refusal: ErrorInfo | None = None) -> Transition:
         """The first LockRequest of a transaction this member does not know."""
+        return self.noted(self._open(request, now, refusal))
+
+    def _open(self, request: LockRequest, now: int, refusal: ErrorInfo | None = None) -> Transition:
         state = initial_state(open_intent(request), now)
         state["phase"] = OpenPhase.OPEN
         OpenLocks().into(state)
@@ -102,6 +105,9 @@ class Interactive(Locking):
         return _ask(state, LockRequested(request), now, self)
 
     def decide(self, state: TxState, event: InteractiveEvent, now: int) -> Transition:
+        return self.noted(self._decide_open(state, event, now))
+
+    def _decide_open(self, state: TxState, event: InteractiveEvent, now: int) -> Transition:
         if state["phase"] in _OWN:
             row = (OpenPhase(state["phase"]), self.classify(state, event, now))
             return dispatch(TABLE, row, state, event, now, self)
@@ -153,10 +159,12 @@ class Interactive(Locking):
         tx_id = t.state["intent"]["tx_id"]
         if tx_id not in self.locks:
             return
-        for key in self.locks.keys_of(tx_id):
+        keys = self.locks.keys_of(tx_id)
+        for key in keys:
             mode = self.locks.mode_of(tx_id, key) or EXCLUSIVE
             t.lock_requests.append(lock_event(t.state, key, "RELEASED", [], now, mode))
         t.wake.extend(self.locks.release(tx_id))
+        self.reannounce(t, keys, now)
 
     def _saga_victim(self, state: TxState, event: VictimChosen, now: int) -> Transition:
         """A saga waiting for its write keys (after its intent) is a victim like an open transaction."""

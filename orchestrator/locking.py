@@ -161,12 +161,49 @@ class Locking:
     inner: TransactionProtocol
     lock_wait_ms: int = DEFAULT_LOCK_WAIT_MS  # an intent's own `lock_wait_ms` wins when it gives one
     locks: LockTable = field(default_factory=LockTable)
+    # key -> waiter -> the WAITING event last published for it there: the detector's edges. A release
+    # changes them (the next holder is one the detector cannot guess), so `reannounce` publishes them again.
+    announced: dict[str, dict[str, LockEvent]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.inner.name
 
     def start(self, intent: TransactionIntent, now: int, refusal: ErrorInfo | None = None) -> Transition:
+        return self.noted(self._start(intent, now, refusal))
+
+    def decide(self, state: TxState, event: Event, now: int) -> Transition:
+        return self.noted(self._decide(state, event, now))
+
+    def noted(self, t: Transition) -> Transition:
+        """Remember every wait `t` announces; forget it once granted or released."""
+        for event in t.lock_requests:
+            waits = self.announced.setdefault(event["resource"], {})
+            if event["action"] == "WAITING":
+                waits[event["tx_id"]] = event
+            else:
+                waits.pop(event["tx_id"], None)
+            if not waits:
+                del self.announced[event["resource"]]
+        return t
+
+    def reannounce(self, t: Transition, keys: Iterable[str], now: int) -> None:
+        """`keys` were released: each transaction still announced as waiting on one of them is announced
+        again, WAITING behind its blockers now (a holder granted meanwhile, or the next in line) or GRANTED.
+        Without this the detector drops the edge to the releaser and never learns the new one, and a
+        deadlock through that wait would last until a lock-wait timeout."""
+        for key in keys:
+            for tx, last in list(self.announced.get(key, {}).items()):
+                if tx not in self.locks:
+                    continue
+                blockers = self.locks.blockers_on(tx, key)
+                if not blockers and tx in t.wake:
+                    continue  # it holds all its keys now: its own wake-up says GRANTED
+                if blockers != last["blockers"]:
+                    action = "WAITING" if blockers else "GRANTED"
+                    t.lock_requests.append({**last, "action": action, "blockers": blockers, "at_ms": now})  # type: ignore[typeddict-item]
+
+    def _start(self, intent: TransactionIntent, now: int, refusal: ErrorInfo | None = None) -> Transition:
         first = self.inner.start(intent, now, refusal)
         if refusal is not None or not takes_locks(intent) or self.inner.is_terminal(first.state["phase"]):
             return first  # refused or invalid (nothing will run), done already, or opted out
@@ -187,7 +224,7 @@ class Locking:
             )
         return t
 
-    def decide(self, state: TxState, event: Event, now: int) -> Transition:
+    def _decide(self, state: TxState, event: Event, now: int) -> Transition:
         if state["phase"] in _OWN_PHASES:
             row = (LockingPhase(state["phase"]), classify(state, event, now, self.locks))
             return dispatch(TABLE, row, state, event, now, self)
@@ -203,9 +240,11 @@ class Locking:
         tx_id = t.state["intent"]["tx_id"]
         if tx_id not in self.locks:
             return
-        for key in self.locks.keys_of(tx_id):
+        keys = self.locks.keys_of(tx_id)
+        for key in keys:
             t.lock_requests.append(lock_event(t.state, key, "RELEASED", [], now, EXCLUSIVE))
         t.wake.extend(self.locks.release(tx_id))
+        self.reannounce(t, keys, now)
 
     def restored(self, states: Iterable[TxState]) -> list[str]:
         """Rebuild the table from the states this member now owns: the ones already running first (they

@@ -347,3 +347,18 @@ async def test_the_coordinator_reads_verdicts_only_when_they_are_co_partitioned_
     counts = {names.intents: 2, names.deadlocks: verdicts}
     topics = await input_topics(Partitions(counts), names)  # type: ignore[arg-type]
     assert (names.deadlocks in topics) is read and set(names.coordinator_inputs()) <= set(topics)
+
+
+def test_a_release_announces_the_new_blockers_of_those_still_waiting() -> None:
+    """The detector drops a waiter's edge to whoever released; the waiter's next blocker must be published
+    (else a deadlock through it goes unseen until a lock-wait timeout)."""
+    m = Members()
+    m.ask("T1", 1, [ROW])
+    m.ask("T2", 1, [ROW])
+    third = m.ask("T3", 1, [ROW])
+    assert [e["blockers"] for e in third.lock_requests] == [["T1", "T2"]]
+    released = m.decide("T1", LockRequested({**request("T1", 2, []), "release": True}))
+    assert released.wake == ["T2"]
+    again = [e for e in released.lock_requests if e["tx_id"] == "T3"]
+    assert [(e["action"], e["blockers"]) for e in again] == [("WAITING", ["T2"])]
+    assert not [e for e in released.lock_requests if e["tx_id"] == "T2"], "T2's own wake-up says GRANTED"
