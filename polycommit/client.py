@@ -115,7 +115,11 @@ class Transaction:
         name: str = "",
         retries: int = 0,
         timeout: float = 0.0,
+        after: Iterable[str | int] = (),
     ) -> Transaction:
+        """Add a step. It runs in parallel with the others unless it comes `after` some (names or
+        indices of earlier steps), or an earlier step is of its store or shares a lock key with it."""
+        order = ops.step_order(after, [s["name"] for s in self.steps])
         self.steps.append(
             {
                 "index": len(self.steps),
@@ -124,6 +128,7 @@ class Transaction:
                 "compensation": compensate,
                 "retries": retries,
                 "timeout_ms": int(timeout * 1000),
+                "after": order,
             }
         )
         return self
@@ -156,8 +161,9 @@ class Saga(Transaction):
         name: str = "",
         retries: int = 0,
         timeout: float = 0.0,
+        after: Iterable[str | int] = (),
     ) -> Saga:
-        self.add(execute, compensate=compensate, name=name, retries=retries, timeout=timeout)
+        self.add(execute, compensate=compensate, name=name, retries=retries, timeout=timeout, after=after)
         return self
 
 

@@ -7,7 +7,7 @@ Keeping them as the dicts fastavro reads and writes costs nothing on the hot pat
 from __future__ import annotations
 
 import time
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 Store = Literal["postgres", "qdrant", "neo4j"]
 STORES: tuple[Store, ...] = ("postgres", "qdrant", "neo4j")
@@ -53,6 +53,7 @@ class Step(TypedDict):
     compensation: Operation | None
     retries: int
     timeout_ms: int
+    after: NotRequired[list[int]]  # earlier steps this one runs after; the schema's default is []
 
 
 class ErrorInfo(TypedDict):
@@ -119,6 +120,15 @@ class TransactionResult(TypedDict):
     finished_at_ms: int
 
 
+class StepFlight(TypedDict):
+    """One saga step's command in the current phase: in flight, its attempt, when it is due, done."""
+
+    waiting: bool
+    attempt: int
+    due_at_ms: int
+    done: bool
+
+
 class SagaSnapshot(TypedDict):
     """The coordinator's state of one transaction, for every protocol (`protocol` names which one;
     snapshots written before the field existed decode with its default, "saga")."""
@@ -132,6 +142,10 @@ class SagaSnapshot(TypedDict):
     waiting: bool
     steps: list[StepResult]
     before_images: list[str | None]
+    # Sagas only (v4): one per step, and each step's dependencies. Other protocols leave them out (the
+    # schema's default is []); a saga restored from an older snapshot rebuilds them (orchestrator/saga_order.py).
+    flights: NotRequired[list[StepFlight]]
+    waits_for: NotRequired[list[list[int]]]
     error: ErrorInfo | None
     started_at_ms: int
     updated_at_ms: int
