@@ -48,6 +48,7 @@ from orchestrator.saga_model import (
     SagaPolicy,
     StepStatus,
     alert,
+    checked,
     copy_state,
     initial_state,
     phase_of,
@@ -55,7 +56,6 @@ from orchestrator.saga_model import (
     result_of,
     send,
     timeout_ms,
-    validate,
 )
 from polycommit.events import ErrorInfo, SagaSnapshot, StepOutcome, TransactionIntent, TransactionStatus, error_info
 
@@ -89,9 +89,9 @@ def _finish(transition: Transition, phase: SagaPhase, status: TransactionStatus,
 def start(intent: TransactionIntent, now: int, policy: SagaPolicy, refusal: ErrorInfo | None = None) -> Transition:
     """A new intent: validate every step up front (nothing runs if one is invalid), then send every step
     that waits for no other (one write per store: all of them, in this one transition)."""
-    state = initial_state(intent, now)
+    problem, keys = (refusal, []) if refusal else checked(intent, policy)
+    state = initial_state(intent, now, keys if problem is None else [frozenset()] * len(intent["steps"]))
     transition = Transition(state)
-    problem = refusal or validate(intent, policy)
     if problem is not None:
         state["error"] = problem
         if 0 <= problem_step(problem) < len(state["steps"]):

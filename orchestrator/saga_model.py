@@ -7,6 +7,7 @@ the plain strings of snapshots written earlier, so a restored state needs no mig
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
@@ -27,7 +28,7 @@ from polycommit.events import (
     store_command,
 )
 from polycommit.modes import refuse_unsupported
-from polycommit.operations import lock_keys, validate_operation
+from polycommit.operations import keys_of, lock_keys, parse_operation, validate_operation
 
 PROTOCOL = "saga"
 
@@ -127,10 +128,11 @@ def _keys(intent: TransactionIntent, index: int) -> frozenset[str]:
         return frozenset()  # an invalid operation: the intent is refused before any step runs
 
 
-def waits_for(intent: TransactionIntent) -> list[list[int]]:
-    """Per step, the earlier steps it runs after: declared, same store, or sharing a lock key."""
+def waits_for(intent: TransactionIntent, keys: Sequence[frozenset[str]] | None = None) -> list[list[int]]:
+    """Per step, the earlier steps it runs after: declared, same store, or sharing a lock key (`keys`:
+    each step's, when the caller parsed them already)."""
     steps = intent["steps"]
-    keys = [_keys(intent, i) for i in range(len(steps))]
+    keys = keys if keys is not None else [_keys(intent, i) for i in range(len(steps))]
     result: list[list[int]] = []
     for i, step in enumerate(steps):
         store = step["operation"]["store"]
@@ -149,7 +151,7 @@ def bad_after(intent: TransactionIntent) -> str | None:
     return None
 
 
-def initial_state(intent: TransactionIntent, now: int) -> SagaSnapshot:
+def initial_state(intent: TransactionIntent, now: int, keys: Sequence[frozenset[str]] | None = None) -> SagaSnapshot:
     steps = initial_steps(intent, PENDING)
     return {
         "intent": intent,
@@ -162,7 +164,7 @@ def initial_state(intent: TransactionIntent, now: int) -> SagaSnapshot:
         "steps": steps,
         "before_images": [None] * len(steps),
         "flights": [idle() for _ in steps],
-        "waits_for": waits_for(intent),
+        "waits_for": waits_for(intent, keys),
         "error": None,
         "started_at_ms": now,
         "updated_at_ms": now,
@@ -247,19 +249,25 @@ def _same_store(operation: Operation, compensation: Operation) -> None:
 
 def validate(intent: TransactionIntent, policy: SagaPolicy) -> ErrorInfo | None:
     """The first reason no store could run this intent, or None. Nothing runs if one step is invalid."""
+    return checked(intent, policy)[0]
+
+
+def checked(intent: TransactionIntent, policy: SagaPolicy) -> tuple[ErrorInfo | None, list[frozenset[str]]]:
+    """`validate`, and each step's lock keys from the same parse (each operation is parsed once here)."""
     try:
         refuse_unsupported(intent["consistency"], intent["isolation"], intent["priority"])
     except UnsupportedError as exc:
-        return error_info(exc.error_class, str(exc), False)
+        return error_info(exc.error_class, str(exc), False), []
+    keys = []
     for i, step in enumerate(intent["steps"]):
         try:
-            validate_operation(step["operation"], policy.max_payload_bytes)
+            keys.append(frozenset(keys_of(parse_operation(step["operation"], policy.max_payload_bytes))))
             if step["compensation"] is not None:
                 validate_operation(step["compensation"], policy.max_payload_bytes)
                 _same_store(step["operation"], step["compensation"])
         except PolycommitError as exc:
-            return error_info(exc.error_class, f"step {i}: {exc}", False)
+            return error_info(exc.error_class, f"step {i}: {exc}", False), []
         if step["index"] != i:
-            return error_info(InvalidOperationError.__name__, f"step {i}: index is {step['index']}", False)
+            return error_info(InvalidOperationError.__name__, f"step {i}: index is {step['index']}", False), []
     problem = bad_after(intent)
-    return None if problem is None else error_info(InvalidOperationError.__name__, problem, False)
+    return (None if problem is None else error_info(InvalidOperationError.__name__, problem, False)), keys
