@@ -7,6 +7,7 @@ the plain strings of snapshots written earlier, so a restored state needs no mig
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
@@ -17,6 +18,7 @@ from polycommit.events import (
     ErrorInfo,
     Operation,
     SagaSnapshot,
+    StepFlight,
     StepResult,
     StoreCommand,
     TransactionIntent,
@@ -26,13 +28,14 @@ from polycommit.events import (
     store_command,
 )
 from polycommit.modes import refuse_unsupported
-from polycommit.operations import validate_operation
+from polycommit.operations import keys_of, lock_keys, parse_operation, validate_operation
 
 PROTOCOL = "saga"
 
 
 class SagaPhase(StrEnum):
     FORWARD = "forward"
+    ABORTING = "aborting"  # a step failed for good: no step is sent, the ones in flight are awaited
     COMPENSATING = "compensating"
     STUCK = "stuck"  # still compensating: a compensation keeps failing, it is retried and reported
     COMPLETED = "completed"
@@ -114,7 +117,41 @@ def initial_steps(intent: TransactionIntent, status: str) -> list[StepResult]:
     ]
 
 
-def initial_state(intent: TransactionIntent, now: int) -> SagaSnapshot:
+def idle() -> StepFlight:
+    return {"waiting": False, "attempt": 0, "due_at_ms": 0, "done": False}
+
+
+def _keys(intent: TransactionIntent, index: int) -> frozenset[str]:
+    try:
+        return frozenset(lock_keys(intent["steps"][index]["operation"]))
+    except PolycommitError:
+        return frozenset()  # an invalid operation: the intent is refused before any step runs
+
+
+def waits_for(intent: TransactionIntent, keys: Sequence[frozenset[str]] | None = None) -> list[list[int]]:
+    """Per step, the earlier steps it runs after: declared, same store, or sharing a lock key (`keys`:
+    each step's, when the caller parsed them already)."""
+    steps = intent["steps"]
+    keys = keys if keys is not None else [_keys(intent, i) for i in range(len(steps))]
+    result: list[list[int]] = []
+    for i, step in enumerate(steps):
+        store = step["operation"]["store"]
+        declared = {j for j in step.get("after", []) if 0 <= j < i}
+        implicit = {j for j in range(i) if steps[j]["operation"]["store"] == store or keys[i] & keys[j]}
+        result.append(sorted(declared | implicit))
+    return result
+
+
+def bad_after(intent: TransactionIntent) -> str | None:
+    """Why a step's `after` is invalid (it must name earlier steps: no cycle can then exist), or None."""
+    for i, step in enumerate(intent["steps"]):
+        for j in step.get("after", []):
+            if not 0 <= j < i:
+                return f"step {i}: after names step {j}, which is not an earlier step"
+    return None
+
+
+def initial_state(intent: TransactionIntent, now: int, keys: Sequence[frozenset[str]] | None = None) -> SagaSnapshot:
     steps = initial_steps(intent, PENDING)
     return {
         "intent": intent,
@@ -126,6 +163,8 @@ def initial_state(intent: TransactionIntent, now: int) -> SagaSnapshot:
         "waiting": False,
         "steps": steps,
         "before_images": [None] * len(steps),
+        "flights": [idle() for _ in steps],
+        "waits_for": waits_for(intent, keys),
         "error": None,
         "started_at_ms": now,
         "updated_at_ms": now,
@@ -137,6 +176,7 @@ def copy_state(state: SagaSnapshot, now: int) -> SagaSnapshot:
     new: SagaSnapshot = {**state}  # type: ignore[typeddict-item]
     new["steps"] = [{**s} for s in state["steps"]]  # type: ignore[typeddict-item]
     new["before_images"] = list(state["before_images"])
+    new["flights"] = [{**f} for f in state.get("flights", [])]  # type: ignore[typeddict-item]
     new["updated_at_ms"] = now
     return new
 
@@ -153,24 +193,27 @@ def command(state: SagaSnapshot, index: int, action: Literal["EXECUTE", "COMPENS
         action,
         step["operation"],
         compensation=step["compensation"],
-        attempt=state["attempt"],
+        attempt=state["flights"][index]["attempt"],
         before_image=state["before_images"][index],
         issued_at_ms=now,
     )
 
 
-def send(state: SagaSnapshot, action: Literal["EXECUTE", "COMPENSATE"], now: int, policy: SagaPolicy) -> StoreCommand:
-    """Mark the current step's command as in flight and build it."""
-    index = state["current"]
-    state["waiting"] = True
+def send(
+    state: SagaSnapshot, index: int, action: Literal["EXECUTE", "COMPENSATE"], now: int, policy: SagaPolicy
+) -> StoreCommand:
+    """Mark step `index`'s next attempt as in flight and build its command."""
+    flight: StepFlight = state["flights"][index]
+    flight["attempt"] += 1
+    flight["waiting"] = True
     # A step's timeout bounds its execution; its compensation gets the default, since it must queue
     # behind whatever the store is still doing (often the very execution that timed out).
     timeout = timeout_ms(state, index, policy) if action == "EXECUTE" else policy.default_timeout_ms
-    state["due_at_ms"] = now + timeout
+    flight["due_at_ms"] = now + timeout
     if action == "EXECUTE":
-        state["steps"][index]["attempts"] = state["attempt"]
+        state["steps"][index]["attempts"] = flight["attempt"]
     else:
-        state["steps"][index]["compensation_attempts"] = state["attempt"]
+        state["steps"][index]["compensation_attempts"] = flight["attempt"]
     return command(state, index, action, now)
 
 
@@ -206,18 +249,25 @@ def _same_store(operation: Operation, compensation: Operation) -> None:
 
 def validate(intent: TransactionIntent, policy: SagaPolicy) -> ErrorInfo | None:
     """The first reason no store could run this intent, or None. Nothing runs if one step is invalid."""
+    return checked(intent, policy)[0]
+
+
+def checked(intent: TransactionIntent, policy: SagaPolicy) -> tuple[ErrorInfo | None, list[frozenset[str]]]:
+    """`validate`, and each step's lock keys from the same parse (each operation is parsed once here)."""
     try:
         refuse_unsupported(intent["consistency"], intent["isolation"], intent["priority"], intent.get("locks", True))
     except UnsupportedError as exc:
-        return error_info(exc.error_class, str(exc), False)
+        return error_info(exc.error_class, str(exc), False), []
+    keys = []
     for i, step in enumerate(intent["steps"]):
         try:
-            validate_operation(step["operation"], policy.max_payload_bytes)
+            keys.append(frozenset(keys_of(parse_operation(step["operation"], policy.max_payload_bytes))))
             if step["compensation"] is not None:
                 validate_operation(step["compensation"], policy.max_payload_bytes)
                 _same_store(step["operation"], step["compensation"])
         except PolycommitError as exc:
-            return error_info(exc.error_class, f"step {i}: {exc}", False)
+            return error_info(exc.error_class, f"step {i}: {exc}", False), []
         if step["index"] != i:
-            return error_info(InvalidOperationError.__name__, f"step {i}: index is {step['index']}", False)
-    return None
+            return error_info(InvalidOperationError.__name__, f"step {i}: index is {step['index']}", False), []
+    problem = bad_after(intent)
+    return (None if problem is None else error_info(InvalidOperationError.__name__, problem, False)), keys

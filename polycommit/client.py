@@ -22,13 +22,14 @@ import asyncio
 import contextlib
 import random
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Unpack, overload
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from polycommit import operations as ops
 from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_reader, topics_for
 from polycommit.codec import EventCodec, default_codec
@@ -76,7 +77,11 @@ class Transaction:
         name: str = "",
         retries: int = 0,
         timeout: float = 0.0,
+        after: Iterable[str | int] = (),
     ) -> Transaction:
+        """Add a step. It runs in parallel with the others unless it comes `after` some (names or
+        indices of earlier steps), or an earlier step is of its store or shares a lock key with it."""
+        order = ops.step_order(after, [s["name"] for s in self.steps])
         self.steps.append(
             {
                 "index": len(self.steps),
@@ -85,6 +90,7 @@ class Transaction:
                 "compensation": compensate,
                 "retries": retries,
                 "timeout_ms": int(timeout * 1000),
+                "after": order,
             }
         )
         return self
@@ -123,8 +129,9 @@ class Saga(Transaction):
         name: str = "",
         retries: int = 0,
         timeout: float = 0.0,
+        after: Iterable[str | int] = (),
     ) -> Saga:
-        self.add(execute, compensate=compensate, name=name, retries=retries, timeout=timeout)
+        self.add(execute, compensate=compensate, name=name, retries=retries, timeout=timeout, after=after)
         return self
 
 

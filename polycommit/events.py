@@ -53,6 +53,7 @@ class Step(TypedDict):
     compensation: Operation | None
     retries: int
     timeout_ms: int
+    after: NotRequired[list[int]]  # earlier steps this one runs after; the schema's default is []
 
 
 class ErrorInfo(TypedDict):
@@ -123,6 +124,15 @@ class TransactionResult(TypedDict):
     finished_at_ms: int
 
 
+class StepFlight(TypedDict):
+    """One saga step's command in the current phase: in flight, its attempt, when it is due, done."""
+
+    waiting: bool
+    attempt: int
+    due_at_ms: int
+    done: bool
+
+
 class SagaSnapshot(TypedDict):
     """The coordinator's state of one transaction, for every protocol (`protocol` names which one;
     snapshots written before the field existed decode with its default, "saga")."""
@@ -136,6 +146,10 @@ class SagaSnapshot(TypedDict):
     waiting: bool
     steps: list[StepResult]
     before_images: list[str | None]
+    # Sagas only (v4): one per step, and each step's dependencies. Other protocols leave them out (the
+    # schema's default is []); a saga restored from an older snapshot rebuilds them (orchestrator/saga_order.py).
+    flights: NotRequired[list[StepFlight]]
+    waits_for: NotRequired[list[list[int]]]
     error: ErrorInfo | None
     started_at_ms: int
     updated_at_ms: int

@@ -9,9 +9,10 @@ coordinator can refuse a bad intent before any step runs.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from polycommit.errors import InvalidOperationError
 from polycommit.events import NodeRef, Operation, Point
 from polycommit.parsed import (
     IDENTIFIER,
@@ -52,6 +53,7 @@ __all__ = [
     "lock_keys",
     "operation_size",
     "parse_operation",
+    "step_order",
     "validate_operation",
 ]
 
@@ -215,3 +217,19 @@ def validate_operation(op: Operation, max_payload_bytes: int) -> None:
 def lock_keys(op: Operation) -> list[str]:
     """The resources an operation writes, named so that equal resources give equal strings."""
     return keys_of(parse_operation(op, max_payload_bytes=2**62))
+
+
+def step_order(after: Iterable[str | int], earlier: Sequence[str]) -> list[int]:
+    """The step indices a step's `after=` names: an index as given (the coordinator refuses one that is
+    not an earlier step), a name as the index of the one earlier step of that name."""
+    indices = []
+    for ref in after:
+        if isinstance(ref, int):
+            indices.append(ref)
+            continue
+        found = [i for i, name in enumerate(earlier) if name == ref]
+        if len(found) != 1:
+            why = "no earlier step" if not found else f"{len(found)} earlier steps"
+            raise InvalidOperationError(f"after={ref!r}: {why} of that name (name the step, or give its index)")
+        indices.append(found[0])
+    return sorted(set(indices))

@@ -105,10 +105,12 @@ async def test_a_failing_third_step_compensates_step_two_then_step_one(runtime: 
     assert before.status == "completed"
     qdrant = runtime.workers["qdrant"].participant
     point_before = await qdrant.read_points(workload.DOCUMENTS, [ops.point_id(doc)])  # type: ignore[attr-defined]
-    saga = Saga("fails at step 3")
+    saga = Saga("fails at step 3")  # declared in order: one step after the other, undone in reverse
     saga.step(ops.upsert_row("documents", {"id": doc}, {"title": "Changed"}))
-    saga.step(ops.upsert_points("documents", [ops.point(doc, workload.embed("changed"), {"title": "Changed"})]))
-    saga.step(ops.sql("UPDATE documents SET title = $1 WHERE id = $2 AND 1/0 = 1", ["Boom", doc]))
+    saga.step(
+        ops.upsert_points("documents", [ops.point(doc, workload.embed("changed"), {"title": "Changed"})]), after=[0]
+    )
+    saga.step(ops.sql("UPDATE documents SET title = $1 WHERE id = $2 AND 1/0 = 1", ["Boom", doc]), after=[1])
     result = await client.execute(saga)
     assert result.status == "compensated", result
     assert [s.status for s in result.steps] == ["compensated", "compensated", "failed"]
@@ -123,6 +125,59 @@ async def test_a_failing_third_step_compensates_step_two_then_step_one(runtime: 
     row = await pg_fetch(runtime.settings, "SELECT title FROM documents WHERE id = $1", doc)
     assert row["title"] == "Original"
     assert await qdrant.read_points(workload.DOCUMENTS, [ops.point_id(doc)]) == point_before  # type: ignore[attr-defined]
+
+
+async def test_independent_steps_in_the_three_stores_are_sent_together(runtime: Runtime, client: Coordinator) -> None:
+    doc = f"d-{uuid.uuid4().hex[:8]}"
+    saga = Saga("parallel")
+    saga.step(ops.upsert_row("documents", {"id": doc}, {"title": "Parallel"}))
+    saga.step(ops.upsert_points("documents", [ops.point(doc, workload.embed("parallel"), {"title": "Parallel"})]))
+    saga.step(ops.merge_node("Document", {"id": doc}, {"title": "Parallel"}))
+    result = await client.execute(saga)
+    assert result.status == "completed", result
+    names = topics_for(runtime.settings)
+    commands = []
+    for store in ("postgres", "qdrant", "neo4j"):
+        commands += await log_records(runtime.settings, names.commands(store), lambda c: c["tx_id"] == saga.tx_id)
+    # One transition sent all three: the same coordinator step stamped them with the same time.
+    assert sorted(c["step_index"] for c in commands) == [0, 1, 2]
+    assert len({c["issued_at_ms"] for c in commands}) == 1
+    row = await pg_fetch(runtime.settings, "SELECT title FROM documents WHERE id = $1", doc)
+    assert row["title"] == "Parallel"
+    points = await runtime.workers["qdrant"].participant.read_points(workload.DOCUMENTS, [ops.point_id(doc)])  # type: ignore[attr-defined]
+    assert len(points) == 1
+    assert (await runtime.workers["neo4j"].participant.read_node("Document", {"id": doc}))["title"] == "Parallel"  # type: ignore[attr-defined]
+
+
+async def test_a_failing_step_with_the_others_applied_is_compensated_in_every_store(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    doc = f"d-{uuid.uuid4().hex[:8]}"
+    assert (await client.execute(workload.ingest_document(doc, "Original", "v1", AUTHOR))).status == "completed"
+    qdrant, neo4j = runtime.workers["qdrant"].participant, runtime.workers["neo4j"].participant
+    point_before = await qdrant.read_points(workload.DOCUMENTS, [ops.point_id(doc)])  # type: ignore[attr-defined]
+    saga = Saga("fails in neo4j")
+    saga.step(ops.upsert_row("documents", {"id": doc}, {"title": "Changed"}))  # 0
+    saga.step(ops.upsert_points("documents", [ops.point(doc, workload.embed("x"), {"title": "Changed"})]))  # 1
+    saga.step(ops.merge_node("Document", {"id": doc}, {"title": "Changed"}))  # 2
+    saga.step(ops.cypher("RETURN 1 / 0 AS boom"))  # 3: neo4j, after step 2 (same store)
+    result = await client.execute(saga)
+    assert result.status == "compensated", result
+    assert [s.status for s in result.steps] == ["compensated", "compensated", "compensated", "failed"]
+    outcomes = await log_records(
+        runtime.settings, topics_for(runtime.settings).outcomes, lambda o: o["tx_id"] == saga.tx_id
+    )
+    order = [(o["action"], o["step_index"]) for o in outcomes]
+    # One partition per tx, so log order is real order: every execution settled before any compensation,
+    # and the failed step 3 is fenced before step 2 (which it ran after) is undone.
+    first_compensation = next(i for i, (action, _) in enumerate(order) if action == "COMPENSATE")
+    assert {step for action, step in order[:first_compensation]} == {0, 1, 2, 3}
+    assert all(action == "COMPENSATE" for action, _ in order[first_compensation:])
+    assert order.index(("COMPENSATE", 3)) < order.index(("COMPENSATE", 2))
+    row = await pg_fetch(runtime.settings, "SELECT title FROM documents WHERE id = $1", doc)
+    assert row["title"] == "Original"
+    assert await qdrant.read_points(workload.DOCUMENTS, [ops.point_id(doc)]) == point_before  # type: ignore[attr-defined]
+    assert (await neo4j.read_node("Document", {"id": doc}))["title"] == "Original"  # type: ignore[attr-defined]
 
 
 async def test_a_step_that_fails_twice_is_retried_with_growing_delays(runtime: Runtime, client: Coordinator) -> None:

@@ -168,10 +168,12 @@ def test_the_intent_runs_at_once_under_the_locks_held_asking_only_what_is_missin
     m.ask("T1", 1, [ROW])
     tx = Transaction(tx_id="T1").add(ops.upsert_row("t", {"id": 1}, {"v": 1})).add(ops.merge_node("N", {"id": 1}))
     t = m.decide("T1", IntentReceived(tx.intent("polycommit.replies:0", "test")))
-    assert [c["action"] for c in t.commands] == ["EXECUTE"]
+    assert [c["action"] for c in t.commands] == ["EXECUTE", "EXECUTE"]  # independent steps: in parallel
     assert t.state["started_at_ms"] == 10  # its age counts from its first lock
-    while t.commands:
-        t = m.decide("T1", OutcomeReceived(reply(t.commands[0], "APPLIED")))
+    pending = list(t.commands)
+    while pending:
+        t = m.decide("T1", OutcomeReceived(reply(pending.pop(0), "APPLIED")))
+        pending.extend(t.commands)
     assert t.result is not None and t.result["status"] == "COMPLETED"
     assert actions(t) == {ROW: "RELEASED", NODE: "RELEASED"} and "T1" not in m.p.locks
 

@@ -29,6 +29,8 @@ PROTOCOL = saga.SagaProtocol(POLICY)
 
 
 def intent(steps: int = 3, retries: int = 0, timeout: float = 0.0) -> Any:
+    """A saga of `steps` writes across the stores, each declared `after` the one before: one at a time
+    (independent steps run in parallel: tests/unit/test_saga_parallel.py)."""
     tx = Saga("test", tx_id="tx-1")
     stores = [
         ops.upsert_row("t", {"id": 1}, {"v": 1}),
@@ -37,7 +39,7 @@ def intent(steps: int = 3, retries: int = 0, timeout: float = 0.0) -> Any:
         ops.upsert_row("t", {"id": 2}, {"v": 2}),
     ]
     for i in range(steps):
-        tx.step(stores[i % len(stores)], retries=retries, timeout=timeout)
+        tx.step(stores[i % len(stores)], retries=retries, timeout=timeout, after=[i - 1] if i else [])
     return tx.intent("polycommit.replies:0", "test")
 
 
