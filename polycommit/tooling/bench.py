@@ -9,7 +9,8 @@ coordinator's word), and the same writes are made directly: batched like the con
 limit) and one call per store per transaction at the same concurrency (what a user writes by hand).
 `--consumers N` runs N consumer processes for PostgreSQL and Neo4j (Qdrant too with a Qdrant server,
 `QDRANT_URL`: Edge stays at one process); `--trace` prints where the median and p99 transactions spent
-their time, hop by hop (polycommit.tooling.bench_trace).
+their time, hop by hop (polycommit.tooling.bench_trace). `--hot-keys K [--interactive]` makes transactions
+contend for K hot keys and reports what it cost (polycommit.tooling.bench_contended).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from polycommit.client import TransactionResult
 from polycommit.config import load_settings
@@ -21,6 +22,7 @@ from polycommit.tooling.bench_contended import (
     lost_updates,
     reads_locked,
 )
+from polycommit.tooling.bench_output import print_curve
 
 
 def test_hot_transactions_write_one_of_k_keys_and_read_another() -> None:
@@ -105,3 +107,18 @@ def test_an_interactive_run_starts_the_deadlock_detector_too() -> None:
     edge = dataclasses.replace(settings, qdrant=dataclasses.replace(settings.qdrant, url=None))
     assert "detector" in cluster_for(edge, 1, detector=True).processes
     assert "detector" not in cluster_for(edge, 1).processes
+
+
+def test_the_contention_table_shows_each_hot_point() -> None:
+    point = {
+        **report(32, [1.0], [_result("completed")], 1.0),
+        **contention_summary(Contention(["DeadlockVictimError", ""], [0.002])),
+        "hot_keys": 20,
+        "verified": 20,
+        "verified_of": 20,
+        "lost_updates": 0,
+    }
+    console = Console(record=True, width=200)
+    print_curve(console, [point], 1)
+    text = console.export_text()
+    assert "contention on hot keys" in text and "0.5" in text and "20/20" in text
