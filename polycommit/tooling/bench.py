@@ -9,7 +9,8 @@ coordinator's word), and the same writes are made directly: batched like the con
 limit) and one call per store per transaction at the same concurrency (what a user writes by hand).
 `--consumers N` runs N consumer processes for PostgreSQL and Neo4j (Qdrant too with a Qdrant server,
 `QDRANT_URL`: Edge stays at one process); `--trace` prints where the median and p99 transactions spent
-their time, hop by hop (polycommit.tooling.bench_trace).
+their time, hop by hop (polycommit.tooling.bench_trace). `--hot-keys K [--interactive]` makes transactions
+contend for K hot keys and reports what it cost (polycommit.tooling.bench_contended).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from polycommit.bus import create_topics
 from polycommit.client import Coordinator, TransactionResult
 from polycommit.config import Settings
 from polycommit.errors import PolycommitError
-from polycommit.tooling import bench_direct, bench_output, bench_trace
-from polycommit.tooling.bench_verify import read_back
+from polycommit.tooling import bench_contended, bench_direct, bench_output, bench_trace
+from polycommit.tooling.bench_verify import read_back, read_values
 from polycommit.tooling.bench_workload import (
     COLLECTION,
     DIMENSIONS,
@@ -69,6 +70,30 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--trace", action="store_true", help="per-hop budget of the median and p99 transaction")
     bench.add_argument("--no-direct", action="store_true", help="skip the direct-write baselines")
     bench.add_argument("--json", action="store_true")
+    bench.add_argument(
+        "--isolation",
+        choices=bench_contended.ISOLATIONS,
+        default="READ_COMMITTED",
+        help="isolation level of --interactive transactions (their reads lock at REPEATABLE_READ and SERIALIZABLE)",
+    )
+    bench.add_argument(
+        "--hot-keys",
+        type=int,
+        default=0,
+        help="0: every transaction its own keys; K: each picks its keys among K hot keys, so they contend",
+    )
+    bench.add_argument(
+        "--interactive",
+        action="store_true",
+        help="interactive increments (needs --hot-keys): read two hot keys, write the first one's count + 1 to the "
+        "three stores; two readers of a key both upgrading to EXCLUSIVE deadlock, and the victim is run again",
+    )
+    bench.add_argument(
+        "--for-update",
+        action="store_true",
+        help="with --interactive: lock up front, in one key order (EXCLUSIVE on the written key): no deadlock",
+    )
+    bench.add_argument("--retries", type=int, default=10, help="runs again of a deadlock victim (--interactive)")
 
 
 def concurrencies(text: str) -> list[int]:
@@ -84,10 +109,12 @@ def scalable_stores(settings: Settings) -> tuple[str, ...]:
     return ("postgres", "qdrant", "neo4j") if settings.qdrant.url else ("postgres", "neo4j")
 
 
-def cluster_for(settings: Settings, consumers: int) -> Cluster:
-    """One process per part, plus `consumers - 1` more for each scalable store, each a static member."""
+def cluster_for(settings: Settings, consumers: int, *, detector: bool = False) -> Cluster:
+    """One process per part (and the deadlock detector if asked), plus `consumers - 1` more for each scalable
+    store, each a static member."""
     extra = [f"{store}#{i}" for store in scalable_stores(settings) for i in range(1, consumers)]
-    cluster = Cluster(settings, names=[*PARTS, *extra], supervise=False, own_session=False)
+    parts = [*PARTS, "detector"] if detector else list(PARTS)
+    cluster = Cluster(settings, names=[*parts, *extra], supervise=False, own_session=False)
     for name in extra:
         cluster.processes[name].extra_env = {"POLYCOMMIT_CONSUMER_INSTANCE": name.partition("#")[2]}
     return cluster
@@ -152,15 +179,31 @@ def report(
 def passed(point: dict[str, Any]) -> bool:
     """A point passes when nearly every saga completed and the stores hold every completed one."""
     verified = point.get("verified")
-    return bool(point["success_rate"] >= 0.999 and (verified is None or verified >= point["ok"]))
+    enough = point.get("verified_of", point["ok"])  # hot keys: every key written, not every transaction
+    lost = point.get("lost_updates")
+    return bool(
+        point["success_rate"] >= 0.999
+        and (verified is None or verified >= enough)
+        and (lost is None or not point.get("reads_locked") or lost == 0)
+    )
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The contended options' combinations: interactive transactions run as locking sagas on hot keys."""
+    if args.hot_keys < 0 or args.retries < 0:
+        raise SystemExit("polycommit bench: --hot-keys and --retries must not be negative")
+    if args.interactive and (args.mode != "saga" or args.hot_keys < 1):
+        raise SystemExit("polycommit bench: --interactive runs --mode saga on --hot-keys K (K >= 1)")
+    if args.for_update and not args.interactive:
+        raise SystemExit("polycommit bench: --for-update is an option of --interactive")
 
 
 async def _start_workers(settings: Settings, args: argparse.Namespace) -> Runtime | Cluster | None:
     if args.external:
         return None
     if args.in_process or args.trace:
-        return await Runtime(settings).start()
-    return await cluster_for(settings, args.consumers).start()
+        return await Runtime(settings, detector=args.interactive).start()
+    return await cluster_for(settings, args.consumers, detector=args.interactive).start()
 
 
 async def _run_points(
@@ -179,8 +222,7 @@ async def _run_points(
                 for level in levels:
                     if exporter is not None:
                         exporter.clear()
-                    items = writes(f"{run}c{level}", args.transactions)
-                    point = report(level, *await run_sagas(client, items, level, progress, args.mode), args.mode)
+                    point, items = await _one_point(client, args, f"{run}c{level}", level, progress)
                     if exporter is not None:
                         point["budget"] = bench_trace.budget(exporter.get_finished_spans())
                     points.append((point, items))
@@ -191,6 +233,51 @@ async def _run_points(
     return points, run, stats
 
 
+async def _one_point(
+    client: Coordinator, args: argparse.Namespace, name: str, level: int, progress: Progress
+) -> tuple[dict[str, Any], list[Write]]:
+    """One point of the curve: fresh keys (the default), sagas on hot keys, or interactive increments."""
+    if not args.hot_keys:
+        items = writes(name, args.transactions)
+        return report(level, *await run_sagas(client, items, level, progress, args.mode), args.mode), items
+    hot = bench_contended.hot_transactions(name, args.transactions, args.hot_keys)
+    items = [t.write for t in hot]
+    if args.interactive:
+        options = {"retries": args.retries, "isolation": args.isolation, "for_update": args.for_update}
+        latencies, results, elapsed, contention = await bench_contended.run_interactive(
+            client, hot, level, progress, options
+        )
+        point = report(level, latencies, results, elapsed, args.mode)
+    else:
+        latencies, results, elapsed = await run_sagas(client, items, level, progress, args.mode)
+        point = report(level, latencies, results, elapsed, args.mode)
+        contention = bench_contended.Contention(
+            [r.error_class or "" if isinstance(r, TransactionResult) else type(r).__name__ for r in results]
+        )
+    point.update(bench_contended.contention_summary(contention))
+    point.update(
+        hot_keys=args.hot_keys,
+        interactive=args.interactive,
+        isolation=args.isolation,
+        for_update=args.for_update,
+        reads_locked=args.interactive and bench_contended.reads_locked(args.isolation, args.for_update),
+    )
+    return point, items
+
+
+async def _verify_hot(
+    settings: Settings, args: argparse.Namespace, point: dict[str, Any], items: list[Write], backend: Any, driver: Any
+) -> None:
+    """Hot keys: the stores must agree on each written key's final value; increments must all be counted."""
+    keys = sorted({w.key for w in items})
+    found = await read_values(settings, keys, backend, driver)
+    checked = bench_contended.agreement(keys, found)
+    point["verified"], point["verified_of"] = checked.verified, len(keys)
+    point["verified_stores"], point["unverified_by_store"] = list(checked.checked), checked.missing
+    if args.interactive:
+        point["lost_updates"] = bench_contended.lost_updates(keys, found["postgres"], point["ok"])
+
+
 async def _check_and_compare(
     settings: Settings, args: argparse.Namespace, run: str, points: list[tuple[dict[str, Any], list[Write]]]
 ) -> None:
@@ -199,6 +286,9 @@ async def _check_and_compare(
         # With --external the consumers still hold Qdrant Edge: its writes are not read back then.
         backend = None if args.external and not settings.qdrant.url else qdrant.backend
         for point, items in points:
+            if args.hot_keys:
+                await _verify_hot(settings, args, point, items, backend, neo4j.driver)
+                continue
             checked = await read_back(settings, items, backend, neo4j.driver)
             point["verified"] = checked.verified
             point["verified_stores"] = list(checked.checked)
@@ -220,6 +310,7 @@ async def _check_and_compare(
 
 async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     levels = concurrencies(args.concurrency)
+    check_options(args)
     if args.consumers > 1 and (args.in_process or args.trace or args.external):
         raise SystemExit(
             "polycommit bench: --consumers runs consumer processes; not with --in-process/--trace/--external"

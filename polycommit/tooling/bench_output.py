@@ -25,9 +25,32 @@ def print_curve(console: Console, points: Sequence[dict[str, Any]], transactions
             json.dumps(point["statuses"]),
         )
     console.print(table)
+    if any("hot_keys" in point for point in points):
+        print_contention(console, points)
     for point in points:
         if "budget" in point:
             print_budget(console, point["concurrency"], point["budget"])
+
+
+def print_contention(console: Console, points: Sequence[dict[str, Any]]) -> None:
+    """`--hot-keys`: attempts, deadlock and conflict rates, lock waits and the hot keys' verdict per point."""
+    table = Table(title="contention on hot keys")
+    for column in ("concurrency", "attempts", "deadlock_rate", "conflict_rate", "lock wait p50/p99/max ms"):
+        table.add_column(column, justify="right")
+    table.add_column("hot keys agreeing")
+    table.add_column("lost updates", justify="right")
+    for point in points:
+        waits = point.get("lock_wait_ms") or {}
+        table.add_row(
+            str(point["concurrency"]),
+            str(point.get("attempts")),
+            str(point.get("deadlock_rate")),
+            str(point.get("conflict_rate")),
+            f"{waits.get('p50')}/{waits.get('p99')}/{waits.get('max')}",
+            f"{point.get('verified')}/{point.get('verified_of')}",
+            str(point.get("lost_updates", "")),
+        )
+    console.print(table)
 
 
 def print_budget(console: Console, concurrency: int, budget: dict[str, Any]) -> None:

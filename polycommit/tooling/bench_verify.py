@@ -41,7 +41,13 @@ def verify(expected: Sequence[Write], found: Mapping[str, Mapping[str, Any]]) ->
 
 async def read_back(settings: Settings, items: Sequence[Write], qdrant: Any | None, neo4j: Any) -> Verification:
     """Read every write of `items` from the stores (Qdrant only when its backend is reachable here)."""
-    keys = [w.key for w in items]
+    return verify(items, await read_values(settings, [w.key for w in items], qdrant, neo4j))
+
+
+async def read_values(
+    settings: Settings, keys: Sequence[str], qdrant: Any | None, neo4j: Any
+) -> dict[str, dict[str, Any]]:
+    """store -> key -> the value `v` it holds for each of `keys` (absent keys are left out)."""
     found: dict[str, dict[str, Any]] = {"postgres": {}, "neo4j": {}}
     conn = await asyncpg.connect(settings.postgres.dsn)
     try:
@@ -60,8 +66,8 @@ async def read_back(settings: Settings, items: Sequence[Write], qdrant: Any | No
         for chunk in _chunks(list(by_point)):
             points = await qdrant.retrieve(COLLECTION, chunk, with_vectors=False)
             found["qdrant"].update((by_point[pid], data["payload"].get("v")) for pid, data in points.items())
-    return verify(items, found)
+    return found
 
 
-def _chunks(values: list[str]) -> list[list[str]]:
-    return [values[i : i + CHUNK] for i in range(0, len(values), CHUNK)]
+def _chunks(values: Sequence[str]) -> list[list[str]]:
+    return [list(values[i : i + CHUNK]) for i in range(0, len(values), CHUNK)]
