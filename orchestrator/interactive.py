@@ -44,7 +44,7 @@ from orchestrator.interactive_model import (
     victim_error,
     waits_in_cycle,
 )
-from orchestrator.locking import Locking, LockingPhase, lock_event
+from orchestrator.locking import Locking, LockingPhase
 from orchestrator.locks import EXCLUSIVE, LockMode
 from orchestrator.protocol import (
     Handler,
@@ -154,17 +154,6 @@ class Interactive(Locking):
             t.lock_replies.append(reply(new, waiting, now, refused))
         self.release(t, now)
         return t
-
-    def release(self, t: Transition, now: int) -> None:
-        tx_id = t.state["intent"]["tx_id"]
-        if tx_id not in self.locks:
-            return
-        keys = self.locks.keys_of(tx_id)
-        for key in keys:
-            mode = self.locks.mode_of(tx_id, key) or EXCLUSIVE
-            t.lock_requests.append(lock_event(t.state, key, "RELEASED", [], now, mode))
-        t.wake.extend(self.locks.release(tx_id))
-        self.reannounce(t, keys, now)
 
     def _saga_victim(self, state: TxState, event: VictimChosen, now: int) -> Transition:
         """A saga waiting for its write keys (after its intent) is a victim like an open transaction."""

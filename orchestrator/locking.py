@@ -241,8 +241,9 @@ class Locking:
         if tx_id not in self.locks:
             return
         keys = self.locks.keys_of(tx_id)
-        for key in keys:
-            t.lock_requests.append(lock_event(t.state, key, "RELEASED", [], now, EXCLUSIVE))
+        for key in keys:  # in the mode it held (an interactive transaction's read locks are SHARED)
+            mode = self.locks.mode_of(tx_id, key) or EXCLUSIVE
+            t.lock_requests.append(lock_event(t.state, key, "RELEASED", [], now, mode))
         t.wake.extend(self.locks.release(tx_id))
         self.reannounce(t, keys, now)
 
