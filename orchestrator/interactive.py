@@ -115,7 +115,7 @@ class Interactive(Locking):
             return self._saga_victim(state, event, now)
         if isinstance(event, LockRequested):  # its intent came already: the client sends none after it
             return Transition(state)
-        return super().decide(state, event, now)
+        return super()._decide(state, event, now)  # noted once, by decide
 
     def classify(self, state: TxState, event: InteractiveEvent, now: int) -> OpenEvent:
         tx_id = state["intent"]["tx_id"]
