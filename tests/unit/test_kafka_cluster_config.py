@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from pathlib import Path
+
+import pytest
 
 from polycommit.acls import Grant, Operation, Pattern, Resource, role_grants
 from polycommit.bus import Topics
@@ -126,3 +129,12 @@ def test_format_arguments_carry_the_scram_users_for_stdin_only() -> None:
     assert lines[:5] == ["format", "-t", "cid", "-c", "/p"]
     assert "SCRAM-SHA-512=[name=client,password=pw-client]" in lines
     assert kafka_security.format_input(_settings(1, sasl=False), "cid", Path("/p")).splitlines()[5:] == []
+
+
+def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The storage tool reads "-…" as an option; a UUID whose first six bits are 111110 encodes to "-"."""
+    drawn = iter([uuid.UUID(bytes=b"\xf8" + b"\x01" * 15), uuid.UUID(bytes=b"\x10" * 16)])
+    monkeypatch.setattr(kafka_security.uuid, "uuid4", lambda: next(drawn))
+    cluster = kafka_security.cluster_id()
+    assert not cluster.startswith("-")
+    assert cluster == "EBAQEBAQEBAQEBAQEBAQEA"

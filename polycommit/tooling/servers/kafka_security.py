@@ -89,7 +89,12 @@ def move_aside(data: Path, reason: str) -> Path:
 
 
 def cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A KRaft cluster id. One starting with "-" is drawn again, as Kafka's own Uuid.randomUuid does: the
+    storage tool's argument parser reads it as an option and fails ("--cluster-id expected one argument")."""
+    while True:
+        drawn = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not drawn.startswith("-"):
+            return drawn
 
 
 def format_input(settings: Settings, cluster: str, properties: Path) -> str:
