@@ -134,7 +134,7 @@ def test_format_arguments_carry_the_scram_users_for_stdin_only() -> None:
 def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
     """The storage tool reads "-…" as an option; a UUID whose first six bits are 111110 encodes to "-"."""
     drawn = iter([uuid.UUID(bytes=b"\xf8" + b"\x01" * 15), uuid.UUID(bytes=b"\x10" * 16)])
-    monkeypatch.setattr(kafka_security.uuid, "uuid4", lambda: next(drawn))
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(drawn))
     cluster = kafka_security.cluster_id()
     assert not cluster.startswith("-")
     assert cluster == "EBAQEBAQEBAQEBAQEBAQEA"
