@@ -137,6 +137,12 @@ class InteractiveScope:
         self.qdrant = _Qdrant(self)
         self.neo4j = _Neo4j(self)
         self.held: dict[str, LockMode] = {}  # key -> the mode the coordinator granted
+        # Keys a read locks EXCLUSIVE rather than SHARED: the ones an earlier attempt of the same block
+        # wrote (`run` sets them). Two readers of a key that both go on to write it deadlock on the
+        # upgrade; asking the write lock at the read, as SELECT ... FOR UPDATE does, makes the second one
+        # wait instead, so a retried victim does not meet the same deadlock again.
+        self.exclusive_reads: set[str] = set()
+        self.asked_exclusive: set[str] = set()  # every key this attempt asked EXCLUSIVE (granted or not)
         self.requests = 0
         self.lock_waits_s: list[float] = []  # how long each request that went out took to be granted
         self.result: TransactionResult | None = None
@@ -151,6 +157,8 @@ class InteractiveScope:
         """Hold `keys` in `mode` (EXCLUSIVE also gives SHARED; SHARED held, EXCLUSIVE asked is an upgrade)."""
         async with self._one_at_a_time:
             wanted = sorted({k for k in keys if not _covers(self.held.get(k), mode)})
+            if mode == "EXCLUSIVE":
+                self.asked_exclusive.update(wanted)
             if wanted:
                 await self._ask(wanted, mode)
                 self.held.update({k: mode for k in wanted if not _covers(self.held.get(k), mode)})
@@ -177,7 +185,11 @@ class InteractiveScope:
         """The read locks of the isolation level: SHARED at REPEATABLE_READ and SERIALIZABLE, none below
         (READ_COMMITTED holds write locks only). The SDK's reads call this before they read a store."""
         if self.transaction.isolation in READ_LOCKING_LEVELS:
-            await self.lock(keys, "SHARED")
+            keys = list(keys)
+            written = [k for k in keys if k in self.exclusive_reads]
+            if written:
+                await self.lock(written, "EXCLUSIVE")
+            await self.lock([k for k in keys if k not in self.exclusive_reads], "SHARED")
 
     async def add(self, operation: Operation, *, compensate: Operation | None = None, **step: Any) -> None:
         """Lock what the step writes (EXCLUSIVE), then add it to the transaction's intent."""
@@ -241,10 +253,12 @@ async def run(
 ) -> TransactionResult:
     """Run `block(tx)` in an interactive transaction (options as for `coordinator.transaction`), again with
     a new transaction, up to `retries` more times, when it ends as a deadlock victim, by a lock-wait or
-    idle timeout; waits `backoff` seconds doubled per attempt (with jitter, at most `max_backoff`) first."""
-    attempt = 0
+    idle timeout; waits `backoff` seconds doubled per attempt (with jitter, at most `max_backoff`) first.
+    A new attempt reads the keys earlier attempts wrote under EXCLUSIVE locks (`exclusive_reads`)."""
+    attempt, written = 0, set[str]()
     while True:
         scope = coordinator.transaction(interactive=True, **options)
+        scope.exclusive_reads = set(written)
         try:
             async with scope as tx:
                 await block(tx)
@@ -254,6 +268,8 @@ async def run(
         except RETRIED:
             if attempt >= retries:
                 raise
+        finally:
+            written |= scope.asked_exclusive
         attempt += 1
         await asyncio.sleep(min(max_backoff, backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
 

@@ -135,6 +135,28 @@ async def test_run_retries_a_victim_in_a_new_transaction_and_gives_up_after_its_
         await run(fake, lambda tx: tx.lock(["a"]), retries=1, backoff=0.0)  # type: ignore[arg-type]
 
 
+async def test_a_retried_victim_reads_what_its_last_attempt_wrote_under_an_exclusive_lock() -> None:
+    """The upgrade deadlock (two readers of a key both writing it) is not met again by the retry: its read of
+    the key it wrote asks EXCLUSIVE at once; a key it only read is still read SHARED."""
+    fake = FakeCoordinator(refuse={3: "DeadlockVictimError"})  # the first attempt's upgrade loses
+    other = "pg:t:other"
+    attempts: list[str] = []
+
+    async def block(tx: InteractiveScope) -> None:
+        attempts.append(tx.tx_id)
+        if len(attempts) > 1:
+            fake.refuse = {}
+        await tx.lock_for_read([other])  # what tx.postgres.get does before it reads
+        await tx.lock_for_read([ROW])
+        await tx.postgres.upsert("t", {"id": 1}, {"v": 1})
+
+    result = await run(fake, block, retries=1, backoff=0.0, isolation="SERIALIZABLE")  # type: ignore[arg-type]
+    assert result.ok and len(attempts) == 2
+    asked = {tx: [(r["keys"], r["mode"]) for r in fake.sent if r["tx_id"] == tx and r["keys"]] for tx in attempts}
+    assert asked[attempts[0]] == [([other], "SHARED"), ([ROW], "SHARED"), ([ROW], "EXCLUSIVE")]
+    assert asked[attempts[1]] == [([other], "SHARED"), ([ROW], "EXCLUSIVE")]  # no upgrade left to deadlock on
+
+
 async def test_lock_replies_reach_their_call_and_other_records_pass_through() -> None:
     codec = default_codec()
     calls = LockCalls(codec)
