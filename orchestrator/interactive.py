@@ -217,6 +217,7 @@ def _ask(state: TxState, event: LockRequested, now: int, p: Interactive) -> Tran
     else:
         info.wait(request["request"], keys, mode)
         new["phase"], new["due_at_ms"] = OpenPhase.WAITING, deadline
+        t.cycles.extend((tx_id, other) for other in p.locks.mutual_waits(tx_id))
     info.into(new)
     for key in keys:
         blockers = p.locks.blockers_on(tx_id, key)

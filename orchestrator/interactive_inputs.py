@@ -20,7 +20,7 @@ from typing import Any
 
 from orchestrator.admission import ReplyTargets, expiry_refusal, key_refusal
 from orchestrator.interactive import Interactive
-from orchestrator.interactive_model import LockRequested, VictimChosen, open_intent
+from orchestrator.interactive_model import LockRequested, VictimChosen, open_intent, verdict_on
 from orchestrator.protocol import TransactionProtocol, Transition, TxState
 from orchestrator.registry import protocol_of
 from orchestrator.transactions import OwnedTransactions
@@ -89,6 +89,14 @@ class InteractiveInputs:
         if state is None or protocol is None:
             return state, None
         return state, protocol.decide(state, VictimChosen(verdict), now)
+
+    def closed_cycle(self, cycle: tuple[str, ...], now: int) -> tuple[TxState | None, Transition | None]:
+        """A deadlock of two that a transition closed in this member's table: the verdict the detector
+        would give, applied now (the detector's own, if it comes, finds the victim gone: stale)."""
+        states = [self.transactions.get(tx_id) for tx_id in cycle]
+        if any(s is None for s in states):
+            return None, None
+        return self.verdict(verdict_on(cycle, [s for s in states if s is not None], now), now)
 
     async def lock_request(
         self, request: LockRequest, record: Any, now: int

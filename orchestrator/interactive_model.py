@@ -20,6 +20,7 @@ from polycommit.events import (
     TransactionIntent,
     error_info,
 )
+from projections.wait_for import Member, judge
 
 
 class OpenPhase(StrEnum):
@@ -133,3 +134,18 @@ def open_lock_event(
     event = lock_event(state, key, action, blockers, now, mode)
     event["work_done"] = held  # the locks it holds: what aborting it would throw away
     return event
+
+
+def work_done(state: TxState) -> int:
+    """The work the score counts, as the transaction's lock events tell the detector: the locks an open
+    transaction holds, the steps a saga has run."""
+    if state["phase"] in (OpenPhase.OPEN, OpenPhase.WAITING):
+        return len(OpenLocks.of(state).held)
+    return int(lock_event(state, "", "WAITING", [], 0, EXCLUSIVE)["work_done"])
+
+
+def verdict_on(cycle: tuple[str, ...], states: list[TxState], now: int) -> DeadlockVerdict:
+    """The verdict the detector would give on a cycle of these transactions (`projections.wait_for.judge`)."""
+    members = [Member(s["intent"]["tx_id"], s["intent"]["priority"], s["started_at_ms"], work_done(s)) for s in states]
+    chosen = judge(cycle, members, now)
+    return {"cycle": list(cycle), "victim": chosen.victim, "scores": chosen.scores, "at_ms": now}

@@ -217,6 +217,7 @@ class Locking:
             first.lock_requests.extend(lock_event(first.state, k, "GRANTED", [], now, EXCLUSIVE) for k in keys)
             return first
         t = Transition(_waiting(first.state, deadline, now))
+        t.cycles.extend((tx_id, other) for other in self.locks.mutual_waits(tx_id))
         for key in keys:  # per key: a key already its own is GRANTED, the others WAITING behind their blockers
             blockers = self.locks.blockers_on(tx_id, key)
             t.lock_requests.append(

@@ -159,6 +159,11 @@ class LockTable:
         """Everyone `tx_id` waits for, on any of its keys (sorted, each once): the wait-for graph's edges."""
         return sorted({b for key in self._wanted.get(tx_id, {}) for b in self.blockers_on(tx_id, key)})
 
+    def mutual_waits(self, tx_id: str) -> list[str]:
+        """The transactions `tx_id` waits for that wait for it too: a deadlock of two, known the moment the
+        second of them queues (two readers of a key both upgrading to EXCLUSIVE meet this way)."""
+        return [b for b in self.blockers(tx_id) if tx_id in self.blockers(b)]
+
     def waiting(self) -> list[str]:
         """Transactions that do not hold every key they asked for, in arrival order."""
         return sorted((t for t in self._wanted if not self.holds_all(t)), key=self._arrival.__getitem__)

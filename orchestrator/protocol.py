@@ -98,6 +98,10 @@ class Transition:
     wake: list[str] = field(default_factory=list)
     # Answers to an interactive transaction's lock requests, sent to its reply address.
     lock_replies: list[LockReply] = field(default_factory=list)
+    # Deadlocks of two this transition closed in the member's lock table (it queued behind a transaction
+    # that waits for it): the driver judges each at once, by the detector's rule, instead of waiting for
+    # the detector's verdict (`orchestrator.interactive_model.verdict_on`).
+    cycles: list[tuple[str, ...]] = field(default_factory=list)
 
     def publishes(self) -> bool:
         """Anything to publish (a transition that keeps its state object and publishes nothing changed nothing)."""

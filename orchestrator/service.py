@@ -388,3 +388,7 @@ class CoordinatorService:
         self.writer.publish(transition, record, out)
         for woken in transition.wake:  # their locks were this one's: they go on in the same Kafka transaction
             self._decide(woken, LocksGranted(), None, now, out, touched)
+        for cycle in transition.cycles:  # a deadlock of two it closed: the victim ends now, not on a verdict
+            before, judged = self.interactive.closed_cycle(cycle, now)
+            if judged is not None:
+                self._apply(judged, before, None, out, touched, now)

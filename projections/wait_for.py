@@ -110,10 +110,9 @@ class WaitForGraph:
         """Name a victim for every cycle there is now, and remember it (see `doomed`)."""
         out: list[Verdict] = []
         for cycle in self.cycles(now_ms):
-            scores = {tx: self.members.get(tx, Member(tx)).score(now_ms) for tx in cycle}
-            victim = min(cycle, key=lambda tx: (scores[tx], _descending(tx)))
-            self.doomed[victim] = now_ms
-            out.append(Verdict(cycle, victim, scores))
+            verdict = judge(cycle, [self.members.get(tx, Member(tx)) for tx in cycle], now_ms)
+            self.doomed[verdict.victim] = now_ms
+            out.append(verdict)
         return out
 
     def _remember(self, event: LockEvent) -> None:
@@ -158,6 +157,14 @@ class WaitForGraph:
 
     def _blocks_anyone(self, tx: str) -> bool:
         return any(tx in blockers for resources in self.waits.values() for blockers in resources.values())
+
+
+def judge(cycle: tuple[str, ...], members: Iterable[Member], now_ms: int) -> Verdict:
+    """The cycle's victim: the lowest score, ties to the larger tx id (the detector's rule, and the
+    coordinator's for the two-transaction deadlocks its lock table sees close)."""
+    scores = {m.tx_id: m.score(now_ms) for m in members}
+    victim = min(cycle, key=lambda tx: (scores[tx], _descending(tx)))
+    return Verdict(cycle, victim, scores)
 
 
 def _descending(tx_id: str) -> tuple[int, ...]:

@@ -1,0 +1,75 @@
+"""A deadlock of two is broken by the coordinator itself, on the real servers with no deadlock detector
+running: two SERIALIZABLE readers of one row both go on to write it (each upgrade waits for the other's
+read lock). The lock waits are far longer than the test, so only the coordinator's own verdict can end the
+cycle: one victim (DeadlockVictimError), the other commits and its write is in PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from orchestrator.saga import SagaPolicy
+from polycommit.client import Coordinator
+from polycommit.config import Settings
+from polycommit.errors import DeadlockVictimError
+from polycommit.tooling import workload
+from polycommit.tooling.runtime import Runtime
+
+POLICY = SagaPolicy(default_timeout_ms=20_000, backoff_base_ms=100, backoff_max_ms=1000, compensation_retries=3)
+LOCK_WAIT_S = 600.0  # no lock-wait timeout ends the cycle within the test's time
+
+pytestmark = pytest.mark.servers
+
+
+@pytest.fixture(scope="module")
+async def client(topics: Settings) -> AsyncIterator[Coordinator]:
+    await workload.prepare_postgres(topics)
+    runtime = Runtime(topics, stores=("postgres",), policy=POLICY, batch_size=200)  # no detector
+    await runtime.start(timeout=120)
+    try:
+        async with Coordinator(runtime.settings, timeout=60) as coordinator:
+            yield coordinator
+    finally:
+        await runtime.stop()
+
+
+async def test_two_readers_upgrading_one_row_lose_one_victim_without_a_detector(
+    client: Coordinator, topics: Settings
+) -> None:
+    doc = f"local-{uuid.uuid4().hex[:8]}"
+    both_read = [asyncio.Event(), asyncio.Event()]
+
+    async def reader_then_writer(i: int) -> Any:
+        scope = client.transaction(
+            name=f"upgrade-{i}", interactive=True, isolation="SERIALIZABLE", lock_wait=LOCK_WAIT_S
+        )
+        async with scope as tx:
+            if i == 0:
+                await tx.lock([f"test:extra:{doc}"])  # more work done: the other one is the victim
+            else:
+                await both_read[0].wait()  # and younger
+            await tx.postgres.get(workload.DOCUMENTS, {"id": doc})  # SHARED, held to the end
+            both_read[i].set()
+            for read in both_read:
+                await read.wait()
+            await tx.postgres.upsert(workload.DOCUMENTS, {"id": doc}, {"title": f"writer-{i}"})  # the upgrade
+        return scope.result
+
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(reader_then_writer(i) for i in range(2)), return_exceptions=True), timeout=60
+    )
+    victims = [i for i, o in enumerate(outcomes) if isinstance(o, DeadlockVictimError)]
+    survivors = [i for i, o in enumerate(outcomes) if not isinstance(o, BaseException) and o.status == "completed"]
+    assert len(victims) == 1 and len(survivors) == 1, outcomes
+    assert victims == [1]  # equal priority: the younger with less work dies (the detector's rule)
+    conn = await asyncpg.connect(topics.postgres.dsn)
+    try:
+        title = await conn.fetchval(f"SELECT title FROM {workload.DOCUMENTS} WHERE id = $1", doc)
+    finally:
+        await conn.close()
+    assert title == f"writer-{survivors[0]}"
