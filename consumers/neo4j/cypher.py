@@ -120,9 +120,6 @@ CREATE_MARKER_CONSTRAINT = (
     f"CREATE CONSTRAINT polycommit_step_id IF NOT EXISTS FOR (m:{MARKER_LABEL}) REQUIRE m.id IS UNIQUE"
 )
 READ_MARKERS = f"UNWIND $ids AS id MATCH (m:{MARKER_LABEL} {{id: id}}) RETURN collect([m.id, m.before]) AS markers"
-# CREATE, not MERGE: a second writer of the same marker (a redelivery racing on another consumer) then
-# fails on the uniqueness constraint and rolls back its whole effect instead of applying it twice.
-WRITE_MARKERS = f"UNWIND $rows AS row CREATE (:{MARKER_LABEL} {{id: row.id, before: row.before}})"
 
 
 # Versions (polycommit.versioning): one (:PolycommitVersion {key, version}) node per resource key, kept
@@ -137,7 +134,24 @@ LOCK_VERSIONS = (
     f"UNWIND $keys AS k MERGE (v:{VERSION_LABEL} {{key: k}}) ON CREATE SET v.version = 0 "
     "SET v.locked = true REMOVE v.locked RETURN collect([k, v.version]) AS versions"
 )
-BUMP_VERSIONS = f"UNWIND $keys AS k MATCH (v:{VERSION_LABEL} {{key: k}}) SET v.version = v.version + 1"
+
+# A batch transaction's first and last queries, each one round trip for what took two (at one transaction
+# per batch, a round trip is a few ms of every step's latency). The first reads the batch's markers and
+# locks the versions of every key its effects may write (a key the batch then skips is locked for nothing,
+# which is harmless); the versions are then kept in the participant while the effects run, and the last
+# query raises each written key's version by its count of writes and writes the new markers.
+READ_MARKERS_LOCK_VERSIONS = (
+    f"CALL () {{ UNWIND $ids AS id MATCH (m:{MARKER_LABEL} {{id: id}}) RETURN collect([m.id, m.before]) AS markers }} "
+    f"CALL () {{ UNWIND $keys AS k MERGE (v:{VERSION_LABEL} {{key: k}}) ON CREATE SET v.version = 0 "
+    "SET v.locked = true REMOVE v.locked RETURN collect([k, v.version]) AS versions } "
+    "RETURN markers, versions"
+)
+BUMP_VERSIONS_WRITE_MARKERS = (
+    f"CALL () {{ UNWIND $bumps AS b MATCH (v:{VERSION_LABEL} {{key: b.key}}) SET v.version = v.version + b.by }} "
+    # CREATE, not MERGE: a second writer of the same marker (a redelivery racing on another consumer) then
+    # fails on the uniqueness constraint and rolls back its whole effect instead of applying it twice.
+    f"CALL () {{ UNWIND $rows AS row CREATE (:{MARKER_LABEL} {{id: row.id, before: row.before}}) }}"
+)
 READ_VERSIONS = (
     f"UNWIND $keys AS k OPTIONAL MATCH (v:{VERSION_LABEL} {{key: k}}) "
     "RETURN collect([k, coalesce(v.version, 0)]) AS versions"

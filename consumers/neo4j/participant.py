@@ -33,6 +33,7 @@ from consumers.neo4j.cypher import (
     CREATE_VERSION_CONSTRAINT,
     MARKER_LABEL,
     READ_MARKERS,
+    READ_MARKERS_LOCK_VERSIONS,
     READ_VERSIONS,
     constraint_statement,
     read_query,
@@ -51,7 +52,7 @@ from consumers.neo4j.effects import (
     reads,
     writes,
 )
-from consumers.neo4j.unit import Unit
+from consumers.neo4j.unit import Unit, keys_to_lock
 from consumers.planner import batch_groups, plan_batch
 from polycommit.config import Settings
 from polycommit.errors import PolycommitError, StoreError, StoreUnavailableError
@@ -231,17 +232,18 @@ class Neo4jParticipant(Participant):
         async with self.driver.session() as session:
             tx = await session.begin_transaction()
             try:
-                planned = plan_batch(commands, await _read_markers(tx, commands))
-                unit = Unit(tx, planned, {i: e for i, (_, _, e) in enumerate(work)})
+                effects = {i: e for i, (_, _, e) in enumerate(work)}
+                markers, versions = await _read_markers_lock_versions(tx, commands, keys_to_lock(effects.values()))
+                unit = Unit(tx, plan_batch(commands, markers), effects, versions)
                 groups = batch_groups(
-                    planned,
+                    unit.planned,
                     lambda p: writes(p.command, unit.effects[p.position]),
                     reads=lambda p: reads(unit.effects[p.position]),
                     alone=lambda p: unit.effects[p.position].raw,
                 )
                 for group in groups:
                     await unit.apply_group(group)
-                await unit.flush_markers()
+                await unit.finish()
                 await tx.commit()
             finally:
                 if not tx.closed():
@@ -283,6 +285,16 @@ class Neo4jParticipant(Participant):
                 return await result.data()
         except (Neo4jError, DriverError) as exc:
             raise classify(exc) from exc
+
+
+async def _read_markers_lock_versions(
+    tx: AsyncTransaction, commands: Sequence[TypedCommand], keys: list[str]
+) -> tuple[dict[str, Marker], dict[str, int]]:
+    """The batch's markers, and the versions of `keys`, locked to the end of the transaction."""
+    ids = sorted({i for c in commands for i in (c.execute_id, c.compensate_id)})
+    record = await (await tx.run(READ_MARKERS_LOCK_VERSIONS, ids=ids, keys=keys)).single(strict=True)
+    markers = {step_id: Marker(before) for step_id, before in record["markers"]}
+    return markers, {key: int(version) for key, version in record["versions"]}
 
 
 async def _read_markers(tx: AsyncTransaction, commands: Sequence[TypedCommand]) -> dict[str, Marker]:

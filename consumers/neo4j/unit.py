@@ -6,15 +6,22 @@ before-images it saw; raw Cypher runs alone; every marker is written at the end,
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from neo4j import AsyncTransaction
 
 from consumers.base import Plan, Timing, failed, is_reference, outcome, status_for
-from consumers.neo4j.cypher import BUMP_VERSIONS, LOCK_VERSIONS, WRITE_MARKERS, Seen, effect_query, refusal, row_of
+from consumers.neo4j.cypher import (
+    BUMP_VERSIONS_WRITE_MARKERS,
+    LOCK_VERSIONS,
+    Seen,
+    effect_query,
+    refusal,
+    row_of,
+)
 from consumers.neo4j.effects import (
     STORE,
     Effect,
@@ -38,6 +45,10 @@ class Unit:
     tx: AsyncTransaction
     planned: list[Planned]
     effects: dict[int, Effects]
+    # The versions of the keys this transaction locked (key -> version, its own writes counted) and the
+    # writes each key's version is still to be raised by, in `finish`.
+    versions: dict[str, int] = field(default_factory=dict)
+    bumps: Counter[str] = field(default_factory=Counter)
     new_markers: list[dict[str, Any]] = field(default_factory=list)
     results: dict[int, tuple[Literal["APPLIED", "NOOP"], str | None]] = field(default_factory=dict)
     errors: dict[int, BaseException] = field(default_factory=dict)
@@ -85,17 +96,18 @@ class Unit:
             self.record(p, "APPLIED", before)
             if effect.resource is not None:
                 written.append(effect.resource)
-        if written:  # every structured write raises its key's version, compensations included
-            await (await self.tx.run(BUMP_VERSIONS, keys=written)).consume()
+        for key in written:  # every structured write raises its key's version, compensations included
+            self.versions[key] += 1
+            self.bumps[key] += 1
 
     async def _checked(self, work: list[tuple[Planned, Effect]]) -> list[tuple[Planned, Effect]]:
         """Lock the versions of the group's keys (held to the end of the transaction, so check and bump
         are atomic); fail and drop the effects whose expected version is not their key's."""
-        keys = sorted({e.resource for _, e in work if e.resource is not None})
-        if not keys:
-            return work
-        record = await (await self.tx.run(LOCK_VERSIONS, keys=keys)).single(strict=True)
-        conflicts = version_conflicts([e for _, e in work], {k: int(v) for k, v in record["versions"]})
+        keys = sorted({e.resource for _, e in work if e.resource is not None} - set(self.versions))
+        if keys:  # not locked with the markers (every key normally is: see `keys_to_lock`)
+            record = await (await self.tx.run(LOCK_VERSIONS, keys=keys)).single(strict=True)
+            self.versions.update({k: int(v) for k, v in record["versions"]})
+        conflicts = version_conflicts([e for _, e in work], self.versions)
         for i, problem in conflicts.items():
             self.errors[work[i][0].position] = problem
         return [w for i, w in enumerate(work) if i not in conflicts]
@@ -153,7 +165,15 @@ class Unit:
                 seen[i] = Seen(props, *context)
         return seen
 
-    async def flush_markers(self) -> None:
-        if self.new_markers:
-            result = await self.tx.run(WRITE_MARKERS, rows=self.new_markers)
+    async def finish(self) -> None:
+        """Raise the written keys' versions and write the new markers, in one query."""
+        if self.new_markers or self.bumps:
+            bumps = [{"key": k, "by": n} for k, n in sorted(self.bumps.items())]
+            result = await self.tx.run(BUMP_VERSIONS_WRITE_MARKERS, bumps=bumps, rows=self.new_markers)
             await result.consume()
+
+
+def keys_to_lock(effects: Iterable[Effects]) -> list[str]:
+    """Every key whose version the effects may check or raise, sorted (batches lock them in one order)."""
+    keys = {e.resource for effect in effects for e in (effect.effect, effect.compensation) if e is not None}
+    return sorted(k for k in keys if k is not None)
