@@ -230,7 +230,8 @@ class Neo4jParticipant(Participant):
         """Apply commands in one Neo4j write transaction: all their effects and markers, or none."""
         commands = [c for _, c, _ in work]
         async with self.driver.session() as session:
-            tx = await session.begin_transaction()
+            with _pipelined_begin(session):
+                tx = await session.begin_transaction()
             try:
                 effects = {i: e for i, (_, _, e) in enumerate(work)}
                 markers, versions = await _read_markers_lock_versions(tx, commands, keys_to_lock(effects.values()))
@@ -285,6 +286,14 @@ class Neo4jParticipant(Participant):
                 return await result.data()
         except (Neo4jError, DriverError) as exc:
             raise classify(exc) from exc
+
+
+def _pipelined_begin(session: Any) -> contextlib.AbstractContextManager[Any]:
+    """BEGIN sent with the transaction's first query instead of awaited alone: one round trip less per
+    batch (a BEGIN refused then fails that query, which rolls the batch back like any other error). The
+    driver does this for its own `execute_query` through this session flag; without it, a plain BEGIN."""
+    flag = getattr(session, "_pipelined_begin", None)
+    return flag if isinstance(flag, contextlib.AbstractContextManager) else contextlib.nullcontext()
 
 
 async def _read_markers_lock_versions(
