@@ -196,6 +196,7 @@ def command(state: SagaSnapshot, index: int, action: Literal["EXECUTE", "COMPENS
         attempt=state["flights"][index]["attempt"],
         before_image=state["before_images"][index],
         issued_at_ms=now,
+        isolation=state["intent"]["isolation"],
     )
 
 

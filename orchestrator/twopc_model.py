@@ -102,7 +102,10 @@ Action = Literal["PREPARE", "COMMIT", "ABORT"]
 def command(state: SagaSnapshot, index: int, action: Action, now: int) -> StoreCommand:
     step = state["intent"]["steps"][index]
     attempts = state["steps"][index]["attempts" if action == "PREPARE" else "compensation_attempts"]
-    return store_command(state["intent"]["tx_id"], index, action, step["operation"], attempt=attempts, issued_at_ms=now)
+    tx_id, isolation = state["intent"]["tx_id"], state["intent"]["isolation"]
+    return store_command(
+        tx_id, index, action, step["operation"], attempt=attempts, issued_at_ms=now, isolation=isolation
+    )
 
 
 def participants(state: SagaSnapshot) -> list[str]:

@@ -87,6 +87,7 @@ class StoreCommand(TypedDict):
     compensation: Operation | None
     before_image: str | None
     issued_at_ms: int
+    isolation: Isolation  # v2: the transaction's level (PostgreSQL's batch runs at its commands' strictest)
 
 
 class StepOutcome(TypedDict):
@@ -259,6 +260,7 @@ def store_command(
     attempt: int = 1,
     before_image: str | None = None,
     issued_at_ms: int | None = None,
+    isolation: Isolation = "READ_COMMITTED",
 ) -> StoreCommand:
     return {
         "tx_id": tx_id,
@@ -269,6 +271,7 @@ def store_command(
         "compensation": compensation,
         "before_image": before_image,
         "issued_at_ms": now_ms() if issued_at_ms is None else issued_at_ms,
+        "isolation": isolation,
     }
 
 

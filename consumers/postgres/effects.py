@@ -8,6 +8,7 @@ the whole row) or, when there was none, deletes the row the step created.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from consumers.base import Plan
@@ -85,3 +86,26 @@ def version_conflicts(members: list[tuple[int, RowOperation]], versions: dict[st
         if problem is not None:
             found[position] = problem
     return found
+
+
+# The isolation levels, weakest first, by their names in asyncpg's `transaction(isolation=...)`.
+# PostgreSQL runs READ UNCOMMITTED as READ COMMITTED.
+_LEVELS = {
+    "READ_UNCOMMITTED": "read_uncommitted",
+    "READ_COMMITTED": "read_committed",
+    "REPEATABLE_READ": "repeatable_read",
+    "SERIALIZABLE": "serializable",
+}
+
+
+def batch_isolation(levels: Iterable[str]) -> str:
+    """The level a batch's transaction runs at: the strictest its commands ask (each command's
+    transaction gets at least its own level; READ COMMITTED for a batch of none)."""
+    order = list(_LEVELS)
+    strictest = max((order.index(level) for level in levels if level in _LEVELS), default=1)
+    return _LEVELS[order[strictest]]
+
+
+def begin_statement(isolation: str) -> str:
+    """BEGIN at an asyncpg level name (`batch_isolation`), for the batches that begin by hand."""
+    return f"BEGIN ISOLATION LEVEL {isolation.replace('_', ' ').upper()}"

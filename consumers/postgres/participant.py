@@ -173,7 +173,7 @@ class PostgresParticipant(Participant):
     ) -> dict[int, StepOutcome]:
         commands = [c for _, c in batch]
         try:
-            async with conn.transaction():
+            async with conn.transaction(isolation=effects.batch_isolation(c.source["isolation"] for c in commands)):
                 results = await self._apply(conn, commands, begun)
         except asyncpg.PostgresError as exc:
             if len(commands) == 1:
@@ -192,7 +192,7 @@ class PostgresParticipant(Participant):
 
     async def _apply_alone(self, conn: asyncpg.Connection, command: TypedCommand, begun: int) -> list[StepOutcome]:
         try:
-            async with conn.transaction():
+            async with conn.transaction(isolation=effects.batch_isolation([command.source["isolation"]])):
                 return await self._apply(conn, [command], begun)
         except asyncpg.PostgresError as exc:
             return [failed(command.source, self.store, classify(exc), timing.since(begun))]

@@ -27,6 +27,7 @@ import asyncpg
 from consumers import timing
 from consumers.base import outcome
 from consumers.command import TypedCommand
+from consumers.postgres import effects
 from consumers.postgres import sql as q
 from consumers.postgres.batches import BatchRegistry, Member, member_of
 from polycommit.events import ErrorInfo, StepOutcome, error_info
@@ -198,7 +199,8 @@ async def _prepare_batch(host: Host, commands: list[TypedCommand], begun: int) -
     gid = batch_gid(host.gid_space)
     async with host.pool.acquire() as conn:
         # One round trip; a row held by another prepared transaction votes (a retriable) no, never hangs.
-        await conn.execute("BEGIN; SET LOCAL lock_timeout = '5s'")
+        level = effects.begin_statement(effects.batch_isolation(c.source["isolation"] for c in commands))
+        await conn.execute(f"{level}; SET LOCAL lock_timeout = '5s'")
         try:
             results = await _run_members(host, conn, commands, begun)
             members = [member_of(c) for c, r in zip(commands, results, strict=True) if r["status"] == "APPLIED"]

@@ -78,6 +78,7 @@ def _command(action: StepAction) -> StoreCommand:
         "compensation": None,
         "before_image": None,
         "issued_at_ms": 0,
+        "isolation": "READ_COMMITTED",
     }
 
 

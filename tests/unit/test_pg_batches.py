@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from consumers.command import TypedCommand, parse_command
 from consumers.postgres.batches import BatchRegistry
+from consumers.postgres.effects import batch_isolation, begin_statement
 from polycommit import operations as ops
 from polycommit.events import store_command
 
@@ -59,3 +60,11 @@ def test_a_member_named_by_a_later_batch_keeps_the_later_one_when_the_first_is_d
     registry.add("g2", [("a", 0), ("b", 0)])
     registry.drop("g1")
     assert registry.gid_of(("a", 0)) == "g2"
+
+
+def test_a_batch_runs_at_the_strictest_level_its_commands_ask() -> None:
+    assert batch_isolation([]) == "read_committed"
+    assert batch_isolation(["READ_UNCOMMITTED"]) == "read_uncommitted"  # PostgreSQL runs it as READ COMMITTED
+    assert batch_isolation(["READ_COMMITTED", "SERIALIZABLE", "REPEATABLE_READ"]) == "serializable"
+    assert batch_isolation(["REPEATABLE_READ", "READ_COMMITTED"]) == "repeatable_read"
+    assert begin_statement("repeatable_read") == "BEGIN ISOLATION LEVEL REPEATABLE READ"
