@@ -23,7 +23,8 @@ from polycommit.tooling.processes import Cluster
 
 pytestmark = pytest.mark.servers
 
-TRANSACTIONS = 800
+WARM_UP = 300  # a first wave, until results flow: the pipeline is working when the kill comes
+TRANSACTIONS = 1000  # the second wave: the kill comes once the coordinator holds 500 of it in flight
 IN_FLIGHT_AT_KILL = 500
 
 
@@ -41,16 +42,21 @@ async def test_every_process_killed_with_hundreds_in_flight_recovers_them_all(ru
     await cluster.start()
     try:
         async with Coordinator(run, timeout=600) as client:
-            transactions = [saga_of(w, mode="2pc") for w in writes(f"r{uuid.uuid4().hex[:6]}", TRANSACTIONS)]
-            futures = await asyncio.gather(*(client.submit(t) for t in transactions))
-            while sum(1 for f in futures if f.done()) < 50:  # some finished: the pipeline is full
-                await asyncio.wait(futures, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+            transactions = [saga_of(w, mode="2pc") for w in writes(f"r{uuid.uuid4().hex[:6]}", WARM_UP + TRANSACTIONS)]
+            futures = await asyncio.gather(*(client.submit(t) for t in transactions[:WARM_UP]))
+            # Batching across transactions can finish a whole wave at once, so the kill does not wait for
+            # results to trickle: once the first wave has results, a second one is submitted and every
+            # process is killed as soon as the coordinator's committed state holds 500 transactions in flight.
+            await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+            futures += await asyncio.gather(*(client.submit(t) for t in transactions[WARM_UP:]))
+            while len(await transactions_in_flight(run)) < IN_FLIGHT_AT_KILL:
+                assert not all(f.done() for f in futures), "every transaction ended before the kill"
             for part in cluster.processes.values():
                 part.kill()
             await asyncio.gather(*(part.exited() for part in cluster.processes.values()))
             unfinished = sum(1 for f in futures if not f.done())
             coordinator_in_flight = len(await transactions_in_flight(run))
-            assert unfinished >= IN_FLIGHT_AT_KILL, unfinished
+            assert coordinator_in_flight >= IN_FLIGHT_AT_KILL, coordinator_in_flight
             started = time.monotonic()
             await asyncio.gather(*(cluster.start_one(name) for name in cluster.names))
             restarted = time.monotonic() - started
