@@ -22,7 +22,7 @@ import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from neo4j import AsyncDriver, AsyncGraphDatabase, AsyncTransaction
+from neo4j import AsyncDriver, AsyncGraphDatabase, AsyncSession, AsyncTransaction
 from neo4j.exceptions import DriverError, Neo4jError, ServiceUnavailable, SessionExpired
 
 from consumers import timing
@@ -306,7 +306,8 @@ async def _read_markers_lock_versions(
     return markers, {key: int(version) for key, version in record["versions"]}
 
 
-async def _read_markers(tx: AsyncTransaction, commands: Sequence[TypedCommand]) -> dict[str, Marker]:
+async def _read_markers(tx: AsyncTransaction | AsyncSession, commands: Sequence[TypedCommand]) -> dict[str, Marker]:
+    """The commands' markers, in `tx` or as one auto-commit query of a session (the vote's common case)."""
     ids = sorted({i for c in commands for i in (c.execute_id, c.compensate_id)})
     record = await (await tx.run(READ_MARKERS, ids=ids)).single(strict=True)
     return {step_id: Marker(before) for step_id, before in record["markers"]}

@@ -48,22 +48,15 @@ async def vote(
         shape = next((n.shape for t in e.targets() for n in nodes_of(t) if n.shape in broken), None)
         if shape is not None:
             problems[i] = broken[shape]
+    # The common vote (structured writes, no expected version) only reads the markers: one auto-commit
+    # query, one round trip, instead of BEGIN, the read and the read transaction's rollback.
+    checks = any(e.raw or e.effect.expected_version is not None for i, e in effects.items() if i not in problems)
     try:
         async with driver.session(default_access_mode="READ") as session:
-            tx = await session.begin_transaction()
-            try:
-                markers = await read_markers(tx, commands)
-                for i, e in effects.items():
-                    if i not in problems and e.raw:
-                        problems.update(await _explain(tx, i, e))
-                # A PREPARE whose step is applied here already (a redelivery after its COMMIT) stands:
-                # its own write moved the version on.
-                fresh = {
-                    i: e for i, e in effects.items() if i not in problems and commands[i].execute_id not in markers
-                }
-                problems.update(await _version_conflicts(tx, fresh))
-            finally:
-                await tx.close()
+            if not checks:
+                markers = await read_markers(session, commands)
+            else:
+                markers = await _checked_vote(session, commands, effects, problems, read_markers)
     except (Neo4jError, DriverError) as exc:
         problem = classify(exc)
         raise problem if isinstance(problem, StoreUnavailableError) else StoreUnavailableError(str(problem)) from exc
@@ -80,6 +73,30 @@ async def vote(
         else:
             results.append(outcome(command.source, "neo4j", "PREPARED", done))
     return results
+
+
+async def _checked_vote(
+    session: Any,
+    commands: Sequence[TypedCommand],
+    effects: Mapping[int, Effects],
+    problems: dict[int, BaseException],
+    read_markers: ReadMarkers,
+) -> dict[str, Marker]:
+    """The markers, read in one read transaction with the raw statements' EXPLAIN and the version checks;
+    adds what they find wrong to `problems`."""
+    tx = await session.begin_transaction()
+    try:
+        markers = await read_markers(tx, commands)
+        for i, e in effects.items():
+            if i not in problems and e.raw:
+                problems.update(await _explain(tx, i, e))
+        # A PREPARE whose step is applied here already (a redelivery after its COMMIT) stands: its own
+        # write moved the version on.
+        fresh = {i: e for i, e in effects.items() if i not in problems and commands[i].execute_id not in markers}
+        problems.update(await _version_conflicts(tx, fresh))
+        return markers
+    finally:
+        await tx.close()
 
 
 async def _version_conflicts(tx: Any, effects: Mapping[int, Effects]) -> dict[int, BaseException]:
