@@ -19,9 +19,9 @@ keys an open transaction holds) is a victim like an open one.
 
 Restore: an open state's snapshot carries what it holds and what it waits for (see `OpenLocks`, kept in
 `before_images[0]`: an open state has no steps, so the field is free and SagaSnapshot keeps its schema).
-Once the saga runs, its snapshot is the lock wrapper's and a restore takes back its write keys: the locks it
-took only to read are not restored, which keeps it serializable (two-phase locking: it asks for no lock
-after that point) though no longer strict.
+Once the saga runs, it holds its write keys only: the locks it took only to read go when it starts (its
+growing phase is over: strict two-phase locking keeps the write locks to the end, and it is serializable),
+so its snapshot is the lock wrapper's and a restore takes back exactly what it held.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from orchestrator.interactive_model import (
     victim_error,
     waits_in_cycle,
 )
-from orchestrator.locking import Locking, LockingPhase
+from orchestrator.locking import Locking, LockingPhase, lock_event
 from orchestrator.locks import EXCLUSIVE, LockMode
 from orchestrator.protocol import (
     Handler,
@@ -115,7 +115,10 @@ class Interactive(Locking):
             return self._saga_victim(state, event, now)
         if isinstance(event, LockRequested):  # its intent came already: the client sends none after it
             return Transition(state)
-        return super()._decide(state, event, now)  # noted once, by decide
+        t = super()._decide(state, event, now)  # noted once, by decide
+        if state["phase"] == LockingPhase.LOCKING and t.state["phase"] != LockingPhase.LOCKING:
+            self.release_reads(t, now)  # its write keys came: the saga starts
+        return t
 
     def classify(self, state: TxState, event: InteractiveEvent, now: int) -> OpenEvent:
         tx_id = state["intent"]["tx_id"]
@@ -163,6 +166,23 @@ class Interactive(Locking):
         return self.end(state, now, OpenPhase.VICTIM, victim_error(event.verdict))
 
     # -- the rest of the protocol's questions ---------------------------------------------------------
+
+    def release_reads(self, t: Transition, now: int) -> None:
+        """The saga of `t` starts: it holds every lock it will ever take (its intent came, its write keys are
+        EXCLUSIVE), so the keys it holds only SHARED go now. Two-phase locking's growing phase ends here,
+        which keeps it serializable, and strict: the write locks stay until the saga ends. A read lock held
+        through the saga's steps would only keep writers of what it read waiting."""
+        if self.is_terminal(t.state["phase"]):
+            return
+        tx_id, locks = t.state["intent"]["tx_id"], self.locks
+        reads = [
+            k for k in locks.keys_of(tx_id) if locks.holds(tx_id, k) and locks.mode_of(tx_id, k) == LockMode.SHARED
+        ]
+        if not reads:
+            return
+        t.lock_requests.extend(lock_event(t.state, key, "RELEASED", [], now, LockMode.SHARED) for key in reads)
+        t.wake.extend(locks.release_keys(tx_id, reads))
+        self.reannounce(t, reads, now)
 
     def is_open(self, phase: str) -> bool:
         """Before its intent: holding locks taken on demand, maybe waiting for more."""
@@ -277,6 +297,8 @@ def _commit(state: TxState, event: IntentReceived, now: int, p: Interactive) -> 
         lock["started_at_ms"] = state["started_at_ms"]
     if Locking.is_terminal(p, t.state["phase"]):
         p.release(t, now)  # refused, or no steps: nothing runs, the open locks go
+    elif t.state["phase"] != LockingPhase.LOCKING:
+        p.release_reads(t, now)  # every write key held already: the saga starts
     return t
 
 

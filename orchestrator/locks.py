@@ -178,11 +178,19 @@ class LockTable:
     def release(self, tx_id: str) -> list[str]:
         """Drop `tx_id` from every key (held or waiting); returns the transactions that now hold all
         their keys and did not before, in the order they arrived."""
-        wanted = self._wanted.pop(tx_id, {})
+        woken = self.release_keys(tx_id, list(self._wanted.get(tx_id, {})))
+        self._wanted.pop(tx_id, None)
         self._arrival.pop(tx_id, None)
         self._deadline.pop(tx_id, None)
+        return woken
+
+    def release_keys(self, tx_id: str, keys: Iterable[str]) -> list[str]:
+        """Drop `tx_id` from `keys` only (it keeps its other locks); returns the transactions that now hold
+        all their keys and did not before, in the order they arrived."""
+        wanted = self._wanted.get(tx_id, {})
         granted: set[str] = set()
-        for key in wanted:
+        for key in [k for k in keys if k in wanted]:
+            del wanted[key]
             holders, queue = self._holders[key], self._queues[key]
             holders.pop(tx_id, None)
             for waiter in [w for w in queue if w.tx_id == tx_id]:

@@ -178,6 +178,22 @@ def test_the_intent_runs_at_once_under_the_locks_held_asking_only_what_is_missin
     assert actions(t) == {ROW: "RELEASED", NODE: "RELEASED"} and "T1" not in m.p.locks
 
 
+def test_the_read_locks_go_when_the_saga_starts_and_the_write_locks_stay_to_its_end() -> None:
+    m = Members()
+    m.ask("T1", 1, [ROW], "SHARED")  # read
+    m.ask("T1", 2, [NODE])  # the key it writes
+    assert m.ask("W", 1, [ROW]).state["phase"] == OpenPhase.WAITING  # a writer of what T1 read
+    assert m.ask("R", 1, [NODE], "SHARED").state["phase"] == OpenPhase.WAITING  # a reader of what T1 writes
+    tx = Transaction(tx_id="T1").add(ops.merge_node("N", {"id": 1}))
+    t = m.decide("T1", IntentReceived(tx.intent("polycommit.replies:0", "test")))
+    assert [c["action"] for c in t.commands] == ["EXECUTE"]  # the saga started
+    assert {e["resource"]: (e["action"], e["mode"]) for e in t.lock_requests if e["tx_id"] == "T1"} == {
+        ROW: ("RELEASED", "SHARED"),
+        NODE: ("GRANTED", "EXCLUSIVE"),
+    }
+    assert t.wake == ["W"] and m.p.locks.holds("T1", NODE) and not m.p.locks.holds("R", NODE)
+
+
 def test_an_intent_waiting_for_a_write_key_is_a_victim_like_an_open_transaction() -> None:
     m = Members()
     deadlock(m)
