@@ -17,11 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from consumers import timing
 from consumers.base import Participant, failed
 from consumers.command import TypedCommand, parse_command
+from consumers.held import HeldOffsets
 from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
 from polycommit.codec import EventCodec, default_codec
@@ -80,6 +82,7 @@ class StoreWorker:
         self.name = f"{self.store}-worker"
         self._catch_up: tuple[dict[Any, int], asyncio.Event] | None = None
         self._committing: asyncio.Task[None] | None = None  # the previous batch's offset commit
+        self.held = HeldOffsets()  # what may be committed while the participant holds commands back
         self._read_at_ns = 0  # when the batch in hand was fetched (the trace's command fetch hop ends there)
 
     async def caught_up(self, end_offsets: dict[Any, int]) -> None:
@@ -128,6 +131,7 @@ class StoreWorker:
         await self.participant.start()
         await publisher.start()
         await consumer.start()
+        self.held.clear()
         try:
             if ready is not None:
                 ready.set()
@@ -142,9 +146,13 @@ class StoreWorker:
                     await self._committed()
                     await self._check_caught_up(consumer)
                     continue
+                for tp, rs in batch.items():
+                    if rs:
+                        self.held.handled(tp, rs[-1].offset + 1)
                 await self._handle(records, publisher)
                 await self._committed()  # one offset commit at a time, in batch order
-                offsets = {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
+                assigned = consumer.assignment()  # a partition given away since is not ours to commit
+                offsets = {tp: o for tp, o in self.held.offsets().items() if tp in assigned}
                 self._committing = asyncio.create_task(self._commit(consumer, offsets))
                 await self._check_caught_up(consumer)
             await self._committed()
@@ -195,8 +203,9 @@ class StoreWorker:
         failpoint("worker.after_apply")
         spans = self._trace(sources, applying)
         for record, command, maybe, span in zip(sources, commands, outcomes, spans, strict=True):
-            if maybe is None:
-                continue  # held by the participant (a phase 2 waiting for others): published when released
+            if maybe is None:  # held by the participant (a phase 2 waiting for others): published when released
+                self.held.hold(_step(command), TopicPartition(record.topic, record.partition), record.offset)
+                continue
             step_outcome: StepOutcome = maybe
             traced = tracing.headers_of(span)
             out.append(Outgoing(self.topics.outcomes, command["tx_id"], "StepOutcome", step_outcome, headers=traced))
@@ -207,7 +216,9 @@ class StoreWorker:
             status = step_outcome["status"]
             self.stats.outcomes[status] = self.stats.outcomes.get(status, 0) + 1
         # Outcomes of commands held by earlier batches that this one settled (PostgreSQL's batched 2PC).
-        out.extend(Outgoing(self.topics.outcomes, o["tx_id"], "StepOutcome", o) for o in self.participant.released())
+        released = self.participant.released()
+        self.held.release(_step(o) for o in released)
+        out.extend(Outgoing(self.topics.outcomes, o["tx_id"], "StepOutcome", o) for o in released)
         started = time.perf_counter()
         await publisher.publish_and_wait(out)
         tracing.end_all(spans)
@@ -282,3 +293,7 @@ class StoreWorker:
             letter["error_class"] = error_class
         key = tx_id or f"{record.topic}/{record.partition}/{record.offset}"
         return Outgoing(self.topics.dead_letters, key, "DeadLetter", letter)
+
+
+def _step(event: StoreCommand | StepOutcome) -> tuple[str, int, str]:
+    return event["tx_id"], event["step_index"], event["action"]
