@@ -27,7 +27,7 @@ from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
 from polycommit.events import DeadlockVerdict, LockEvent, now_ms
-from projections.wait_for import REJUDGE_AFTER_MS, Verdict, WaitForGraph
+from projections.wait_for import CATCH_UP_MS, REJUDGE_AFTER_MS, Verdict, WaitForGraph
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ IDLE_FORGET_MS = 10 * 60_000
 @dataclass
 class DetectorStats:
     events: int = 0
+    skipped: int = 0  # older than the catch-up window when the detector started
     corrupt: int = 0
     verdicts: int = 0
 
@@ -77,6 +78,10 @@ class Detector:
         self.topics = topics_for(settings)
         self.graph = WaitForGraph()
         self.stats = DetectorStats()
+        # Events from before this instant are skipped: the coordinator announces every current wait again
+        # every REANNOUNCE_MS, so a detector that starts (its group is new: it reads the topic from the
+        # beginning) needs only the last CATCH_UP_MS of it, not a history that may take minutes to fold.
+        self.skip_before_ms: int | None = None
         self.app = faust.App(
             f"{settings.topic_prefix}-detector-{uuid.uuid4().hex[:12]}",
             broker=[f"kafka://{address.strip()}" for address in settings.kafka.bootstrap.split(",")],
@@ -111,6 +116,9 @@ class Detector:
             except CodecError:
                 self.stats.corrupt += 1  # not a lock event of ours: the graph cannot use it
                 continue
+            if self.skip_before_ms is not None and lock_event["at_ms"] < self.skip_before_ms:
+                self.stats.skipped += 1
+                continue
             self.graph.apply(lock_event)
             self.stats.events += 1
         now = now_ms()
@@ -124,6 +132,7 @@ class Detector:
         return records
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        self.skip_before_ms = now_ms() - CATCH_UP_MS
         await self.app.start()
         try:
             if ready is not None:

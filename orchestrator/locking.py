@@ -20,7 +20,7 @@ own phases sit beside the inner ones in the same snapshot (`protocol` stays the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -187,6 +187,11 @@ class Locking:
                 del self.announced[event["resource"]]
         return t
 
+    def current_waits(self, now: int) -> list[LockEvent]:
+        """Every wait announced and not yet granted or released, announced again at `now` (see
+        `projections.wait_for.REANNOUNCE_MS`)."""
+        return [{**event, "at_ms": now} for waits in self.announced.values() for event in waits.values()]
+
     def reannounce(self, t: Transition, keys: Iterable[str], now: int) -> None:
         """`keys` were released: each transaction still announced as waiting on one of them is announced
         again, WAITING behind its blockers now (a holder granted meanwhile, or the next in line) or GRANTED.
@@ -280,6 +285,11 @@ class Locking:
 
     def is_stuck(self, phase: str) -> bool:
         return phase not in _OWN_PHASES and self.inner.is_stuck(phase)
+
+
+def waits_of(protocols: Mapping[str, object], now: int) -> list[LockEvent]:
+    """The current waits of every lock-taking protocol, announced again at `now`."""
+    return [e for p in protocols.values() if isinstance(p, Locking) for e in p.current_waits(now)]
 
 
 def _waiting(started: TxState, deadline: int, now: int) -> TxState:

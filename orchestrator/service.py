@@ -26,6 +26,7 @@ from orchestrator import operator, registry
 from orchestrator.admission import ReplyTargets, canonical_or_refusal, expiry_refusal, key_refusal
 from orchestrator.admission import reply_target as reply_target
 from orchestrator.interactive_inputs import INPUTS, InteractiveInputs, input_topics
+from orchestrator.locking import waits_of
 from orchestrator.protocol import (
     Event,
     HoldsLocks,
@@ -48,6 +49,7 @@ from polycommit.deadletters import dead_letter
 from polycommit.errors import CodecError, ProtocolError
 from polycommit.events import OperatorCommand, StepOutcome, TransactionIntent, now_ms
 from polycommit.failpoints import failpoint
+from projections.wait_for import REANNOUNCE_MS
 
 log = logging.getLogger(__name__)
 _COORDINATOR = {"process": "coordinator"}  # the labels of this process's metrics
@@ -108,6 +110,7 @@ class CoordinatorService:
         # their restore let go on, woken by the next loop.
         self.lock_owners = [p for p in self.protocols.values() if isinstance(p, HoldsLocks)]
         self._to_wake: list[str] = []
+        self._reannounce_at = 0
         self._publisher: Publisher | None = None  # the session's, for cluster metadata
         self.replies = ReplyTargets(self.topics, self._cluster_topics)
         self.stats = CoordinatorStats()
@@ -356,6 +359,9 @@ class CoordinatorService:
         self._decide(tx_id, OperatorReceived(command), record, now, out, touched)
 
     def _fire_due(self, now: int, out: list[Outgoing], touched: dict[str, TxState]) -> None:
+        if now >= self._reannounce_at:  # every current wait again, for a detector that (re)starts
+            self._reannounce_at = now + REANNOUNCE_MS
+            out.extend(self.writer.lock_events(waits_of(self.protocols, now)))
         woken, self._to_wake = self._to_wake, []
         for tx_id in woken:
             self._decide(tx_id, LocksGranted(), None, now, out, touched)

@@ -18,7 +18,7 @@ from polycommit.bus import Outgoing, Topics
 from polycommit.codec import EventCodec
 from polycommit.deadletters import dead_letter
 from polycommit.errors import PermanentError
-from polycommit.events import ErrorInfo, TransactionResult
+from polycommit.events import ErrorInfo, LockEvent, TransactionResult
 
 log = logging.getLogger("orchestrator.service")
 
@@ -53,9 +53,7 @@ class TransitionWriter:
             out.append(Outgoing(topic, tx_id, "StoreCommand", command, headers=traced))
         self.stats.commands += len(transition.commands)
         out.extend(Outgoing(self.topics.decisions, tx_id, "Decision", d, headers=traced) for d in transition.decisions)
-        out.extend(
-            Outgoing(self.topics.locks, lock["resource"], "LockEvent", lock) for lock in transition.lock_requests
-        )
+        out.extend(self.lock_events(transition.lock_requests))
         for alert in transition.alerts:
             out.append(Outgoing(self.topics.alerts, tx_id, "Alert", alert))
             self.observe("alert", 1, {"kind": alert["kind"], "tx_id": tx_id})
@@ -68,6 +66,10 @@ class TransitionWriter:
             out.extend(Outgoing(topic, tx_id, "LockReply", a, partition, headers=traced) for a in replies)
         if transition.result is not None:
             self.publish_result(state, transition.result, out, traced)
+
+    def lock_events(self, events: list[LockEvent]) -> list[Outgoing]:
+        """Lock events go to `locks` keyed by resource: each key's events in one partition, in order."""
+        return [Outgoing(self.topics.locks, event["resource"], "LockEvent", event) for event in events]
 
     def reject(self, record: Any, tx_id: str, error: ErrorInfo, out: list[Outgoing]) -> None:
         """The input record is poison for its protocol: it is kept for inspection as a dead letter."""

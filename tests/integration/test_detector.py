@@ -14,6 +14,7 @@ from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.events import LockEvent, now_ms
+from projections.wait_for import CATCH_UP_MS
 
 pytestmark = pytest.mark.servers
 
@@ -94,3 +95,34 @@ async def _verdicts_about(members: set[str], consumer: Any) -> list[dict[str, An
             if set(verdict["cycle"]) & members:
                 found.append(verdict)
     return found
+
+
+async def test_waits_from_before_the_catch_up_window_are_skipped_and_fresh_ones_judged(
+    topics: Settings, detector: Detector
+) -> None:
+    """A detector that starts reads the topic from the beginning, but folds only the last CATCH_UP_MS:
+    the coordinator announces every current wait again every REANNOUNCE_MS, so what is older is over."""
+    names = topics_for(topics)
+    run = uuid.uuid4().hex[:8]
+    r1, r2 = f"r1-{run}", f"r2-{run}"
+    old = [f"old-a-{run}", f"old-b-{run}"]
+    fresh = [f"new-a-{run}", f"new-b-{run}"]
+    stale = [waiting(old[0], r1, old[1], 0, 1), waiting(old[1], r2, old[0], 0, 2)]
+    for event in stale:  # a cycle from long before the detector started: its transactions ended since
+        event["at_ms"] = now_ms() - CATCH_UP_MS - 60_000
+    current = [waiting(fresh[0], r1, fresh[1], 0, 1), waiting(fresh[1], r2, fresh[0], 0, 2)]
+    consumer = make_consumer(topics, names.deadlocks, group_id=f"verdicts-{run}")
+    await consumer.start()
+    publisher = Publisher(topics)
+    await publisher.start()
+    try:
+        skipped_before = detector.stats.skipped
+        # The same resources, so each partition holds the stale event before the current one.
+        records = [Outgoing(names.locks, e["resource"], "LockEvent", e) for e in [*stale, *current]]
+        await publisher.publish_and_wait(records)
+        verdicts = await _verdicts_about(set(old) | set(fresh), consumer)
+    finally:
+        await publisher.stop()
+        await consumer.stop()
+    assert [set(v["cycle"]) for v in verdicts] == [set(fresh)]  # the stale cycle got none
+    assert detector.stats.skipped - skipped_before == 2
