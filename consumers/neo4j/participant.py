@@ -300,14 +300,17 @@ async def _read_markers_lock_versions(
     tx: AsyncTransaction, commands: Sequence[TypedCommand], keys: list[str]
 ) -> tuple[dict[str, Marker], dict[str, int]]:
     """The batch's markers, and the versions of `keys`, locked to the end of the transaction."""
-    ids = sorted({i for c in commands for i in (c.execute_id, c.compensate_id)})
-    record = await (await tx.run(READ_MARKERS_LOCK_VERSIONS, ids=ids, keys=keys)).single(strict=True)
+    record = await (await tx.run(READ_MARKERS_LOCK_VERSIONS, ids=_marker_ids(commands), keys=keys)).single(strict=True)
     markers = {step_id: Marker(before) for step_id, before in record["markers"]}
     return markers, {key: int(version) for key, version in record["versions"]}
 
 
 async def _read_markers(tx: AsyncTransaction | AsyncSession, commands: Sequence[TypedCommand]) -> dict[str, Marker]:
     """The commands' markers, in `tx` or as one auto-commit query of a session (the vote's common case)."""
-    ids = sorted({i for c in commands for i in (c.execute_id, c.compensate_id)})
-    record = await (await tx.run(READ_MARKERS, ids=ids)).single(strict=True)
+    record = await (await tx.run(READ_MARKERS, ids=_marker_ids(commands))).single(strict=True)
     return {step_id: Marker(before) for step_id, before in record["markers"]}
+
+
+def _marker_ids(commands: Sequence[TypedCommand]) -> list[str]:
+    """The markers a batch's commands may have: each step's EXECUTE and COMPENSATE."""
+    return sorted({i for c in commands for i in (c.execute_id, c.compensate_id)})

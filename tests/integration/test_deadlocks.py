@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from runtimes import started_runtime
 
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
@@ -39,13 +40,8 @@ Lock = Callable[[InteractiveScope], Awaitable[None]]
 
 @pytest.fixture(scope="module")
 async def runtime(topics: Settings) -> AsyncIterator[Runtime]:
-    await workload.prepare_postgres(topics)
-    rt = Runtime(topics, policy=POLICY, batch_size=200, detector=True)
-    await rt.start(timeout=120)
-    qdrant = rt.workers["qdrant"].participant
-    await qdrant.ensure_collection(workload.DOCUMENTS, workload.DIMENSIONS)  # type: ignore[attr-defined]
-    yield rt
-    await rt.stop()
+    async with started_runtime(topics, policy=POLICY, batch_size=200, detector=True, start_timeout=120) as rt:
+        yield rt
 
 
 @pytest.fixture(scope="module")

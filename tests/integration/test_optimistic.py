@@ -14,8 +14,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import pytest
+from runtimes import reading_client, started_runtime
 
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
@@ -37,24 +37,16 @@ VECTOR = [1.0, 0.0]
 
 @pytest.fixture(scope="module")
 async def runtime(topics: Settings) -> AsyncIterator[Runtime]:
-    conn = await asyncpg.connect(topics.postgres.dsn)
-    try:
-        await conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id text PRIMARY KEY, n integer NOT NULL)")
-    finally:
-        await conn.close()
-    rt = Runtime(topics, policy=POLICY, batch_size=200)
-    await rt.start()
-    await rt.workers["qdrant"].participant.ensure_collection(COLLECTION, len(VECTOR))  # type: ignore[attr-defined]
-    yield rt
-    await rt.stop()
+    table = f"CREATE TABLE IF NOT EXISTS {TABLE} (id text PRIMARY KEY, n integer NOT NULL)"
+    async with started_runtime(
+        topics, tables=[table], collection=(COLLECTION, len(VECTOR)), policy=POLICY, batch_size=200
+    ) as rt:
+        yield rt
 
 
 @pytest.fixture(scope="module")
 async def client(runtime: Runtime) -> AsyncIterator[Coordinator]:
-    # Qdrant Edge admits one process per storage path, held by the runtime's consumer: the client's
-    # Qdrant reads go through that consumer's backend.
-    backend = runtime.workers["qdrant"].participant.backend  # type: ignore[attr-defined]
-    async with Coordinator(runtime.settings, timeout=120, point_source=backend) as coordinator:
+    async with reading_client(runtime, timeout=120) as coordinator:
         yield coordinator
 
 

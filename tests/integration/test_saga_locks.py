@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from runtimes import started_runtime
 
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
@@ -40,13 +41,8 @@ HELD_THEN_FAIL = "SELECT 1 / length(held::text || '') FROM pg_advisory_xact_lock
 
 @pytest.fixture(scope="module")
 async def runtime(topics: Settings) -> AsyncIterator[Runtime]:
-    await workload.prepare_postgres(topics)
-    rt = Runtime(topics, policy=POLICY, batch_size=200)
-    await rt.start()
-    qdrant = rt.workers["qdrant"].participant
-    await qdrant.ensure_collection(workload.DOCUMENTS, workload.DIMENSIONS)  # type: ignore[attr-defined]
-    yield rt
-    await rt.stop()
+    async with started_runtime(topics, policy=POLICY, batch_size=200) as rt:
+        yield rt
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import pytest
+from runtimes import reading_client, started_runtime
 
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
@@ -49,25 +49,19 @@ RETRIES = 50  # a transfer is retried as a deadlock victim until it commits
 
 @pytest.fixture(scope="module")
 async def runtime(topics: Settings) -> AsyncIterator[Runtime]:
-    conn = await asyncpg.connect(topics.postgres.dsn)
-    try:
-        await conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {ACCOUNTS_TABLE} (id text PRIMARY KEY, balance integer NOT NULL);"
-            f"CREATE TABLE IF NOT EXISTS {LISTS_TABLE} (id text PRIMARY KEY, items text NOT NULL)"
-        )
-    finally:
-        await conn.close()
-    rt = Runtime(topics, policy=POLICY, batch_size=200, detector=True)
-    await rt.start(timeout=120)
-    await rt.workers["qdrant"].participant.ensure_collection(COLLECTION, len(VECTOR))  # type: ignore[attr-defined]
-    yield rt
-    await rt.stop()
+    tables = [
+        f"CREATE TABLE IF NOT EXISTS {ACCOUNTS_TABLE} (id text PRIMARY KEY, balance integer NOT NULL)",
+        f"CREATE TABLE IF NOT EXISTS {LISTS_TABLE} (id text PRIMARY KEY, items text NOT NULL)",
+    ]
+    collection = (COLLECTION, len(VECTOR))
+    options: dict[str, Any] = {"policy": POLICY, "batch_size": 200, "detector": True, "start_timeout": 120}
+    async with started_runtime(topics, tables=tables, collection=collection, **options) as rt:
+        yield rt
 
 
 @pytest.fixture(scope="module")
 async def client(runtime: Runtime) -> AsyncIterator[Coordinator]:
-    backend = runtime.workers["qdrant"].participant.backend  # type: ignore[attr-defined]
-    async with Coordinator(runtime.settings, timeout=120, point_source=backend) as coordinator:
+    async with reading_client(runtime, timeout=120) as coordinator:
         yield coordinator
 
 

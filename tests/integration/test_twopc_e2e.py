@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from runtimes import started_runtime
 
 from consumers.postgres import twophase
 from consumers.postgres.participant import PostgresParticipant
@@ -32,13 +33,8 @@ pytestmark = pytest.mark.servers
 
 @pytest.fixture(scope="module")
 async def runtime(topics: Settings) -> AsyncIterator[Runtime]:
-    await workload.prepare_postgres(topics)
-    rt = Runtime(topics, policy=POLICY, batch_size=200)
-    await rt.start()
-    qdrant = rt.workers["qdrant"].participant
-    await qdrant.ensure_collection(workload.DOCUMENTS, workload.DIMENSIONS)  # type: ignore[attr-defined]
-    yield rt
-    await rt.stop()
+    async with started_runtime(topics, policy=POLICY, batch_size=200) as rt:
+        yield rt
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,51 @@
+"""An in-process runtime for the integration tests that run whole transactions: started with the tables
+and Qdrant collection their workload needs, stopped after; and a client whose Qdrant reads go through the
+runtime's consumer (Qdrant Edge admits one process per storage path, held by that consumer)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import asyncpg
+
+from polycommit.client import Coordinator
+from polycommit.config import Settings
+from polycommit.tooling import workload
+from polycommit.tooling.runtime import Runtime
+
+
+@contextlib.asynccontextmanager
+async def started_runtime(
+    settings: Settings,
+    *,
+    tables: Iterable[str] = (),
+    collection: tuple[str, int] = (workload.DOCUMENTS, workload.DIMENSIONS),
+    start_timeout: float = 60.0,
+    **options: Any,
+) -> AsyncIterator[Runtime]:
+    """The workload's `documents` table, then each `CREATE TABLE` of `tables`; the runtime (`options` as
+    `Runtime` takes them) with `collection` (name, vector size) in its Qdrant."""
+    await workload.prepare_postgres(settings)
+    if tables:
+        conn = await asyncpg.connect(settings.postgres.dsn)
+        try:
+            await conn.execute(";".join(tables))
+        finally:
+            await conn.close()
+    runtime = Runtime(settings, **options)
+    await runtime.start(timeout=start_timeout)
+    try:
+        await runtime.workers["qdrant"].participant.ensure_collection(*collection)  # type: ignore[attr-defined]
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+@contextlib.asynccontextmanager
+async def reading_client(runtime: Runtime, timeout: float) -> AsyncIterator[Coordinator]:
+    """A client whose reads of Qdrant go through the runtime's Qdrant consumer."""
+    backend = runtime.workers["qdrant"].participant.backend  # type: ignore[attr-defined]
+    async with Coordinator(runtime.settings, timeout=timeout, point_source=backend) as coordinator:
+        yield coordinator
