@@ -197,25 +197,29 @@ class Interactive(Locking):
     def is_stuck(self, phase: str) -> bool:
         return phase not in _OWN and super().is_stuck(phase)
 
-    def restored(self, states: Iterable[TxState]) -> list[str]:
-        """Rebuild the shared table: the locks open transactions held and the sagas' (holders first, so a
-        restored waiter never queues ahead of a key's holder), then the open transactions' waits."""
-        states = list(states)
+    def _opened(self, states: Iterable[TxState]) -> list[TxState]:
         opened = [s for s in states if s.get("protocol") == self.name and s["phase"] in (_O, _W)]
-        opened.sort(key=lambda s: (s["started_at_ms"], s["intent"]["tx_id"]))
-        for state in opened:
+        return sorted(opened, key=lambda s: (s["started_at_ms"], s["intent"]["tx_id"]))
+
+    def restore_holders(self, states: Iterable[TxState]) -> None:
+        """The locks open transactions held (in the mode each was held), and the running sagas'."""
+        states = list(states)
+        for state in self._opened(states):
             held = OpenLocks.of(state).held
             for mode in (LockMode.SHARED, EXCLUSIVE):
                 self.locks.request(state["intent"]["tx_id"], [k for k, m in held.items() if m == mode], mode)
-        opened_ids = {s["intent"]["tx_id"] for s in opened}
-        woken = super().restored(s for s in states if s["intent"]["tx_id"] not in opened_ids)
-        for state in opened:
-            info = OpenLocks.of(state)
+        super().restore_holders(states)
+
+    def restore_waiters(self, states: Iterable[TxState]) -> list[str]:
+        """The sagas' waits, then the open transactions' (the request each was waiting on)."""
+        states = list(states)
+        woken = super().restore_waiters(states)
+        for state in self._opened(states):
+            info, tx_id = OpenLocks.of(state), state["intent"]["tx_id"]
             if info.waiting_request:
-                mode = LockMode(info.waiting_mode)
-                self.locks.request(state["intent"]["tx_id"], info.waiting_keys, mode, state["due_at_ms"])
-                if self.locks.holds_all(state["intent"]["tx_id"]):
-                    woken.append(state["intent"]["tx_id"])
+                self.locks.request(tx_id, info.waiting_keys, LockMode(info.waiting_mode), state["due_at_ms"])
+                if self.locks.holds_all(tx_id):
+                    woken.append(tx_id)
         return woken
 
 

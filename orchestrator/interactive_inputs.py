@@ -24,6 +24,7 @@ from orchestrator.interactive_model import LockRequested, VictimChosen, open_int
 from orchestrator.protocol import TransactionProtocol, Transition, TxState
 from orchestrator.registry import protocol_of
 from orchestrator.transactions import OwnedTransactions
+from orchestrator.twopc import TwoPhaseCommit
 from polycommit.bus import Publisher, Topics
 from polycommit.codec import EventCodec
 from polycommit.events import DeadlockVerdict, LockRequest
@@ -82,13 +83,16 @@ class InteractiveInputs:
         return await self.lock_request(event, record, now)
 
     def verdict(self, verdict: DeadlockVerdict, now: int) -> tuple[TxState | None, Transition | None]:
-        """A verdict about a transaction this member does not hold (ended, unknown, or run by a protocol
-        that takes no part in these cycles) changes nothing."""
+        """A verdict names a saga or interactive transaction, or a two-phase commit waiting for its locks
+        (all on the member's one lock table); about a transaction this member does not hold (ended,
+        unknown) it changes nothing."""
         state = self.transactions.get(verdict["victim"])
-        protocol = self._interactive(state)
-        if state is None or protocol is None:
+        if state is None:
             return state, None
-        return state, protocol.decide(state, VictimChosen(verdict), now)
+        protocol = self.protocols.get(protocol_of(state))
+        if isinstance(protocol, Interactive | TwoPhaseCommit):
+            return state, protocol.decide(state, VictimChosen(verdict), now)
+        return state, None
 
     def closed_cycle(self, cycle: tuple[str, ...], now: int) -> tuple[TxState | None, Transition | None]:
         """A deadlock of two that a transition closed in this member's table: the verdict the detector

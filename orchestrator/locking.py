@@ -156,7 +156,8 @@ TABLE: dict[tuple[StrEnum, StrEnum], Handler] = {
 
 @dataclass
 class Locking:
-    """`inner`, run under exclusive locks on its write keys; owns its coordinator member's lock table."""
+    """`inner`, run under exclusive locks on its write keys, on its coordinator member's lock table (one
+    table for every protocol that locks: see `orchestrator.registry.protocols`)."""
 
     inner: TransactionProtocol
     lock_wait_ms: int = DEFAULT_LOCK_WAIT_MS  # an intent's own `lock_wait_ms` wins when it gives one
@@ -253,21 +254,38 @@ class Locking:
         t.wake.extend(self.locks.release(tx_id))
         self.reannounce(t, keys, now)
 
-    def restored(self, states: Iterable[TxState]) -> list[str]:
-        """Rebuild the table from the states this member now owns: the ones already running first (they
-        held their locks), then the waiters, each group in arrival order (started_at_ms, then tx id).
-        Returns the waiters that now hold their locks, to be woken."""
+    def _restorable(self, states: Iterable[TxState]) -> list[TxState]:
+        """Its sagas in flight (waiting in `locking` or running) that take locks, in arrival order
+        (started_at_ms, then tx id); a subclass's own phases (interactive `open`) are its to restore."""
         ours = [
             s
             for s in states
-            if s.get("protocol") == self.name and self.is_in_flight(s["phase"]) and takes_locks(s["intent"])
+            if s.get("protocol") == self.name
+            and (s["phase"] == _L or self.inner.is_in_flight(s["phase"]))
+            and takes_locks(s["intent"])
         ]
-        ours.sort(key=lambda s: (s["phase"] == _L, s["started_at_ms"], s["intent"]["tx_id"]))
-        for state in ours:
-            deadline = state["due_at_ms"] if state["phase"] == _L else None
-            self.locks.request(state["intent"]["tx_id"], write_keys(state["intent"]), EXCLUSIVE, deadline)
-        waiting = [s["intent"]["tx_id"] for s in ours if s["phase"] == _L]
-        return [tx for tx in waiting if self.locks.holds_all(tx)]
+        return sorted(ours, key=lambda s: (s["started_at_ms"], s["intent"]["tx_id"]))
+
+    def restore_holders(self, states: Iterable[TxState]) -> None:
+        """Take back the locks of the sagas that were running (they held their write keys)."""
+        for state in self._restorable(states):
+            if state["phase"] != _L:
+                self.locks.request(state["intent"]["tx_id"], write_keys(state["intent"]), EXCLUSIVE)
+
+    def restore_waiters(self, states: Iterable[TxState]) -> list[str]:
+        """Queue again, in arrival order, the sagas that waited for their locks; returns those that hold
+        them all now, to be woken."""
+        waiting = [s for s in self._restorable(states) if s["phase"] == _L]
+        for state in waiting:
+            self.locks.request(state["intent"]["tx_id"], write_keys(state["intent"]), EXCLUSIVE, state["due_at_ms"])
+        return [s["intent"]["tx_id"] for s in waiting if self.locks.holds_all(s["intent"]["tx_id"])]
+
+    def restored(self, states: Iterable[TxState]) -> list[str]:
+        """Rebuild the table from the states this member now owns, when this is the only protocol on it
+        (the driver calls `restore_locks` over all of them): holders first, then the waiters."""
+        states = list(states)
+        self.restore_holders(states)
+        return self.restore_waiters(states)
 
     def forgotten(self, tx_ids: Iterable[str]) -> list[str]:
         """Drop the locks of transactions this member no longer owns; returns the waiters now granted."""

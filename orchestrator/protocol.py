@@ -140,13 +140,27 @@ class TransactionProtocol(Protocol):
 
 @runtime_checkable
 class HoldsLocks(Protocol):
-    """A protocol keeping state across transactions (two-phase commit's lock table): the driver tells it
-    which states it now owns and which it gave up; each call returns transactions to wake with
-    `LocksGranted`."""
+    """A protocol keeping state across transactions (its member's lock table, shared by every protocol that
+    locks): the driver tells it which states it now owns and which it gave up; the calls that return
+    transaction ids name the ones to wake with `LocksGranted`. A restore is two passes over every
+    lock-taking protocol (`restore_locks`): what the running transactions held, then the waits."""
 
-    def restored(self, states: Iterable[TxState]) -> list[str]: ...
+    def restore_holders(self, states: Iterable[TxState]) -> None: ...
+
+    def restore_waiters(self, states: Iterable[TxState]) -> list[str]: ...
 
     def forgotten(self, tx_ids: Iterable[str]) -> list[str]: ...
+
+
+def restore_locks(owners: Iterable[HoldsLocks], states: Iterable[TxState]) -> list[str]:
+    """Rebuild the shared lock table from restored states: every protocol's holders first, so that no
+    restored waiter (of any protocol) queues ahead of, or is granted over, a key another protocol's
+    running transaction held before the crash; then every protocol's waiters. Returns the waiters that
+    hold all their locks now."""
+    owners, states = list(owners), list(states)
+    for owner in owners:
+        owner.restore_holders(states)
+    return [tx for owner in owners for tx in owner.restore_waiters(states)]
 
 
 # -- the table -------------------------------------------------------------------------------------

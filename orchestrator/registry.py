@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 
 from orchestrator.interactive import Interactive
 from orchestrator.locking import Locking
+from orchestrator.locks import LockTable
 from orchestrator.protocol import TransactionProtocol, TxState
 from orchestrator.saga import SagaPolicy, SagaProtocol
 from orchestrator.twopc import TwoPhaseCommit
@@ -19,22 +20,28 @@ from polycommit.errors import ProtocolError
 from polycommit.events import TransactionIntent
 
 
-def locked_saga(policy: SagaPolicy) -> Locking:
+def locked_saga(policy: SagaPolicy, locks: LockTable | None = None) -> Locking:
     """Sagas hold exclusive locks on their write keys until they end (unless an intent opts out), waiting
     for them as long as a step may take by default."""
-    return Locking(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms)
+    return Locking(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms, locks=locks or LockTable())
 
 
-def interactive_saga(policy: SagaPolicy) -> Interactive:
+def interactive_saga(policy: SagaPolicy, locks: LockTable) -> Interactive:
     """Locked sagas, and interactive transactions that take their locks on demand before their intent
-    (orchestrator/interactive.py), on one lock table."""
-    return Interactive(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms)
+    (orchestrator/interactive.py)."""
+    return Interactive(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms, locks=locks)
 
 
-# name -> factory, given the coordinator's policy (timeouts, backoff, payload limit).
-PROTOCOLS: Mapping[str, Callable[[SagaPolicy], TransactionProtocol]] = {
+def two_phase_commit(policy: SagaPolicy, locks: LockTable) -> TwoPhaseCommit:
+    return TwoPhaseCommit(policy, locks=locks)
+
+
+# name -> factory, given the coordinator's policy (timeouts, backoff, payload limit) and the member's one
+# lock table: every protocol that locks shares it, so a saga, an interactive transaction and a two-phase
+# commit on the same key exclude one another.
+PROTOCOLS: Mapping[str, Callable[[SagaPolicy, LockTable], TransactionProtocol]] = {
     "saga": interactive_saga,
-    "twopc": TwoPhaseCommit,
+    "twopc": two_phase_commit,
 }
 
 # An intent's consistency chooses its protocol.
@@ -46,7 +53,8 @@ DEFAULT_PROTOCOL = "saga"  # also the protocol of snapshots written before they 
 
 
 def protocols(policy: SagaPolicy) -> dict[str, TransactionProtocol]:
-    return {name: factory(policy) for name, factory in PROTOCOLS.items()}
+    locks = LockTable()
+    return {name: factory(policy, locks) for name, factory in PROTOCOLS.items()}
 
 
 def protocol_name(intent: TransactionIntent) -> str:

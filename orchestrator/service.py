@@ -37,6 +37,7 @@ from orchestrator.protocol import (
     TimerDue,
     Transition,
     TxState,
+    restore_locks,
 )
 from orchestrator.saga import SagaPolicy
 from orchestrator.transactions import OwnedTransactions
@@ -106,7 +107,7 @@ class CoordinatorService:
         self.transactional_id = f"{settings.topic_prefix}-coordinator-{self.instance}"
         self.max_records = max_records
         self.transactions = OwnedTransactions(settings, self.topics.tx_state, self.codec)
-        # Protocols with state across transactions (two-phase commit's locks), and the transactions
+        # Protocols with state across transactions (the lock table they share), and the transactions
         # their restore let go on, woken by the next loop.
         self.lock_owners = [p for p in self.protocols.values() if isinstance(p, HoldsLocks)]
         self._to_wake: list[str] = []
@@ -140,8 +141,7 @@ class CoordinatorService:
     async def restore(self, partitions: set[int]) -> None:
         """Fold the changelog partitions this member now owns into its state (once each)."""
         restored = await self.transactions.restore(partitions)
-        for owner in self.lock_owners:
-            self._to_wake.extend(owner.restored(restored))
+        self._to_wake.extend(restore_locks(self.lock_owners, restored))
         self.stats.restored += len(restored)
         self.stats.corrupt_snapshots = self.transactions.corrupt_snapshots
         for state in restored:  # results go only to addresses the cache shows valid: load it for these

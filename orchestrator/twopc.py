@@ -24,10 +24,12 @@ from typing import Literal
 
 from orchestrator import operator
 from orchestrator import twopc_model as m
+from orchestrator.interactive_model import VictimChosen, victim_error, waits_in_cycle
 from orchestrator.locks import EXCLUSIVE, Admission, LockTable
 from orchestrator.protocol import (
     Event,
     Handler,
+    LocksGranted,
     OperatorReceived,
     OutcomeReceived,
     TimerDue,
@@ -109,11 +111,15 @@ def _locks_granted(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPol
 
 
 def _lock_wait_over(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
+    message = f"locks not granted within {policy.lock_wait_ms} ms"
+    return _abort_unprepared(state, error_info("LockWaitTimeout", message, True), now)
+
+
+def _abort_unprepared(state: SagaSnapshot, error: ErrorInfo, now: int) -> Transition:
     """Nothing was prepared: the decision is ABORT with no phase 2, and the result is ABORTED now."""
     t = Transition(m.copy_state(state, now))
-    message = f"locks not granted within {policy.lock_wait_ms} ms"
-    t.state["error"] = error_info("LockWaitTimeout", message, True)
-    t.decisions.append(m.decision(t.state, "ABORT", message, now))
+    t.state["error"] = error
+    t.decisions.append(m.decision(t.state, "ABORT", error["message"], now))
     for step in t.state["steps"]:
         step["status"] = Vote.ABORTED
     return _finish(t, TwoPCPhase.ABORTED, "ABORTED", now)
@@ -282,6 +288,7 @@ class TwoPhaseCommit:
             raise ProtocolError(f"{tx_id}: {exc}") from exc
         deadline = now + self.policy.lock_wait_ms
         granted = self.locks.request(tx_id, keys, EXCLUSIVE, deadline)
+        t.cycles.extend((tx_id, other) for other in self.locks.mutual_waits(tx_id))  # see Transition.cycles
         for key in keys:
             held = self.locks.holds(tx_id, key)
             action: m.LockAction = "GRANTED" if held else "WAITING"
@@ -291,9 +298,14 @@ class TwoPhaseCommit:
         state["due_at_ms"] = deadline
         return t
 
-    def decide(self, state: SagaSnapshot, event: Event, now: int) -> Transition:
+    def decide(self, state: SagaSnapshot, event: Event | VictimChosen, now: int) -> Transition:
         if isinstance(event, OperatorReceived):
             return self._operator(state, event.command, now)
+        if isinstance(event, VictimChosen):
+            return self._victim(state, event, now)
+        tx_id = state["intent"]["tx_id"]
+        if isinstance(event, LocksGranted) and phase_of(state) == TwoPCPhase.LOCKING and self.locks.holds_all(tx_id):
+            self.admission.admit(tx_id)  # its locks came (maybe from another protocol's release): a place next
         row = (phase_of(state), classify(state, event, now, self.locks, self.admission.active))
         t = dispatch(TABLE, row, state, event, now, self.policy)
         if row == (TwoPCPhase.LOCKING, TwoPCEvent.LOCKS_GRANTED):  # for the detector: waits that ended
@@ -301,6 +313,18 @@ class TwoPhaseCommit:
             t.lock_requests.extend(m.lock_event(t.state, key, "GRANTED", [], now) for key in keys)
         if t.state is not state and t.state["phase"] in m.TERMINAL:
             self._release(t, now)
+        return t
+
+    def _victim(self, state: SagaSnapshot, event: VictimChosen, now: int) -> Transition:
+        """A deadlock victim (the shared lock table lets it wait in a cycle with interactive transactions
+        or sagas): only while it still waits there, with nothing prepared; it aborts like a lock-wait
+        timeout and its locks go. Any other verdict (stale, duplicate) changes nothing."""
+        tx_id = state["intent"]["tx_id"]
+        if phase_of(state) != TwoPCPhase.LOCKING or not waits_in_cycle(self.locks, tx_id, event.verdict):
+            return Transition(state)
+        error = victim_error(event.verdict)
+        t = _abort_unprepared(state, error, now)
+        self._release(t, now)
         return t
 
     def _operator(self, state: SagaSnapshot, command: OperatorCommand, now: int) -> Transition:
@@ -323,24 +347,39 @@ class TwoPhaseCommit:
         t.wake.extend(self._go_on(self.locks.release(tx_id), [tx_id]))
 
     def _go_on(self, granted: Iterable[str], gone: Iterable[str]) -> list[str]:
-        """Who may go on now: those just granted their locks if admitted, and those admitted in the
-        places of the transactions `gone`."""
-        woken = [tx for tx in granted if self.admission.admit(tx)]
+        """Who may go on now: those just granted their locks (of any protocol on the shared table; a
+        two-phase commit among them is admitted, or queued for a place, when its wake-up comes), and those
+        admitted in the places of the transactions `gone`."""
+        woken = list(granted)
         for tx in gone:
             woken.extend(t for t in self.admission.leave(tx) if t not in woken)
         return woken
 
-    def restored(self, states: Iterable[SagaSnapshot]) -> list[str]:
-        """Rebuild the lock table from snapshots (holders first, then waiters in arrival order); returns
-        the waiters that now hold their locks, to be woken."""
+    def _restorable(self, states: Iterable[SagaSnapshot]) -> list[SagaSnapshot]:
         ours = [s for s in states if s.get("protocol") == m.PROTOCOL and s["phase"] in m.IN_FLIGHT]
-        ours.sort(key=lambda s: (s["phase"] == TwoPCPhase.LOCKING, s["started_at_ms"], s["intent"]["tx_id"]))
-        for state in ours:
+        return sorted(ours, key=lambda s: (s["started_at_ms"], s["intent"]["tx_id"]))
+
+    def restore_holders(self, states: Iterable[SagaSnapshot]) -> None:
+        """Past their locks (preparing or in phase 2): they held their keys and a place (`Admission`)."""
+        for state in self._restorable(states):
+            if state["phase"] != TwoPCPhase.LOCKING:
+                self.locks.request(state["intent"]["tx_id"], write_keys(state["intent"]), EXCLUSIVE)
+                if state["phase"] in m.HOLDS_LOCKS:
+                    self.admission.active.add(state["intent"]["tx_id"])
+
+    def restore_waiters(self, states: Iterable[SagaSnapshot]) -> list[str]:
+        """Queued again in arrival order; returns those holding their locks now, to be woken (they are
+        admitted, or queued for a place, when the wake-up comes)."""
+        waiting = [s for s in self._restorable(states) if s["phase"] == TwoPCPhase.LOCKING]
+        for state in waiting:
             self.locks.request(state["intent"]["tx_id"], write_keys(state["intent"]), EXCLUSIVE)
-            if state["phase"] in m.HOLDS_LOCKS:
-                self.admission.active.add(state["intent"]["tx_id"])
-        waiting = [s["intent"]["tx_id"] for s in ours if s["phase"] == TwoPCPhase.LOCKING]
-        return [tx for tx in waiting if self.locks.holds_all(tx) and self.admission.admit(tx)]
+        return [s["intent"]["tx_id"] for s in waiting if self.locks.holds_all(s["intent"]["tx_id"])]
+
+    def restored(self, states: Iterable[SagaSnapshot]) -> list[str]:
+        """Rebuild the lock table when this is the only protocol on it: holders first, then waiters."""
+        states = list(states)
+        self.restore_holders(states)
+        return self.restore_waiters(states)
 
     def forgotten(self, tx_ids: Iterable[str]) -> list[str]:
         """Drop the locks of transactions this member no longer owns; returns waiters now granted."""

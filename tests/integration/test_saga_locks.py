@@ -21,7 +21,7 @@ from runtimes import started_runtime
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
 from polycommit.bus import make_reader, topic_partitions, topics_for
-from polycommit.client import Coordinator, Saga, TransactionResult
+from polycommit.client import Coordinator, Saga, Transaction, TransactionResult
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
@@ -223,6 +223,35 @@ async def test_a_lock_wait_past_its_timeout_fails_the_saga_with_nothing_run(
     assert await titles(runtime, doc) == ("v0", "v0", "v0")  # B never ran; A was undone
     markers = await runtime.workers["postgres"].participant.markers_of(impatient.tx_id)  # type: ignore[attr-defined]
     assert not markers  # nothing of B reached PostgreSQL
+
+
+async def test_a_two_phase_commit_waits_for_a_saga_on_its_keys_and_commits_after_the_compensation(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    """One lock table for every protocol: a STRONG transaction on a saga's keys waits (nothing prepared)
+    until the saga ends, so the saga's compensation cannot put its before-image over the committed write."""
+    doc = f"l2-{uuid.uuid4().hex[:8]}"
+    await seeded(client, doc)
+    settings, topics = runtime.settings, topics_for(runtime.settings)
+    async with AdvisoryLock(settings) as held:
+        first = write(Saga("A"), doc, "A").step(held.failing_step(), timeout=WAIT_S)
+        strong = Transaction(name="B", consistency="STRONG")
+        for step in write(Saga("B"), doc, "B").steps:
+            strong.add(step["operation"])
+        first_result = await client.submit(first)
+        await follow(settings, topics.locks, "LockEvent", lock(first.tx_id, "GRANTED"))
+        strong_result = await client.submit(strong)
+        waiting = await follow(settings, topics.locks, "LockEvent", lock(strong.tx_id, "WAITING"))
+        assert waiting["blockers"] == [first.tx_id]
+        await follow(settings, topics.outcomes, "StepOutcome", applied(first.tx_id, 2))
+        assert await titles(runtime, doc) == ("A", "A", "A")
+        await held.release()
+        a, b = await asyncio.wait_for(asyncio.gather(first_result, strong_result), WAIT_S)
+    assert (a.status, b.status) == ("compensated", "committed"), (a, b)
+    assert await titles(runtime, doc) == ("B", "B", "B")
+    released = await follow(settings, topics.locks, "LockEvent", lock(first.tx_id, "RELEASED"))
+    granted = await follow(settings, topics.locks, "LockEvent", lock(strong.tx_id, "GRANTED"))
+    assert granted["at_ms"] >= released["at_ms"]
 
 
 async def test_a_saga_on_free_keys_is_granted_its_locks_at_once(runtime: Runtime, client: Coordinator) -> None:

@@ -211,7 +211,8 @@ def test_admission_caps_the_transactions_past_their_locks_and_lets_the_next_in_w
     assert [c["action"] for c in protocol.decide(rearmed.state, LocksGranted(), 20).commands] == ["PREPARE"] * 3
     fresh = TwoPhaseCommit(POLICY)
     fresh.admission.capacity = 1
-    assert fresh.restored([second.state, first.state]) == []  # restored: tx-1 holds the only place
+    assert fresh.restored([second.state, first.state]) == ["tx-2"]  # it holds its locks: woken ...
+    assert not fresh.decide(second.state, LocksGranted(), 30).commands  # ... but tx-1 holds the only place
 
 
 def operator_command(action: str, step: int = 0) -> Any:

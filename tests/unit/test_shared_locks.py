@@ -1,0 +1,142 @@
+"""One lock table per coordinator member for every protocol that locks (`orchestrator.registry.protocols`):
+a saga, an interactive transaction and a two-phase commit on the same key exclude one another; a release
+by one protocol wakes a waiter of another; a restore takes back every protocol's holders before any
+waiter; a deadlock between an interactive transaction and a two-phase commit is broken either way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from step_replies import reply
+
+from orchestrator import registry
+from orchestrator.interactive import Interactive
+from orchestrator.interactive_model import LockRequested, VictimChosen
+from orchestrator.locking import LockingPhase
+from orchestrator.protocol import LocksGranted, OutcomeReceived, TransactionProtocol, Transition, restore_locks
+from orchestrator.saga import SagaPolicy
+from orchestrator.twopc import TwoPhaseCommit
+from orchestrator.twopc_model import TwoPCPhase
+from polycommit import operations as ops
+from polycommit.client import Saga, Transaction
+from polycommit.events import DeadlockVerdict, LockRequest
+
+POLICY = SagaPolicy(default_timeout_ms=1000, backoff_base_ms=100, backoff_max_ms=2000, compensation_retries=2)
+ROW = 'postgres:t:{"id":1}'
+
+
+def member() -> tuple[Interactive, TwoPhaseCommit]:
+    protocols = registry.protocols(POLICY)
+    sagas, twopc = protocols["saga"], protocols["twopc"]
+    assert isinstance(sagas, Interactive) and isinstance(twopc, TwoPhaseCommit)
+    return sagas, twopc
+
+
+def saga_intent(tx_id: str, row: int = 1) -> Any:
+    saga = Saga("eventual", tx_id=tx_id)
+    saga.step(ops.upsert_row("t", {"id": row}, {"v": tx_id}))
+    saga.step(ops.merge_node("N", {"id": row}, {"v": tx_id}))
+    return saga.intent("polycommit.replies:0", "test")
+
+
+def strong_intent(tx_id: str, row: int = 1, node: int = 1) -> Any:
+    tx = Transaction(name="strong", consistency="STRONG", tx_id=tx_id)
+    tx.add(ops.upsert_row("t", {"id": row}, {"v": tx_id}))
+    tx.add(ops.merge_node("N", {"id": node}))
+    return tx.intent("polycommit.replies:0", "test")
+
+
+def run(protocol: TransactionProtocol, t: Transition, status: str = "APPLIED") -> Transition:
+    """Answer every command (PREPARED for a prepare) until none is sent: the transaction ends."""
+    pending, last = list(t.commands), t
+    while pending:
+        command = pending.pop(0)
+        answer = "PREPARED" if command["action"] == "PREPARE" else status
+        last = protocol.decide(last.state, OutcomeReceived(reply(command, answer)), 10)
+        pending.extend(last.commands)
+    return last
+
+
+def lock_request(tx_id: str, n: int, keys: list[str]) -> LockRequest:
+    return {
+        "tx_id": tx_id,
+        "request": n,
+        "keys": keys,
+        "mode": "EXCLUSIVE",
+        "release": False,
+        "name": "",
+        "isolation": "SERIALIZABLE",
+        "priority": 0,
+        "reply_to": "polycommit.replies:0",
+        "client_id": "test",
+        "lock_wait_ms": 0,
+        "created_at_ms": 0,
+    }
+
+
+def test_a_two_phase_commit_waits_for_a_saga_on_its_key_and_prepares_when_the_saga_completes() -> None:
+    sagas, twopc = member()
+    saga = sagas.start(saga_intent("saga-1"), 0)
+    assert saga.commands and sagas.locks.holds("saga-1", ROW)
+    strong = twopc.start(strong_intent("strong-1"), 1)
+    assert strong.state["phase"] == TwoPCPhase.LOCKING and not strong.commands  # nothing prepared
+    assert twopc.locks.blockers("strong-1") == ["saga-1"]
+    done = run(sagas, saga)
+    assert done.result is not None and done.result["status"] == "COMPLETED"
+    assert done.wake == ["strong-1"]  # the saga's release wakes the other protocol's waiter
+    prepares = twopc.decide(strong.state, LocksGranted(), 20)
+    assert [c["action"] for c in prepares.commands] == ["PREPARE", "PREPARE"]
+
+
+def test_a_saga_waits_for_a_two_phase_commit_on_its_key_and_starts_when_it_commits() -> None:
+    sagas, twopc = member()
+    strong = twopc.start(strong_intent("strong-1"), 0)
+    assert [c["action"] for c in strong.commands] == ["PREPARE", "PREPARE"]
+    saga = sagas.start(saga_intent("saga-1"), 1)
+    assert saga.state["phase"] == LockingPhase.LOCKING and not saga.commands
+    committed = run(twopc, strong)
+    assert committed.result is not None and committed.result["status"] == "COMMITTED"
+    assert committed.wake == ["saga-1"]
+    started = sagas.decide(saga.state, LocksGranted(), 20)
+    assert started.commands and started.commands[0]["action"] == "EXECUTE"
+
+
+def test_a_restore_takes_back_every_protocols_holders_before_any_waiter() -> None:
+    sagas, twopc = member()
+    strong = twopc.start(strong_intent("strong-1"), 0)  # preparing: holds the row
+    saga = sagas.start(saga_intent("saga-1"), 1)  # waits for it
+    assert strong.state["phase"] == TwoPCPhase.PREPARING and saga.state["phase"] == LockingPhase.LOCKING
+    fresh_sagas, fresh_twopc = member()
+    # The saga protocol is restored first: one restore per protocol would queue the saga on a free table
+    # and grant it the key the two-phase commit still holds (two writers of one row).
+    woken = restore_locks([fresh_sagas, fresh_twopc], [saga.state, strong.state])
+    assert woken == []
+    assert fresh_twopc.locks.holds("strong-1", ROW) and not fresh_sagas.locks.holds("saga-1", ROW)
+    assert fresh_sagas.locks.blockers("saga-1") == ["strong-1"]
+
+
+def test_a_deadlock_between_an_interactive_transaction_and_a_two_phase_commit_is_closed_and_broken() -> None:
+    sagas, twopc = member()
+    node = 'neo4j:N:{"id":1}'
+    opened = sagas.open(lock_request("open-1", 1, [node]), 0)  # holds the node
+    assert sagas.locks.holds("open-1", node)
+    strong = twopc.start(strong_intent("strong-1"), 1)  # the row is free, the node is not
+    assert twopc.locks.holds("strong-1", ROW) and twopc.locks.blockers("strong-1") == ["open-1"]
+    asked = sagas.decide(opened.state, LockRequested(lock_request("open-1", 2, [ROW])), 2)
+    assert ("open-1", "strong-1") in asked.cycles  # the request that closed a cycle of two names it
+    verdict: DeadlockVerdict = {"cycle": ["open-1", "strong-1"], "victim": "strong-1", "scores": {}, "at_ms": 3}
+    broken = twopc.decide(strong.state, VictimChosen(verdict), 3)
+    assert broken.result is not None and broken.result["status"] == "ABORTED"
+    assert broken.result["error"] is not None and broken.result["error"]["error_class"] == "DeadlockVictimError"
+    assert [d["outcome"] for d in broken.decisions] == ["ABORT"] and not broken.commands  # nothing prepared
+    assert broken.wake == ["open-1"] and "strong-1" not in twopc.locks
+    again = twopc.decide(broken.state, VictimChosen(verdict), 4)  # at least once: a second copy
+    assert again.state is broken.state and not again.decisions
+
+
+def test_a_verdict_on_a_two_phase_commit_past_its_locks_changes_nothing() -> None:
+    _sagas, twopc = member()
+    strong = twopc.start(strong_intent("strong-1"), 0)
+    verdict: DeadlockVerdict = {"cycle": ["x", "strong-1"], "victim": "strong-1", "scores": {}, "at_ms": 1}
+    stale = twopc.decide(strong.state, VictimChosen(verdict), 1)
+    assert stale.state is strong.state and not stale.decisions
