@@ -4,10 +4,12 @@ graph (projections/wait_for.py) and publishes a DeadlockVerdict per cycle on `po
 Delivery is at least once (faust's exactly-once mode has open bugs, so nothing here depends on it): a
 redelivered lock event changes nothing in the graph, and a verdict seen twice is harmless because the
 coordinator aborts a victim only while it still waits for a lock. The graph lives in memory: each start
-joins a group of its own and folds the topic from its earliest retained record (lock events are kept
-briefly: a wait older than the lock-wait timeout has ended), so a restarted detector rebuilds the graph
-instead of trusting offsets committed by its predecessor; and the lock-wait timeout still ends any
-deadlock the detector did not see, so a lost graph delays a verdict but never loses a transaction.
+joins a group of its own and reads the topic from its end, not from offsets committed by a predecessor
+and not from the beginning (the topic is kept long: `polycommit check` reads it for a key's writers in
+grant order, and folding that history at every start took minutes). Every coordinator member announces
+each wait it still has again every REANNOUNCE_MS, so a started detector holds every current wait within
+that period; cycles of two are judged by the coordinator itself meanwhile, and the lock-wait timeout still
+ends any deadlock the detector did not see: a lost graph delays a verdict but never loses a transaction.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faust
+from faust.types import TP
 
 from polycommit.bus import topics_for
 from polycommit.codec import EventCodec, default_codec
@@ -78,9 +81,8 @@ class Detector:
         self.topics = topics_for(settings)
         self.graph = WaitForGraph()
         self.stats = DetectorStats()
-        # Events from before this instant are skipped: the coordinator announces every current wait again
-        # every REANNOUNCE_MS, so a detector that starts (its group is new: it reads the topic from the
-        # beginning) needs only the last CATCH_UP_MS of it, not a history that may take minutes to fold.
+        # Events stamped before this instant are skipped (one from a producer whose clock is far behind,
+        # or written long before it was delivered): a wait still current is announced again since.
         self.skip_before_ms: int | None = None
         self.app = faust.App(
             f"{settings.topic_prefix}-detector-{uuid.uuid4().hex[:12]}",
@@ -90,15 +92,26 @@ class Detector:
             web_enabled=False,
             topic_disable_leader=True,  # no leader topic: the app has no tables and no assignor state
             topic_allow_declare=False,  # polycommit creates its topics; the detector only reads and writes
-            consumer_auto_offset_reset="earliest",  # the group is new: fold what the topic still holds
+            consumer_auto_offset_reset="latest",  # the group is new: from now on (waits are re-announced)
             producer_acks=-1,
         )
         locks = self.app.topic(self.topics.locks, key_serializer="raw", value_serializer="raw")
         self.verdict_topic = self.app.topic(self.topics.deadlocks, key_serializer="raw", value_serializer="raw")
         self.app.agent(locks, name="wait-for-graph")(self._agent)
+        self.app.on_partitions_assigned.connect(self._on_assigned)
+        self.assigned = asyncio.Event()  # its partitions are positioned: what is published now, it reads
         # Verdicts also when no lock event comes: a deadlock whose victim was not aborted (its verdict
         # was stale on arrival) is judged again once REJUDGE_AFTER_MS has passed (projections/wait_for).
         self.app.timer(interval=REJUDGE_AFTER_MS / 2000, on_leader=False)(self._tick)
+
+    async def _on_assigned(self, sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        """The app's `on_partitions_assigned` signal (args: the assignment). Resolve each partition's
+        position now (the end of the topic: `latest`), so a caller told `ready` knows that what it
+        publishes from then on is read."""
+        assigned: Set[TP] = args[0]
+        for tp in assigned:
+            await self.app.consumer.position(tp)
+        self.assigned.set()
 
     async def _agent(self, stream: Any) -> AsyncIterator[None]:
         async for values in stream.take(BATCH_EVENTS, within=BATCH_WITHIN_S):
@@ -135,6 +148,7 @@ class Detector:
         self.skip_before_ms = now_ms() - CATCH_UP_MS
         await self.app.start()
         try:
+            await self.assigned.wait()
             if ready is not None:
                 ready.set()
             await stop.wait()

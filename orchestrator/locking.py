@@ -20,11 +20,12 @@ own phases sit beside the inner ones in the same snapshot (`protocol` stays the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from orchestrator import operator
+from orchestrator.lock_waits import AnnouncedWaits
 from orchestrator.locks import EXCLUSIVE, LockMode, LockTable
 from orchestrator.protocol import (
     Event,
@@ -162,9 +163,16 @@ class Locking:
     inner: TransactionProtocol
     lock_wait_ms: int = DEFAULT_LOCK_WAIT_MS  # an intent's own `lock_wait_ms` wins when it gives one
     locks: LockTable = field(default_factory=LockTable)
-    # key -> waiter -> the WAITING event last published for it there: the detector's edges. A release
-    # changes them (the next holder is one the detector cannot guess), so `reannounce` publishes them again.
-    announced: dict[str, dict[str, LockEvent]] = field(default_factory=dict)
+    announced: AnnouncedWaits | None = None  # the member's, shared with every protocol that locks
+
+    def __post_init__(self) -> None:
+        if self.announced is None:
+            self.announced = AnnouncedWaits(self.locks)
+
+    @property
+    def waits(self) -> AnnouncedWaits:
+        assert self.announced is not None  # set in __post_init__
+        return self.announced
 
     @property
     def name(self) -> str:
@@ -177,37 +185,13 @@ class Locking:
         return self.noted(self._decide(state, event, now))
 
     def noted(self, t: Transition) -> Transition:
-        """Remember every wait `t` announces; forget it once granted or released."""
-        for event in t.lock_requests:
-            waits = self.announced.setdefault(event["resource"], {})
-            if event["action"] == "WAITING":
-                waits[event["tx_id"]] = event
-            else:
-                waits.pop(event["tx_id"], None)
-            if not waits:
-                del self.announced[event["resource"]]
-        return t
+        return self.waits.noted(t)
 
     def current_waits(self, now: int) -> list[LockEvent]:
-        """Every wait announced and not yet granted or released, announced again at `now` (see
-        `projections.wait_for.REANNOUNCE_MS`)."""
-        return [{**event, "at_ms": now} for waits in self.announced.values() for event in waits.values()]
+        return self.waits.current(now)
 
     def reannounce(self, t: Transition, keys: Iterable[str], now: int) -> None:
-        """`keys` were released: each transaction still announced as waiting on one of them is announced
-        again, WAITING behind its blockers now (a holder granted meanwhile, or the next in line) or GRANTED.
-        Without this the detector drops the edge to the releaser and never learns the new one, and a
-        deadlock through that wait would last until a lock-wait timeout."""
-        for key in keys:
-            for tx, last in list(self.announced.get(key, {}).items()):
-                if tx not in self.locks:
-                    continue
-                blockers = self.locks.blockers_on(tx, key)
-                if not blockers and tx in t.wake:
-                    continue  # it holds all its keys now: its own wake-up says GRANTED
-                if blockers != last["blockers"]:
-                    action = "WAITING" if blockers else "GRANTED"
-                    t.lock_requests.append({**last, "action": action, "blockers": blockers, "at_ms": now})  # type: ignore[typeddict-item]
+        self.waits.reannounce(t, keys, now)
 
     def _start(self, intent: TransactionIntent, now: int, refusal: ErrorInfo | None = None) -> Transition:
         first = self.inner.start(intent, now, refusal)
@@ -303,11 +287,6 @@ class Locking:
 
     def is_stuck(self, phase: str) -> bool:
         return phase not in _OWN_PHASES and self.inner.is_stuck(phase)
-
-
-def waits_of(protocols: Mapping[str, object], now: int) -> list[LockEvent]:
-    """The current waits of every lock-taking protocol, announced again at `now`."""
-    return [e for p in protocols.values() if isinstance(p, Locking) for e in p.current_waits(now)]
 
 
 def _waiting(started: TxState, deadline: int, now: int) -> TxState:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from orchestrator.interactive import Interactive
+from orchestrator.lock_waits import AnnouncedWaits
 from orchestrator.locking import Locking
 from orchestrator.locks import LockTable
 from orchestrator.protocol import TransactionProtocol, TxState
@@ -26,20 +27,20 @@ def locked_saga(policy: SagaPolicy, locks: LockTable | None = None) -> Locking:
     return Locking(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms, locks=locks or LockTable())
 
 
-def interactive_saga(policy: SagaPolicy, locks: LockTable) -> Interactive:
+def interactive_saga(policy: SagaPolicy, waits: AnnouncedWaits) -> Interactive:
     """Locked sagas, and interactive transactions that take their locks on demand before their intent
     (orchestrator/interactive.py)."""
-    return Interactive(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms, locks=locks)
+    return Interactive(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms, locks=waits.locks, announced=waits)
 
 
-def two_phase_commit(policy: SagaPolicy, locks: LockTable) -> TwoPhaseCommit:
-    return TwoPhaseCommit(policy, locks=locks)
+def two_phase_commit(policy: SagaPolicy, waits: AnnouncedWaits) -> TwoPhaseCommit:
+    return TwoPhaseCommit(policy, locks=waits.locks, announced=waits)
 
 
 # name -> factory, given the coordinator's policy (timeouts, backoff, payload limit) and the member's one
-# lock table: every protocol that locks shares it, so a saga, an interactive transaction and a two-phase
-# commit on the same key exclude one another.
-PROTOCOLS: Mapping[str, Callable[[SagaPolicy, LockTable], TransactionProtocol]] = {
+# lock table (with the waits announced on it): every protocol that locks shares it, so a saga, an
+# interactive transaction and a two-phase commit on the same key exclude one another.
+PROTOCOLS: Mapping[str, Callable[[SagaPolicy, AnnouncedWaits], TransactionProtocol]] = {
     "saga": interactive_saga,
     "twopc": two_phase_commit,
 }
@@ -53,8 +54,8 @@ DEFAULT_PROTOCOL = "saga"  # also the protocol of snapshots written before they 
 
 
 def protocols(policy: SagaPolicy) -> dict[str, TransactionProtocol]:
-    locks = LockTable()
-    return {name: factory(policy, locks) for name, factory in PROTOCOLS.items()}
+    waits = AnnouncedWaits(LockTable())
+    return {name: factory(policy, waits) for name, factory in PROTOCOLS.items()}
 
 
 def protocol_name(intent: TransactionIntent) -> str:

@@ -26,7 +26,7 @@ from orchestrator import operator, registry
 from orchestrator.admission import ReplyTargets, canonical_or_refusal, expiry_refusal, key_refusal
 from orchestrator.admission import reply_target as reply_target
 from orchestrator.interactive_inputs import INPUTS, InteractiveInputs, input_topics
-from orchestrator.locking import waits_of
+from orchestrator.lock_waits import waits_of
 from orchestrator.protocol import (
     Event,
     HoldsLocks,

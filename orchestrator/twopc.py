@@ -1,7 +1,7 @@
 """Two-phase commit (consistency=STRONG) as a pure state machine: a table of (phase, event kind) -> transition.
 
 A transaction first takes exclusive locks on its write keys (`orchestrator.locks`, one table per
-coordinator member, owned by this protocol's instance), waiting FIFO up to the lock-wait timeout. Then
+coordinator member, shared with the sagas), waiting FIFO up to the lock-wait timeout. Then
 PREPARE goes to every step at once. All votes yes -> decision COMMIT; any no, or the prepare window
 passing -> decision ABORT (presumed abort). The Decision record is published in the same Kafka
 transaction as the phase-2 commands; since consumers read committed records only, no participant ever
@@ -11,8 +11,8 @@ retried with backoff forever and reported as a heuristic hazard after `hazard_af
 result (COMMITTED / ABORTED) comes once every step acknowledged phase 2; then the locks are released
 and the transactions they let go on are named in `Transition.wake`.
 
-No awaits, no clock: `now` is passed in. The lock table is the only state outside the snapshot, and
-`restored` rebuilds it from snapshots.
+No awaits, no clock: `now` is passed in. The lock table (and the admission queue) is the only state
+outside the snapshot, and `restore_holders` / `restore_waiters` rebuild it from snapshots.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Literal
 from orchestrator import operator
 from orchestrator import twopc_model as m
 from orchestrator.interactive_model import VictimChosen, victim_error, waits_in_cycle
+from orchestrator.lock_waits import AnnouncedWaits
 from orchestrator.locks import EXCLUSIVE, Admission, LockTable
 from orchestrator.protocol import (
     Event,
@@ -40,7 +41,7 @@ from orchestrator.protocol import (
 from orchestrator.saga_model import SagaPolicy, problem_step, validate
 from orchestrator.twopc_events import TwoPCEvent as TwoPCEvent
 from orchestrator.twopc_events import classify as classify
-from orchestrator.twopc_model import TwoPCPhase, TwoPCPolicy, Vote
+from orchestrator.twopc_model import TwoPCPhase, TwoPCPolicy, Vote, phase_of, write_keys
 from polycommit.errors import PolycommitError, ProtocolError
 from polycommit.events import (
     ErrorInfo,
@@ -50,7 +51,6 @@ from polycommit.events import (
     TransactionStatus,
     error_info,
 )
-from polycommit.operations import lock_keys
 
 # -- the transitions ---------------------------------------------------------------------------------
 
@@ -243,17 +243,6 @@ TABLE: dict[tuple[StrEnum, StrEnum], Handler] = {
 }
 
 
-def phase_of(state: SagaSnapshot) -> TwoPCPhase:
-    try:
-        return TwoPCPhase(state["phase"])
-    except ValueError:
-        raise ProtocolError(f"{state['intent']['tx_id']}: two-phase commit has no phase {state['phase']!r}") from None
-
-
-def write_keys(intent: TransactionIntent) -> list[str]:
-    return sorted({k for step in intent["steps"] for k in lock_keys(step["operation"])})
-
-
 @dataclass
 class TwoPhaseCommit:
     """Two-phase commit as the driver sees it (registered under "twopc"); owns its member's lock table."""
@@ -261,14 +250,19 @@ class TwoPhaseCommit:
     saga_policy: SagaPolicy = field(default_factory=SagaPolicy)
     name: str = m.PROTOCOL
     locks: LockTable = field(default_factory=LockTable)
+    announced: AnnouncedWaits | None = None  # the member's, shared with every protocol that locks
     policy: TwoPCPolicy = field(init=False)
     admission: Admission = field(init=False)
 
     def __post_init__(self) -> None:
         self.policy = TwoPCPolicy.from_saga(self.saga_policy)
         self.admission = Admission(self.policy.max_active)
+        self.waits = self.announced = self.announced or AnnouncedWaits(self.locks)
 
     def start(self, intent: TransactionIntent, now: int, refusal: ErrorInfo | None = None) -> Transition:
+        return self.waits.noted(self._start(intent, now, refusal))
+
+    def _start(self, intent: TransactionIntent, now: int, refusal: ErrorInfo | None = None) -> Transition:
         state = m.initial_state(intent, now)
         t = Transition(state)
         problem = refusal or validate(intent, self.saga_policy)
@@ -299,6 +293,9 @@ class TwoPhaseCommit:
         return t
 
     def decide(self, state: SagaSnapshot, event: Event | VictimChosen, now: int) -> Transition:
+        return self.waits.noted(self._decide(state, event, now))
+
+    def _decide(self, state: SagaSnapshot, event: Event | VictimChosen, now: int) -> Transition:
         if isinstance(event, OperatorReceived):
             return self._operator(state, event.command, now)
         if isinstance(event, VictimChosen):
@@ -342,9 +339,11 @@ class TwoPhaseCommit:
 
     def _release(self, t: Transition, now: int) -> None:
         tx_id = t.state["intent"]["tx_id"]
-        for key in self.locks.keys_of(tx_id):
+        keys = self.locks.keys_of(tx_id)
+        for key in keys:
             t.lock_requests.append(m.lock_event(t.state, key, "RELEASED", [], now))
         t.wake.extend(self._go_on(self.locks.release(tx_id), [tx_id]))
+        self.waits.reannounce(t, keys, now)
 
     def _go_on(self, granted: Iterable[str], gone: Iterable[str]) -> list[str]:
         """Who may go on now: those just granted their locks (of any protocol on the shared table; a

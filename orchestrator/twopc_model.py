@@ -14,7 +14,9 @@ from enum import StrEnum
 from typing import Literal
 
 from orchestrator.saga_model import SagaPolicy, alert, copy_state, initial_steps, result_of
+from polycommit.errors import ProtocolError
 from polycommit.events import Decision, LockEvent, SagaSnapshot, StoreCommand, TransactionIntent, store_command
+from polycommit.operations import lock_keys
 
 PROTOCOL = "twopc"
 
@@ -137,3 +139,14 @@ def lock_event(state: SagaSnapshot, key: str, action: LockAction, blockers: list
         "work_done": sum(1 for s in state["steps"] if s["status"] != Vote.PENDING),
         "at_ms": now,
     }
+
+
+def phase_of(state: SagaSnapshot) -> TwoPCPhase:
+    try:
+        return TwoPCPhase(state["phase"])
+    except ValueError:
+        raise ProtocolError(f"{state['intent']['tx_id']}: two-phase commit has no phase {state['phase']!r}") from None
+
+
+def write_keys(intent: TransactionIntent) -> list[str]:
+    return sorted({k for step in intent["steps"] for k in lock_keys(step["operation"])})

@@ -97,11 +97,53 @@ async def _verdicts_about(members: set[str], consumer: Any) -> list[dict[str, An
     return found
 
 
-async def test_waits_from_before_the_catch_up_window_are_skipped_and_fresh_ones_judged(
+async def test_a_detector_reads_from_its_start_and_judges_what_is_announced_since(
+    topics: Settings, tmp_path: Any
+) -> None:
+    """The locks topic keeps its history (`polycommit check` reads it): a detector that starts reads
+    from the end, not the whole topic. A cycle whose waits were published before it started and never
+    again (its transactions ended) gets no verdict; a wait still current reaches it when its coordinator
+    announces it again (every REANNOUNCE_MS; here by hand)."""
+    names = topics_for(topics)
+    run = uuid.uuid4().hex[:8]
+    ended, current = [f"ended-a-{run}", f"ended-b-{run}"], [f"now-a-{run}", f"now-b-{run}"]
+    publisher = Publisher(topics)
+    await publisher.start()
+    consumer = make_consumer(topics, names.deadlocks, group_id=f"verdicts-{run}")
+    await consumer.start()
+    found = Detector(topics, data_dir=tmp_path / "late-detector")
+    stop, ready = asyncio.Event(), asyncio.Event()
+    try:
+        await publisher.publish_and_wait(records(names.locks, cycle(ended, run)))
+        task = asyncio.create_task(found.run(stop, ready))
+        await asyncio.wait_for(ready.wait(), 60)  # positioned at the end of every partition
+        await publisher.publish_and_wait(records(names.locks, cycle(current, run)))
+        verdicts = await _verdicts_about({*ended, *current}, consumer)
+        stop.set()
+        await asyncio.wait_for(task, 60)
+    finally:
+        stop.set()
+        await publisher.stop()
+        await consumer.stop()
+    assert [set(v["cycle"]) for v in verdicts] == [set(current)]  # none for the cycle before its start
+    assert found.stats.events == 2 and found.stats.skipped == 0  # not the topic's history: only these two
+
+
+def cycle(members: list[str], run: str) -> list[LockEvent]:
+    """Two transactions, each waiting for a resource the other holds."""
+    a, b, started = members[0], members[1], now_ms()
+    return [waiting(a, f"r1-{run}", b, 0, started), waiting(b, f"r2-{run}", a, 0, started)]
+
+
+def records(topic: str, events: list[LockEvent]) -> list[Outgoing]:
+    return [Outgoing(topic, e["resource"], "LockEvent", e) for e in events]
+
+
+async def test_waits_stamped_before_the_catch_up_window_are_skipped_and_fresh_ones_judged(
     topics: Settings, detector: Detector
 ) -> None:
-    """A detector that starts reads the topic from the beginning, but folds only the last CATCH_UP_MS:
-    the coordinator announces every current wait again every REANNOUNCE_MS, so what is older is over."""
+    """An event delivered long after it was stamped (a producer's clock far behind, a write delayed) is
+    skipped: a wait still current is announced again since, with a fresh stamp."""
     names = topics_for(topics)
     run = uuid.uuid4().hex[:8]
     r1, r2 = f"r1-{run}", f"r2-{run}"

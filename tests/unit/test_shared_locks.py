@@ -12,6 +12,7 @@ from step_replies import reply
 from orchestrator import registry
 from orchestrator.interactive import Interactive
 from orchestrator.interactive_model import LockRequested, VictimChosen
+from orchestrator.lock_waits import waits_of
 from orchestrator.locking import LockingPhase
 from orchestrator.protocol import LocksGranted, OutcomeReceived, TransactionProtocol, Transition, restore_locks
 from orchestrator.saga import SagaPolicy
@@ -140,3 +141,19 @@ def test_a_verdict_on_a_two_phase_commit_past_its_locks_changes_nothing() -> Non
     verdict: DeadlockVerdict = {"cycle": ["x", "strong-1"], "victim": "strong-1", "scores": {}, "at_ms": 1}
     stale = twopc.decide(strong.state, VictimChosen(verdict), 1)
     assert stale.state is strong.state and not stale.decisions
+
+
+def test_a_waiting_two_phase_commit_is_announced_again_until_its_locks_come() -> None:
+    protocols = registry.protocols(POLICY)
+    sagas, twopc = protocols["saga"], protocols["twopc"]
+    saga = sagas.start(saga_intent("saga-1"), 0)
+    strong = twopc.start(strong_intent("strong-1"), 1)
+    again = waits_of(protocols, 2001)  # what the coordinator publishes every REANNOUNCE_MS
+    assert sorted((e["tx_id"], e["resource"], e["blockers"], e["at_ms"]) for e in again) == [
+        ("strong-1", 'neo4j:N:{"id":1}', ["saga-1"], 2001),
+        ("strong-1", ROW, ["saga-1"], 2001),
+    ]
+    done = run(sagas, saga)
+    granted = twopc.decide(strong.state, LocksGranted(), 2002)
+    assert "strong-1" in done.wake and {e["action"] for e in granted.lock_requests} == {"GRANTED"}
+    assert waits_of(protocols, 4001) == []
