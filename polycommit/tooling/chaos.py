@@ -13,7 +13,11 @@ store may arrive sooner, and are not counted).
 
 `--mode 2pc` sends two-phase commits instead (consistency=STRONG; a seeded fraction abort because a
 participant votes no), and the verdict also requires that no prepared PostgreSQL transaction of the run
-is left open (`prepared_left`, 0). The servers killed are those of the settings' home: run it against
+is left open (`prepared_left`, 0); `--mode mixed` sends both, a seeded half each. `--hot-keys K` draws
+every transaction's key among K, so sagas and two-phase commits wait for one another's locks (one lock
+table for both) and the checker judges each key by its writers in lock-grant order.
+
+The servers killed are those of the settings' home: run it against
 servers of its own (a POLYCOMMIT_HOME and ports of its own), never against servers others are using.
 
 A subprocess that exits on its own (say, when the broker vanishes under it) is restarted, as a supervisor
@@ -55,12 +59,14 @@ from polycommit.tooling.chaos_workload import (
     ClientSlot,
     Mix,
     Progressed,
+    hot_writes,
     mixed,
     recover_results,
     run_workload,
     saga_of,
 )
 from polycommit.tooling.checker import History, check
+from polycommit.tooling.checker.log import read_log
 from polycommit.tooling.processes import Cluster
 
 __all__ = ["TARGETS", "ChaosRun", "kill_broker", "kill_schedule", "run_chaos", "run_settings", "saga_of"]
@@ -166,7 +172,9 @@ async def _drive(run: ChaosRun, args: argparse.Namespace, console: Console, star
         run.cluster.on_exit = lambda e: progress.console.print(f"[yellow]{e.name} exited alone ({e.code}); restarting")
         await run.cluster.start()
         progress.update(bar, description="transactions")
-        items = writes(f"x{run.run_id}", args.transactions)
+        hot, name = getattr(args, "hot_keys", 0), f"x{run.run_id}"
+        keys = random.Random(f"{args.seed}/keys")
+        items = hot_writes(name, args.transactions, hot, keys) if hot else writes(name, args.transactions)
         mix = Mix(failing=getattr(args, "failing", 0.1), short_timeout=getattr(args, "short_timeout", 0.1))
 
         def sagas() -> Iterator[Saga]:
@@ -228,7 +236,11 @@ async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, code
 
     settings, history = run.settings, run.history
     with console.status("checking the stores"):
-        report = await check(settings, history)
+        # With the log's facts, as `polycommit check` judges: a shared (hot) key's expected value is its
+        # last writer's in lock-grant order (applied times do not order a saga's write and a two-phase
+        # commit's across stores), and the log's own classes (applied twice, undecided, orphans) count.
+        _, facts = await read_log(settings)
+        report = await check(settings, history, keys_owned=not getattr(args, "hot_keys", 0), log=facts)
     summary = summarize(run.run_id, history, run.kills, run.cluster.unexpected_exits, report, elapsed, run.errors)
     summary["retried_after_timeout"] = len(run.retried)
     summary["exit_codes"] = codes

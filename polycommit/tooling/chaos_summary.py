@@ -48,7 +48,8 @@ def summarize(
 
 
 def print_summary(console: Console, summary: dict[str, Any]) -> None:
-    mode = "two-phase commits" if summary.get("mode") == "2pc" else "transactions"
+    names = {"2pc": "two-phase commits", "mixed": "sagas and two-phase commits"}
+    mode = names.get(summary.get("mode", ""), "transactions")
     table = Table(title=f"polycommit chaos {summary['run']}: {summary['transactions']} {mode}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -61,7 +62,7 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
     table.add_row("processes that exited alone", str(len(summary["unexpected_exits"])))
     table.add_row("intent re-publishes", str(summary["publish_errors"]))
     table.add_row("transactions with a step retried", str(summary.get("retried_after_timeout", 0)))
-    if summary.get("mode") == "2pc":
+    if summary.get("mode") in ("2pc", "mixed"):
         left = summary.get("prepared_left", 0)
         table.add_row("prepared transactions left", f"[{'green' if not left else 'red'}]{left}[/]")
     ok = summary["violations"] == 0

@@ -22,7 +22,9 @@ from polycommit.client import Coordinator, Saga, TransactionResult
 from polycommit.config import Settings
 from polycommit.tooling import bench
 from polycommit.tooling.bench import Write, keep_in_flight
+from polycommit.tooling.bench_workload import DIMENSIONS
 from polycommit.tooling.checker import History
+from polycommit.tooling.workload import embed
 
 STEP_RETRIES = 3
 STEP_TIMEOUT_S = 30.0
@@ -50,30 +52,41 @@ def mixed(
 ) -> Iterator[tuple[str, Saga]]:
     """(kind, saga) for each write: "plain", "failing" (ends in FAILING_STEP) or "short-timeout"; with
     `mode="2pc"` two-phase commits (consistency=STRONG) that abort for real instead: "failing"
-    (PostgreSQL votes no on FAILING_STEP) and "voted-no" (a vector of the wrong size: Qdrant votes no)."""
-    if mode == "2pc":
-        yield from _two_phase(items, mix, rng)
-        return
+    (PostgreSQL votes no on FAILING_STEP) and "voted-no" (a vector of the wrong size: Qdrant votes no);
+    with `mode="mixed"` each transaction is one or the other by a seeded coin (kinds "2pc-..." for the
+    two-phase commits), so sagas and two-phase commits meet on shared keys (`--hot-keys`)."""
     for write in items:
-        draw = rng.random()
-        if draw < mix.failing:
-            yield "failing", saga_of(write, timeout=step_timeout).step(FAILING_STEP, name="always fails")
-        elif draw < mix.failing + mix.short_timeout:
-            yield "short-timeout", bench.saga_of(write, name="chaos", retries=1, timeout=mix.short_timeout_s)
-        else:
-            yield "plain", saga_of(write, timeout=step_timeout)
+        strong = mode == "2pc" or (mode == "mixed" and rng.random() < 0.5)
+        if not strong:
+            yield _saga_kind(write, mix, rng, step_timeout)
+            continue
+        kind, saga = _two_phase_kind(write, mix, rng)
+        yield (f"2pc-{kind}" if mode == "mixed" else kind), saga
 
 
-def _two_phase(items: Iterable[Write], mix: Mix, rng: random.Random) -> Iterator[tuple[str, Saga]]:
-    for write in items:
-        draw = rng.random()
-        if draw < mix.failing:
-            yield "failing", bench.saga_of(write, name="chaos", mode="2pc").step(FAILING_STEP, name="always fails")
-        elif draw < mix.failing + mix.short_timeout:
-            bad = Write(write.key, write.value, write.vector[:-1])
-            yield "voted-no", bench.saga_of(bad, name="chaos", mode="2pc")
-        else:
-            yield "plain", bench.saga_of(write, name="chaos", mode="2pc")
+def _saga_kind(write: Write, mix: Mix, rng: random.Random, step_timeout: float) -> tuple[str, Saga]:
+    draw = rng.random()
+    if draw < mix.failing:
+        return "failing", saga_of(write, timeout=step_timeout).step(FAILING_STEP, name="always fails")
+    if draw < mix.failing + mix.short_timeout:
+        return "short-timeout", bench.saga_of(write, name="chaos", retries=1, timeout=mix.short_timeout_s)
+    return "plain", saga_of(write, timeout=step_timeout)
+
+
+def _two_phase_kind(write: Write, mix: Mix, rng: random.Random) -> tuple[str, Saga]:
+    draw = rng.random()
+    if draw < mix.failing:
+        return "failing", bench.saga_of(write, name="chaos", mode="2pc").step(FAILING_STEP, name="always fails")
+    if draw < mix.failing + mix.short_timeout:
+        bad = Write(write.key, write.value, write.vector[:-1])
+        return "voted-no", bench.saga_of(bad, name="chaos", mode="2pc")
+    return "plain", bench.saga_of(write, name="chaos", mode="2pc")
+
+
+def hot_writes(run: str, count: int, hot_keys: int, rng: random.Random) -> list[Write]:
+    """`count` writes on `hot_keys` keys drawn at random (each its own value, so every store's final
+    value names its last writer): transactions on one key contend for its locks."""
+    return [Write(f"{run}-h{rng.randrange(hot_keys)}", i, embed(f"{run}-{i}", DIMENSIONS)) for i in range(count)]
 
 
 @dataclass

@@ -108,7 +108,18 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated subset of coordinator,postgres,qdrant,neo4j (processes), kafka,postgres-server,"
         "neo4j-server (servers), client (default: all; servers are those of this home: never shared ones)",
     )
-    chaos.add_argument("--mode", choices=["saga", "2pc"], default="saga", help="sagas, or two-phase commit (STRONG)")
+    chaos.add_argument(
+        "--mode",
+        choices=["saga", "2pc", "mixed"],
+        default="saga",
+        help="sagas, two-phase commits (STRONG), or both (a seeded half each)",
+    )
+    chaos.add_argument(
+        "--hot-keys",
+        type=int,
+        default=0,
+        help="0: every transaction its own key; K: keys drawn among K, so transactions contend for locks",
+    )
     chaos.add_argument("--failing", type=float, default=0.1, help="fraction of sagas with a failing last step")
     chaos.add_argument("--short-timeout", type=float, default=0.1, help="fraction of sagas with a 50 ms step timeout")
     chaos.add_argument("--step-timeout", type=float, default=30.0, help="each step's timeout, seconds (default 30)")

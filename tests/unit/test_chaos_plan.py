@@ -15,7 +15,7 @@ from polycommit.config import Settings, load_settings
 from polycommit.tooling.bench import writes
 from polycommit.tooling.chaos import _together
 from polycommit.tooling.chaos_kills import SERVER_TARGETS, TARGETS, TargetLost, kill_schedule, restart_server
-from polycommit.tooling.chaos_workload import FAILING_STEP, ClientSlot, Mix, execute, mixed
+from polycommit.tooling.chaos_workload import FAILING_STEP, ClientSlot, Mix, execute, hot_writes, mixed
 from polycommit.tooling.services import ServerStartError
 
 
@@ -57,6 +57,18 @@ def test_the_mix_sends_failing_and_short_timeout_sagas_in_their_fractions() -> N
         assert timeouts == ({50} if kind == "short-timeout" else {30_000})
     again = [k for k, _ in mixed(items, Mix(failing=0.2, short_timeout=0.1), random.Random(1), 30.0)]
     assert again == [k for k, _ in sent]
+
+
+def test_the_mixed_mode_sends_sagas_and_two_phase_commits_on_hot_keys() -> None:
+    items = hot_writes("h", 1000, 20, random.Random(3))
+    assert len({w.key for w in items}) == 20 and len({w.value for w in items}) == 1000  # shared keys, own values
+    sent = list(mixed(items, Mix(failing=0.1, short_timeout=0.1), random.Random(1), 30.0, mode="mixed"))
+    strong = [saga for kind, saga in sent if kind.startswith("2pc-")]
+    assert 400 < len(strong) < 600
+    assert all(saga.consistency == "STRONG" for saga in strong)
+    assert all(saga.consistency == "EVENTUAL" for kind, saga in sent if not kind.startswith("2pc-"))
+    kinds = Counter(kind for kind, _ in sent)
+    assert kinds["2pc-voted-no"] and kinds["2pc-failing"] and kinds["failing"] and kinds["short-timeout"]
 
 
 class DyingClient:
