@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
 import pytest
+from log_follow import follow
 
 from orchestrator.saga import SagaPolicy
-from polycommit.client import Coordinator
+from polycommit import operations as ops
+from polycommit.bus import topics_for
+from polycommit.client import Coordinator, Transaction
 from polycommit.config import Settings
 from polycommit.errors import DeadlockVictimError
 from polycommit.tooling import workload
@@ -73,3 +76,37 @@ async def test_two_readers_upgrading_one_row_lose_one_victim_without_a_detector(
     finally:
         await conn.close()
     assert title == f"writer-{survivors[0]}"
+
+
+async def test_a_two_phase_commit_in_a_cycle_with_an_interactive_transaction_is_the_lower_priority_victim(
+    client: Coordinator, topics: Settings
+) -> None:
+    """One lock table for every protocol: an interactive transaction holds one row and asks for a second,
+    which a two-phase commit holds while it waits for the first. The request closes the cycle; the two-phase
+    commit (lower priority), still waiting with nothing prepared, is aborted as the victim; the interactive
+    transaction gets the row and completes."""
+    first, second = f"cyc-a-{uuid.uuid4().hex[:8]}", f"cyc-b-{uuid.uuid4().hex[:8]}"
+    scope = client.transaction(name="interactive", interactive=True, priority=5, lock_wait=LOCK_WAIT_S)
+    async with scope as tx:
+        await tx.postgres.upsert(workload.DOCUMENTS, {"id": first}, {"title": "interactive"})  # EXCLUSIVE now
+        strong = Transaction(name="strong", consistency="STRONG", priority=0)
+        strong.add(ops.upsert_row(workload.DOCUMENTS, {"id": first}, {"title": "strong"}))
+        strong.add(ops.upsert_row(workload.DOCUMENTS, {"id": second}, {"title": "strong"}))
+        strong_result = await client.submit(strong)
+        waiting = await follow(topics, topics_for(topics).locks, "LockEvent", waits(strong.tx_id))
+        assert waiting["blockers"] == [scope.tx_id]  # it holds the second row, and waits for the first
+        await tx.postgres.upsert(workload.DOCUMENTS, {"id": second}, {"title": "interactive"})  # closes the cycle
+    assert scope.result is not None and scope.result.status == "completed"
+    victim = await asyncio.wait_for(strong_result, 60)
+    assert victim.status == "aborted" and victim.error is not None, victim
+    assert victim.error.startswith("DeadlockVictimError"), victim.error
+    conn = await asyncpg.connect(topics.postgres.dsn)
+    try:
+        rows = await conn.fetch(f"SELECT id, title FROM {workload.DOCUMENTS} WHERE id = ANY($1)", [first, second])
+    finally:
+        await conn.close()
+    assert {r["id"]: r["title"] for r in rows} == {first: "interactive", second: "interactive"}
+
+
+def waits(tx_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e["tx_id"] == tx_id and e["action"] == "WAITING"

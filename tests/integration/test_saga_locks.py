@@ -16,11 +16,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+from log_follow import follow
 from runtimes import started_runtime
 
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
-from polycommit.bus import make_reader, topic_partitions, topics_for
+from polycommit.bus import topics_for
 from polycommit.client import Coordinator, Saga, Transaction, TransactionResult
 from polycommit.codec import default_codec
 from polycommit.config import Settings
@@ -75,31 +76,6 @@ async def titles(runtime: Runtime, doc: str) -> tuple[Any, Any, Any]:
     node = await runtime.workers["neo4j"].participant.read_node("Document", {"id": doc})  # type: ignore[attr-defined]
     point = next(iter(points.values()), None)
     return (row and row["title"], point and point["payload"].get("title"), node and node.get("title"))
-
-
-async def follow(settings: Settings, topic: str, event_type: str, wanted: Callable[[dict[str, Any]], bool]) -> Any:
-    """The first record of `topic` (from its start) that `wanted` accepts, waiting for it as it arrives."""
-    codec = default_codec()
-    reader = make_reader(settings, "saga-locks-test")
-    await reader.start()
-    try:
-        tps = await topic_partitions(reader, topic)
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
-        async with asyncio.timeout(WAIT_S):
-            while True:
-                for records in (await reader.getmany(timeout_ms=200)).values():
-                    for record in records:
-                        try:
-                            event = codec.decode_as(record.value, event_type)
-                        except CodecError:
-                            continue  # another test's poison record on the session's topics
-                        if wanted(event):
-                            return event
-    except TimeoutError:
-        raise AssertionError(f"no {event_type} on {topic} as wanted within {WAIT_S}s") from None
-    finally:
-        await reader.stop()
 
 
 def lock(tx_id: str, action: str) -> Callable[[dict[str, Any]], bool]:
