@@ -1,7 +1,8 @@
 """A deadlock of two is broken by the coordinator itself, on the real servers with no deadlock detector
 running: two SERIALIZABLE readers of one row both go on to write it (each upgrade waits for the other's
 read lock). The lock waits are far longer than the test, so only the coordinator's own verdict can end the
-cycle: one victim (DeadlockVictimError), the other commits and its write is in PostgreSQL."""
+cycle: one victim (DeadlockVictimError), the other commits and its write is in PostgreSQL. The same for a
+cycle between an interactive transaction and a two-phase commit (one lock table for both)."""
 
 from __future__ import annotations
 
