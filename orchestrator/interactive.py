@@ -293,7 +293,7 @@ def _commit(state: TxState, event: IntentReceived, now: int, p: Interactive) -> 
     intent = event.intent
     refusal = None
     if intent["consistency"] != "EVENTUAL":
-        why = "an interactive transaction runs as a saga: consistency=STRONG keeps a lock table of its own"
+        why = "an interactive transaction runs as a saga: its locks are held by the saga protocol's open phases"
         refusal = error_info(UnsupportedError.__name__, why, False)
     t = Locking.start(p, intent, now, refusal)
     t.state["started_at_ms"] = state["started_at_ms"]  # its age counts from its first lock (victim score)

@@ -114,8 +114,9 @@ def node_key(label: str, key: Mapping[str, Any]) -> str:
 
 
 def refuse_interactive(tx: Transaction) -> None:
-    """What an interactive transaction cannot be: STRONG (two-phase commit keeps a lock table of its own, so
-    locks taken before the intent would not hold there), or without locks (there would be nothing to take)."""
+    """What an interactive transaction cannot be: STRONG (its open phases, which hold the locks taken before
+    the intent, belong to the saga protocol: the intent is run as a saga), or without locks (there would be
+    nothing to take)."""
     if tx.consistency != "EVENTUAL":
         raise errors.UnsupportedError("an interactive transaction runs as a saga: consistency=STRONG is refused")
     if not tx.locks:

@@ -221,20 +221,34 @@ async def test_run_retries_the_victim_until_both_business_actions_complete(
     assert await title_of_node(runtime, b) == last
 
 
-async def test_detection_latency_over_many_two_cycles(runtime: Runtime, client: Coordinator) -> None:
-    """Each 2-cycle gets exactly one victim; the time from the cycle-closing request leaving the client to
-    the victim's abort reaching it is recorded (an upper bound of the detection latency: it includes the
-    request's own hop), and written to POLYCOMMIT_DEADLOCK_REPORT when set."""
-    latencies: list[float] = []
-    for _ in range(LATENCY_RUNS):
+def cycle_plans(length: int) -> list[tuple[list[Lock], Lock]]:
+    """A cycle of `length` (2 or 3) across the stores, each member older and with more work than the next."""
+    if length == 2:
         a, b = docs(2)
-        plans = [([row(a, "t0"), extra_lock(a)], node(b, "t0")), ([node(b, "t1")], row(a, "t1"))]
-        outcomes, cycle = await run_cycle(client, plans)
-        assert len(victims(outcomes)) == 1 and len(committed(outcomes)) == 1, outcomes
+        return [([row(a, "t0"), extra_lock(a)], node(b, "t0")), ([node(b, "t1")], row(a, "t1"))]
+    a, b, c = docs(3)
+    return [
+        ([row(a, "t0"), extra_lock(a)], node(b, "t0")),
+        ([node(b, "t1"), extra_lock(b)], point(c, "t1")),
+        ([point(c, "t2")], row(a, "t2")),
+    ]
+
+
+@pytest.mark.parametrize("length", [2, 3])
+async def test_detection_latency_over_many_cycles(runtime: Runtime, client: Coordinator, length: int) -> None:
+    """Each cycle gets exactly one victim; the time from the cycle-closing request leaving the client to
+    the victim's abort reaching it is recorded (an upper bound of the detection latency: it includes the
+    request's own hop), and written to POLYCOMMIT_DEADLOCK_REPORT (one file per length) when set. Cycles
+    of two are judged by the coordinator itself, longer ones by the detector."""
+    latencies: list[float] = []
+    for _ in range(LATENCY_RUNS if length == 2 else max(1, LATENCY_RUNS // 2)):
+        outcomes, cycle = await run_cycle(client, cycle_plans(length))
+        assert len(victims(outcomes)) == 1 and len(committed(outcomes)) == length - 1, outcomes
         (victim,) = victims(outcomes)
         latencies.append((cycle.ended_at[victim] - max(cycle.asked_at)) * 1000)
     ordered = sorted(latencies)
     report = {
+        "cycle": length,
         "runs": len(ordered),
         "p50_ms": ordered[len(ordered) // 2],
         "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
@@ -243,7 +257,8 @@ async def test_detection_latency_over_many_two_cycles(runtime: Runtime, client: 
     print(f"deadlock detection latency: {report}")
     target = os.environ.get("POLYCOMMIT_DEADLOCK_REPORT")
     if target:
-        await asyncio.to_thread(Path(target).write_text, json.dumps({**report, "all_ms": latencies}, indent=2))
+        path = Path(f"{target}.{length}")
+        await asyncio.to_thread(path.write_text, json.dumps({**report, "all_ms": latencies}, indent=2))
 
 
 async def waiting_recorded(settings: Settings, tx_id: str) -> None:
