@@ -24,7 +24,6 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from orchestrator import operator, registry
 from orchestrator.admission import ReplyTargets, canonical_or_refusal, expiry_refusal, key_refusal
-from orchestrator.admission import reply_target as reply_target
 from orchestrator.interactive_inputs import INPUTS, InteractiveInputs, input_topics
 from orchestrator.lock_waits import waits_of
 from orchestrator.protocol import (
@@ -40,7 +39,7 @@ from orchestrator.protocol import (
     restore_locks,
 )
 from orchestrator.saga import SagaPolicy
-from orchestrator.transactions import OwnedTransactions
+from orchestrator.transactions import OwnedTransactions, lock_scope_warning
 from orchestrator.writer import TransitionWriter
 from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
@@ -83,7 +82,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.service.forget({tp.partition for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        await self.service.restore({tp.partition for tp in assigned})
+        owned = {tp.partition for tp in assigned}  # the whole assignment (eager rebalance)
+        if (warning := lock_scope_warning(owned, self.service.transactions.partitions)) is not None:
+            log.warning(warning)
+        await self.service.restore(owned)
 
 
 class CoordinatorService:
@@ -107,8 +109,7 @@ class CoordinatorService:
         self.transactional_id = f"{settings.topic_prefix}-coordinator-{self.instance}"
         self.max_records = max_records
         self.transactions = OwnedTransactions(settings, self.topics.tx_state, self.codec)
-        # Protocols with state across transactions (the lock table they share), and the transactions
-        # their restore let go on, woken by the next loop.
+        # Protocols sharing the lock table; the transactions their restore let go on, woken next loop.
         self.lock_owners = [p for p in self.protocols.values() if isinstance(p, HoldsLocks)]
         self._to_wake: list[str] = []
         self._reannounce_at = 0
@@ -324,8 +325,7 @@ class CoordinatorService:
             or await self.replies.refusal(intent["reply_to"])
         )
         if refusal is not None:
-            # Never admitted: no state, no changelog record (a wrong key may even name a partition that
-            # another member owns); the result and the dead letter say why.
+            # Never admitted: no state, no changelog record (a wrong key may name another member's partition).
             self.writer.publish(protocol.start(intent, now, refusal), record, out)
             return
         self.transactions.admit(tx_id, bytes(record.value))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from consumers.base import Marker, Plan, generations, plan
-from orchestrator.service import reply_target
+from orchestrator.admission import reply_target
 from polycommit import operations as ops
 from polycommit.client import Saga, TransactionResult
 from polycommit.errors import InvalidOperationError, PayloadTooLargeError, UnknownStoreError

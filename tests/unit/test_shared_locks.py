@@ -16,6 +16,7 @@ from orchestrator.lock_waits import waits_of
 from orchestrator.locking import LockingPhase
 from orchestrator.protocol import LocksGranted, OutcomeReceived, TransactionProtocol, Transition, restore_locks
 from orchestrator.saga import SagaPolicy
+from orchestrator.transactions import lock_scope_warning
 from orchestrator.twopc import TwoPhaseCommit
 from orchestrator.twopc_model import TwoPCPhase
 from polycommit import operations as ops
@@ -157,3 +158,10 @@ def test_a_waiting_two_phase_commit_is_announced_again_until_its_locks_come() ->
     granted = twopc.decide(strong.state, LocksGranted(), 2002)
     assert "strong-1" in done.wake and {e["action"] for e in granted.lock_requests} == {"GRANTED"}
     assert waits_of(protocols, 4001) == []
+
+
+def test_a_member_owning_some_of_the_transaction_partitions_is_warned_that_its_locks_are_its_own() -> None:
+    assert lock_scope_warning({0, 1, 2, 3}, 4) is None  # the only member: every transaction, one table
+    assert lock_scope_warning(set(), 4) is None  # nothing assigned (yet): nothing to coordinate
+    warning = lock_scope_warning({1, 3}, 4)
+    assert warning is not None and "2 of 4" in warning and "do not wait for its locks" in warning
