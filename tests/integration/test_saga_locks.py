@@ -115,26 +115,41 @@ async def seeded(client: Coordinator, doc: str) -> None:
     assert (await client.execute(write(Saga("seed"), doc, "v0"))).status == "completed"
 
 
-async def checked(runtime: Runtime, results: list[tuple[Saga, TransactionResult]]) -> list[Any]:
+async def checked(runtime: Runtime, results: list[tuple[Transaction, TransactionResult]]) -> list[Any]:
     """The checker's violations for these transactions (keys shared with the seed: not owned)."""
     history = History()
-    for saga, result in results:
-        history.invoke(saga)
-        history.record(saga.tx_id, result.status)
+    for transaction, result in results:
+        history.invoke(transaction)
+        history.record(transaction.tx_id, result.status)
     qdrant = runtime.workers["qdrant"].participant
     report = await check(runtime.settings, history, qdrant=qdrant, keys_owned=False)  # type: ignore[arg-type]
     return report.violations
 
 
-async def test_a_saga_waits_for_the_keys_of_a_saga_in_flight_and_its_writes_survive_the_compensation(
-    runtime: Runtime, client: Coordinator
+def second_writer(kind: str, doc: str) -> tuple[Transaction, str]:
+    """B, writing the same three keys as A: a saga, or a two-phase commit (one lock table for both); and
+    the status it ends with."""
+    saga = write(Saga("B"), doc, "B")
+    if kind == "saga":
+        return saga, "completed"
+    strong = Transaction(name="B", consistency="STRONG")
+    for step in saga.steps:
+        strong.add(step["operation"])
+    return strong, "committed"
+
+
+@pytest.mark.parametrize("kind", ["saga", "2pc"])
+async def test_a_transaction_waits_for_the_keys_of_a_saga_in_flight_and_its_writes_survive_the_compensation(
+    runtime: Runtime, client: Coordinator, kind: str
 ) -> None:
+    """B (a saga, or a STRONG transaction: nothing prepared while it waits) waits for A's keys until A
+    ends, so A's compensation cannot put its before-images over B's writes."""
     doc = f"lk-{uuid.uuid4().hex[:8]}"
     await seeded(client, doc)
     settings, topics = runtime.settings, topics_for(runtime.settings)
     async with AdvisoryLock(settings) as held:
         first = write(Saga("A"), doc, "A").step(held.failing_step(), timeout=WAIT_S)
-        second = write(Saga("B"), doc, "B")
+        second, ends = second_writer(kind, doc)
         first_result = await client.submit(first)
         await follow(settings, topics.locks, "LockEvent", lock(first.tx_id, "GRANTED"))
         second_result = await client.submit(second)
@@ -144,7 +159,7 @@ async def test_a_saga_waits_for_the_keys_of_a_saga_in_flight_and_its_writes_surv
         assert await titles(runtime, doc) == ("A", "A", "A")  # A's writes are in, B's wait
         await held.release()  # A's last step fails now: A compensates, then B runs
         a, b = await asyncio.wait_for(asyncio.gather(first_result, second_result), WAIT_S)
-    assert (a.status, b.status) == ("compensated", "completed"), (a, b)
+    assert (a.status, b.status) == ("compensated", ends), (a, b)
     assert await titles(runtime, doc) == ("B", "B", "B")  # B's writes survived A's compensation everywhere
     released = await follow(settings, topics.locks, "LockEvent", lock(first.tx_id, "RELEASED"))
     granted = await follow(settings, topics.locks, "LockEvent", lock(second.tx_id, "GRANTED"))
@@ -199,35 +214,6 @@ async def test_a_lock_wait_past_its_timeout_fails_the_saga_with_nothing_run(
     assert await titles(runtime, doc) == ("v0", "v0", "v0")  # B never ran; A was undone
     markers = await runtime.workers["postgres"].participant.markers_of(impatient.tx_id)  # type: ignore[attr-defined]
     assert not markers  # nothing of B reached PostgreSQL
-
-
-async def test_a_two_phase_commit_waits_for_a_saga_on_its_keys_and_commits_after_the_compensation(
-    runtime: Runtime, client: Coordinator
-) -> None:
-    """One lock table for every protocol: a STRONG transaction on a saga's keys waits (nothing prepared)
-    until the saga ends, so the saga's compensation cannot put its before-image over the committed write."""
-    doc = f"l2-{uuid.uuid4().hex[:8]}"
-    await seeded(client, doc)
-    settings, topics = runtime.settings, topics_for(runtime.settings)
-    async with AdvisoryLock(settings) as held:
-        first = write(Saga("A"), doc, "A").step(held.failing_step(), timeout=WAIT_S)
-        strong = Transaction(name="B", consistency="STRONG")
-        for step in write(Saga("B"), doc, "B").steps:
-            strong.add(step["operation"])
-        first_result = await client.submit(first)
-        await follow(settings, topics.locks, "LockEvent", lock(first.tx_id, "GRANTED"))
-        strong_result = await client.submit(strong)
-        waiting = await follow(settings, topics.locks, "LockEvent", lock(strong.tx_id, "WAITING"))
-        assert waiting["blockers"] == [first.tx_id]
-        await follow(settings, topics.outcomes, "StepOutcome", applied(first.tx_id, 2))
-        assert await titles(runtime, doc) == ("A", "A", "A")
-        await held.release()
-        a, b = await asyncio.wait_for(asyncio.gather(first_result, strong_result), WAIT_S)
-    assert (a.status, b.status) == ("compensated", "committed"), (a, b)
-    assert await titles(runtime, doc) == ("B", "B", "B")
-    released = await follow(settings, topics.locks, "LockEvent", lock(first.tx_id, "RELEASED"))
-    granted = await follow(settings, topics.locks, "LockEvent", lock(strong.tx_id, "GRANTED"))
-    assert granted["at_ms"] >= released["at_ms"]
 
 
 async def test_a_saga_on_free_keys_is_granted_its_locks_at_once(runtime: Runtime, client: Coordinator) -> None:
