@@ -7,9 +7,11 @@ transaction in the phase `open` (a state with no steps, its intent made from the
 asks its keys in one mode, answered by a `LockReply` GRANTED at once or, after a FIFO wait in `open,
 waiting`, when the holders release. The intent, when it comes, goes to the lock wrapper's `start` with the
 locks already held: it asks only what is still missing (the write keys of steps not locked yet) and the
-saga starts at once when it holds them all. A release, an idle or lock-wait timeout, or a deadlock verdict
-ends an open transaction with nothing run (result ABORTED): its locks go and the transactions they let go
-on are woken; a request that was waiting gets a LockReply REFUSED with the error.
+saga starts at once when it holds them all. A STRONG intent is handed to two-phase commit instead (same
+lock table; every write must be locked already): its state names the twopc protocol from then on. A
+release, an idle or lock-wait timeout, or a deadlock verdict ends an open transaction with nothing run
+(result ABORTED): its locks go and the transactions they let go on are woken; a request that was waiting
+gets a LockReply REFUSED with the error.
 
 A verdict acts only on a victim that still waits in this table for a member of the verdict's cycle; any
 other verdict (a duplicate, a victim granted or ended since, one this member does not own) changes
@@ -59,6 +61,8 @@ from orchestrator.protocol import (
     unchanged,
 )
 from orchestrator.saga_model import copy_state, initial_state, result_of
+from orchestrator.twopc import TwoPhaseCommit
+from orchestrator.twopc_model import write_keys as twopc_write_keys
 from polycommit.errors import (
     LockTimeoutError,
     ProtocolError,
@@ -68,6 +72,7 @@ from polycommit.errors import (
 from polycommit.events import (
     ErrorInfo,
     LockRequest,
+    TransactionIntent,
     error_info,
 )
 
@@ -77,7 +82,11 @@ _TERMINAL = frozenset({OpenPhase.RELEASED, OpenPhase.VICTIM})
 
 @dataclass
 class Interactive(Locking):
-    """The saga protocol as the driver sees it: the lock wrapper (sagas under locks) plus the open phases."""
+    """The saga protocol as the driver sees it: the lock wrapper (sagas under locks) plus the open phases.
+    `strong`: the member's two-phase commit, on the same lock table, to which an open transaction's STRONG
+    intent is handed (`_commit_strong`); without it a STRONG intent is refused."""
+
+    strong: TwoPhaseCommit | None = None
 
     def wait_ms(self, state: TxState) -> int:
         return state["intent"].get("lock_wait_ms") or self.lock_wait_ms
@@ -289,11 +298,16 @@ def _victim(state: TxState, event: VictimChosen, now: int, p: Interactive) -> Tr
 
 
 def _commit(state: TxState, event: IntentReceived, now: int, p: Interactive) -> Transition:
-    """The intent: its saga starts under the locks held, asking only the write keys still missing."""
+    """The intent: its saga starts under the locks held, asking only the write keys still missing (a
+    STRONG intent goes to two-phase commit instead, `_commit_strong`)."""
     intent = event.intent
     refusal = None
-    if intent["consistency"] != "EVENTUAL":
-        why = "an interactive transaction runs as a saga: its locks are held by the saga protocol's open phases"
+    if intent["consistency"] == "STRONG" and p.strong is not None:
+        refusal = _unlocked_writes(state, intent, p)
+        if refusal is None:
+            return _commit_strong(state, intent, now, p, p.strong)
+    elif intent["consistency"] != "EVENTUAL":
+        why = f"consistency {intent['consistency']} is not run for an interactive transaction"
         refusal = error_info(UnsupportedError.__name__, why, False)
     t = Locking.start(p, intent, now, refusal)
     t.state["started_at_ms"] = state["started_at_ms"]  # its age counts from its first lock (victim score)
@@ -303,6 +317,38 @@ def _commit(state: TxState, event: IntentReceived, now: int, p: Interactive) -> 
         p.release(t, now)  # refused, or no steps: nothing runs, the open locks go
     elif t.state["phase"] != LockingPhase.LOCKING:
         p.release_reads(t, now)  # every write key held already: the saga starts
+    return t
+
+
+def _unlocked_writes(state: TxState, intent: TransactionIntent, p: Interactive) -> ErrorInfo | None:
+    """A STRONG intent must find every key it writes locked EXCLUSIVE already (the SDK locks each write
+    as it adds it): its reads' locks go as its two-phase commit starts, which is serializable only if no
+    lock is taken after that; a key still to wait for would keep them past a restore, which does not
+    know them."""
+    tx_id = state["intent"]["tx_id"]
+    missing = [
+        k for k in twopc_write_keys(intent) if p.locks.mode_of(tx_id, k) != EXCLUSIVE or not p.locks.holds(tx_id, k)
+    ]
+    if not missing:
+        return None
+    why = f"an interactive STRONG transaction locks every write before its intent; not locked: {', '.join(missing[:3])}"
+    return error_info(UnsupportedError.__name__, why, False)
+
+
+def _commit_strong(
+    state: TxState, intent: TransactionIntent, now: int, p: Interactive, strong: TwoPhaseCommit
+) -> Transition:
+    """Two-phase commit takes the transaction over, its write locks held (asking again for them changes
+    nothing), so it prepares at once; the keys it only read go now, like a saga's when it starts. Its
+    state names the twopc protocol from here on, so the driver hands it every later event."""
+    t = strong.start(intent, now)
+    t.state["started_at_ms"] = state["started_at_ms"]  # its age counts from its first lock (victim score)
+    for lock in t.lock_requests:
+        lock["started_at_ms"] = state["started_at_ms"]
+    if strong.is_terminal(t.state["phase"]):
+        p.release(t, now)  # invalid: nothing runs, the open locks go
+    else:
+        p.release_reads(t, now)
     return t
 
 

@@ -55,7 +55,11 @@ DEFAULT_PROTOCOL = "saga"  # also the protocol of snapshots written before they 
 
 def protocols(policy: SagaPolicy) -> dict[str, TransactionProtocol]:
     waits = AnnouncedWaits(LockTable())
-    return {name: factory(policy, waits) for name, factory in PROTOCOLS.items()}
+    built = {name: factory(policy, waits) for name, factory in PROTOCOLS.items()}
+    sagas, strong = built.get("saga"), built.get("twopc")
+    if isinstance(sagas, Interactive) and isinstance(strong, TwoPhaseCommit):
+        sagas.strong = strong  # an interactive transaction's STRONG intent is run by two-phase commit
+    return built
 
 
 def protocol_name(intent: TransactionIntent) -> str:

@@ -114,11 +114,8 @@ def node_key(label: str, key: Mapping[str, Any]) -> str:
 
 
 def refuse_interactive(tx: Transaction) -> None:
-    """What an interactive transaction cannot be: STRONG (its open phases, which hold the locks taken before
-    the intent, belong to the saga protocol: the intent is run as a saga), or without locks (there would be
-    nothing to take)."""
-    if tx.consistency != "EVENTUAL":
-        raise errors.UnsupportedError("an interactive transaction runs as a saga: consistency=STRONG is refused")
+    """What an interactive transaction cannot be: without locks (there would be nothing to take). EVENTUAL
+    runs its intent as a saga, STRONG as a two-phase commit, both under the locks taken before it."""
     if not tx.locks:
         raise errors.UnsupportedError("an interactive transaction takes locks: locks=False is refused")
 

@@ -203,3 +203,24 @@ async def test_settlement_at_start_commits_by_decision_and_presumes_abort_past_t
     rows = await pg(topics, "SELECT id FROM documents WHERE id = ANY($1::text[])", [committed, abandoned])
     assert [r[0] for r in rows] == [committed]
     assert await our_prepared(topics) == []
+
+
+async def test_an_interactive_strong_transaction_reads_under_a_lock_and_commits_by_two_phase_commit(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    """SERIALIZABLE reads through the SDK (SHARED locks), writes locked as they are added, then the intent
+    is run as a two-phase commit under those locks: committed in all three stores, decided COMMIT."""
+    source, doc = f"s-{uuid.uuid4().hex[:8]}", f"s-{uuid.uuid4().hex[:8]}"
+    assert (await client.execute(strong(source, "Source"))).status == "committed"
+    scope = client.transaction(name="copy", interactive=True, consistency="STRONG", isolation="SERIALIZABLE")
+    async with scope as tx:
+        read = await tx.postgres.get(workload.DOCUMENTS, {"id": source})
+        assert read.value is not None
+        title = f"copy of {read.value['title']}"
+        await tx.postgres.upsert(workload.DOCUMENTS, {"id": doc}, {"title": title})
+        await tx.qdrant.upsert(workload.DOCUMENTS, [ops.point(doc, workload.embed(title), {"title": title})])
+        await tx.neo4j.merge_node("Document", {"id": doc}, {"title": title})
+    assert scope.result is not None and scope.result.status == "committed", scope.result
+    stored, points, node = await stores_of(runtime, doc)
+    assert stored == "copy of Source" and len(points) == 1 and node is not None and node["title"] == stored
+    assert await decisions(runtime.settings, scope.tx_id) == ["COMMIT"]

@@ -111,11 +111,10 @@ async def test_read_locks_follow_the_isolation_level(isolation: Any, locks: int)
     assert [r["mode"] for r in fake.sent] == ["SHARED"] * locks
 
 
-def test_strong_or_unlocked_interactive_transactions_are_refused() -> None:
-    with pytest.raises(errors.UnsupportedError, match="STRONG"):
-        refuse_interactive(Transaction(consistency="STRONG"))
+def test_unlocked_interactive_transactions_are_refused_and_strong_ones_are_not() -> None:
     with pytest.raises(errors.UnsupportedError, match="locks=False"):
         refuse_interactive(Transaction(locks=False))
+    refuse_interactive(Transaction(consistency="STRONG"))  # run as a two-phase commit under its locks
 
 
 async def test_run_retries_a_victim_in_a_new_transaction_and_gives_up_after_its_retries() -> None:
@@ -196,12 +195,14 @@ async def test_lock_replies_reach_their_call_and_other_records_pass_through() ->
     assert granted is not None and granted["status"] == "GRANTED" and not calls.waiting
 
 
-async def test_the_client_builds_an_interactive_scope_and_refuses_a_strong_one() -> None:
+async def test_the_client_builds_interactive_scopes_and_refuses_an_unlocked_one() -> None:
     client = Coordinator(load_settings())  # never started: building a scope needs no Kafka
     try:
         assert isinstance(client.transaction(interactive=True, priority=3), InteractiveScope)
+        strong = client.transaction(interactive=True, consistency="STRONG")
+        assert strong.transaction.consistency == "STRONG"
         with pytest.raises(errors.UnsupportedError):
-            client.transaction(interactive=True, consistency="STRONG")
+            client.transaction(interactive=True, locks=False)
     finally:
         await client.close()
 

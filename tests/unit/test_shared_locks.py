@@ -14,7 +14,14 @@ from orchestrator.interactive import Interactive
 from orchestrator.interactive_model import LockRequested, VictimChosen
 from orchestrator.lock_waits import waits_of
 from orchestrator.locking import LockingPhase
-from orchestrator.protocol import LocksGranted, OutcomeReceived, TransactionProtocol, Transition, restore_locks
+from orchestrator.protocol import (
+    IntentReceived,
+    LocksGranted,
+    OutcomeReceived,
+    TransactionProtocol,
+    Transition,
+    restore_locks,
+)
 from orchestrator.saga import SagaPolicy
 from orchestrator.transactions import lock_scope_warning
 from orchestrator.twopc import TwoPhaseCommit
@@ -59,12 +66,12 @@ def run(protocol: TransactionProtocol, t: Transition, status: str = "APPLIED") -
     return last
 
 
-def lock_request(tx_id: str, n: int, keys: list[str]) -> LockRequest:
+def lock_request(tx_id: str, n: int, keys: list[str], mode: str = "EXCLUSIVE") -> LockRequest:
     return {
         "tx_id": tx_id,
         "request": n,
         "keys": keys,
-        "mode": "EXCLUSIVE",
+        "mode": mode,  # type: ignore[typeddict-item]
         "release": False,
         "name": "",
         "isolation": "SERIALIZABLE",
@@ -165,3 +172,38 @@ def test_a_member_owning_some_of_the_transaction_partitions_is_warned_that_its_l
     assert lock_scope_warning(set(), 4) is None  # nothing assigned (yet): nothing to coordinate
     warning = lock_scope_warning({1, 3}, 4)
     assert warning is not None and "2 of 4" in warning and "do not wait for its locks" in warning
+
+
+NODE = 'neo4j:N:{"id":1}'
+
+
+def strong_writing_the_row(tx_id: str) -> Any:
+    tx = Transaction(name="interactive", consistency="STRONG", tx_id=tx_id)
+    tx.add(ops.upsert_row("t", {"id": 1}, {"v": tx_id}))
+    return tx.intent("polycommit.replies:0", "test")
+
+
+def test_an_interactive_strong_intent_is_handed_to_two_phase_commit_under_the_locks_it_holds() -> None:
+    sagas, twopc = member()
+    read = sagas.open(lock_request("T1", 1, [NODE], "SHARED"), 0)  # a read at SERIALIZABLE
+    wrote = sagas.decide(read.state, LockRequested(lock_request("T1", 2, [ROW])), 1)  # the write's lock
+    writer = sagas.open(lock_request("W", 1, [NODE]), 2)  # another transaction waits for the read key
+    assert sagas.locks.blockers("W") == ["T1"]
+    t = sagas.decide(wrote.state, IntentReceived(strong_writing_the_row("T1")), 3)
+    assert t.state["protocol"] == "twopc" and t.state["phase"] == TwoPCPhase.PREPARING
+    assert [c["action"] for c in t.commands] == ["PREPARE"]  # at once: its write lock was held
+    assert ("RELEASED", NODE) in [(e["action"], e["resource"]) for e in t.lock_requests]  # the read lock goes
+    assert t.wake == ["W"] and twopc.locks.holds("T1", ROW) and not twopc.locks.holds("T1", NODE)
+    assert writer.state["phase"] == "open, waiting"
+    committed = run(twopc, t)  # from here on the driver hands its events to two-phase commit
+    assert committed.result is not None and committed.result["status"] == "COMMITTED"
+    assert "T1" not in twopc.locks
+
+
+def test_an_interactive_strong_intent_writing_a_key_it_did_not_lock_is_refused_and_frees_its_locks() -> None:
+    sagas, _twopc = member()
+    opened = sagas.open(lock_request("T1", 1, [NODE]), 0)  # locks the node, but the intent writes the row
+    t = sagas.decide(opened.state, IntentReceived(strong_writing_the_row("T1")), 1)
+    assert t.result is not None and t.result["status"] == "FAILED" and not t.commands
+    assert t.result["error"] is not None and t.result["error"]["error_class"] == "UnsupportedError"
+    assert "T1" not in sagas.locks
