@@ -189,11 +189,12 @@ def passed(point: dict[str, Any]) -> bool:
 
 
 def check_options(args: argparse.Namespace) -> None:
-    """The contended options' combinations: interactive transactions run as locking sagas on hot keys."""
+    """The contended options' combinations: interactive transactions on hot keys, run as locking sagas or
+    (`--mode 2pc`) as two-phase commits."""
     if args.hot_keys < 0 or args.retries < 0:
         raise SystemExit("polycommit bench: --hot-keys and --retries must not be negative")
-    if args.interactive and (args.mode != "saga" or args.hot_keys < 1):
-        raise SystemExit("polycommit bench: --interactive runs --mode saga on --hot-keys K (K >= 1)")
+    if args.interactive and (args.mode not in ("saga", "2pc") or args.hot_keys < 1):
+        raise SystemExit("polycommit bench: --interactive runs --mode saga or 2pc on --hot-keys K (K >= 1)")
     if args.for_update and not args.interactive:
         raise SystemExit("polycommit bench: --for-update is an option of --interactive")
 
@@ -243,7 +244,12 @@ async def _one_point(
     hot = bench_contended.hot_transactions(name, args.transactions, args.hot_keys)
     items = [t.write for t in hot]
     if args.interactive:
-        options = {"retries": args.retries, "isolation": args.isolation, "for_update": args.for_update}
+        options = {
+            "retries": args.retries,
+            "isolation": args.isolation,
+            "for_update": args.for_update,
+            "consistency": "STRONG" if args.mode == "2pc" else "EVENTUAL",  # 2pc: run by two-phase commit
+        }
         latencies, results, elapsed, contention = await bench_contended.run_interactive(
             client, hot, level, progress, options
         )

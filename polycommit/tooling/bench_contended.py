@@ -162,7 +162,13 @@ async def run_interactive(
         started = time.perf_counter()
         try:
             results.append(
-                await client.run(block, retries=options["retries"], name="bench-hot", isolation=options["isolation"])
+                await client.run(
+                    block,
+                    retries=options["retries"],
+                    name="bench-hot",
+                    isolation=options["isolation"],
+                    consistency=options.get("consistency", "EVENTUAL"),
+                )
             )
         except PolycommitError as exc:
             results.append(exc)

@@ -78,10 +78,10 @@ def test_the_contended_options_and_their_defaults() -> None:
     args = _args()
     assert (args.isolation, args.hot_keys, args.interactive, args.for_update) == ("READ_COMMITTED", 0, False, False)
     check_options(_args("--interactive", "--hot-keys", "20", "--isolation", "SERIALIZABLE", "--for-update"))
-    check_options(_args("--hot-keys", "20", "--mode", "2pc"))  # sagas or 2PC on hot keys, not interactive
+    check_options(_args("--hot-keys", "20", "--mode", "2pc"))  # sagas or 2PC on hot keys
+    check_options(_args("--interactive", "--hot-keys", "4", "--mode", "2pc"))  # interactive STRONG
     for bad in (
         ("--interactive",),  # no hot keys
-        ("--interactive", "--hot-keys", "4", "--mode", "2pc"),
         ("--interactive", "--hot-keys", "4", "--mode", "saga-unlocked"),
         ("--for-update", "--hot-keys", "4"),
         ("--hot-keys", "-1"),
