@@ -109,6 +109,22 @@ def test_a_compensated_later_writer_contributes_nothing_and_a_writer_without_a_l
     assert judge(both, done, times, {"id": "r1", "v": 2}, {RESOURCE: ["a"]}) == [EFFECT_WRONG]
 
 
+def test_a_writer_that_never_got_the_lock_nor_applied_does_not_turn_the_order_to_applied_times() -> None:
+    """Found by `chaos --mode mixed --hot-keys`: a saga that timed out waiting for the key (FAILED, nothing
+    ran) made the checker order the others by applied time, which put a saga's write after a later
+    two-phase commit's (its stores' clocks say so) and reported the right final value as wrong."""
+    expects = [*row_write("saga", 1), *row_write("strong", 2), *row_write("timed-out", 3)]
+    finals = {"saga": "completed", "strong": "committed", "timed-out": "failed"}
+    applied = {("saga", 0): Applied(5.0), ("strong", 0): Applied(1.0)}  # no marker of the timed-out one
+    grants = {RESOURCE: ["saga", "strong"]}
+    assert judge(expects, finals, applied, {"id": "r1", "v": 2}, grants) == []
+    assert judge(expects, finals, applied, {"id": "r1", "v": 1}, grants) == [EFFECT_WRONG]
+    # One that applied without a grant (it opted out of locks) still turns the order to applied times.
+    applied[("timed-out", 0)] = Applied(0.5)
+    finals["timed-out"] = "completed"
+    assert judge(expects, finals, applied, {"id": "r1", "v": 1}, grants) == []
+
+
 def test_an_expectation_names_its_resource_as_its_lock_key() -> None:
     for op in (
         ops.upsert_row("t", {"id": "r1"}, {"v": 1}),

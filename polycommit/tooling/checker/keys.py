@@ -78,8 +78,12 @@ def resource_of(e: Expect) -> str:
 
 
 def writing_order(writers: list[Expect], applied: Mapping[StepRef, Applied], grants: Grants) -> list[Expect]:
-    """The key's writers in the order their writes took effect: by lock grant when every one of them was
-    granted the key, else by applied time; then by applied time and invocation order."""
+    """The key's writers in the order their writes took effect: by lock grant when every one of them that
+    may have written was granted the key, else by applied time; then by applied time and invocation order.
+    A writer never granted the key and never applied (a lock wait that timed out, a two-phase commit
+    aborted while it waited: nothing of it ran) cannot have written it, so it does not force the fallback
+    to applied times, which do not order a saga's write and a two-phase commit's across stores; one that
+    applied without a grant (it opted out of locks) does."""
     position = {id(w): i for i, w in enumerate(writers)}
 
     def at(w: Expect) -> float:
@@ -88,8 +92,10 @@ def writing_order(writers: list[Expect], applied: Mapping[StepRef, Applied], gra
     rank: dict[str, int] = {}
     for i, tx in enumerate(grants.get(resource_of(writers[0]), ())):
         rank.setdefault(tx, i)
-    if all(w.tx_id in rank for w in writers):
-        return sorted(writers, key=lambda w: (rank[w.tx_id], at(w), position[id(w)]))
+    unranked = [w for w in writers if w.tx_id not in rank]
+    if rank and all(at(w) == math.inf for w in unranked):
+        last = len(rank)  # the never-applied ones contribute nothing; after the granted ones, harmlessly
+        return sorted(writers, key=lambda w: (rank.get(w.tx_id, last), at(w), position[id(w)]))
     return sorted(writers, key=lambda w: (at(w), position[id(w)]))
 
 
