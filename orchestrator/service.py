@@ -16,7 +16,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -24,6 +23,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from orchestrator import operator, registry
 from orchestrator.admission import ReplyTargets, canonical_or_refusal, expiry_refusal, key_refusal
+from orchestrator.deferred import Deferred, Taken
 from orchestrator.interactive_inputs import INPUTS, InteractiveInputs, input_topics
 from orchestrator.lock_waits import waits_of
 from orchestrator.protocol import (
@@ -40,7 +40,7 @@ from orchestrator.protocol import (
 )
 from orchestrator.saga import SagaPolicy
 from orchestrator.transactions import OwnedTransactions, lock_scope_warning
-from orchestrator.writer import TransitionWriter
+from orchestrator.writer import COORDINATOR_LABELS, CoordinatorStats, TransitionWriter
 from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
 from polycommit.codec import EventCodec, default_codec
@@ -52,24 +52,6 @@ from polycommit.failpoints import failpoint
 from projections.wait_for import REANNOUNCE_MS
 
 log = logging.getLogger(__name__)
-_COORDINATOR = {"process": "coordinator"}  # the labels of this process's metrics
-
-
-@dataclass
-class CoordinatorStats:
-    intents: int = 0
-    outcomes: int = 0
-    commands: int = 0
-    results: dict[str, int] = field(default_factory=dict)
-    dead_letters: int = 0
-    restored: int = 0
-    restarts: int = 0
-    corrupt_snapshots: int = 0
-    kafka_transactions: int = 0
-    # Where the loop's time goes (seconds, cumulative): reading, folding events, the Kafka transaction.
-    read_s: float = 0.0
-    fold_s: float = 0.0
-    commit_s: float = 0.0
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -77,7 +59,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.service = service
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        # The transaction in flight still commits offsets of these partitions: finish it first.
+        # The transaction in flight, and what loops put off, still commit offsets of these partitions.
+        await self.service.flush()
         await self.service.drain(reraise=False)
         self.service.forget({tp.partition for tp in revoked})
 
@@ -119,6 +102,7 @@ class CoordinatorService:
         # The Kafka transaction of the previous loop, committing while the next batch is read and folded.
         self._committing: asyncio.Task[None] | None = None
         self._commit_failure: BaseException | None = None
+        self.deferred = Deferred()  # changelog-only loops not committed yet (orchestrator/deferred.py)
         self.observe = observe  # metrics (polycommit.tooling.metrics); a no-op unless the process serves them
         self.trace = tracing.LoopTrace()  # spans of the batch being folded, when tracing is on
         self.writer = TransitionWriter(self.topics, self.codec, self.replies, self.stats, self.trace, observe)
@@ -134,6 +118,7 @@ class CoordinatorService:
         self.transactions.forget(partitions)
 
     def forget_all(self) -> None:
+        self.deferred.clear()  # its inputs' offsets were never committed: they are read again
         for owner in self.lock_owners:
             owner.forgotten(list(self.transactions.states))
         self._to_wake.clear()
@@ -215,6 +200,7 @@ class CoordinatorService:
                 ready.set()
             while not stop.is_set():
                 await self._step(consumer, publisher)
+            await self.flush()
             await self.drain()
         finally:
             if self._committing is not None:
@@ -225,7 +211,7 @@ class CoordinatorService:
             self._publisher = None
 
     async def _step(self, consumer: AIOKafkaConsumer, publisher: Publisher) -> None:
-        wait_ms = 100
+        wait_ms = self.deferred.wait_ms(now_ms(), 100)
         next_due = self.transactions.next_due_ms()
         if next_due is not None:
             wait_ms = max(0, min(wait_ms, next_due - now_ms()))
@@ -233,7 +219,7 @@ class CoordinatorService:
         batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.max_records)
         self.trace.batch_read()
         if batch:
-            self.observe("batch", sum(len(records) for records in batch.values()), _COORDINATOR)
+            self.observe("batch", sum(len(records) for records in batch.values()), COORDINATOR_LABELS)
         self.replies.new_batch()
         unrestored = {tp.partition for tp in batch} - self.transactions.restored_partitions
         if unrestored:
@@ -249,15 +235,28 @@ class CoordinatorService:
         self._fire_due(now, out, touched)
         if self._commit_failure is not None or (self._committing is not None and self._committing.done()):
             await self.drain()  # surface a failed commit before building on the state it left
-        if not out and not touched and not batch:
-            return
-        for tx_id, state in touched.items():
-            out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", self.transactions.record_of(state)))
         offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
         self.stats.fold_s += time.perf_counter() - folded
+        if not out:  # only the changelog (or nothing): put it off until a loop publishes, or DEFER_MS
+            if touched or offsets:
+                self.deferred.put_off(touched, offsets, self.trace.take(), now)
+            if not self.deferred.due(now):
+                return
+        await self._start_commit(publisher, out, self.deferred.taken_with(touched, offsets, self.trace.take()))
+
+    async def flush(self) -> None:
+        """Commit what loops put off now: partitions are given up, or the loop stops (not after a failure)."""
+        await self.drain(reraise=False)
+        if self.deferred and self._publisher is not None and self._commit_failure is None:
+            await self._start_commit(self._publisher, [], self.deferred.taken_with({}, {}, []))
+
+    async def _start_commit(self, publisher: Publisher, out: list[Outgoing], taken: Taken) -> None:
+        touched, offsets, spans = taken
+        for tx_id, state in touched.items():
+            out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", self.transactions.record_of(state)))
         # One Kafka transaction at a time, but the next batch is read and folded while this one commits.
         await self.drain()
-        self._committing = asyncio.create_task(self._commit(publisher, out, offsets, self.trace.take()))
+        self._committing = asyncio.create_task(self._commit(publisher, out, offsets, spans))
 
     async def _commit(
         self, publisher: Publisher, out: list[Outgoing], offsets: dict[TopicPartition, int], spans: list[Any]
@@ -280,7 +279,7 @@ class CoordinatorService:
             tracing.end_all(spans)
         self.stats.kafka_transactions += 1
         self.stats.commit_s += time.perf_counter() - committing
-        self.observe("kafka_transaction", time.perf_counter() - committing, _COORDINATOR)
+        self.observe("kafka_transaction", time.perf_counter() - committing, COORDINATOR_LABELS)
 
     async def _consume(self, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]) -> None:
         self.trace.received(record)
@@ -298,7 +297,7 @@ class CoordinatorService:
                 raise CodecError(f"a {decoded.event_type} does not belong on {record.topic}")
         except (CodecError, ProtocolError) as exc:
             self.stats.dead_letters += 1
-            self.observe("dead_letter", 1, _COORDINATOR)
+            self.observe("dead_letter", 1, COORDINATOR_LABELS)
             tx_id = record.key.decode(errors="replace") if record.key else None  # records are keyed by tx id
             letter = dead_letter(record, exc, "coordinator", tx_id)
             out.append(

@@ -8,6 +8,7 @@ trace context of the input and the metrics each kind of record counts.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator import registry
@@ -22,7 +23,24 @@ from polycommit.events import ErrorInfo, LockEvent, TransactionResult
 
 log = logging.getLogger("orchestrator.service")
 
-_COORDINATOR = {"process": "coordinator"}  # the labels of this process's metrics
+COORDINATOR_LABELS = {"process": "coordinator"}  # the labels of this process's metrics
+
+
+@dataclass
+class CoordinatorStats:
+    intents: int = 0
+    outcomes: int = 0
+    commands: int = 0
+    results: dict[str, int] = field(default_factory=dict)
+    dead_letters: int = 0
+    restored: int = 0
+    restarts: int = 0
+    corrupt_snapshots: int = 0
+    kafka_transactions: int = 0
+    # Where the loop's time goes (seconds, cumulative): reading, folding events, the Kafka transaction.
+    read_s: float = 0.0
+    fold_s: float = 0.0
+    commit_s: float = 0.0
 
 
 class TransitionWriter:
@@ -82,7 +100,7 @@ class TransitionWriter:
         letter["error_class"] = error["error_class"]
         out.append(Outgoing(self.topics.dead_letters, tx_id, "DeadLetter", letter))
         self.stats.dead_letters += 1
-        self.observe("dead_letter", 1, _COORDINATOR)
+        self.observe("dead_letter", 1, COORDINATOR_LABELS)
 
     def publish_result(
         self, state: TxState, result: TransactionResult, out: list[Outgoing], traced: tracing.Headers | None = None

@@ -97,7 +97,9 @@ async def test_every_hop_of_a_transaction_is_in_one_trace(own_topics: Settings, 
         return metrics.registry.get_sample_value(name, labels) or 0.0
 
     assert sample("polycommit_transactions_total", {"protocol": "saga", "outcome": "completed"}) == 1
-    assert sample("polycommit_kafka_transaction_seconds_count") >= 4  # intent + three outcomes, at least
+    # The intent's and the last outcome's, at least (the other outcomes' loops may be put off and
+    # committed with the last one: orchestrator/deferred.py); the consumers' commits are counted too.
+    assert sample("polycommit_kafka_transaction_seconds_count") >= 2
     for store in ("postgres", "qdrant", "neo4j"):
         assert sample("polycommit_step_seconds_count", {"store": store}) == 1
         assert sample("polycommit_batch_size_count", {"process": store}) >= 1
