@@ -40,6 +40,9 @@ class Deferred:
     def put_off(
         self, touched: dict[str, TxState], offsets: dict[TopicPartition, int], spans: list[Any], now: int
     ) -> None:
+        """Add a loop's share; a loop that read and touched nothing starts no wait."""
+        if not (touched or offsets or spans):
+            return
         self.touched.update(touched)
         self.offsets.update(offsets)  # offsets only grow within a partition: the later loop's win
         self.spans.extend(spans)
@@ -55,12 +58,11 @@ class Deferred:
             return wanted
         return max(0, min(wanted, self.since_ms + DEFER_MS - now))
 
-    def taken_with(self, touched: dict[str, TxState], offsets: dict[TopicPartition, int], spans: list[Any]) -> Taken:
-        """Everything put off, then this loop's (its later state of a transaction and its later offsets
-        win); nothing is left put off."""
-        merged = ({**self.touched, **touched}, {**self.offsets, **offsets}, [*self.spans, *spans])
+    def take(self) -> Taken:
+        """Everything put off, for one commit; nothing is left put off."""
+        taken = (self.touched, self.offsets, self.spans)
         self.clear()
-        return merged
+        return taken
 
     def clear(self) -> None:
         self.touched, self.offsets, self.spans, self.since_ms = {}, {}, [], None

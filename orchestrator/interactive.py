@@ -191,7 +191,7 @@ class Interactive(Locking):
             return
         t.lock_requests.extend(lock_event(t.state, key, "RELEASED", [], now, LockMode.SHARED) for key in reads)
         t.wake.extend(locks.release_keys(tx_id, reads))
-        self.reannounce(t, reads, now)
+        self.waits.reannounce(t, reads, now)
 
     def is_open(self, phase: str) -> bool:
         """Before its intent: holding locks taken on demand, maybe waiting for more."""

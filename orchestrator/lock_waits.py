@@ -16,7 +16,10 @@ from polycommit.events import LockEvent
 
 @dataclass
 class AnnouncedWaits:
-    locks: LockTable
+    """The member's lock table and the waits announced on it: one object, so the protocols that share the
+    table cannot be handed a table and announcements that disagree."""
+
+    locks: LockTable = field(default_factory=LockTable)
     # key -> waiter -> the WAITING event last published for it there: the detector's edges. A release
     # changes them (the next holder is one the detector cannot guess), so `reannounce` publishes them again.
     by_key: dict[str, dict[str, LockEvent]] = field(default_factory=dict)
@@ -58,5 +61,5 @@ class AnnouncedWaits:
 def waits_of(protocols: Mapping[str, object], now: int) -> list[LockEvent]:
     """The current waits of every lock-taking protocol (each member's announcements once), announced
     again at `now`."""
-    shared = {id(a): a for p in protocols.values() if isinstance(a := getattr(p, "announced", None), AnnouncedWaits)}
+    shared = {id(a): a for p in protocols.values() if isinstance(a := getattr(p, "waits", None), AnnouncedWaits)}
     return [event for waits in shared.values() for event in waits.current(now)]

@@ -39,6 +39,7 @@ from orchestrator.protocol import (
     Transition,
     TxState,
     dispatch,
+    restore_locks,
     unchanged,
 )
 from orchestrator.saga_model import copy_state, result_of
@@ -162,17 +163,11 @@ class Locking:
 
     inner: TransactionProtocol
     lock_wait_ms: int = DEFAULT_LOCK_WAIT_MS  # an intent's own `lock_wait_ms` wins when it gives one
-    locks: LockTable = field(default_factory=LockTable)
-    announced: AnnouncedWaits | None = None  # the member's, shared with every protocol that locks
-
-    def __post_init__(self) -> None:
-        if self.announced is None:
-            self.announced = AnnouncedWaits(self.locks)
+    waits: AnnouncedWaits = field(default_factory=AnnouncedWaits)  # the member's table, shared by every protocol
 
     @property
-    def waits(self) -> AnnouncedWaits:
-        assert self.announced is not None  # set in __post_init__
-        return self.announced
+    def locks(self) -> LockTable:
+        return self.waits.locks
 
     @property
     def name(self) -> str:
@@ -186,12 +181,6 @@ class Locking:
 
     def noted(self, t: Transition) -> Transition:
         return self.waits.noted(t)
-
-    def current_waits(self, now: int) -> list[LockEvent]:
-        return self.waits.current(now)
-
-    def reannounce(self, t: Transition, keys: Iterable[str], now: int) -> None:
-        self.waits.reannounce(t, keys, now)
 
     def _start(self, intent: TransactionIntent, now: int, refusal: ErrorInfo | None = None) -> Transition:
         first = self.inner.start(intent, now, refusal)
@@ -236,7 +225,7 @@ class Locking:
             mode = self.locks.mode_of(tx_id, key) or EXCLUSIVE
             t.lock_requests.append(lock_event(t.state, key, "RELEASED", [], now, mode))
         t.wake.extend(self.locks.release(tx_id))
-        self.reannounce(t, keys, now)
+        self.waits.reannounce(t, keys, now)
 
     def _restorable(self, states: Iterable[TxState]) -> list[TxState]:
         """Its sagas in flight (waiting in `locking` or running) that take locks, in arrival order
@@ -265,11 +254,8 @@ class Locking:
         return [s["intent"]["tx_id"] for s in waiting if self.locks.holds_all(s["intent"]["tx_id"])]
 
     def restored(self, states: Iterable[TxState]) -> list[str]:
-        """Rebuild the table from the states this member now owns, when this is the only protocol on it
-        (the driver calls `restore_locks` over all of them): holders first, then the waiters."""
-        states = list(states)
-        self.restore_holders(states)
-        return self.restore_waiters(states)
+        """`restore_locks` with this protocol alone on the table (the driver restores them all together)."""
+        return restore_locks([self], states)
 
     def forgotten(self, tx_ids: Iterable[str]) -> list[str]:
         """Drop the locks of transactions this member no longer owns; returns the waiters now granted."""

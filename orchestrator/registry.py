@@ -12,8 +12,6 @@ from collections.abc import Callable, Mapping
 
 from orchestrator.interactive import Interactive
 from orchestrator.lock_waits import AnnouncedWaits
-from orchestrator.locking import Locking
-from orchestrator.locks import LockTable
 from orchestrator.protocol import TransactionProtocol, TxState
 from orchestrator.saga import SagaPolicy, SagaProtocol
 from orchestrator.twopc import TwoPhaseCommit
@@ -21,20 +19,15 @@ from polycommit.errors import ProtocolError
 from polycommit.events import TransactionIntent
 
 
-def locked_saga(policy: SagaPolicy, locks: LockTable | None = None) -> Locking:
-    """Sagas hold exclusive locks on their write keys until they end (unless an intent opts out), waiting
-    for them as long as a step may take by default."""
-    return Locking(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms, locks=locks or LockTable())
-
-
 def interactive_saga(policy: SagaPolicy, waits: AnnouncedWaits) -> Interactive:
-    """Locked sagas, and interactive transactions that take their locks on demand before their intent
-    (orchestrator/interactive.py)."""
-    return Interactive(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms, locks=waits.locks, announced=waits)
+    """Sagas holding exclusive locks on their write keys until they end (unless an intent opts out),
+    waiting for them as long as a step may take by default; and interactive transactions that take their
+    locks on demand before their intent (orchestrator/interactive.py)."""
+    return Interactive(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms, waits=waits)
 
 
 def two_phase_commit(policy: SagaPolicy, waits: AnnouncedWaits) -> TwoPhaseCommit:
-    return TwoPhaseCommit(policy, locks=waits.locks, announced=waits)
+    return TwoPhaseCommit(policy, waits=waits)
 
 
 # name -> factory, given the coordinator's policy (timeouts, backoff, payload limit) and the member's one
@@ -54,7 +47,7 @@ DEFAULT_PROTOCOL = "saga"  # also the protocol of snapshots written before they 
 
 
 def protocols(policy: SagaPolicy) -> dict[str, TransactionProtocol]:
-    waits = AnnouncedWaits(LockTable())
+    waits = AnnouncedWaits()
     built = {name: factory(policy, waits) for name, factory in PROTOCOLS.items()}
     sagas, strong = built.get("saga"), built.get("twopc")
     if isinstance(sagas, Interactive) and isinstance(strong, TwoPhaseCommit):

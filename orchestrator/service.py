@@ -237,18 +237,17 @@ class CoordinatorService:
             await self.drain()  # surface a failed commit before building on the state it left
         offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
         self.stats.fold_s += time.perf_counter() - folded
-        if not out:  # only the changelog (or nothing): put it off until a loop publishes, or DEFER_MS
-            if touched or offsets:
-                self.deferred.put_off(touched, offsets, self.trace.take(), now)
-            if not self.deferred.due(now):
-                return
-        await self._start_commit(publisher, out, self.deferred.taken_with(touched, offsets, self.trace.take()))
+        # Snapshots and offsets wait with what earlier loops put off; they are committed when this loop
+        # publishes something else, or DEFER_MS after the first of them (orchestrator/deferred.py).
+        self.deferred.put_off(touched, offsets, self.trace.take(), now)
+        if out or self.deferred.due(now):
+            await self._start_commit(publisher, out, self.deferred.take())
 
     async def flush(self) -> None:
         """Commit what loops put off now: partitions are given up, or the loop stops (not after a failure)."""
         await self.drain(reraise=False)
         if self.deferred and self._publisher is not None and self._commit_failure is None:
-            await self._start_commit(self._publisher, [], self.deferred.taken_with({}, {}, []))
+            await self._start_commit(self._publisher, [], self.deferred.take())
 
     async def _start_commit(self, publisher: Publisher, out: list[Outgoing], taken: Taken) -> None:
         touched, offsets, spans = taken

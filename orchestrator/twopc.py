@@ -36,6 +36,7 @@ from orchestrator.protocol import (
     TimerDue,
     Transition,
     dispatch,
+    restore_locks,
     unchanged,
 )
 from orchestrator.saga_model import SagaPolicy, problem_step, validate
@@ -245,19 +246,21 @@ TABLE: dict[tuple[StrEnum, StrEnum], Handler] = {
 
 @dataclass
 class TwoPhaseCommit:
-    """Two-phase commit as the driver sees it (registered under "twopc"); owns its member's lock table."""
+    """Two-phase commit as the driver sees it (registered under "twopc"), on its member's lock table."""
 
     saga_policy: SagaPolicy = field(default_factory=SagaPolicy)
     name: str = m.PROTOCOL
-    locks: LockTable = field(default_factory=LockTable)
-    announced: AnnouncedWaits | None = None  # the member's, shared with every protocol that locks
+    waits: AnnouncedWaits = field(default_factory=AnnouncedWaits)  # the member's table, shared by every protocol
     policy: TwoPCPolicy = field(init=False)
     admission: Admission = field(init=False)
 
     def __post_init__(self) -> None:
         self.policy = TwoPCPolicy.from_saga(self.saga_policy)
         self.admission = Admission(self.policy.max_active)
-        self.waits = self.announced = self.announced or AnnouncedWaits(self.locks)
+
+    @property
+    def locks(self) -> LockTable:
+        return self.waits.locks
 
     def start(self, intent: TransactionIntent, now: int, refusal: ErrorInfo | None = None) -> Transition:
         return self.waits.noted(self._start(intent, now, refusal))
@@ -375,10 +378,8 @@ class TwoPhaseCommit:
         return [s["intent"]["tx_id"] for s in waiting if self.locks.holds_all(s["intent"]["tx_id"])]
 
     def restored(self, states: Iterable[SagaSnapshot]) -> list[str]:
-        """Rebuild the lock table when this is the only protocol on it: holders first, then waiters."""
-        states = list(states)
-        self.restore_holders(states)
-        return self.restore_waiters(states)
+        """`restore_locks` with this protocol alone on the table (the driver restores them all together)."""
+        return restore_locks([self], states)
 
     def forgotten(self, tx_ids: Iterable[str]) -> list[str]:
         """Drop the locks of transactions this member no longer owns; returns waiters now granted."""

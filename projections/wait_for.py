@@ -26,8 +26,9 @@ from polycommit.events import LockEvent
 WORK_WEIGHT = 10.0
 PRIORITY_WEIGHT = 100_000.0
 REJUDGE_AFTER_MS = 1_000
-# The coordinator announces every current wait again this often, so the last few periods of the topic
-# hold every wait there is: a detector that starts folds only those (`CATCH_UP_MS`), not the whole history.
+# The coordinator announces every current wait again this often, so a detector that starts (reading the
+# topic from its end) holds every wait there is within one period; an event stamped more than CATCH_UP_MS
+# before the detector started (a producer's clock far behind, a write delivered late) is over and skipped.
 REANNOUNCE_MS = 2_000
 CATCH_UP_MS = 5 * REANNOUNCE_MS  # a few periods: room for clocks a few seconds apart
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lock_requests import request
 from step_replies import reply
 
 from orchestrator import registry
@@ -23,7 +24,7 @@ from polycommit import operations as ops
 from polycommit.bus import Topics
 from polycommit.client import Transaction
 from polycommit.codec import default_codec
-from polycommit.events import DeadlockVerdict, LockRequest
+from polycommit.events import DeadlockVerdict
 from projections import tx_state
 
 POLICY = SagaPolicy(default_timeout_ms=1000, backoff_base_ms=100, backoff_max_ms=2000, compensation_retries=2)
@@ -34,24 +35,6 @@ WAIT_MS = 500
 
 def protocol() -> Interactive:
     return Interactive(SagaProtocol(POLICY), lock_wait_ms=WAIT_MS)
-
-
-def request(tx_id: str, n: int, keys: list[str], mode: str = "EXCLUSIVE", **fields: Any) -> LockRequest:
-    return {
-        "tx_id": tx_id,
-        "request": n,
-        "keys": keys,
-        "mode": mode,  # type: ignore[typeddict-item]
-        "release": False,
-        "name": "",
-        "isolation": "READ_COMMITTED",
-        "priority": 0,
-        "reply_to": "polycommit.replies:0",
-        "client_id": "test",
-        "lock_wait_ms": 0,
-        "created_at_ms": 0,
-        **fields,  # type: ignore[typeddict-item]
-    }
 
 
 def verdict(victim: str, *cycle: str) -> DeadlockVerdict:

@@ -99,14 +99,14 @@ def test_the_current_waits_are_announced_again_until_granted() -> None:
     protocol = locked()
     first = protocol.start(intent("tx-1"), 0)
     second = protocol.start(intent("tx-2"), 5)
-    again = protocol.current_waits(2005)
+    again = protocol.waits.current(2005)
     assert {(e["tx_id"], e["resource"], e["action"], e["at_ms"]) for e in again} == {
         ("tx-2", key, "WAITING", 2005) for key in (ROW, NODE, POINT)
     }
     assert all(e["blockers"] == ["tx-1"] for e in again)
     run(protocol, first)
     protocol.decide(second.state, LocksGranted(), 20)
-    assert protocol.current_waits(4005) == []
+    assert protocol.waits.current(4005) == []
 
 
 def test_a_compensated_holder_releases_its_locks_but_a_stuck_one_keeps_them() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lock_requests import request
 from step_replies import reply
 
 from orchestrator import registry
@@ -67,20 +68,7 @@ def run(protocol: TransactionProtocol, t: Transition, status: str = "APPLIED") -
 
 
 def lock_request(tx_id: str, n: int, keys: list[str], mode: str = "EXCLUSIVE") -> LockRequest:
-    return {
-        "tx_id": tx_id,
-        "request": n,
-        "keys": keys,
-        "mode": mode,  # type: ignore[typeddict-item]
-        "release": False,
-        "name": "",
-        "isolation": "SERIALIZABLE",
-        "priority": 0,
-        "reply_to": "polycommit.replies:0",
-        "client_id": "test",
-        "lock_wait_ms": 0,
-        "created_at_ms": 0,
-    }
+    return request(tx_id, n, keys, mode, isolation="SERIALIZABLE")
 
 
 def test_a_two_phase_commit_waits_for_a_saga_on_its_key_and_prepares_when_the_saga_completes() -> None:
