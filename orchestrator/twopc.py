@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
 
 from orchestrator import operator
 from orchestrator import twopc_model as m
+from orchestrator import twopc_transitions as tr
 from orchestrator.interactive_model import VictimChosen, victim_error, waits_in_cycle
 from orchestrator.lock_waits import AnnouncedWaits
 from orchestrator.locks import EXCLUSIVE, Admission, LockTable
@@ -32,7 +32,6 @@ from orchestrator.protocol import (
     Handler,
     LocksGranted,
     OperatorReceived,
-    OutcomeReceived,
     TimerDue,
     Transition,
     dispatch,
@@ -42,168 +41,14 @@ from orchestrator.protocol import (
 from orchestrator.saga_model import SagaPolicy, problem_step, validate
 from orchestrator.twopc_events import TwoPCEvent as TwoPCEvent
 from orchestrator.twopc_events import classify as classify
-from orchestrator.twopc_model import TwoPCPhase, TwoPCPolicy, Vote, phase_of, write_keys
+from orchestrator.twopc_model import TwoPCPhase, TwoPCPolicy, phase_of, write_keys
 from polycommit.errors import PolycommitError, ProtocolError
 from polycommit.events import (
     ErrorInfo,
     OperatorCommand,
     SagaSnapshot,
     TransactionIntent,
-    TransactionStatus,
-    error_info,
 )
-
-# -- the transitions ---------------------------------------------------------------------------------
-
-
-def _finish(t: Transition, phase: TwoPCPhase, status: TransactionStatus, now: int) -> Transition:
-    t.state["phase"], t.state["waiting"], t.state["due_at_ms"] = phase, False, 0
-    t.result = m.result_of(t.state, status, now)
-    return t
-
-
-def _send_prepares(t: Transition, now: int, policy: TwoPCPolicy) -> Transition:
-    state = t.state
-    state["phase"], state["waiting"] = TwoPCPhase.PREPARING, True
-    state["due_at_ms"] = now + policy.prepare_window_ms
-    for step in state["steps"]:
-        step["attempts"] = 1
-    t.commands.extend(m.command(state, i, "PREPARE", now) for i in range(len(state["steps"])))
-    if not state["steps"]:
-        return _decide(t, "COMMIT", "nothing to prepare", now, policy)
-    return t
-
-
-def _decide(
-    t: Transition, outcome: Literal["COMMIT", "ABORT"], reason: str, now: int, policy: TwoPCPolicy
-) -> Transition:
-    """Take the decision: the Decision record and the phase-2 commands go out in one Kafka transaction."""
-    state = t.state
-    t.decisions.append(m.decision(state, outcome, reason, now))
-    state["phase"] = TwoPCPhase.COMMITTING if outcome == "COMMIT" else TwoPCPhase.ABORTING
-    if outcome == "ABORT" and state["error"] is None:
-        state["error"] = error_info("Aborted", reason, False)
-    return _send_phase2(t, range(len(state["steps"])), now, policy)
-
-
-def _send_phase2(t: Transition, indexes: Iterable[int], now: int, policy: TwoPCPolicy) -> Transition:
-    state = t.state
-    action: Literal["COMMIT", "ABORT"] = "COMMIT" if state["phase"] in m.COMMIT_SIDE else "ABORT"
-    for i in indexes:
-        state["steps"][i]["compensation_attempts"] += 1
-        t.commands.append(m.command(state, i, action, now))
-    state["waiting"] = True
-    state["due_at_ms"] = now + policy.phase2_resend_ms
-    return _maybe_end(t, now)
-
-
-def _maybe_end(t: Transition, now: int) -> Transition:
-    state = t.state
-    if any(s["status"] not in m.ACKNOWLEDGED for s in state["steps"]):
-        return t
-    committed = state["phase"] in m.COMMIT_SIDE
-    return _finish(
-        t, TwoPCPhase.COMMITTED if committed else TwoPCPhase.ABORTED, "COMMITTED" if committed else "ABORTED", now
-    )
-
-
-def _locks_granted(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
-    return _send_prepares(Transition(m.copy_state(state, now)), now, policy)
-
-
-def _lock_wait_over(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
-    message = f"locks not granted within {policy.lock_wait_ms} ms"
-    return _abort_unprepared(state, error_info("LockWaitTimeout", message, True), now)
-
-
-def _abort_unprepared(state: SagaSnapshot, error: ErrorInfo, now: int) -> Transition:
-    """Nothing was prepared: the decision is ABORT with no phase 2, and the result is ABORTED now."""
-    t = Transition(m.copy_state(state, now))
-    t.state["error"] = error
-    t.decisions.append(m.decision(t.state, "ABORT", error["message"], now))
-    for step in t.state["steps"]:
-        step["status"] = Vote.ABORTED
-    return _finish(t, TwoPCPhase.ABORTED, "ABORTED", now)
-
-
-def _admission_wait(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
-    """Its locks are held; it waits for a place among the transactions preparing (see `Admission`)."""
-    t = Transition(m.copy_state(state, now))
-    t.state["due_at_ms"] = now + policy.lock_wait_ms
-    return t
-
-
-def _vote_yes(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: TwoPCPolicy) -> Transition:
-    t = Transition(m.copy_state(state, now))
-    t.state["steps"][event.outcome["step_index"]]["status"] = Vote.PREPARED
-    if all(s["status"] == Vote.PREPARED for s in t.state["steps"]):
-        return _decide(t, "COMMIT", "every participant prepared", now, policy)
-    return t
-
-
-def _vote_no(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: TwoPCPolicy) -> Transition:
-    t = Transition(m.copy_state(state, now))
-    index = event.outcome["step_index"]
-    error = event.outcome["error"] or error_info("VotedNo", "no reason given", False)
-    step = t.state["steps"][index]
-    if error["retriable"] and step["attempts"] < policy.prepare_attempts:
-        # A no that may turn yes (PostgreSQL out of prepared-transaction slots, a lock timeout): the
-        # store undid its attempt, so PREPARE is sent again, within the same prepare window.
-        step["attempts"] += 1
-        step["error"] = error
-        t.commands.append(m.command(t.state, index, "PREPARE", now))
-        return t
-    t.state["steps"][index]["status"] = Vote.VOTED_NO
-    t.state["steps"][index]["error"] = error
-    t.state["error"] = error_info(error["error_class"], f"step {index}: {error['message']}", error["retriable"])
-    return _decide(t, "ABORT", f"step {index} voted no: {error['message']}", now, policy)
-
-
-def _window_over(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
-    t = Transition(m.copy_state(state, now))
-    missing = [s["index"] for s in t.state["steps"] if s["status"] == Vote.PENDING]
-    message = f"no vote from step(s) {missing} within {policy.prepare_window_ms} ms"
-    t.state["error"] = error_info("PrepareTimeout", message, True)
-    return _decide(t, "ABORT", f"presumed abort: {message}", now, policy)
-
-
-def _acked(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: TwoPCPolicy) -> Transition:
-    t = Transition(m.copy_state(state, now))
-    step = t.state["steps"][event.outcome["step_index"]]
-    step["status"] = Vote.COMMITTED if t.state["phase"] in m.COMMIT_SIDE else Vote.ABORTED
-    if t.state["phase"] in m.HAZARD and not any(s["status"] == Vote.PHASE2_FAILED for s in t.state["steps"]):
-        t.alerts.append(m.alert("resolved", t.state, f"step {step['index']} acknowledged phase 2", now))
-        t.state["phase"] = TwoPCPhase.COMMITTING if t.state["phase"] in m.COMMIT_SIDE else TwoPCPhase.ABORTING
-    return _maybe_end(t, now)
-
-
-def _phase2_failed(state: SagaSnapshot, event: OutcomeReceived, now: int, policy: TwoPCPolicy) -> Transition:
-    """Never dropped: retried with backoff, and reported as a heuristic hazard after `hazard_after` failures."""
-    t = Transition(m.copy_state(state, now))
-    state_ = t.state
-    step = state_["steps"][event.outcome["step_index"]]
-    step["status"] = Vote.PHASE2_FAILED
-    step["error"] = event.outcome["error"]
-    state_["waiting"] = False
-    state_["due_at_ms"] = now + policy.backoff.backoff_ms(state_["intent"]["tx_id"], step["compensation_attempts"])
-    if step["compensation_attempts"] >= policy.hazard_after and state_["phase"] not in m.HAZARD:
-        committing = state_["phase"] in m.COMMIT_SIDE
-        state_["phase"] = TwoPCPhase.COMMIT_HAZARD if committing else TwoPCPhase.ABORT_HAZARD
-        reason = step["error"]["message"] if step["error"] else "no error given"
-        message = (
-            f"heuristic hazard: phase 2 of step {step['index']} failed {step['compensation_attempts']} times: {reason}"
-        )
-        t.alerts.append(m.alert("hazard", state_, message, now))
-    return t
-
-
-def _phase2_due(state: SagaSnapshot, event: Event, now: int, policy: TwoPCPolicy) -> Transition:
-    """A retry is due, or acknowledgements are overdue: send phase 2 again to every step not acknowledged
-    (idempotent in every store)."""
-    t = Transition(m.copy_state(state, now))
-    t.state["attempt"] += 1
-    return _send_phase2(t, [s["index"] for s in t.state["steps"] if s["status"] not in m.ACKNOWLEDGED], now, policy)
-
 
 # -- the table ----------------------------------------------------------------------------------------
 
@@ -215,27 +60,30 @@ _PHASE2_ROWS: dict[TwoPCEvent, Handler] = {
     TwoPCEvent.VOTE_YES: unchanged,  # cannot happen (decided steps are never pending), kept explicit
     TwoPCEvent.VOTE_NO: unchanged,
     TwoPCEvent.STALE_VOTE: unchanged,  # a vote arriving after the decision
-    TwoPCEvent.ACKED: _acked,
-    TwoPCEvent.PHASE2_FAILED: _phase2_failed,
+    TwoPCEvent.ACKED: tr.acked,
+    TwoPCEvent.PHASE2_FAILED: tr.phase2_failed,
     TwoPCEvent.STALE_ACK: unchanged,
-    TwoPCEvent.TIMER_DUE: _phase2_due,
+    TwoPCEvent.TIMER_DUE: tr.phase2_due,
     TwoPCEvent.TIMER_EARLY: unchanged,
     TwoPCEvent.ADMISSION_WAIT: unchanged,  # only classified in LOCKING
+    TwoPCEvent.RESEND_DUE: unchanged,  # only classified in PREPARING
 }
 TABLE: dict[tuple[StrEnum, StrEnum], Handler] = {
     (_L, TwoPCEvent.INTENT_AGAIN): unchanged,
-    (_L, TwoPCEvent.LOCKS_GRANTED): _locks_granted,
-    (_L, TwoPCEvent.TIMER_DUE): _lock_wait_over,
+    (_L, TwoPCEvent.LOCKS_GRANTED): tr.locks_granted,
+    (_L, TwoPCEvent.TIMER_DUE): tr.lock_wait_over,
     (_L, TwoPCEvent.TIMER_EARLY): unchanged,  # also a wake-up while some lock is still held by another
-    (_L, TwoPCEvent.ADMISSION_WAIT): _admission_wait,
+    (_L, TwoPCEvent.ADMISSION_WAIT): tr.admission_wait,
+    (_L, TwoPCEvent.RESEND_DUE): unchanged,  # only classified in PREPARING
     # Nothing was sent while locking: outcomes are from an earlier run of the same transaction id.
     **{(_L, kind): unchanged for kind in (*_OUTCOMES, TwoPCEvent.PHASE2_FAILED, TwoPCEvent.STALE_ACK)},
     (_P, TwoPCEvent.INTENT_AGAIN): unchanged,
     (_P, TwoPCEvent.LOCKS_GRANTED): unchanged,
-    (_P, TwoPCEvent.VOTE_YES): _vote_yes,
-    (_P, TwoPCEvent.VOTE_NO): _vote_no,
+    (_P, TwoPCEvent.VOTE_YES): tr.vote_yes,
+    (_P, TwoPCEvent.VOTE_NO): tr.vote_no,
     (_P, TwoPCEvent.STALE_VOTE): unchanged,  # a duplicate vote
-    (_P, TwoPCEvent.TIMER_DUE): _window_over,  # presumed abort
+    (_P, TwoPCEvent.TIMER_DUE): tr.window_over,  # presumed abort
+    (_P, TwoPCEvent.RESEND_DUE): tr.resend_prepares,  # a retriable no's backoff is over
     (_P, TwoPCEvent.TIMER_EARLY): unchanged,
     (_P, TwoPCEvent.STALE_ACK): unchanged,  # from an earlier run of the same transaction id
     (_P, TwoPCEvent.ADMISSION_WAIT): unchanged,  # only classified in LOCKING
@@ -274,7 +122,7 @@ class TwoPhaseCommit:
             if 0 <= problem_step(problem) < len(state["steps"]):
                 state["steps"][problem_step(problem)]["error"] = problem
             t.rejections.append(problem)
-            return _finish(t, TwoPCPhase.FAILED, "FAILED", now)
+            return tr.finish(t, TwoPCPhase.FAILED, "FAILED", now)
         return self._lock(t, now)
 
     def _lock(self, t: Transition, now: int) -> Transition:
@@ -291,7 +139,7 @@ class TwoPhaseCommit:
             action: m.LockAction = "GRANTED" if held else "WAITING"
             t.lock_requests.append(m.lock_event(state, key, action, self.locks.blockers_on(tx_id, key), now))
         if granted and self.admission.admit(tx_id):
-            return _send_prepares(t, now, self.policy)
+            return tr.send_prepares(t, now, self.policy)
         state["due_at_ms"] = deadline
         return t
 
@@ -323,7 +171,7 @@ class TwoPhaseCommit:
         if phase_of(state) != TwoPCPhase.LOCKING or not waits_in_cycle(self.locks, tx_id, event.verdict):
             return Transition(state)
         error = victim_error(event.verdict)
-        t = _abort_unprepared(state, error, now)
+        t = tr.abort_unprepared(state, error, now)
         self._release(t, now)
         return t
 
@@ -336,7 +184,7 @@ class TwoPhaseCommit:
             return operator.refused(state, command, "two-phase commit retries phase 2; it resolves no step", now)
         if phase not in m.COMMIT_SIDE | m.ABORT_SIDE:
             return operator.refused(state, command, f"nothing to retry while {phase.value}", now)
-        t = _phase2_due(state, TimerDue(), now, self.policy)
+        t = tr.phase2_due(state, TimerDue(), now, self.policy)
         t.alerts.append(operator.audit(command, now))
         return t
 

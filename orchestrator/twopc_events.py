@@ -28,6 +28,7 @@ class TwoPCEvent(StrEnum):
     PHASE2_FAILED = "phase 2 failed"
     STALE_ACK = "stale acknowledgement"  # a duplicate, or of an action this transaction never decided
     TIMER_DUE = "timer due"
+    RESEND_DUE = "resend due"  # the timer while preparing, with a step whose retriable no's backoff is over
     TIMER_EARLY = "timer early"
     ADMISSION_WAIT = "admission wait"  # the lock-wait timer of one that holds its locks, queued for admission
 
@@ -44,6 +45,8 @@ def classify(state: SagaSnapshot, event: Event, now: int, locks: LockTable, admi
             return TwoPCEvent.TIMER_EARLY
         if state["phase"] == TwoPCPhase.LOCKING and locks.holds_all(tx_id):
             return TwoPCEvent.ADMISSION_WAIT  # flow control, not a lock wait: it never times out
+        if state["phase"] == TwoPCPhase.PREPARING and any(s["status"] == Vote.RESEND for s in state["steps"]):
+            return TwoPCEvent.RESEND_DUE
         return TwoPCEvent.TIMER_DUE
     if isinstance(event, LocksGranted):
         go = locks.holds_all(tx_id) and tx_id in admitted

@@ -47,6 +47,7 @@ class Vote(StrEnum):
     """A step's status in a two-phase commit's snapshots and results."""
 
     PENDING = "pending"
+    RESEND = "resend"  # it answered a retriable no: its PREPARE goes again when the backoff is over
     PREPARED = "prepared"
     VOTED_NO = "voted_no"
     PHASE2_FAILED = "phase2_failed"  # its COMMIT/ABORT failed: retried with backoff
@@ -64,6 +65,10 @@ class TwoPCPolicy:
     phase2_resend_ms: int = 10_000  # a phase-2 command with no acknowledgement by then is sent again
     hazard_after: int = 5  # failed phase-2 attempts of one step before the heuristic hazard is reported
     prepare_attempts: int = 20  # PREPAREs of one step while its store answers a retriable no
+    # Waits before a PREPARE goes again: short, since the transaction holds its locks meanwhile, and
+    # growing, since what refused it (a PostgreSQL serialization failure against batches still prepared,
+    # slots full) clears only as other transactions' phase 2 lands.
+    prepare_backoff: SagaPolicy = field(default_factory=lambda: SagaPolicy(backoff_base_ms=10, backoff_max_ms=500))
     # Transactions past their locks at once, per coordinator member (Admission). PostgreSQL prepares a
     # batch of steps per prepared transaction (consumers/postgres/batches.py), so its prepared slots no
     # longer bound this; it stays as flow control against a flood of prepares.

@@ -236,8 +236,15 @@ class InteractiveScope:
 
 
 def retriable(result: TransactionResult) -> bool:
-    """The transaction ended for a reason that a new attempt may not meet (a deadlock, a lock wait)."""
-    return not result.ok and result.error_class in {e.__name__ for e in RETRIED}
+    """The transaction ended for a reason that a new attempt may not meet: a deadlock, a lock wait, or a
+    store's transient refusal that outlasted the coordinator's own retries (a PostgreSQL serialization
+    failure, say) once everything was undone: aborted, or compensated."""
+    if result.ok:
+        return False
+    if result.error_class in {e.__name__ for e in RETRIED}:
+        return True
+    error = result.raw.get("error")
+    return result.status in ("aborted", "compensated") and bool(error and error.get("retriable"))
 
 
 async def run(
@@ -251,8 +258,9 @@ async def run(
 ) -> TransactionResult:
     """Run `block(tx)` in an interactive transaction (options as for `coordinator.transaction`), again with
     a new transaction, up to `retries` more times, when it ends as a deadlock victim, by a lock-wait or
-    idle timeout; waits `backoff` seconds doubled per attempt (with jitter, at most `max_backoff`) first.
-    A new attempt reads the keys earlier attempts wrote under EXCLUSIVE locks (`exclusive_reads`)."""
+    idle timeout, or undone after a store's transient refusal (`retriable`); waits `backoff` seconds
+    doubled per attempt (with jitter, at most `max_backoff`) first. A new attempt reads the keys earlier
+    attempts wrote under EXCLUSIVE locks (`exclusive_reads`)."""
     attempt, written = 0, set[str]()
     while True:
         scope = coordinator.transaction(interactive=True, **options)

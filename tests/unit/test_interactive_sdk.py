@@ -220,9 +220,9 @@ async def test_at_a_strict_level_the_exit_confirms_the_transaction_is_still_open
     assert not gone.intents
 
 
-def test_only_a_result_ended_by_a_deadlock_or_a_lock_wait_is_worth_another_attempt() -> None:
-    def ended(status: str, error_class: str | None) -> TransactionResult:
-        error = None if error_class is None else error_info(error_class, "x", False)
+def test_a_result_ended_by_a_deadlock_a_lock_wait_or_an_undone_transient_refusal_is_worth_another_attempt() -> None:
+    def ended(status: str, error_class: str | None, transient: bool = False) -> TransactionResult:
+        error = None if error_class is None else error_info(error_class, "x", transient)
         event: dict[str, Any] = {
             "tx_id": "T",
             "status": status,
@@ -235,6 +235,11 @@ def test_only_a_result_ended_by_a_deadlock_or_a_lock_wait_is_worth_another_attem
 
     assert retriable(ended("ABORTED", "DeadlockVictimError")) and retriable(ended("FAILED", "LockTimeoutError"))
     assert not retriable(ended("FAILED", "UnsupportedError")) and not retriable(ended("COMPLETED", None))
+    # A serialization failure PostgreSQL kept answering: undone everywhere, so the action may run again.
+    assert retriable(ended("ABORTED", "StoreError", transient=True))
+    assert retriable(ended("COMPENSATED", "StoreError", transient=True))
+    assert not retriable(ended("ABORTED", "StoreError"))  # a permanent refusal (bad SQL) would only repeat
+    assert not retriable(ended("STUCK", "StoreError", transient=True))  # not undone: an operator's case
 
 
 def test_a_read_locks_the_key_a_write_of_the_same_row_point_or_node_locks() -> None:

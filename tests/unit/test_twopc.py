@@ -78,14 +78,48 @@ def test_one_no_aborts_every_step_and_late_votes_change_nothing() -> None:
     assert done.result["error"] is not None and "step 1" in done.result["error"]["message"]
 
 
-def test_a_retriable_no_sends_prepare_again_and_a_stale_no_changes_nothing() -> None:
+def test_a_retriable_no_sends_prepare_again_after_a_backoff_and_a_stale_no_changes_nothing() -> None:
     protocol, t = prepared()
     busy = reply(t.commands[0], "VOTED_NO", retriable=True)
-    again = protocol.decide(t.state, OutcomeReceived(busy), 5)
+    backing_off = protocol.decide(t.state, OutcomeReceived(busy), 5)
+    assert not backing_off.decisions and not backing_off.commands  # not at once: it would meet the same refusal
+    assert backing_off.state["steps"][0]["status"] == "resend"
+    due = backing_off.state["due_at_ms"]
+    assert 5 < due < 1000  # before the prepare window's end
+    assert protocol.decide(backing_off.state, OutcomeReceived(busy), 6).state is backing_off.state  # a duplicate
+    assert protocol.decide(backing_off.state, TimerDue(), due - 1).state is backing_off.state
+    again = protocol.decide(backing_off.state, TimerDue(), due)
     assert not again.decisions and [(c["action"], c["attempt"]) for c in again.commands] == [("PREPARE", 2)]
-    assert protocol.decide(again.state, OutcomeReceived(busy), 6).state is again.state  # attempt 1's no, again
-    yes = protocol.decide(again.state, OutcomeReceived(reply(again.commands[0], "PREPARED")), 7)
+    assert again.state["due_at_ms"] == due + 1000  # a new prepare window from this PREPARE
+    assert protocol.decide(again.state, OutcomeReceived(busy), due + 1).state is again.state  # attempt 1's no
+    yes = protocol.decide(again.state, OutcomeReceived(reply(again.commands[0], "PREPARED")), due + 2)
     assert yes.state["steps"][0]["status"] == "prepared"
+
+
+def test_retriable_noes_back_off_longer_each_time_then_abort_after_the_last_attempt() -> None:
+    protocol, t = prepared()
+    state, command, waits = t.state, t.commands[0], []
+    for _ in range(protocol.policy.prepare_attempts - 1):
+        now = state["updated_at_ms"]
+        backing_off = protocol.decide(state, OutcomeReceived(reply(command, "VOTED_NO", retriable=True)), now)
+        waits.append(backing_off.state["due_at_ms"] - now)
+        again = protocol.decide(backing_off.state, TimerDue(), backing_off.state["due_at_ms"])
+        state, command = again.state, again.commands[0]
+    assert waits[3] > waits[0] and max(waits) <= protocol.policy.prepare_backoff.backoff_max_ms
+    last = protocol.decide(state, OutcomeReceived(reply(command, "VOTED_NO", retriable=True)), state["updated_at_ms"])
+    assert [d["outcome"] for d in last.decisions] == ["ABORT"]
+    assert last.state["error"] is not None and last.state["error"]["retriable"]  # the client may run it again
+
+
+def test_a_no_backing_off_past_the_window_is_sent_again_and_the_window_counts_from_there() -> None:
+    protocol, t = prepared()
+    backing_off = protocol.decide(t.state, OutcomeReceived(reply(t.commands[0], "VOTED_NO", retriable=True)), 995)
+    assert backing_off.state["due_at_ms"] == 1000  # the window ends before the backoff would
+    over = protocol.decide(backing_off.state, TimerDue(), 1000)
+    assert [c["action"] for c in over.commands] == ["PREPARE"] and not over.decisions  # a window from here
+    late = protocol.decide(over.state, TimerDue(), 2000)
+    assert [d["outcome"] for d in late.decisions] == ["ABORT"]
+    assert late.state["error"] is not None and "[0, 1, 2]" in late.state["error"]["message"]
 
 
 def test_a_duplicate_vote_is_an_explicit_no_op_row() -> None:
