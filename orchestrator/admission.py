@@ -15,7 +15,7 @@ import functools
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from polycommit.bus import Topics
+from polycommit.bus import Publisher, Topics
 from polycommit.canonical import canonical_intent
 from polycommit.errors import ExpiredIntentError, InvalidIntentKeyError, InvalidOperationError, InvalidReplyToError
 from polycommit.events import ErrorInfo, TransactionIntent, error_info
@@ -90,6 +90,14 @@ def reply_to_problem(reply_to: str, topics: Topics, partitions: Collection[int] 
     if partition is not None and partition not in partitions:
         return f"reply_to {reply_to!r}: topic {topic!r} has no partition {partition} (it has {len(partitions)})"
     return None
+
+
+async def cluster_topics(publisher: Publisher | None) -> Mapping[str, Collection[int]]:
+    """Every topic of the cluster with its partitions, through a session's producer (none: nothing known)."""
+    if publisher is None:
+        return {}
+    cluster = await publisher.producer.client.fetch_all_metadata()
+    return {topic: cluster.partitions_for_topic(topic) or set() for topic in cluster.topics()}
 
 
 @dataclass

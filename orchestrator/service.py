@@ -15,17 +15,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from orchestrator import operator, registry
-from orchestrator.admission import ReplyTargets, canonical_or_refusal, expiry_refusal, key_refusal
+from orchestrator.admission import ReplyTargets, canonical_or_refusal, cluster_topics, expiry_refusal, key_refusal
 from orchestrator.deferred import Deferred, Taken
 from orchestrator.interactive_inputs import INPUTS, InteractiveInputs, input_topics
 from orchestrator.lock_waits import waits_of
+from orchestrator.members import ActiveStandbyAssignor, assignment_note, assignor_for
 from orchestrator.protocol import (
     Event,
     HoldsLocks,
@@ -39,7 +40,7 @@ from orchestrator.protocol import (
     restore_locks,
 )
 from orchestrator.saga import SagaPolicy
-from orchestrator.transactions import OwnedTransactions, lock_scope_warning
+from orchestrator.transactions import OwnedTransactions
 from orchestrator.writer import COORDINATOR_LABELS, CoordinatorStats, TransitionWriter
 from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
@@ -66,9 +67,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         owned = {tp.partition for tp in assigned}  # the whole assignment (eager rebalance)
-        if (warning := lock_scope_warning(owned, self.service.transactions.partitions)) is not None:
-            log.warning(warning)
-        await self.service.restore(owned)
+        service = self.service
+        standby = isinstance(service.assignor, ActiveStandbyAssignor)
+        if note := assignment_note(service.instance, owned, service.transactions.partitions, standby):
+            log.log(*note)
+        await service.restore(owned)
 
 
 class CoordinatorService:
@@ -90,6 +93,8 @@ class CoordinatorService:
         self.group_id = f"{settings.topic_prefix}-coordinator"
         self.instance = instance or settings.coordinator_instance
         self.transactional_id = f"{settings.topic_prefix}-coordinator-{self.instance}"
+        # Kept across sessions: a member that was active says so again when it rejoins (members.py).
+        self.assignor = assignor_for(settings.coordinator_members, self.instance)
         self.max_records = max_records
         self.transactions = OwnedTransactions(settings, self.topics.tx_state, self.codec)
         # Protocols sharing the lock table; the transactions their restore let go on, woken next loop.
@@ -97,7 +102,7 @@ class CoordinatorService:
         self._to_wake: list[str] = []
         self._reannounce_at = 0
         self._publisher: Publisher | None = None  # the session's, for cluster metadata
-        self.replies = ReplyTargets(self.topics, self._cluster_topics)
+        self.replies = ReplyTargets(self.topics, lambda: cluster_topics(self._publisher))
         self.stats = CoordinatorStats()
         # The Kafka transaction of the previous loop, committing while the next batch is read and folded.
         self._committing: asyncio.Task[None] | None = None
@@ -132,12 +137,6 @@ class CoordinatorService:
         self.stats.corrupt_snapshots = self.transactions.corrupt_snapshots
         for state in restored:  # results go only to addresses the cache shows valid: load it for these
             await self.replies.refusal(state["intent"]["reply_to"])
-
-    async def _cluster_topics(self) -> Mapping[str, Collection[int]]:
-        if self._publisher is None:
-            return {}
-        cluster = await self._publisher.producer.client.fetch_all_metadata()
-        return {topic: cluster.partitions_for_topic(topic) or set() for topic in cluster.topics()}
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -187,6 +186,7 @@ class CoordinatorService:
             group_id=self.group_id,
             client_id="coordinator",
             instance_id=f"coordinator-{self.instance}",  # unique per process, like the transactional id
+            assignors=(self.assignor,),
         )
         await publisher.start()
         self._publisher = publisher

@@ -22,19 +22,6 @@ from projections import tx_state
 log = logging.getLogger(__name__)
 
 
-def lock_scope_warning(owned: set[int], partitions: int) -> str | None:
-    """What to tell an operator when this member coordinates only some of the transaction partitions:
-    the lock table is per member (no lock manager partitioned by key yet), so transactions of another
-    member on the same keys do not wait for this member's locks. None when it owns them all."""
-    if not owned or partitions <= 0 or len(owned) >= partitions:
-        return None
-    return (
-        f"this coordinator member owns {len(owned)} of {partitions} transaction partitions: its lock table "
-        "covers only the transactions it coordinates, so another member's transactions on the same keys do "
-        "not wait for its locks (README: Scaling). Run one coordinator member unless they never share a key."
-    )
-
-
 class OwnedTransactions:
     """States by transaction id, each with its intent as published and a timer at its `due_at_ms`."""
 

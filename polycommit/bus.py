@@ -322,6 +322,7 @@ def make_consumer(
     auto_offset_reset: str = "earliest",
     max_poll_records: int | None = None,
     instance_id: str | None = None,
+    assignors: Sequence[Any] = (RangePartitionAssignor,),
 ) -> AIOKafkaConsumer:
     """A read_committed consumer with manual offset commits (the caller commits after acting).
 
@@ -337,8 +338,8 @@ def make_consumer(
         isolation_level="read_committed",
         auto_offset_reset=auto_offset_reset,
         # Range assignment gives one member the same partition number of every input topic, so the
-        # coordinator that owns a transaction's intent also owns its outcomes.
-        partition_assignment_strategy=(RangePartitionAssignor,),
+        # coordinator that owns a transaction's intent also owns its outcomes (see also members.py).
+        partition_assignment_strategy=tuple(assignors),
         max_poll_records=max_poll_records,
         fetch_max_wait_ms=20,
         group_instance_id=instance_id,

@@ -162,6 +162,10 @@ class Settings:
     # Each coordinator process needs its own Kafka transactional id; a restarted process that keeps its
     # instance name fences the predecessor it replaces (a zombie can no longer commit).
     coordinator_instance: str = "0"
+    # How coordinator members share the work (orchestrator/members.py): `active-standby`, one member
+    # coordinates everything and the others take over when it goes (safe: one lock table sees every
+    # transaction), or `partitioned`, the transaction partitions split among members (README: Scaling).
+    coordinator_members: str = "active-standby"
     # Set, it makes each store consumer a static group member named `<store>-<instance>` (back in under
     # a second after a crash, instead of after the session timeout); two live consumers of one store must
     # then have different names. Unset (the default), members are dynamic and need no names.
@@ -288,6 +292,7 @@ def load_settings() -> Settings:
         topic_prefix=_env("POLYCOMMIT_TOPIC_PREFIX", "polycommit"),
         max_payload_bytes=int(_env("POLYCOMMIT_MAX_PAYLOAD_BYTES", str(1024 * 1024))),
         coordinator_instance=_env("POLYCOMMIT_COORDINATOR_INSTANCE", "0"),
+        coordinator_members=_env("POLYCOMMIT_COORDINATOR_MEMBERS", "active-standby"),
         consumer_instance=os.environ.get("POLYCOMMIT_CONSUMER_INSTANCE") or None,
         marker_retention_ms=parse_duration_ms(_env("POLYCOMMIT_MARKER_RETENTION", "7d")),
     )

@@ -1,56 +1,147 @@
-"""Two coordinator members in one group, on the real broker: each coordinates half of the transaction
-partitions, and each says so in its log, with what it means for locks (the lock table is per member)."""
+"""Several coordinator members in one group, on the real broker. By default one is active and owns every
+transaction partition (so one lock table sees every transaction) and the others stand by; when the active
+one dies, a standby takes every partition over, restores the state from the changelog and finishes what
+was in flight. Split among members (`partitioned`), each warns that its lock table covers only its own
+transactions."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from runtimes import reading_client, started_runtime
 
 from orchestrator.service import CoordinatorService
 from polycommit.bus import create_topics, delete_topics
+from polycommit.client import Transaction
 from polycommit.config import Settings
+from polycommit.results import TransactionResult
+from polycommit.tooling import workload
 from polycommit.tooling.chaos import run_settings
+from polycommit.tooling.checker import History, check
+from polycommit.tooling.runtime import Runtime
 
 pytestmark = pytest.mark.servers
 
+WAIT_S = 90.0  # a dead static member's partitions move after the session timeout (6 s), then a restore
 
-class Warnings(logging.Handler):
-    """Collects the lock-scope warnings and wakes the test once `wanted` of them came."""
 
-    def __init__(self, wanted: int) -> None:
-        super().__init__(logging.WARNING)
+class MemberLog(logging.Handler):
+    """The coordinator's log lines about partition ownership, with a wait for the first one matching."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
         self.loop = asyncio.get_running_loop()
-        self.wanted = wanted
         self.messages: list[str] = []
-        self.came = asyncio.Event()
+        self.changed = asyncio.Event()
 
     def emit(self, record: logging.LogRecord) -> None:
         if "transaction partitions" in record.getMessage():
             self.messages.append(record.getMessage())
-            if len(self.messages) >= self.wanted:
-                self.loop.call_soon_threadsafe(self.came.set)
+            self.loop.call_soon_threadsafe(self.changed.set)
+
+    async def said(self, text: str, after: int = 0, times: int = 1) -> list[str]:
+        """The messages from index `after` on that contain `text`, once there are `times` of them."""
+        async with asyncio.timeout(WAIT_S):
+            while True:
+                found = [m for m in self.messages[after:] if text in m]
+                if len(found) >= times:
+                    return found
+                self.changed.clear()
+                await self.changed.wait()
 
 
-async def test_each_of_two_members_warns_that_its_lock_table_covers_only_its_transactions(
+@contextlib.asynccontextmanager
+async def listening() -> AsyncIterator[MemberLog]:
+    caught = MemberLog()
+    logger = logging.getLogger("orchestrator.service")
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(caught)
+    try:
+        yield caught
+    finally:
+        logger.removeHandler(caught)
+        logger.setLevel(previous)
+
+
+def ingest(run: str, i: int) -> Transaction:
+    doc = f"member-{run}-{i}"
+    return workload.ingest_document(doc, f"title {i}", f"body {i}", f"cust-{run}-{i % 3}")
+
+
+async def test_one_member_is_active_and_a_standby_takes_over_when_it_dies(settings: Settings, tmp_path: Path) -> None:
+    run_id = uuid.uuid4().hex[:8]
+    run = run_settings(settings, run_id, prefix="members", edge_path=tmp_path / "edge")
+    await create_topics(run, {"intents": 2})
+    stops = {name: asyncio.Event() for name in ("a", "b")}
+    members = {name: CoordinatorService(run, instance=name) for name in stops}
+    tasks: dict[str, asyncio.Task[None]] = {}
+    try:
+        async with listening() as log, started_runtime(run, coordinator=False) as runtime:
+            tasks["a"] = asyncio.create_task(members["a"].run(stops["a"]))
+            await log.said("member a: active, owns all 2")
+            joined = len(log.messages)
+            tasks["b"] = asyncio.create_task(members["b"].run(stops["b"]))
+            await log.said("member b: standing by, owns none", joined)  # b's join did not move the work
+            await log.said("member a: active, owns all 2", joined)
+            async with reading_client(runtime, timeout=WAIT_S) as client:
+                customers = [workload.create_customer(f"cust-{run_id}-{i}", f"customer {i}") for i in range(3)]
+                assert [r.status for r in await client.execute_many(customers)] == ["completed"] * 3
+                before = [ingest(run_id, i) for i in range(10)]
+                done = await asyncio.gather(*(client.execute(t) for t in before))
+                in_flight = [ingest(run_id, i) for i in range(10, 30)]
+                pending = [asyncio.create_task(client.execute(t)) for t in in_flight]
+                crashed = len(log.messages)
+                tasks["a"].cancel()  # like a crash: nothing flushed, the group notices after its session timeout
+                with contextlib.suppress(asyncio.CancelledError):
+                    await tasks["a"]
+                await log.said("member b: active, owns all 2", crashed)
+                after = [ingest(run_id, i) for i in range(30, 40)]
+                done += await asyncio.gather(*pending, *(client.execute(t) for t in after))
+            assert [r.status for r in done] == ["completed"] * 40
+            assert members["b"].stats.intents >= len(after)  # b coordinated them: it took the work over
+            assert await violations(runtime, [*before, *in_flight, *after], done) == []
+    finally:
+        for name, stop in stops.items():
+            stop.set()
+            if name in tasks and not tasks[name].done():
+                await tasks[name]
+        await delete_topics(run)
+
+
+async def violations(runtime: Runtime, transactions: list[Transaction], results: list[TransactionResult]) -> list[str]:
+    history = History()
+    for transaction, result in zip(transactions, results, strict=True):
+        history.invoke(transaction)
+        history.record(transaction.tx_id, result.status)
+    qdrant = runtime.workers["qdrant"].participant
+    report = await check(runtime.settings, history, qdrant=qdrant, keys_owned=False)  # type: ignore[arg-type]
+    return [str(v) for v in report.violations]
+
+
+async def test_split_among_members_each_warns_that_its_lock_table_covers_only_its_transactions(
     settings: Settings, tmp_path: Path
 ) -> None:
     run = run_settings(settings, uuid.uuid4().hex[:8], prefix="members", edge_path=tmp_path / "edge")
+    run = dataclasses.replace(run, coordinator_members="partitioned")
     await create_topics(run, {"intents": 2})
-    caught = Warnings(wanted=2)
-    logger = logging.getLogger("orchestrator.service")
-    logger.addHandler(caught)
     stop = asyncio.Event()
     members = [CoordinatorService(run, instance=f"member-{i}") for i in range(2)]
-    tasks = [asyncio.create_task(member.run(stop)) for member in members]
     try:
-        await asyncio.wait_for(caught.came.wait(), 90)  # the second member's join splits the partitions
+        async with listening() as log:
+            tasks = [asyncio.create_task(member.run(stop)) for member in members]
+            try:
+                await log.said("owns 1 of 2 transaction partitions", times=2)  # the second join split them
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+        assert all("lock table covers only" in m for m in log.messages if "owns 1 of 2" in m), log.messages
     finally:
-        stop.set()
-        await asyncio.gather(*tasks)
-        logger.removeHandler(caught)
         await delete_topics(run)
-    assert all("owns 1 of 2 transaction partitions" in m for m in caught.messages[-2:]), caught.messages

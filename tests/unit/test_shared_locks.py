@@ -15,6 +15,7 @@ from orchestrator.interactive import Interactive
 from orchestrator.interactive_model import LockRequested, VictimChosen
 from orchestrator.lock_waits import waits_of
 from orchestrator.locking import LockingPhase
+from orchestrator.members import lock_scope_warning
 from orchestrator.protocol import (
     IntentReceived,
     LocksGranted,
@@ -24,7 +25,6 @@ from orchestrator.protocol import (
     restore_locks,
 )
 from orchestrator.saga import SagaPolicy
-from orchestrator.transactions import lock_scope_warning
 from orchestrator.twopc import TwoPhaseCommit
 from orchestrator.twopc_model import TwoPCPhase
 from polycommit import operations as ops
