@@ -143,3 +143,11 @@ def assignment_note(instance: str, owned: set[int], partitions: int, standby: bo
         return logging.INFO, f"coordinator member {instance}: {state} of the transaction partitions"
     warning = lock_scope_warning(owned, partitions)
     return None if warning is None else (logging.WARNING, warning)
+
+
+def report_assignment(assignor: object, instance: str, owned: set[int], partitions: int) -> None:
+    """Log what the group gave this member, on this module's logger: `polycommit run` shows it at INFO,
+    so an operator (and `polycommit chaos`) sees which member is active without --verbose."""
+    note = assignment_note(instance, owned, partitions, isinstance(assignor, ActiveStandbyAssignor))
+    if note is not None:
+        log.log(*note)

@@ -26,7 +26,7 @@ from orchestrator.admission import ReplyTargets, canonical_or_refusal, cluster_t
 from orchestrator.deferred import Deferred, Taken
 from orchestrator.interactive_inputs import INPUTS, InteractiveInputs, input_topics
 from orchestrator.lock_waits import waits_of
-from orchestrator.members import ActiveStandbyAssignor, assignment_note, assignor_for
+from orchestrator.members import assignor_for, report_assignment
 from orchestrator.protocol import (
     Event,
     HoldsLocks,
@@ -68,9 +68,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         owned = {tp.partition for tp in assigned}  # the whole assignment (eager rebalance)
         service = self.service
-        standby = isinstance(service.assignor, ActiveStandbyAssignor)
-        if note := assignment_note(service.instance, owned, service.transactions.partitions, standby):
-            log.log(*note)
+        report_assignment(service.assignor, service.instance, owned, service.transactions.partitions)
         await service.restore(owned)
 
 

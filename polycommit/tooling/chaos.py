@@ -53,7 +53,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from polycommit.client import Saga
 from polycommit.config import Settings
 from polycommit.tooling.bench import prepare, writes
-from polycommit.tooling.chaos_kills import TARGETS, Kill, Killer, TargetLost, kill_broker, kill_schedule
+from polycommit.tooling.chaos_kills import (
+    TARGETS,
+    Kill,
+    Killer,
+    TargetLost,
+    coordinator_members,
+    kill_broker,
+    kill_schedule,
+)
 from polycommit.tooling.chaos_summary import print_summary, summarize
 from polycommit.tooling.chaos_workload import (
     ClientSlot,
@@ -67,7 +75,7 @@ from polycommit.tooling.chaos_workload import (
 )
 from polycommit.tooling.checker import History, check
 from polycommit.tooling.checker.log import read_log
-from polycommit.tooling.processes import Cluster
+from polycommit.tooling.processes import PARTS, Cluster
 
 __all__ = ["TARGETS", "ChaosRun", "kill_broker", "kill_schedule", "run_chaos", "run_settings", "saga_of"]
 
@@ -127,10 +135,12 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     run_id = uuid.uuid4().hex[:8]
     settings = run_settings(base, run_id)
     log_dir = base.log_dir / f"chaos-{run_id}"
-    targets = [t for t in args.targets.split(",") if t] if args.targets else list(TARGETS)
-    unknown = sorted(set(targets) - set(TARGETS))
+    members = coordinator_members(getattr(args, "coordinators", 1))
+    every = [*TARGETS, *members[1:]]
+    targets = [t for t in args.targets.split(",") if t] if args.targets else every
+    unknown = sorted(set(targets) - set(every))
     if unknown:
-        console.print(f"[red]unknown targets {unknown}; choose from {', '.join(TARGETS)}[/red]")
+        console.print(f"[red]unknown targets {unknown}; choose from {', '.join(every)}[/red]")
         return 2
     failing, short = getattr(args, "failing", 0.1), getattr(args, "short_timeout", 0.1)
     if min(failing, short) < 0 or failing + short > 1:
@@ -148,7 +158,8 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     console.print(f"chaos run {run_id}: topics {settings.topic_prefix}.*, logs {log_dir}, seed {args.seed}")
     await create_topics(settings)
     await prepare(settings)
-    run = ChaosRun(run_id, settings, log_dir, schedule, Cluster(settings, log_dir))
+    parts = [*members, *(p for p in PARTS if p != "coordinator")]
+    run = ChaosRun(run_id, settings, log_dir, schedule, Cluster(settings, log_dir, names=parts))
     started = time.monotonic()
     try:
         await _drive(run, args, console, started)

@@ -4,7 +4,8 @@ Targets: polycommit's own processes (`coordinator`, and the `postgres`, `qdrant`
 the servers (`kafka`, `postgres-server`, `neo4j-server`: SIGKILL of the broker, the postmaster or the
 Neo4j JVM, then a restart by `polycommit.tooling.services`, as their supervisor would), and the workload's
 `client` (dropped with its replies outstanding). Qdrant Edge is embedded in its consumer: killing that
-consumer is killing Qdrant.
+consumer is killing Qdrant. With `--coordinators N`, the standby coordinator members (`coordinator#2`...)
+are targets too; killing the active member waits for a standby to take over before starting it again.
 
 The schedule is seeded and pure: kill points spread over the middle of the run, and targets taken from
 a shuffled round of every target before any repeats, so a run with as many kills as targets hits each.
@@ -22,7 +23,7 @@ from typing import Any
 
 from polycommit.config import Settings
 from polycommit.tooling.chaos_workload import ClientSlot, Progressed
-from polycommit.tooling.processes import PARTS, STOP_TIMEOUT_S, Cluster
+from polycommit.tooling.processes import PARTS, STOP_TIMEOUT_S, Cluster, PartProcess
 
 SERVER_TARGETS: dict[str, str] = {"kafka": "kafka", "postgres-server": "postgres", "neo4j-server": "neo4j"}
 CLIENT = "client"
@@ -31,6 +32,7 @@ SERVER_EXIT_S = 30.0
 # A server restarted under load may take longer than one start deadline (Neo4j's recovery on a busy
 # 2-core machine: ~110 s against a 90 s deadline); waiting again costs nothing while its process lives.
 RESTART_ATTEMPTS = 3
+FAILOVER_S = 60.0  # the group's session timeout (6 s), a rebalance and the standby's restore, with margin
 
 Start = Callable[[Settings, Sequence[str]], Awaitable[object]]
 
@@ -109,16 +111,45 @@ async def kill_cluster_broker(settings: Settings, victim: int) -> tuple[float, a
     return time.monotonic(), asyncio.create_task(restart(), name=f"restart-{node.name}")
 
 
+def coordinator_members(count: int) -> list[str]:
+    """The coordinator parts of a run with `count` members: `coordinator`, `coordinator#2`, ..."""
+    return ["coordinator", *(f"coordinator#{i}" for i in range(2, max(1, count) + 1))]
+
+
 async def kill_target(settings: Settings, cluster: Cluster, slot: ClientSlot, target: str) -> float:
-    """Kill one target and bring it back; returns when it is ready again."""
+    """Kill one target and bring it back; returns when it (or, for the active coordinator member, a standby
+    that took over) serves again."""
     if target in SERVER_TARGETS:
         return await kill_and_restart_server(settings, SERVER_TARGETS[target])
     if target == CLIENT:
         return await slot.kill()
     part = cluster[target]
+    standbys = [
+        p for name, p in cluster.processes.items() if name.startswith("coordinator") and name != target and p.running
+    ]
+    if part.active_member and standbys:
+        return await fail_over(cluster, target, standbys)
     part.kill()
     await part.exited(STOP_TIMEOUT_S)
     return await cluster.restart(target)
+
+
+async def fail_over(cluster: Cluster, target: str, standbys: Sequence[PartProcess]) -> float:
+    """SIGKILL the active coordinator member and wait for a standby to say it is active now (the group
+    moves every partition to it after the session timeout); then start the killed member again, which
+    joins as a standby. Returns when the standby took over."""
+    took_over = [p.watch(": active, ") for p in standbys]
+    part = cluster[target]
+    part.kill()
+    await part.exited(STOP_TIMEOUT_S)
+    done, pending = await asyncio.wait(took_over, timeout=FAILOVER_S, return_when=asyncio.FIRST_COMPLETED)
+    for waiting in pending:
+        waiting.cancel()
+    if not done:
+        raise TargetLost(f"no standby took over from {target} within {FAILOVER_S:.0f} s")
+    back = min(f.result() for f in done)
+    await cluster.restart(target)
+    return back
 
 
 @dataclass

@@ -130,6 +130,13 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="the Kafka cluster's size (services start --kafka-brokers N); kills one broker of N",
     )
+    chaos.add_argument(
+        "--coordinators",
+        type=int,
+        default=1,
+        help="coordinator members (active-standby): `coordinator#2`... become targets too; killing the active "
+        "one waits for a standby to take over, then starts it again",
+    )
     chaos.add_argument("--json", action="store_true")
     return parser
 
@@ -226,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
     )
+    logging.getLogger("orchestrator.members").setLevel(logging.INFO)  # which coordinator member is active
     try:
         return asyncio.run(_dispatch(args))
     except KeyboardInterrupt:

@@ -27,6 +27,7 @@ PARTS: tuple[str, ...] = ("coordinator", "postgres", "qdrant", "neo4j")
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
 OUTPUT_TAIL_LINES = 200
+MEMBER_NOTE = "coordinator member "  # how a coordinator's ownership lines begin (orchestrator/members.py)
 
 
 class PartStartError(RuntimeError):
@@ -34,10 +35,14 @@ class PartStartError(RuntimeError):
 
 
 def part_command(part: str) -> list[str]:
-    """`coordinator`, `detector` (the deadlock detector, for runs of interactive transactions) or a store
-    name (`postgres#2`: another member of its group) -> the CLI invocation."""
+    """`coordinator` (`coordinator#2`: another member, instance 2), `detector` (the deadlock detector, for
+    runs of interactive transactions) or a store name (`postgres#2`: another member of its group) -> the
+    CLI invocation."""
     cli = [sys.executable, "-m", "polycommit.tooling.cli"]
-    return [*cli, "run", part] if part in ("coordinator", "detector") else [*cli, "consumer", part.partition("#")[0]]
+    name, _, member = part.partition("#")
+    if name == "coordinator":
+        return [*cli, "run", name, *(["--instance", member] if member else [])]
+    return [*cli, "run", part] if part == "detector" else [*cli, "consumer", name]
 
 
 def part_environment(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -77,6 +82,9 @@ class PartProcess:
     ready_at: float = 0.0  # time.monotonic() of its latest ready line
     expected_exit: bool = False  # killed or stopped on purpose: not a death for a supervisor to report
     _reader: asyncio.Task[None] | None = None
+    _watches: list[tuple[str, asyncio.Future[float]]] = field(default_factory=list)
+    # A coordinator's latest "coordinator member <name>: active ... / standing by ..." line (members.py).
+    member_note: str = ""
 
     async def start(self, timeout: float = START_TIMEOUT_S, failpoint: str | None = None) -> PartProcess:
         """Start it (armed with `failpoint`, as POLYCOMMIT_FAILPOINT, if given); `PartStartError` unless ready
@@ -137,11 +145,31 @@ class PartProcess:
                     log.flush()
                 self.output.append(line.decode(errors="replace"))
                 del self.output[:-OUTPUT_TAIL_LINES]
+                self._seen(self.output[-1])
                 if not ready.done() and line.startswith(READY_LINE):
                     ready.set_result(None)
         finally:
             if log is not None:
                 log.close()
+
+    def watch(self, text: str) -> asyncio.Future[float]:
+        """A future of the time.monotonic() at which a line containing `text` is next printed."""
+        seen: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._watches.append((text, seen))
+        return seen
+
+    def _seen(self, line: str) -> None:
+        if MEMBER_NOTE in line:
+            self.member_note = line.strip()
+        for text, seen in self._watches:
+            if text in line and not seen.done():
+                seen.set_result(time.monotonic())
+        self._watches = [(t, f) for t, f in self._watches if not f.done()]
+
+    @property
+    def active_member(self) -> bool:
+        """A coordinator member whose latest note says it is the active one."""
+        return ": active, " in self.member_note
 
     @property
     def running(self) -> bool:

@@ -60,7 +60,7 @@ class MemberLog(logging.Handler):
 @contextlib.asynccontextmanager
 async def listening() -> AsyncIterator[MemberLog]:
     caught = MemberLog()
-    logger = logging.getLogger("orchestrator.service")
+    logger = logging.getLogger("orchestrator.members")
     previous = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(caught)

@@ -14,8 +14,16 @@ from polycommit.client import Saga
 from polycommit.config import Settings, load_settings
 from polycommit.tooling.bench import writes
 from polycommit.tooling.chaos import _together
-from polycommit.tooling.chaos_kills import SERVER_TARGETS, TARGETS, TargetLost, kill_schedule, restart_server
+from polycommit.tooling.chaos_kills import (
+    SERVER_TARGETS,
+    TARGETS,
+    TargetLost,
+    coordinator_members,
+    kill_schedule,
+    restart_server,
+)
 from polycommit.tooling.chaos_workload import FAILING_STEP, ClientSlot, Mix, execute, hot_writes, mixed
+from polycommit.tooling.processes import PartProcess, part_command
 from polycommit.tooling.services import ServerStartError
 
 
@@ -151,3 +159,20 @@ async def test_a_lost_target_cancels_the_workload_at_once() -> None:
     with pytest.raises(TargetLost):
         await _together(work, asyncio.create_task(lose()))  # type: ignore[arg-type]
     assert work.cancelled()
+
+
+def test_extra_coordinator_members_are_parts_of_their_own_instance() -> None:
+    assert coordinator_members(1) == ["coordinator"]
+    assert coordinator_members(3) == ["coordinator", "coordinator#2", "coordinator#3"]
+    assert part_command("coordinator")[-2:] == ["run", "coordinator"]
+    assert part_command("coordinator#2")[-4:] == ["run", "coordinator", "--instance", "2"]
+
+
+async def test_a_part_tells_which_coordinator_member_is_active_and_wakes_a_watch_on_its_line() -> None:
+    part = PartProcess("coordinator#2", load_settings())
+    took_over = part.watch(": active, ")
+    part._seen("2026 orchestrator.members coordinator member 2: standing by, owns none of the transaction partitions")
+    assert not part.active_member and not took_over.done()
+    part._seen("2026 orchestrator.members coordinator member 2: active, owns all 4 of the transaction partitions")
+    assert part.active_member and took_over.done() and took_over.result() > 0
+    assert part._watches == []  # a watch that fired is dropped
