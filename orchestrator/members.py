@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiokafka.cluster import ClusterMetadata
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
+from aiokafka.coordinator.protocol import (
+    ConsumerProtocol,
+    ConsumerProtocolMemberAssignment,
+    ConsumerProtocolMemberMetadata,
+)
 
 from polycommit.errors import InvalidOperationError
 
@@ -151,3 +155,17 @@ def report_assignment(assignor: object, instance: str, owned: set[int], partitio
     note = assignment_note(instance, owned, partitions, isinstance(assignor, ActiveStandbyAssignor))
     if note is not None:
         log.log(*note)
+
+
+def member_views(members: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """The coordinator group's members as `polycommit status` shows them, from a DescribeGroups response's
+    members (member id, client id, host, subscription metadata, assignment): each one's instance name,
+    the transaction partitions it owns, and whether it is the active one. Active first, then by name."""
+    views = []
+    for member_id, _client_id, host, metadata, assignment in (tuple(m)[:5] for m in members):
+        user_data = ConsumerProtocol.METADATA.decode(metadata).user_data if metadata else None
+        owned = ConsumerProtocol.ASSIGNMENT.decode(assignment).partitions() if assignment else []
+        partitions = sorted({tp.partition for tp in owned})
+        claim = Claim.decode(member_id, user_data)
+        views.append({"instance": claim.instance, "host": host, "partitions": partitions, "active": bool(owned)})
+    return sorted(views, key=lambda v: (not v["active"], v["instance"]))

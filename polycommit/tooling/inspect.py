@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from polycommit.bus import read_topic, topics_for
+from polycommit.bus import make_admin, read_topic, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.events import SagaSnapshot
@@ -27,12 +27,37 @@ async def transactions_in_flight(settings: Settings) -> dict[str, SagaSnapshot]:
     return tx_state.fold_raw(default_codec(), raw)[0]
 
 
+async def coordinator_members(settings: Settings) -> list[dict[str, Any]]:
+    """The coordinator group's live members (orchestrator/members.py): which one is active, who stands by."""
+    from orchestrator.members import member_views
+
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        described = await admin.describe_consumer_groups([f"{settings.topic_prefix}-coordinator"])
+    finally:
+        await admin.close()
+    return member_views(m for response in described for group in response.groups for m in group[5])
+
+
+def describe_members(members: list[dict[str, Any]]) -> str:
+    if not members:
+        return "coordinator members: none running"
+    described = [
+        f"{m['instance']} " + (f"active ({len(m['partitions'])} partitions)" if m["active"] else "standing by")
+        for m in members
+    ]
+    return "coordinator members: " + ", ".join(described)
+
+
 async def print_status(settings: Settings, *, as_json: bool) -> int:
     report = status_fold.report(await transactions_in_flight(settings))
+    report["coordinator_members"] = await coordinator_members(settings)
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         console = Console()
+        console.print(describe_members(report["coordinator_members"]))
         console.print(f"in flight: {sum(report['in_flight'].values())} {report['in_flight']}")
         table = Table(title="stuck transactions (compensation keeps failing; still retried)")
         for column in ("tx_id", "name", "step", "attempts", "compensation error", "why compensating"):

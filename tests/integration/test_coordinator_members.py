@@ -25,6 +25,7 @@ from polycommit.results import TransactionResult
 from polycommit.tooling import workload
 from polycommit.tooling.chaos import run_settings
 from polycommit.tooling.checker import History, check
+from polycommit.tooling.inspect import coordinator_members
 from polycommit.tooling.runtime import Runtime
 
 pytestmark = pytest.mark.servers
@@ -91,6 +92,11 @@ async def test_one_member_is_active_and_a_standby_takes_over_when_it_dies(settin
             tasks["b"] = asyncio.create_task(members["b"].run(stops["b"]))
             await log.said("member b: standing by, owns none", joined)  # b's join did not move the work
             await log.said("member a: active, owns all 2", joined)
+            members_now = await coordinator_members(run)  # what `polycommit status` shows
+            assert [(m["instance"], m["active"], m["partitions"]) for m in members_now] == [
+                ("a", True, [0, 1]),
+                ("b", False, []),
+            ]
             async with reading_client(runtime, timeout=WAIT_S) as client:
                 customers = [workload.create_customer(f"cust-{run_id}-{i}", f"customer {i}") for i in range(3)]
                 assert [r.status for r in await client.execute_many(customers)] == ["completed"] * 3

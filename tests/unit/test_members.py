@@ -16,10 +16,12 @@ from orchestrator.members import (
     assignment_note,
     assignor_for,
     choose_active,
+    member_views,
     members_mode,
 )
 from polycommit.config import load_settings
 from polycommit.errors import InvalidOperationError
+from polycommit.tooling.inspect import describe_members
 
 TOPICS = {"p.intents": {0, 1, 2, 3}, "p.outcomes": {0, 1, 2, 3}, "p.deadlocks": {0, 1, 2, 3}}
 
@@ -90,3 +92,17 @@ def test_each_member_logs_what_it_was_given() -> None:
     note = assignment_note("b", {1}, 2, standby=False)
     assert note is not None and note[0] == logging.WARNING and "owns 1 of 2" in note[1]
     assert assignment_note("a", {0, 1}, 2, standby=False) is None
+
+
+def test_status_shows_each_member_from_what_the_group_describes() -> None:
+    active, standby = ActiveStandbyAssignor("a"), ActiveStandbyAssignor("b")
+    active.active = True
+    owned = ConsumerProtocolMemberAssignment(0, [("p.intents", [0, 1]), ("p.outcomes", [0, 1])], b"")
+    described = [
+        ("m-b", "coordinator", "/127.0.0.1", standby.metadata(["p.intents"]).encode(), b""),
+        ("m-a", "coordinator", "/127.0.0.1", active.metadata(["p.intents"]).encode(), owned.encode()),
+    ]
+    views = member_views(described)
+    assert [(v["instance"], v["active"], v["partitions"]) for v in views] == [("a", True, [0, 1]), ("b", False, [])]
+    assert describe_members(views) == "coordinator members: a active (2 partitions), b standing by"
+    assert describe_members([]) == "coordinator members: none running"
