@@ -23,10 +23,11 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from orchestrator import operator, registry
 from orchestrator.admission import ReplyTargets, canonical_or_refusal, cluster_topics, expiry_refusal, key_refusal
+from orchestrator.committer import Committer, active_transactional_id
 from orchestrator.deferred import Deferred, Taken
 from orchestrator.interactive_inputs import INPUTS, InteractiveInputs, input_topics
 from orchestrator.lock_waits import waits_of
-from orchestrator.members import assignor_for, report_assignment
+from orchestrator.members import ActiveStandbyAssignor, assignor_for, report_assignment
 from orchestrator.protocol import (
     Event,
     HoldsLocks,
@@ -49,7 +50,6 @@ from polycommit.config import Settings
 from polycommit.deadletters import dead_letter
 from polycommit.errors import CodecError, ProtocolError
 from polycommit.events import OperatorCommand, StepOutcome, TransactionIntent, now_ms
-from polycommit.failpoints import failpoint
 from projections.wait_for import REANNOUNCE_MS
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         owned = {tp.partition for tp in assigned}  # the whole assignment (eager rebalance)
         service = self.service
         report_assignment(service.assignor, service.instance, owned, service.transactions.partitions)
+        await service.committer.assigned(owned)  # made active: fences the member active before (committer.py)
         await service.restore(owned)
 
 
@@ -93,6 +94,9 @@ class CoordinatorService:
         self.transactional_id = f"{settings.topic_prefix}-coordinator-{self.instance}"
         # Kept across sessions: a member that was active says so again when it rejoins (members.py).
         self.assignor = assignor_for(settings.coordinator_members, self.instance)
+        standby = isinstance(self.assignor, ActiveStandbyAssignor)
+        committing_as = active_transactional_id(settings.topic_prefix) if standby else self.transactional_id
+        self.committer = Committer(settings, self.codec, committing_as, per_session=not standby)
         self.max_records = max_records
         self.transactions = OwnedTransactions(settings, self.topics.tx_state, self.codec)
         # Protocols sharing the lock table; the transactions their restore let go on, woken next loop.
@@ -128,7 +132,9 @@ class CoordinatorService:
         self.transactions.forget_all()
 
     async def restore(self, partitions: set[int]) -> None:
-        """Fold the changelog partitions this member now owns into its state (once each)."""
+        """Fold the changelog partitions this member now owns into its state (once each): after the
+        member active before is fenced, so no transaction of its is left open to hold the read back."""
+        await self.committer.ready()
         restored = await self.transactions.restore(partitions)
         self._to_wake.extend(restore_locks(self.lock_owners, restored))
         self.stats.restored += len(restored)
@@ -176,9 +182,7 @@ class CoordinatorService:
 
     async def _session(self, stop: asyncio.Event, ready: asyncio.Event | None) -> None:
         self.forget_all()  # a session owns nothing until the group assigns it partitions
-        publisher = Publisher(
-            self.settings, transactional_id=self.transactional_id, codec=self.codec, client_id="coordinator"
-        )
+        publisher = Publisher(self.settings, codec=self.codec, client_id="coordinator")  # metadata; commits: committer
         consumer = make_consumer(
             self.settings,
             group_id=self.group_id,
@@ -187,6 +191,7 @@ class CoordinatorService:
             assignors=(self.assignor,),
         )
         await publisher.start()
+        await self.committer.session_started()
         self._publisher = publisher
         self.replies.new_batch()  # a new session looks again: the cluster may have changed meanwhile
         await self.replies.load()
@@ -197,7 +202,7 @@ class CoordinatorService:
             if ready is not None:
                 ready.set()
             while not stop.is_set():
-                await self._step(consumer, publisher)
+                await self._step(consumer)
             await self.flush()
             await self.drain()
         finally:
@@ -205,10 +210,11 @@ class CoordinatorService:
                 await self.drain(reraise=False)
             self._commit_failure = None
             await consumer.stop()
+            await self.committer.close()
             await publisher.stop()
             self._publisher = None
 
-    async def _step(self, consumer: AIOKafkaConsumer, publisher: Publisher) -> None:
+    async def _step(self, consumer: AIOKafkaConsumer) -> None:
         wait_ms = self.deferred.wait_ms(now_ms(), 100)
         next_due = self.transactions.next_due_ms()
         if next_due is not None:
@@ -239,39 +245,27 @@ class CoordinatorService:
         # publishes something else, or DEFER_MS after the first of them (orchestrator/deferred.py).
         self.deferred.put_off(touched, offsets, self.trace.take(), now)
         if out or self.deferred.due(now):
-            await self._start_commit(publisher, out, self.deferred.take())
+            await self._start_commit(out, self.deferred.take())
 
     async def flush(self) -> None:
         """Commit what loops put off now: partitions are given up, or the loop stops (not after a failure)."""
         await self.drain(reraise=False)
-        if self.deferred and self._publisher is not None and self._commit_failure is None:
-            await self._start_commit(self._publisher, [], self.deferred.take())
+        if self.deferred and self.committer.publisher is not None and self._commit_failure is None:
+            await self._start_commit([], self.deferred.take())
 
-    async def _start_commit(self, publisher: Publisher, out: list[Outgoing], taken: Taken) -> None:
+    async def _start_commit(self, out: list[Outgoing], taken: Taken) -> None:
         touched, offsets, spans = taken
         for tx_id, state in touched.items():
             out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", self.transactions.record_of(state)))
         # One Kafka transaction at a time, but the next batch is read and folded while this one commits.
         await self.drain()
-        self._committing = asyncio.create_task(self._commit(publisher, out, offsets, spans))
+        self._committing = asyncio.create_task(self._commit(out, offsets, spans))
 
-    async def _commit(
-        self, publisher: Publisher, out: list[Outgoing], offsets: dict[TopicPartition, int], spans: list[Any]
-    ) -> None:
+    async def _commit(self, out: list[Outgoing], offsets: dict[TopicPartition, int], spans: list[Any]) -> None:
         committing = time.perf_counter()
-        await publisher.producer.begin_transaction()
+        decided = any(o.topic == self.topics.decisions for o in out)
         try:
-            await publisher.publish(out)
-            if offsets:
-                await publisher.producer.send_offsets_to_transaction(offsets, self.group_id)
-            failpoint("coordinator.before_commit")
-            await publisher.producer.commit_transaction()
-            failpoint("coordinator.after_commit")
-            if any(o.topic == self.topics.decisions for o in out):
-                failpoint("coordinator.after_decision")  # the commit point passed, nothing else done
-        except BaseException:
-            await publisher.producer.abort_transaction()
-            raise
+            await self.committer.commit(out, offsets, self.group_id, decided)
         finally:
             tracing.end_all(spans)
         self.stats.kafka_transactions += 1

@@ -1,0 +1,111 @@
+"""The transactional producer a coordinator member commits its loops with, and whose Kafka transactional id.
+
+Kafka fences a producer when another one initialises the same transactional id: the older one's open
+transaction is aborted and its next request fails with ProducerFenced. That is what keeps a member that
+was given up for dead (a stall longer than the session timeout) from committing on top of its successor.
+
+- `partitioned` members each own a share of the partitions under their own instance's id, opened with
+  the session (a restarted process with the same name fences its predecessor).
+- `active-standby` (orchestrator/members.py): the work has one owner, so the id is the *role's*,
+  `<prefix>-coordinator-active`, opened only by the member the group makes active, each time it does,
+  before it restores the state: its initialisation fences whoever was active before and aborts their
+  open transaction at once, so neither a zombie's late commit lands nor a dead member's unfinished
+  transaction holds the read_committed consumers back until its transaction timeout. A standby opens none
+  (opening it would fence the active member).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from aiokafka import TopicPartition
+
+from polycommit.bus import Outgoing, Publisher
+from polycommit.codec import EventCodec
+from polycommit.config import Settings
+from polycommit.failpoints import failpoint
+
+
+def active_transactional_id(topic_prefix: str) -> str:
+    return f"{topic_prefix}-coordinator-active"
+
+
+@dataclass
+class Committer:
+    settings: Settings
+    codec: EventCodec
+    transactional_id: str
+    per_session: bool  # partitioned: opened with the session; active-standby: when this member is made active
+    publisher: Publisher | None = None
+    wanted: bool = False  # active-standby: this member was given the work
+    stale: bool = False  # given it anew: open a producer of a new epoch before the next restore or commit
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def session_started(self) -> None:
+        if self.per_session:
+            await self._open()
+
+    async def assigned(self, owned: set[int]) -> None:
+        """Active-standby, when the group assigns: given the work, a fresh producer under the role's id (a
+        new epoch even if this member was active before: the group may have made another active between),
+        opened now, before the restore; standing by, none. What the last assignment started is committed
+        by then (the revoke drains it), so no commit uses the producer this replaces."""
+        if self.per_session:
+            return
+        self.wanted, self.stale = bool(owned), True
+        if owned:
+            await self.ready()
+        else:
+            async with self._lock:
+                await self._close()
+
+    async def ready(self) -> None:
+        """The producer is open and of the latest assignment's epoch. Also called by the restore and the
+        commit: records of new partitions can reach the loop before the assignment callback has run."""
+        if self.per_session or not (self.wanted and (self.stale or self.publisher is None)):
+            return
+        async with self._lock:
+            if self.stale or self.publisher is None:
+                await self._close()
+                await self._open()  # InitProducerId: fences the member active before, aborts its transaction
+                self.stale = False
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._close()
+        self.wanted = False
+
+    async def _close(self) -> None:
+        publisher, self.publisher = self.publisher, None
+        if publisher is not None:
+            await publisher.stop()
+
+    async def _open(self) -> None:
+        publisher = Publisher(
+            self.settings, transactional_id=self.transactional_id, codec=self.codec, client_id="coordinator"
+        )
+        await publisher.start()
+        self.publisher = publisher
+
+    async def commit(
+        self, out: list[Outgoing], offsets: dict[TopicPartition, int], group_id: str, decided: bool
+    ) -> None:
+        """One Kafka transaction: the records, the input offsets, commit (aborted on any failure)."""
+        await self.ready()
+        publisher = self.publisher
+        if publisher is None:  # a standby owns no input, so it has nothing to commit: a bug if it does
+            raise RuntimeError("this coordinator member stands by: it has no transactional producer to commit with")
+        await publisher.producer.begin_transaction()
+        try:
+            await publisher.publish(out)
+            if offsets:
+                await publisher.producer.send_offsets_to_transaction(offsets, group_id)
+            failpoint("coordinator.before_commit")
+            await publisher.producer.commit_transaction()
+            failpoint("coordinator.after_commit")
+            if decided:
+                failpoint("coordinator.after_decision")  # the commit point passed, nothing else done
+        except BaseException:
+            await publisher.producer.abort_transaction()
+            raise
