@@ -187,7 +187,7 @@ class CoordinatorService:
             self.settings,
             group_id=self.group_id,
             client_id="coordinator",
-            instance_id=f"coordinator-{self.instance}",  # unique per process, like the transactional id
+            instance_id=f"coordinator-{self.instance}",  # unique per process (a static member)
             assignors=(self.assignor,),
         )
         await publisher.start()
