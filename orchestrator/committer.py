@@ -17,6 +17,7 @@ was given up for dead (a stall longer than the session timeout) from committing 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
@@ -25,6 +26,8 @@ from polycommit.bus import Outgoing, Publisher
 from polycommit.codec import EventCodec
 from polycommit.config import Settings
 from polycommit.failpoints import failpoint
+
+log = logging.getLogger(__name__)
 
 
 def active_transactional_id(topic_prefix: str) -> str:
@@ -49,8 +52,7 @@ class Committer:
     async def assigned(self, owned: set[int]) -> None:
         """Active-standby, when the group assigns: given the work, a fresh producer under the role's id (a
         new epoch even if this member was active before: the group may have made another active between),
-        opened now, before the restore; standing by, none. What the last assignment started is committed
-        by then (the revoke drains it), so no commit uses the producer this replaces."""
+        opened now, before the restore; standing by, none. A commit in progress finishes first (the lock)."""
         if self.per_session:
             return
         self.wanted, self.stale = bool(owned), True
@@ -61,15 +63,16 @@ class Committer:
                 await self._close()
 
     async def ready(self) -> None:
-        """The producer is open and of the latest assignment's epoch. Also called by the restore and the
-        commit: records of new partitions can reach the loop before the assignment callback has run."""
-        if self.per_session or not (self.wanted and (self.stale or self.publisher is None)):
-            return
+        """The producer is open and of the latest assignment's epoch. Also called by the restore, since
+        records of new partitions can reach the loop before the assignment callback has run."""
         async with self._lock:
-            if self.stale or self.publisher is None:
-                await self._close()
-                await self._open()  # InitProducerId: fences the member active before, aborts its transaction
-                self.stale = False
+            await self._ensure()
+
+    async def _ensure(self) -> None:
+        if not self.per_session and self.wanted and (self.stale or self.publisher is None):
+            await self._close()
+            await self._open()  # InitProducerId: fences the member active before, aborts its transaction
+            self.stale = False
 
     async def close(self) -> None:
         async with self._lock:
@@ -91,21 +94,27 @@ class Committer:
     async def commit(
         self, out: list[Outgoing], offsets: dict[TopicPartition, int], group_id: str, decided: bool
     ) -> None:
-        """One Kafka transaction: the records, the input offsets, commit (aborted on any failure)."""
-        await self.ready()
-        publisher = self.publisher
-        if publisher is None:  # a standby owns no input, so it has nothing to commit: a bug if it does
-            raise RuntimeError("this coordinator member stands by: it has no transactional producer to commit with")
-        await publisher.producer.begin_transaction()
-        try:
-            await publisher.publish(out)
-            if offsets:
-                await publisher.producer.send_offsets_to_transaction(offsets, group_id)
-            failpoint("coordinator.before_commit")
-            await publisher.producer.commit_transaction()
-            failpoint("coordinator.after_commit")
-            if decided:
-                failpoint("coordinator.after_decision")  # the commit point passed, nothing else done
-        except BaseException:
-            await publisher.producer.abort_transaction()
-            raise
+        """One Kafka transaction: the records, the input offsets, commit (aborted on any failure). Under
+        the lock: a producer is never replaced (closed) in the middle of a transaction, which would leave
+        the transaction, and every later loop waiting for it, hanging."""
+        async with self._lock:
+            await self._ensure()
+            publisher = self.publisher
+            if publisher is None:
+                # Made a standby while the loop folded a batch: its inputs are another member's now, and
+                # their offsets were not committed, so that member reads them again and does the work.
+                log.warning("a batch folded before this member stood by is dropped (%d records)", len(out))
+                return
+            await publisher.producer.begin_transaction()
+            try:
+                await publisher.publish(out)
+                if offsets:
+                    await publisher.producer.send_offsets_to_transaction(offsets, group_id)
+                failpoint("coordinator.before_commit")
+                await publisher.producer.commit_transaction()
+                failpoint("coordinator.after_commit")
+                if decided:
+                    failpoint("coordinator.after_decision")  # the commit point passed, nothing else done
+            except BaseException:
+                await publisher.producer.abort_transaction()
+                raise

@@ -233,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
     )
-    logging.getLogger("orchestrator.members").setLevel(logging.INFO)  # which coordinator member is active
+    for once_per_rebalance in ("orchestrator.members", "orchestrator.transactions"):  # who is active, what it restored
+        logging.getLogger(once_per_rebalance).setLevel(logging.INFO)
     try:
         return asyncio.run(_dispatch(args))
     except KeyboardInterrupt:
