@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.table import Table
 
@@ -27,20 +28,28 @@ async def transactions_in_flight(settings: Settings) -> dict[str, SagaSnapshot]:
     return tx_state.fold_raw(default_codec(), raw)[0]
 
 
-async def coordinator_members(settings: Settings) -> list[dict[str, Any]]:
-    """The coordinator group's live members (orchestrator/members.py): which one is active, who stands by."""
+async def coordinator_members(settings: Settings) -> list[dict[str, Any]] | str:
+    """The coordinator group's live members (orchestrator/members.py): which one is active, who stands by;
+    why not, as text, when the group cannot be described (the transactions are still reported).
+
+    One group per request: aiokafka decodes a DescribeGroups v3 answer with the v2 layout, which only holds
+    for a single group (the field v3 adds comes last, after it)."""
     from orchestrator.members import member_views
 
     admin = make_admin(settings)
-    await admin.start()
     try:
+        await admin.start()
         described = await admin.describe_consumer_groups([f"{settings.topic_prefix}-coordinator"])
+        return member_views(m for response in described for group in response.groups for m in group[5])
+    except (KafkaError, ValueError) as exc:  # ValueError: an answer aiokafka cannot decode
+        return f"unknown ({type(exc).__name__}: {exc})"
     finally:
         await admin.close()
-    return member_views(m for response in described for group in response.groups for m in group[5])
 
 
-def describe_members(members: list[dict[str, Any]]) -> str:
+def describe_members(members: list[dict[str, Any]] | str) -> str:
+    if isinstance(members, str):
+        return f"coordinator members: {members}"
     if not members:
         return "coordinator members: none running"
     described = [

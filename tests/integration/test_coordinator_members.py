@@ -93,6 +93,7 @@ async def test_one_member_is_active_and_a_standby_takes_over_when_it_dies(settin
             await log.said("member b: standing by, owns none", joined)  # b's join did not move the work
             await log.said("member a: active, owns all 2", joined)
             members_now = await coordinator_members(run)  # what `polycommit status` shows
+            assert not isinstance(members_now, str), members_now
             assert [(m["instance"], m["active"], m["partitions"]) for m in members_now] == [
                 ("a", True, [0, 1]),
                 ("b", False, []),

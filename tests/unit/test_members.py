@@ -3,6 +3,7 @@ is given, what a member tells the group of itself, and the setting that picks th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -21,7 +22,7 @@ from orchestrator.members import (
 )
 from polycommit.config import load_settings
 from polycommit.errors import InvalidOperationError
-from polycommit.tooling.inspect import describe_members
+from polycommit.tooling.inspect import coordinator_members, describe_members
 
 TOPICS = {"p.intents": {0, 1, 2, 3}, "p.outcomes": {0, 1, 2, 3}, "p.deadlocks": {0, 1, 2, 3}}
 
@@ -106,3 +107,11 @@ def test_status_shows_each_member_from_what_the_group_describes() -> None:
     assert [(v["instance"], v["active"], v["partitions"]) for v in views] == [("a", True, [0, 1]), ("b", False, [])]
     assert describe_members(views) == "coordinator members: a active (2 partitions), b standing by"
     assert describe_members([]) == "coordinator members: none running"
+
+
+async def test_status_says_why_when_the_group_cannot_be_described() -> None:
+    settings = load_settings()
+    unreachable = dataclasses.replace(settings, kafka=dataclasses.replace(settings.kafka, bootstrap="127.0.0.1:9"))
+    members = await coordinator_members(unreachable)
+    assert isinstance(members, str) and members.startswith("unknown (")
+    assert describe_members(members).startswith("coordinator members: unknown (")
