@@ -56,11 +56,7 @@ class Committer:
         if self.per_session:
             return
         self.wanted, self.stale = bool(owned), True
-        if owned:
-            await self.ready()
-        else:
-            async with self._lock:
-                await self._close()
+        await self.ready()
 
     async def ready(self) -> None:
         """The producer is open and of the latest assignment's epoch. Also called by the restore, since
@@ -69,10 +65,13 @@ class Committer:
             await self._ensure()
 
     async def _ensure(self) -> None:
-        if not self.per_session and self.wanted and (self.stale or self.publisher is None):
-            await self._close()
+        """Active-standby: none while standing by; given the work, one of the latest assignment's epoch."""
+        if self.per_session or not (self.stale or self.wanted != (self.publisher is not None)):
+            return
+        await self._close()
+        if self.wanted:
             await self._open()  # InitProducerId: fences the member active before, aborts its transaction
-            self.stale = False
+        self.stale = False
 
     async def close(self) -> None:
         async with self._lock:

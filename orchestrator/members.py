@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 MembersMode = Literal["active-standby", "partitioned"]
 MODES: tuple[MembersMode, ...] = ("active-standby", "partitioned")
 ASSIGNOR_NAME = "polycommit-active-standby"  # the same on every member: the group's agreed protocol
+# How a member's ownership lines read ("coordinator member 2: active, owns all 4 ..."): `polycommit chaos`
+# finds the active member and waits for a takeover by them (polycommit/tooling/processes.py).
+NOTE_PREFIX = "coordinator member "
+ACTIVE_NOTE = ": active, "
 
 
 def members_mode(text: str) -> MembersMode:
@@ -143,16 +147,16 @@ def assignment_note(instance: str, owned: set[int], partitions: int, standby: bo
     """What a member logs (level, message) when the group gave it `owned`: active or standing by, or, split
     among members, the lock-scope warning."""
     if standby:
-        state = f"active, owns all {len(owned)}" if owned else "standing by, owns none"
-        return logging.INFO, f"coordinator member {instance}: {state} of the transaction partitions"
+        state = f"{ACTIVE_NOTE}owns all {len(owned)}" if owned else ": standing by, owns none"
+        return logging.INFO, f"{NOTE_PREFIX}{instance}{state} of the transaction partitions"
     warning = lock_scope_warning(owned, partitions)
     return None if warning is None else (logging.WARNING, warning)
 
 
-def report_assignment(assignor: object, instance: str, owned: set[int], partitions: int) -> None:
+def report_assignment(instance: str, owned: set[int], partitions: int, standby: bool) -> None:
     """Log what the group gave this member, on this module's logger: `polycommit run` shows it at INFO,
     so an operator (and `polycommit chaos`) sees which member is active without --verbose."""
-    note = assignment_note(instance, owned, partitions, isinstance(assignor, ActiveStandbyAssignor))
+    note = assignment_note(instance, owned, partitions, standby)
     if note is not None:
         log.log(*note)
 

@@ -68,7 +68,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         owned = {tp.partition for tp in assigned}  # the whole assignment (eager rebalance)
         service = self.service
-        report_assignment(service.assignor, service.instance, owned, service.transactions.partitions)
+        report_assignment(service.instance, owned, service.transactions.partitions, service.standby)
         await service.committer.assigned(owned)  # made active: fences the member active before (committer.py)
         await service.restore(owned)
 
@@ -94,9 +94,9 @@ class CoordinatorService:
         self.transactional_id = f"{settings.topic_prefix}-coordinator-{self.instance}"
         # Kept across sessions: a member that was active says so again when it rejoins (members.py).
         self.assignor = assignor_for(settings.coordinator_members, self.instance)
-        standby = isinstance(self.assignor, ActiveStandbyAssignor)
-        committing_as = active_transactional_id(settings.topic_prefix) if standby else self.transactional_id
-        self.committer = Committer(settings, self.codec, committing_as, per_session=not standby)
+        self.standby = isinstance(self.assignor, ActiveStandbyAssignor)
+        committing_as = active_transactional_id(settings.topic_prefix) if self.standby else self.transactional_id
+        self.committer = Committer(settings, self.codec, committing_as, per_session=not self.standby)
         self.max_records = max_records
         self.transactions = OwnedTransactions(settings, self.topics.tx_state, self.codec)
         # Protocols sharing the lock table; the transactions their restore let go on, woken next loop.

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.members import ACTIVE_NOTE
 from polycommit.config import Settings
 from polycommit.tooling.chaos_workload import ClientSlot, Progressed
 from polycommit.tooling.processes import PARTS, STOP_TIMEOUT_S, Cluster, PartProcess
@@ -138,7 +139,7 @@ async def fail_over(cluster: Cluster, target: str, standbys: Sequence[PartProces
     """SIGKILL the active coordinator member and wait for a standby to say it is active now (the group
     moves every partition to it after the session timeout); then start the killed member again, which
     joins as a standby. Returns when the standby took over."""
-    took_over = [p.watch(": active, ") for p in standbys]
+    took_over = [p.watch(ACTIVE_NOTE) for p in standbys]
     part = cluster[target]
     part.kill()
     await part.exited(STOP_TIMEOUT_S)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from orchestrator.members import ACTIVE_NOTE, NOTE_PREFIX
 from polycommit.config import REPO_ROOT, Settings
 
 READY_LINE = b"polycommit running"
@@ -27,7 +28,6 @@ PARTS: tuple[str, ...] = ("coordinator", "postgres", "qdrant", "neo4j")
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
 OUTPUT_TAIL_LINES = 200
-MEMBER_NOTE = "coordinator member "  # how a coordinator's ownership lines begin (orchestrator/members.py)
 
 
 class PartStartError(RuntimeError):
@@ -159,7 +159,7 @@ class PartProcess:
         return seen
 
     def _seen(self, line: str) -> None:
-        if MEMBER_NOTE in line:
+        if NOTE_PREFIX in line:
             self.member_note = line.strip()
         for text, seen in self._watches:
             if text in line and not seen.done():
@@ -169,7 +169,7 @@ class PartProcess:
     @property
     def active_member(self) -> bool:
         """A coordinator member whose latest note says it is the active one."""
-        return ": active, " in self.member_note
+        return ACTIVE_NOTE in self.member_note
 
     @property
     def running(self) -> bool:

@@ -16,15 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from fault.test_crash_points import CLIENT_TIMEOUT_S, DEATH_DEADLINE_S, await_results, fault_settings, sagas, submit
+from fault.test_crash_points import CLIENT_TIMEOUT_S, DEATH_DEADLINE_S, await_results, sagas, submit
 from polycommit.client import Coordinator
 from polycommit.config import Settings
 from polycommit.tooling.checker import History, check
 from polycommit.tooling.processes import Cluster
 
 pytestmark = pytest.mark.servers
-
-__all__ = ["fault_settings"]  # the fixture, shared with the crash-point tests
 
 TAKEOVER_S = 60.0  # the group's session timeout (6 s) and a rebalance, with margin
 RESULTS_AFTER_TAKEOVER_S = 40.0  # below Kafka's transaction timeout (60 s): the dead transaction was aborted

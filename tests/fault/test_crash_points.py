@@ -15,7 +15,7 @@ import asyncio
 import datetime
 import signal
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,11 @@ import pytest
 from neo4j import AsyncGraphDatabase
 
 from polycommit import operations as ops
-from polycommit.bus import create_topics, delete_topics
 from polycommit.client import Coordinator, Saga, TransactionResult
 from polycommit.config import Settings
 from polycommit.failpoints import FAILPOINTS, TWO_PHASE_ONLY
-from polycommit.tooling.bench import LABEL, TABLE, prepare, writes
-from polycommit.tooling.chaos import kill_broker, run_settings, saga_of
+from polycommit.tooling.bench import LABEL, TABLE, writes
+from polycommit.tooling.chaos import kill_broker, saga_of
 from polycommit.tooling.checker import (
     COMPENSATED_IN_COMPLETED,
     CONFLICTING,
@@ -73,16 +72,6 @@ CASES: list[tuple[str, str, str]] = [
     ("worker.after_apply", "qdrant", "worker.after_apply"),
     ("worker.after_publish", "neo4j", "worker.after_publish"),
 ]
-
-
-@pytest.fixture
-async def fault_settings(settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
-    """Per test: fresh topics and a Qdrant Edge folder of its own, with the workload's schema ready."""
-    run = run_settings(settings, uuid.uuid4().hex[:8], prefix="fault", edge_path=tmp_path / "qdrant-edge")
-    await create_topics(run, {"intents": 2, "commands.postgres": 2, "commands.qdrant": 1, "commands.neo4j": 2})
-    await prepare(run)
-    yield run
-    await delete_topics(run)
 
 
 def sagas(count: int) -> list[Saga]:
