@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from orchestrator import operator, registry
@@ -27,7 +26,7 @@ from orchestrator.committer import Committer, active_transactional_id
 from orchestrator.deferred import Deferred, Taken
 from orchestrator.interactive_inputs import INPUTS, InteractiveInputs, input_topics
 from orchestrator.lock_waits import waits_of
-from orchestrator.members import ActiveStandbyAssignor, assignor_for, report_assignment
+from orchestrator.members import ActiveStandbyAssignor, assignor_for
 from orchestrator.protocol import (
     Event,
     HoldsLocks,
@@ -40,6 +39,7 @@ from orchestrator.protocol import (
     TxState,
     restore_locks,
 )
+from orchestrator.rebalance import Rebalance
 from orchestrator.saga import SagaPolicy
 from orchestrator.transactions import OwnedTransactions
 from orchestrator.writer import COORDINATOR_LABELS, CoordinatorStats, TransitionWriter
@@ -53,24 +53,6 @@ from polycommit.events import OperatorCommand, StepOutcome, TransactionIntent, n
 from projections.wait_for import REANNOUNCE_MS
 
 log = logging.getLogger(__name__)
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, service: CoordinatorService) -> None:
-        self.service = service
-
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        # The transaction in flight, and what loops put off, still commit offsets of these partitions.
-        await self.service.flush()
-        await self.service.drain(reraise=False)
-        self.service.forget({tp.partition for tp in revoked})
-
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        owned = {tp.partition for tp in assigned}  # the whole assignment (eager rebalance)
-        service = self.service
-        report_assignment(service.instance, owned, service.transactions.partitions, service.standby)
-        await service.committer.assigned(owned)  # made active: fences the member active before (committer.py)
-        await service.restore(owned)
 
 
 class CoordinatorService:
@@ -99,6 +81,8 @@ class CoordinatorService:
         self.committer = Committer(settings, self.codec, committing_as, per_session=not self.standby)
         self.max_records = max_records
         self.transactions = OwnedTransactions(settings, self.topics.tx_state, self.codec)
+        self.owned: set[int] = set()  # the partitions the group assigned this member
+        self.epoch = 0  # one more each rebalance: a loop begun in an older one commits nothing (rebalance.py)
         # Protocols sharing the lock table; the transactions their restore let go on, woken next loop.
         self.lock_owners = [p for p in self.protocols.values() if isinstance(p, HoldsLocks)]
         self._to_wake: list[str] = []
@@ -196,7 +180,7 @@ class CoordinatorService:
         self.replies.new_batch()  # a new session looks again: the cluster may have changed meanwhile
         await self.replies.load()
         self.transactions.partitions = len(await publisher.partitions(self.topics.intents))
-        consumer.subscribe(await input_topics(publisher, self.topics), listener=_Rebalance(self))
+        consumer.subscribe(await input_topics(publisher, self.topics), listener=Rebalance(self))
         await consumer.start()
         try:
             if ready is not None:
@@ -221,6 +205,7 @@ class CoordinatorService:
             wait_ms = max(0, min(wait_ms, next_due - now_ms()))
         started = time.perf_counter()
         batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.max_records)
+        epoch = self.epoch
         self.trace.batch_read()
         if batch:
             self.observe("batch", sum(len(records) for records in batch.values()), COORDINATOR_LABELS)
@@ -241,11 +226,15 @@ class CoordinatorService:
             await self.drain()  # surface a failed commit before building on the state it left
         offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
         self.stats.fold_s += time.perf_counter() - folded
+        if epoch != self.epoch:
+            tracing.end_all(self.trace.take())
+            await self._start_over()  # a rebalance ran while this batch was folded
+            return
         # Snapshots and offsets wait with what earlier loops put off; they are committed when this loop
         # publishes something else, or DEFER_MS after the first of them (orchestrator/deferred.py).
         self.deferred.put_off(touched, offsets, self.trace.take(), now)
         if out or self.deferred.due(now):
-            await self._start_commit(out, self.deferred.take())
+            await self._start_commit(out, self.deferred.take(), epoch)
 
     async def flush(self) -> None:
         """Commit what loops put off now: partitions are given up, or the loop stops (not after a failure)."""
@@ -253,13 +242,29 @@ class CoordinatorService:
         if self.deferred and self.committer.publisher is not None and self._commit_failure is None:
             await self._start_commit([], self.deferred.take())
 
-    async def _start_commit(self, out: list[Outgoing], taken: Taken) -> None:
+    async def _start_commit(self, out: list[Outgoing], taken: Taken, epoch: int | None = None) -> None:
+        """Commit a loop's records with what earlier loops put off; `epoch`, a loop's, when a rebalance
+        may have ended it meanwhile (a flush commits what was folded under the assignment it ends)."""
         touched, offsets, spans = taken
         for tx_id, state in touched.items():
             out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", self.transactions.record_of(state)))
         # One Kafka transaction at a time, but the next batch is read and folded while this one commits.
         await self.drain()
+        if epoch is not None and epoch != self.epoch:
+            tracing.end_all(spans)
+            await self._start_over()  # a rebalance ran while this loop waited for the one before
+            return
         self._committing = asyncio.create_task(self._commit(out, offsets, spans))
+
+    async def _start_over(self) -> None:
+        """Drop what the loop folded under an assignment that ended, and what it put off since: their
+        inputs' offsets were not committed, so they are read again. The states it may have changed are
+        restored afresh from the changelog (orchestrator/rebalance.py)."""
+        self.stats.loops_started_over += 1
+        log.info("a rebalance ran while a loop folded or committed: its batch is dropped and read again")
+        self.deferred.clear()
+        self.forget(set(range(self.transactions.partitions)))
+        await self.restore(self.owned)
 
     async def _commit(self, out: list[Outgoing], offsets: dict[TopicPartition, int], spans: list[Any]) -> None:
         committing = time.perf_counter()

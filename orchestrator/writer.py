@@ -35,6 +35,7 @@ class CoordinatorStats:
     dead_letters: int = 0
     restored: int = 0
     restarts: int = 0
+    loops_started_over: int = 0  # a rebalance ran while the loop folded or committed (rebalance.py)
     corrupt_snapshots: int = 0
     kafka_transactions: int = 0
     # Where the loop's time goes (seconds, cumulative): reading, folding events, the Kafka transaction.

@@ -13,14 +13,17 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from runtimes import reading_client, started_runtime
 
+from orchestrator.deferred import Taken
 from orchestrator.service import CoordinatorService
-from polycommit.bus import create_topics, delete_topics
+from polycommit.bus import Outgoing, create_topics, delete_topics, topics_for
 from polycommit.client import Transaction
 from polycommit.config import Settings
+from polycommit.log_reader import read_topic
 from polycommit.results import TransactionResult
 from polycommit.tooling import workload
 from polycommit.tooling.chaos import run_settings
@@ -151,4 +154,94 @@ async def test_split_among_members_each_warns_that_its_lock_table_covers_only_it
                 await asyncio.gather(*tasks)
         assert all("lock table covers only" in m for m in log.messages if "owns 1 of 2" in m), log.messages
     finally:
+        await delete_topics(run)
+
+
+async def commands_of(settings: Settings, tx_id: str) -> dict[str, int]:
+    """How many commands each store's topic holds for `tx_id` (committed ones)."""
+    counts = dict.fromkeys(("postgres", "qdrant", "neo4j"), 0)
+    for store in counts:
+
+        def count(record: Any, store: str = store) -> None:
+            counts[store] += record.key == tx_id.encode()
+
+        await read_topic(settings, topics_for(settings).commands(store), count)
+    return counts
+
+
+class HeldCoordinator(CoordinatorService):
+    """A member whose loop, about to commit the first records of `held_tx`, waits for `resume` where it
+    waits for the previous Kafka transaction: so a rebalance runs, start to end, while the loop holds a
+    folded batch (aiokafka runs the rebalance callbacks in a task of its own, at any await of the loop)."""
+
+    def __init__(self, settings: Settings, held_tx: str, **options: Any) -> None:
+        super().__init__(settings, **options)
+        self.held_tx: str | None = held_tx
+        self.hold_next_drain = False
+        self.holding = asyncio.Event()
+        self.resume = asyncio.Event()
+        self.restores = 0
+        self.restored = asyncio.Event()
+
+    async def _start_commit(self, out: list[Outgoing], taken: Taken, epoch: int | None = None) -> None:
+        self.hold_next_drain = epoch is not None and any(o.key == self.held_tx for o in out)
+        await super()._start_commit(out, taken, epoch)
+
+    async def drain(self, *, reraise: bool = True) -> None:
+        if self.hold_next_drain:  # the loop's wait for the commit before, its records built
+            self.hold_next_drain, self.held_tx = False, None
+            self.holding.set()
+            await self.resume.wait()
+        await super().drain(reraise=reraise)
+
+    async def restore(self, partitions: set[int]) -> None:
+        await super().restore(partitions)
+        self.restores += 1
+        self.restored.set()
+
+
+async def test_a_batch_held_across_a_rebalance_is_read_again_not_committed_over_the_restored_state(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The active member folds an intent and, before its Kafka transaction starts, the group rebalances
+    (a member joins): the member gives its partitions up and restores them from the changelog, which
+    does not hold that transaction. Committing the held batch then would publish its commands while the
+    restored state knows nothing of it, and the new assignment reads the intent again: the transaction
+    would be folded twice, its commands sent twice. The held batch is dropped instead, read again once."""
+    run_id = uuid.uuid4().hex[:8]
+    run = run_settings(settings, run_id, prefix="members", edge_path=tmp_path / "edge")
+    await create_topics(run, {"intents": 2})
+    customers = [workload.create_customer(f"cust-{run_id}-{i}", f"customer {i}") for i in range(3)]
+    held = ingest(run_id, 0)
+    a = HeldCoordinator(run, held.tx_id, instance="a")
+    b = CoordinatorService(run, instance="b")
+    stops = {"a": asyncio.Event(), "b": asyncio.Event()}
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        async with listening() as log, started_runtime(run, coordinator=False) as runtime:
+            tasks.append(asyncio.create_task(a.run(stops["a"])))
+            await log.said("member a: active, owns all 2")
+            async with reading_client(runtime, timeout=WAIT_S) as client:
+                assert [r.status for r in await client.execute_many(customers)] == ["completed"] * 3
+                pending = asyncio.create_task(client.execute(held))
+                await a.holding.wait()
+                restores, a.restored = a.restores, asyncio.Event()
+                tasks.append(asyncio.create_task(b.run(stops["b"])))  # its join makes the group rebalance
+                await log.said("member b: standing by, owns none")
+                while a.restores == restores:  # a restored its partitions again for the new generation
+                    await a.restored.wait()
+                    a.restored.clear()
+                a.resume.set()
+                done = [await pending]
+                after = [ingest(run_id, i) for i in range(1, 6)]
+                done += await asyncio.gather(*(client.execute(t) for t in after))
+            assert [r.status for r in done] == ["completed"] * 6
+            assert a.stats.loops_started_over == 1
+            # One command per step (row, embedding; node, authorship): its intent was folded once.
+            assert await commands_of(run, held.tx_id) == {"postgres": 1, "qdrant": 1, "neo4j": 2}
+            assert await violations(runtime, [held, *after], done) == []
+    finally:
+        for stop in stops.values():
+            stop.set()
+        await asyncio.gather(*tasks)
         await delete_topics(run)
