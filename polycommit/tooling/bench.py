@@ -322,7 +322,8 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
             "polycommit bench: --consumers runs consumer processes; not with --in-process/--trace/--external"
         )
     console = Console(stderr=True)
-    await create_topics(settings)
+    # A consumer per partition: a store's extra consumers need its command topic split as many ways.
+    await create_topics(settings, {f"commands.{store}": args.consumers for store in scalable_stores(settings)})
     if not args.external:
         await prepare(settings)
     points, run, stats = await _run_points(settings, args, levels, console)

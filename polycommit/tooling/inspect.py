@@ -52,10 +52,12 @@ def describe_members(members: list[dict[str, Any]] | str) -> str:
         return f"coordinator members: {members}"
     if not members:
         return "coordinator members: none running"
-    described = [
-        f"{m['instance']} " + (f"active ({len(m['partitions'])} partitions)" if m["active"] else "standing by")
-        for m in members
-    ]
+
+    def role(m: dict[str, Any]) -> str:
+        owned = len(m["partitions"])
+        return f"active ({owned} partition{'' if owned == 1 else 's'})" if m["active"] else "standing by"
+
+    described = [f"{m['instance']} {role(m)}" for m in members]
     return "coordinator members: " + ", ".join(described)
 
 

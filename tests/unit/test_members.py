@@ -107,6 +107,8 @@ def test_status_shows_each_member_from_what_the_group_describes() -> None:
     assert [(v["instance"], v["active"], v["partitions"]) for v in views] == [("a", True, [0, 1]), ("b", False, [])]
     assert describe_members(views) == "coordinator members: a active (2 partitions), b standing by"
     assert describe_members([]) == "coordinator members: none running"
+    one = [{"instance": "a", "active": True, "partitions": [0]}]
+    assert describe_members(one) == "coordinator members: a active (1 partition)"
 
 
 async def test_status_says_why_when_the_group_cannot_be_described() -> None:
