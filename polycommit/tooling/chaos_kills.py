@@ -82,20 +82,23 @@ async def restart_server(settings: Settings, name: str, start: Start, attempts: 
     raise AssertionError("unreachable")
 
 
-async def kill_and_restart_server(settings: Settings, name: str) -> float:
-    """SIGKILL a server (`kafka`, `postgres`, `neo4j`), wait until it is gone, start it again; returns when
-    it answers a real request."""
+async def kill_and_restart_server(settings: Settings, name: str, gone: Callable[[], None] | None = None) -> float:
+    """SIGKILL a server (`kafka`, `postgres`, `neo4j`), wait until it is gone (then call `gone`), start it
+    again; returns when it answers a real request."""
     from polycommit.tooling.services import await_pid_exit, kill_server, start_servers
 
     pid = kill_server(settings, name)
     if not await await_pid_exit(pid, SERVER_EXIT_S):
         raise TargetLost(f"{name} (pid {pid}) survived SIGKILL for {SERVER_EXIT_S:.0f} s")
+    if gone is not None:
+        gone()
     return await restart_server(settings, name, start_servers)
 
 
-async def kill_broker(settings: Settings) -> float:
-    """SIGKILL the Kafka broker, wait until it is gone, start it again; returns when it is ready."""
-    return await kill_and_restart_server(settings, "kafka")
+async def kill_broker(settings: Settings, gone: Callable[[], None] | None = None) -> float:
+    """SIGKILL the Kafka broker, wait until it is gone (then call `gone`), start it again; returns when it
+    is ready."""
+    return await kill_and_restart_server(settings, "kafka", gone)
 
 
 async def kill_cluster_broker(settings: Settings, victim: int) -> tuple[float, asyncio.Task[float]]:

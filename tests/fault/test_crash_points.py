@@ -152,14 +152,24 @@ async def test_the_broker_killed_mid_run_comes_back_and_every_transaction_comple
     await cluster.start()
     try:
         async with Coordinator(fault_settings, timeout=CLIENT_TIMEOUT_S) as client:
-            first = await submit(client, history, sagas(3 * TRANSACTIONS))
+            first = await submit(client, history, sagas(5 * TRANSACTIONS))
             some, _ = await asyncio.wait(first, timeout=RESULTS_DEADLINE_S, return_when=asyncio.FIRST_COMPLETED)
             assert some, "no result before the broker was killed"
-            restarted = asyncio.ensure_future(kill_broker(fault_settings))
+            done_when_gone: list[int] = []  # counted once the broker is dead, before it comes back
+            dead = asyncio.Event()
+
+            def gone() -> None:
+                done_when_gone.append(sum(1 for f in first if f.done()))
+                dead.set()
+
+            restarted = asyncio.ensure_future(kill_broker(fault_settings, gone))
+            died = asyncio.ensure_future(dead.wait())
+            await asyncio.wait([restarted, died], return_when=asyncio.FIRST_COMPLETED)  # a failed kill raises below
+            died.cancel()
             # Sent while the broker is down (or coming back): the client's producer holds and retries them.
             second = await submit(client, history, sagas(TRANSACTIONS))
             await asyncio.wait_for(restarted, 120)
-            assert sum(1 for f in first if f.done()) < len(first), "the kill came after the whole first wave"
+            assert done_when_gone[0] < len(first), "the kill came after the whole first wave"
             results = await await_results(cluster, history, [*first, *second], RESULTS_DEADLINE_S)
     finally:
         await cluster.stop()
