@@ -82,6 +82,7 @@ class StoreWorker:
         self.name = f"{self.store}-worker"
         self._catch_up: tuple[dict[Any, int], asyncio.Event] | None = None
         self._committing: asyncio.Task[None] | None = None  # the previous batch's offset commit
+        self._publishing: asyncio.Task[None] | None = None  # the previous batch's outcomes, until acked
         self.held = HeldOffsets()  # what may be committed while the participant holds commands back
         self._read_at_ns = 0  # when the batch in hand was fetched (the trace's command fetch hop ends there)
 
@@ -100,6 +101,7 @@ class StoreWorker:
         for tp, end in ends.items():
             if tp not in assigned or await consumer.position(tp) < end:
                 return
+        await self._committed()  # caught up means its outcomes are out and its offsets committed
         event.set()
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
@@ -153,22 +155,27 @@ class StoreWorker:
                 await self._committed()  # one offset commit at a time, in batch order
                 assigned = consumer.assignment()  # a partition given away since is not ours to commit
                 offsets = {tp: o for tp, o in self.held.offsets().items() if tp in assigned}
-                self._committing = asyncio.create_task(self._commit(consumer, offsets))
+                self._committing = asyncio.create_task(self._commit(consumer, offsets, self._publishing))
                 await self._check_caught_up(consumer)
             await self._committed()
         finally:
-            if self._committing is not None:  # the session failed: the batch is redelivered, markers make it a no-op
-                self._committing.cancel()
-                await asyncio.gather(self._committing, return_exceptions=True)
-                self._committing = None
+            # The session failed (or stops after a failure): what was not committed is redelivered, and
+            # the markers make it a no-op.
+            pending = [t for t in (self._publishing, self._committing) if t is not None]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            self._publishing = self._committing = None
             await consumer.stop()
             await publisher.stop()
             await self.participant.close()
 
-    async def _commit(self, consumer: Any, offsets: dict[Any, int]) -> None:
-        """Commit a batch's offsets while the next batch is fetched and applied: the commit round trip is
-        no longer a wait before every batch (its outcomes are already acked, so a crash before it lands
-        only redelivers the batch, which the markers make a no-op)."""
+    async def _commit(self, consumer: Any, offsets: dict[Any, int], published: asyncio.Task[None] | None) -> None:
+        """Commit a batch's offsets, once its outcomes are acked (`published`), while the next batch is
+        fetched and applied: the commit round trip is no longer a wait before every batch (a crash before
+        it lands only redelivers the batch, which the markers make a no-op)."""
+        if published is not None:
+            await published
         started = time.perf_counter()
         await consumer.commit(offsets)
         self.stats.commit_s += time.perf_counter() - started
@@ -219,6 +226,19 @@ class StoreWorker:
         released = self.participant.released()
         self.held.release(_step(o) for o in released)
         out.extend(Outgoing(self.topics.outcomes, o["tx_id"], "StepOutcome", o) for o in released)
+        await self._published()  # the batch before goes out first: outcomes leave in batch order
+        done = [o for o in outcomes if o is not None]
+        self._publishing = asyncio.create_task(self._publish(publisher, out, spans, sources, done))
+        self.stats.batches += 1
+        self.stats.records += len(records)
+        self.stats.commands += len(commands)
+
+    async def _publish(
+        self, publisher: Publisher, out: list[Outgoing], spans: list[Any], sources: list[Any], done: list[StepOutcome]
+    ) -> None:
+        """Publish a batch's outcomes and wait for Kafka's ack while the next batch is fetched and applied
+        (the store round trip no longer waits for the ack). Its offsets are committed only after this
+        (`_commit`), so a crash before the ack still redelivers the batch, which the markers make a no-op."""
         started = time.perf_counter()
         await publisher.publish_and_wait(out)
         tracing.end_all(spans)
@@ -227,11 +247,14 @@ class StoreWorker:
             self.observe("step", max(0.0, acked_ms - record.timestamp) / 1000, self._labels)
         self.stats.publish_s += time.perf_counter() - started
         failpoint("worker.after_publish")
-        self.stats.batches += 1
-        self.stats.records += len(records)
-        self.stats.commands += len(commands)
         if self.on_batch is not None:
-            self.on_batch([o for o in outcomes if o is not None])
+            self.on_batch(done)
+
+    async def _published(self) -> None:
+        """Wait for the previous batch's outcomes to be acked; a failure ends the session."""
+        task, self._publishing = self._publishing, None
+        if task is not None:
+            await task
 
     def _observe_fetch(self, consumer: Any, batch: dict[Any, list[Any]]) -> None:
         """Batch size, and the lag the fetch left: records past the last one fetched, up to the high watermark."""
