@@ -172,7 +172,9 @@ def stale(settings: Settings) -> bool:
 
 def _node_argv(settings: Settings, node: Node) -> list[str]:
     props = _write_config(settings, node)
-    argv = [java(), "-Xmx256m", "-Xms256m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
+    # 512 MB: with 256 the broker ran out of heap, and died, holding ~1500 partitions (many benchmark and
+    # test prefixes on one development broker) under load.
+    argv = [java(), "-Xmx512m", "-Xms512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
     argv += [f"-Dlog4j2.configurationFile={props.parent / 'log4j2.xml'}", "-cp", f"{_kafka_libs(settings)}/*"]
     return [*argv, KAFKA_MAIN, str(props)]
 
