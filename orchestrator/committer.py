@@ -101,7 +101,9 @@ class Committer:
             publisher = self.publisher
             if publisher is None:
                 # Made a standby while the loop folded a batch: its inputs are another member's now, and
-                # their offsets were not committed, so that member reads them again and does the work.
+                # their offsets were not committed, so that member reads them again and does the work. The
+                # loop's epoch check (orchestrator/rebalance.py) drops such a batch before it gets here;
+                # this is the same rule where the producer is, so no path commits without one.
                 log.warning("a batch folded before this member stood by is dropped (%d records)", len(out))
                 return
             await publisher.producer.begin_transaction()

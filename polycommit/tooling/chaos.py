@@ -58,7 +58,7 @@ from polycommit.tooling.chaos_kills import (
     Kill,
     Killer,
     TargetLost,
-    coordinator_members,
+    coordinator_parts,
     kill_broker,
     kill_schedule,
 )
@@ -135,7 +135,7 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     run_id = uuid.uuid4().hex[:8]
     settings = run_settings(base, run_id)
     log_dir = base.log_dir / f"chaos-{run_id}"
-    members = coordinator_members(getattr(args, "coordinators", 1))
+    members = coordinator_parts(getattr(args, "coordinators", 1))
     every = [*TARGETS, *members[1:]]
     targets = [t for t in args.targets.split(",") if t] if args.targets else every
     unknown = sorted(set(targets) - set(every))

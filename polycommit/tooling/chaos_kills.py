@@ -115,7 +115,7 @@ async def kill_cluster_broker(settings: Settings, victim: int) -> tuple[float, a
     return time.monotonic(), asyncio.create_task(restart(), name=f"restart-{node.name}")
 
 
-def coordinator_members(count: int) -> list[str]:
+def coordinator_parts(count: int) -> list[str]:
     """The coordinator parts of a run with `count` members: `coordinator`, `coordinator#2`, ..."""
     return ["coordinator", *(f"coordinator#{i}" for i in range(2, max(1, count) + 1))]
 

@@ -23,14 +23,14 @@ from neo4j import AsyncGraphDatabase
 
 from consumers.postgres import twophase
 from consumers.qdrant import QdrantParticipant
+from fault.fault_runs import fault_run
 from polycommit import operations as ops
-from polycommit.bus import create_topics, delete_topics, read_topic, topics_for
+from polycommit.bus import read_topic, topics_for
 from polycommit.client import Coordinator, Saga, TransactionResult
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.failpoints import TWO_PHASE_ONLY
-from polycommit.tooling.bench import COLLECTION, LABEL, TABLE, Write, prepare, saga_of, writes
-from polycommit.tooling.chaos import run_settings
+from polycommit.tooling.bench import COLLECTION, LABEL, TABLE, Write, saga_of, writes
 from polycommit.tooling.inspect import transactions_in_flight
 from polycommit.tooling.processes import Cluster
 
@@ -62,11 +62,8 @@ def test_every_two_phase_failpoint_has_a_case() -> None:
 
 @pytest.fixture
 async def fault_settings(settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
-    run = run_settings(settings, uuid.uuid4().hex[:8], prefix="fault2pc", edge_path=tmp_path / "qdrant-edge")
-    await create_topics(run, {"intents": 2, "commands.postgres": 2, "commands.qdrant": 1, "commands.neo4j": 2})
-    await prepare(run)
-    yield run
-    await delete_topics(run)
+    async with fault_run(settings, tmp_path, "fault2pc") as run:
+        yield run
 
 
 async def decisions(settings: Settings) -> dict[str, list[str]]:

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from polycommit.bus import create_topics, delete_topics
+from fault.fault_runs import fault_run
 from polycommit.client import Coordinator
 from polycommit.config import Settings
-from polycommit.tooling.bench import prepare, saga_of, writes
-from polycommit.tooling.chaos import run_settings
+from polycommit.tooling.bench import saga_of, writes
 from polycommit.tooling.inspect import transactions_in_flight
 from polycommit.tooling.processes import Cluster
 
@@ -30,11 +29,8 @@ IN_FLIGHT_AT_KILL = 500
 
 @pytest.fixture
 async def run(settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
-    run = run_settings(settings, uuid.uuid4().hex[:8], prefix="rec2pc", edge_path=tmp_path / "qdrant-edge")
-    await create_topics(run, {"intents": 4, "commands.postgres": 2, "commands.qdrant": 1, "commands.neo4j": 2})
-    await prepare(run)
-    yield run
-    await delete_topics(run)
+    async with fault_run(settings, tmp_path, "rec2pc", intents=4) as run:
+        yield run
 
 
 async def test_every_process_killed_with_hundreds_in_flight_recovers_them_all(run: Settings, tmp_path: Path) -> None:

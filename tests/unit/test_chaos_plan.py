@@ -18,7 +18,7 @@ from polycommit.tooling.chaos_kills import (
     SERVER_TARGETS,
     TARGETS,
     TargetLost,
-    coordinator_members,
+    coordinator_parts,
     kill_schedule,
     restart_server,
 )
@@ -162,8 +162,8 @@ async def test_a_lost_target_cancels_the_workload_at_once() -> None:
 
 
 def test_extra_coordinator_members_are_parts_of_their_own_instance() -> None:
-    assert coordinator_members(1) == ["coordinator"]
-    assert coordinator_members(3) == ["coordinator", "coordinator#2", "coordinator#3"]
+    assert coordinator_parts(1) == ["coordinator"]
+    assert coordinator_parts(3) == ["coordinator", "coordinator#2", "coordinator#3"]
     assert part_command("coordinator")[-2:] == ["run", "coordinator"]
     assert part_command("coordinator#2")[-4:] == ["run", "coordinator", "--instance", "2"]
 
