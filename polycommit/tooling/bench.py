@@ -288,9 +288,11 @@ async def _check_and_compare(
     settings: Settings, args: argparse.Namespace, run: str, points: list[tuple[dict[str, Any], list[Write]]]
 ) -> None:
     """After the workers stopped: read every point's writes back, then the baselines beside each point."""
-    async with stores(settings) as (qdrant, neo4j):
-        # With --external the consumers still hold Qdrant Edge: its writes are not read back then.
-        backend = None if args.external and not settings.qdrant.url else qdrant.backend
+    # With --external the consumers still hold Qdrant Edge (one opener per storage): its writes are not
+    # read back then, and it is not opened at all (opening it failed the whole read-back).
+    edge_held = args.external and not settings.qdrant.url
+    async with stores(settings, with_qdrant=not edge_held) as (qdrant, neo4j):
+        backend = None if qdrant is None else qdrant.backend
         for point, items in points:
             if args.hot_keys:
                 await _verify_hot(settings, args, point, items, backend, neo4j.driver)

@@ -89,13 +89,17 @@ async def prepare(settings: Settings) -> None:
 
 
 @contextlib.asynccontextmanager
-async def stores(settings: Settings) -> AsyncIterator[tuple[Any, Any]]:
-    """The Qdrant and Neo4j participants, started (their `.backend` and `.driver` reach the stores)."""
-    qdrant, neo4j = participant_for("qdrant", settings), participant_for("neo4j", settings)
-    await qdrant.start()
-    await neo4j.start()
+async def stores(settings: Settings, *, with_qdrant: bool = True) -> AsyncIterator[tuple[Any, Any]]:
+    """The Qdrant and Neo4j participants, started (their `.backend` and `.driver` reach the stores); without
+    Qdrant (None in its place) where another process holds its Edge storage, which allows one opener."""
+    qdrant = participant_for("qdrant", settings) if with_qdrant else None
+    neo4j = participant_for("neo4j", settings)
+    if qdrant is not None:
+        await qdrant.start()
     try:
+        await neo4j.start()
         yield qdrant, neo4j
     finally:
-        await qdrant.close()
+        if qdrant is not None:
+            await qdrant.close()
         await neo4j.close()
