@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
@@ -123,21 +124,32 @@ def end_all(spans: Sequence[Span | None], end_ns: int | None = None) -> None:
 
 
 def configure(service_name: str, environ: Mapping[str, str] | None = None) -> bool:
-    """Install an SDK tracer provider exporting over OTLP when an endpoint is configured; True if it did.
+    """Install an SDK tracer provider exporting over OTLP when an endpoint is configured, and to a span file
+    when POLYCOMMIT_TRACE_DIR names a directory (`polycommit bench --trace`, polycommit/span_files.py);
+    True if it did.
 
     Called by polycommit's own processes (`polycommit run`, `consumer`, `bench`), never on import."""
     env = os.environ if environ is None else environ
     trace.get_tracer_provider()  # loads a provider named by OTEL_PYTHON_TRACER_PROVIDER, if any
     endpoint = next((env[name] for name in ENDPOINT_VARIABLES if env.get(name)), None)
-    if endpoint is None or enabled():
+    from polycommit import span_files
+
+    directory = env.get(span_files.DIRECTORY_VARIABLE)
+    if (endpoint is None and not directory) or enabled():
         return False
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    if endpoint is not None:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    if directory:
+        # Written as each span ends, so a part stopped at the end of a benchmark has lost none.
+        exporter = span_files.SpanFileExporter(span_files.file_for(Path(directory), service_name))
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return True
 

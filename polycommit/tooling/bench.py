@@ -67,7 +67,11 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         help="run the coordinator and the consumers in this process (default: one process each, as deployed)",
     )
     bench.add_argument("--consumers", type=int, default=1, help="consumer processes per scalable store")
-    bench.add_argument("--trace", action="store_true", help="per-hop budget of the median and p99 transaction")
+    bench.add_argument(
+        "--trace",
+        action="store_true",
+        help="per-hop budget of the median and p99 transaction (the parts write their spans to files of the run)",
+    )
     bench.add_argument("--no-direct", action="store_true", help="skip the direct-write baselines")
     bench.add_argument("--json", action="store_true")
     bench.add_argument(
@@ -202,7 +206,7 @@ def check_options(args: argparse.Namespace) -> None:
 async def _start_workers(settings: Settings, args: argparse.Namespace) -> Runtime | Cluster | None:
     if args.external:
         return None
-    if args.in_process or args.trace:
+    if args.in_process:
         return await Runtime(settings, detector=args.interactive).start()
     return await cluster_for(settings, args.consumers, detector=args.interactive).start()
 
@@ -210,27 +214,35 @@ async def _start_workers(settings: Settings, args: argparse.Namespace) -> Runtim
 async def _run_points(
     settings: Settings, args: argparse.Namespace, levels: list[int], console: Console
 ) -> tuple[list[tuple[dict[str, Any], list[Write]]], str, dict[str, Any]]:
-    exporter = bench_trace.install() if args.trace else None
-    workers = await _start_workers(settings, args)
+    # Before the parts start: as processes, they inherit the span directory (bench_trace.BenchTracing).
+    tracer = bench_trace.BenchTracing(processes=not (args.in_process or args.external)) if args.trace else None
     run = f"b{uuid.uuid4().hex[:6]}"
     points: list[tuple[dict[str, Any], list[Write]]] = []
+    traced: list[list[Any]] = []
     try:
-        async with Coordinator(settings, timeout=300) as client:
-            warm_up = writes(f"{run}w", min(200, args.transactions))
-            await run_sagas(client, warm_up, 32, None, args.mode)
-            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-            with Progress(*columns, console=console, transient=args.json) as progress:
-                for level in levels:
-                    if exporter is not None:
-                        exporter.clear()
-                    point, items = await _one_point(client, args, f"{run}c{level}", level, progress)
-                    if exporter is not None:
-                        point["budget"] = bench_trace.budget(exporter.get_finished_spans())
-                    points.append((point, items))
-        stats = workers.stats() if isinstance(workers, Runtime) else {}
+        workers = await _start_workers(settings, args)
+        try:
+            async with Coordinator(settings, timeout=300) as client:
+                warm_up = writes(f"{run}w", min(200, args.transactions))
+                await run_sagas(client, warm_up, 32, None, args.mode)
+                columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+                with Progress(*columns, console=console, transient=args.json) as progress:
+                    for level in levels:
+                        if tracer is not None:
+                            tracer.take()  # the warm-up's or the point before's
+                        points.append(await _one_point(client, args, f"{run}c{level}", level, progress))
+                        if tracer is not None:
+                            traced.append(tracer.take())
+            stats = workers.stats() if isinstance(workers, Runtime) else {}
+        finally:
+            if workers is not None:
+                await workers.stop()  # the parts have written their last spans
+        if tracer is not None:
+            for (point, _items), own in zip(points, traced, strict=True):
+                point["budget"] = tracer.budget(own)
     finally:
-        if workers is not None:
-            await workers.stop()
+        if tracer is not None:
+            tracer.close()
     return points, run, stats
 
 
@@ -319,10 +331,8 @@ async def _check_and_compare(
 async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     levels = concurrencies(args.concurrency)
     check_options(args)
-    if args.consumers > 1 and (args.in_process or args.trace or args.external):
-        raise SystemExit(
-            "polycommit bench: --consumers runs consumer processes; not with --in-process/--trace/--external"
-        )
+    if args.consumers > 1 and (args.in_process or args.external):
+        raise SystemExit("polycommit bench: --consumers runs consumer processes; not with --in-process/--external")
     console = Console(stderr=True)
     # A consumer per partition: a store's extra consumers need its command topic split as many ways.
     await create_topics(settings, {f"commands.{store}": args.consumers for store in scalable_stores(settings)})
@@ -333,9 +343,7 @@ async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         await _check_and_compare(settings, args, run, points)
     summaries = [point for point, _items in points]
     for point in summaries:
-        point["workers_ran"] = (
-            "external" if args.external else ("in-process" if args.in_process or args.trace else "subprocesses")
-        )
+        point["workers_ran"] = "external" if args.external else ("in-process" if args.in_process else "subprocesses")
         point["consumers_per_store"] = (
             {s: args.consumers for s in scalable_stores(settings)} if args.consumers > 1 else None
         )

@@ -1,21 +1,26 @@
 """`polycommit bench --trace`: where a transaction's time goes, hop by hop, from its spans.
 
-The spans of the coordinator and the consumers are only visible together in one process, so `--trace`
-runs the parts in-process (`--in-process`) with an in-memory span exporter; the latency is then that of a
-single process on this machine, sharing one event loop, not the deployed layout's. Each hop is a span
-(polycommit.tracing), so a transaction's budget is its trace: the hops in the order they started, each
-with its offset from the transaction's start and its own duration. Hops overlap where the system works
-in parallel (a command is fetched while the coordinator's Kafka transaction that sent it commits: the
-fetch hop starts at the record's create time).
+The benchmark's own spans (the client's) go to an in-memory exporter; with the coordinator and the
+consumers in processes of their own (the default, as deployed) each of them writes its spans to a file in
+a directory of the run (POLYCOMMIT_TRACE_DIR, polycommit/span_files.py), read back once they have stopped;
+with `--in-process` they share the in-memory exporter (the latency is then that of one process sharing one
+event loop, not the deployed layout's). Each hop is a span (polycommit.tracing), so a transaction's budget
+is its trace: the hops in the order they started, each with its offset from the transaction's start and its
+own duration. Hops overlap where the system works in parallel (a command is fetched while the
+coordinator's Kafka transaction that sent it commits: the fetch hop starts at the record's create time).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
-from polycommit import tracing
+from polycommit import span_files, tracing
 
 
 def install() -> Any:
@@ -30,6 +35,37 @@ def install() -> Any:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return exporter
+
+
+class BenchTracing:
+    """A traced benchmark: this process's spans in memory and, with `processes`, a directory of span files
+    that the parts started from here write to (they inherit POLYCOMMIT_TRACE_DIR: create this first)."""
+
+    def __init__(self, processes: bool) -> None:
+        self.exporter = install()
+        self.directory = Path(tempfile.mkdtemp(prefix="polycommit-trace-")) if processes else None
+        self._variable_before = os.environ.get(span_files.DIRECTORY_VARIABLE)
+        if self.directory is not None:
+            os.environ[span_files.DIRECTORY_VARIABLE] = str(self.directory)
+
+    def take(self) -> list[Any]:
+        """The spans this process ended since the last `take` (one point's client spans and roots)."""
+        spans = list(self.exporter.get_finished_spans())
+        self.exporter.clear()
+        return spans
+
+    def budget(self, own: Sequence[Any]) -> dict[str, Any]:
+        """A point's budget: its roots pick their traces among every span file (call after the parts stopped)."""
+        others = span_files.read_spans(self.directory) if self.directory is not None else []
+        return budget([*own, *others])
+
+    def close(self) -> None:
+        if self._variable_before is None:
+            os.environ.pop(span_files.DIRECTORY_VARIABLE, None)
+        else:
+            os.environ[span_files.DIRECTORY_VARIABLE] = self._variable_before
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def hop_name(span: Any) -> str:
