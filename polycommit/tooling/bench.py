@@ -217,33 +217,46 @@ async def _run_points(
     # Before the parts start: as processes, they inherit the span directory (bench_trace.BenchTracing).
     tracer = bench_trace.BenchTracing(processes=not (args.in_process or args.external)) if args.trace else None
     run = f"b{uuid.uuid4().hex[:6]}"
-    points: list[tuple[dict[str, Any], list[Write]]] = []
-    traced: list[list[Any]] = []
     try:
-        workers = await _start_workers(settings, args)
-        try:
-            async with Coordinator(settings, timeout=300) as client:
-                warm_up = writes(f"{run}w", min(200, args.transactions))
-                await run_sagas(client, warm_up, 32, None, args.mode)
-                columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-                with Progress(*columns, console=console, transient=args.json) as progress:
-                    for level in levels:
-                        if tracer is not None:
-                            tracer.take()  # the warm-up's or the point before's
-                        points.append(await _one_point(client, args, f"{run}c{level}", level, progress))
-                        if tracer is not None:
-                            traced.append(tracer.take())
-            stats = workers.stats() if isinstance(workers, Runtime) else {}
-        finally:
-            if workers is not None:
-                await workers.stop()  # the parts have written their last spans
-        if tracer is not None:
+        points, traced, stats = await _measure(settings, args, levels, console, run, tracer)
+        if tracer is not None:  # the parts have stopped: their span files are complete
             for (point, _items), own in zip(points, traced, strict=True):
                 point["budget"] = tracer.budget(own)
     finally:
         if tracer is not None:
             tracer.close()
     return points, run, stats
+
+
+async def _measure(
+    settings: Settings,
+    args: argparse.Namespace,
+    levels: list[int],
+    console: Console,
+    run: str,
+    tracer: bench_trace.BenchTracing | None,
+) -> tuple[list[tuple[dict[str, Any], list[Write]]], list[list[Any]], dict[str, Any]]:
+    """Each point of the curve after a warm-up, with the benchmark's own spans of each when traced."""
+    points: list[tuple[dict[str, Any], list[Write]]] = []
+    traced: list[list[Any]] = []
+    workers = await _start_workers(settings, args)
+    try:
+        async with Coordinator(settings, timeout=300) as client:
+            warm_up = writes(f"{run}w", min(200, args.transactions))
+            await run_sagas(client, warm_up, 32, None, args.mode)
+            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+            with Progress(*columns, console=console, transient=args.json) as progress:
+                for level in levels:
+                    if tracer is not None:
+                        tracer.take()  # the warm-up's or the point before's
+                    points.append(await _one_point(client, args, f"{run}c{level}", level, progress))
+                    if tracer is not None:
+                        traced.append(tracer.take())
+        stats = workers.stats() if isinstance(workers, Runtime) else {}
+    finally:
+        if workers is not None:
+            await workers.stop()
+    return points, traced, stats
 
 
 async def _one_point(
