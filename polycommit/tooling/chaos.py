@@ -273,4 +273,8 @@ async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, code
         console.print(
             f"kept: topics {settings.topic_prefix}.*, Qdrant Edge {settings.qdrant.edge_path}, logs {run.log_dir}"
         )
+        # The run's points are in its own Edge storage: judged against the default one, every point of
+        # the run would look missing.
+        where = "" if settings.qdrant.url else f"POLYCOMMIT_QDRANT_EDGE_PATH={settings.qdrant.edge_path} "
+        console.print(f"check it again with: {where}polycommit check --prefix {settings.topic_prefix}")
     return 0 if ok else 1

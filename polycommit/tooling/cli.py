@@ -91,7 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     bench_arguments(bench)
 
     check = sub.add_parser("check", help="judge the stores against the log: lost, leftover and orphan writes")
-    check.add_argument("--prefix", default=None, help="topic prefix of the log to judge (default: the settings')")
+    check.add_argument(
+        "--prefix",
+        default=None,
+        help="topic prefix of the log to judge (default: the settings'); the stores judged are the settings' "
+        "(a kept chaos run has its own Qdrant Edge path: set POLYCOMMIT_QDRANT_EDGE_PATH, as chaos prints)",
+    )
     check.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     failpoints = sub.add_parser("failpoints", help="list the named crash points (POLYCOMMIT_FAILPOINT=name[:n])")
