@@ -147,7 +147,8 @@ def configure(service_name: str, environ: Mapping[str, str] | None = None) -> bo
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     if directory:
-        # Written as each span ends, so a part stopped at the end of a benchmark has lost none.
+        # Written as each span ends, so a part stopped hard has lost none. A batching processor measured no
+        # cheaper (c=32: 250-276 vs 240-249 TPS traced, 391 untraced): the spans themselves are the cost.
         exporter = span_files.SpanFileExporter(span_files.file_for(Path(directory), service_name))
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
