@@ -332,6 +332,9 @@ class Publisher:
             await asyncio.gather(*futures)
 
 
+FETCH_MAX_WAIT_MS = 500  # see make_consumer
+
+
 def make_consumer(
     settings: Settings,
     *topics: str,
@@ -359,7 +362,12 @@ def make_consumer(
         # coordinator that owns a transaction's intent also owns its outcomes (see also members.py).
         partition_assignment_strategy=tuple(assignors),
         max_poll_records=max_poll_records,
-        fetch_max_wait_ms=20,
+        # How long the broker holds a fetch that finds nothing new; a record (or the marker of a committed
+        # transaction) ends the wait at once, so this is never latency, only how often an idle consumer
+        # asks again. At 20 ms each idle consumer cost the broker and itself 50 fetches a second, CPU taken
+        # from the transactions on a small machine: 500 (Kafka's default) measured c=1 p50 24-26 vs 28-31 ms
+        # (3 of 3 rounds), c=32 401 vs 383 TPS (median of 5), the broker's CPU 15-35 % lower.
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         group_instance_id=instance_id,
         # The broker's minimum (group.min.session.timeout.ms): a dead member's partitions move on soonest.
         session_timeout_ms=6000,

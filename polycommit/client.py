@@ -31,7 +31,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from polycommit import operations as ops
 from polycommit import tracing
-from polycommit.bus import Outgoing, Publisher, make_reader, topics_for
+from polycommit.bus import FETCH_MAX_WAIT_MS, Outgoing, Publisher, make_reader, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings, load_settings
 from polycommit.errors import TransactionError, TransactionTimeoutError, UnexpectedEventTypeError
@@ -205,7 +205,8 @@ class Coordinator:
         partitions = await self._publisher.partitions(self.topics.replies)
         partition = random.Random(self.client_id).choice(partitions)
         self._reply_to = f"{self.topics.replies}:{partition}"
-        consumer = make_reader(self.settings, self.client_id, fetch_max_wait_ms=10)
+        # Long polls (polycommit.bus.make_consumer): a reply ends the wait as soon as it is committed.
+        consumer = make_reader(self.settings, self.client_id, fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
         await consumer.start()
         tp = TopicPartition(self.topics.replies, partition)
         consumer.assign([tp])
