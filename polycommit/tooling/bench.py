@@ -20,7 +20,7 @@ import json
 import statistics
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -113,14 +113,17 @@ def scalable_stores(settings: Settings) -> tuple[str, ...]:
     return ("postgres", "qdrant", "neo4j") if settings.qdrant.url else ("postgres", "neo4j")
 
 
-def cluster_for(settings: Settings, consumers: int, *, detector: bool = False) -> Cluster:
+def cluster_for(
+    settings: Settings, consumers: int, *, detector: bool = False, env: Mapping[str, str] | None = None
+) -> Cluster:
     """One process per part (and the deadlock detector if asked), plus `consumers - 1` more for each scalable
-    store, each a static member."""
+    store, each a static member; `env` goes to every part's environment."""
     extra = [f"{store}#{i}" for store in scalable_stores(settings) for i in range(1, consumers)]
     parts = [*PARTS, "detector"] if detector else list(PARTS)
     cluster = Cluster(settings, names=[*parts, *extra], supervise=False, own_session=False)
-    for name in extra:
-        cluster.processes[name].extra_env = {"POLYCOMMIT_CONSUMER_INSTANCE": name.partition("#")[2]}
+    for name, part in cluster.processes.items():
+        instance = {"POLYCOMMIT_CONSUMER_INSTANCE": name.partition("#")[2]} if name in extra else {}
+        part.extra_env = {**(env or {}), **instance}
     return cluster
 
 
@@ -203,18 +206,19 @@ def check_options(args: argparse.Namespace) -> None:
         raise SystemExit("polycommit bench: --for-update is an option of --interactive")
 
 
-async def _start_workers(settings: Settings, args: argparse.Namespace) -> Runtime | Cluster | None:
+async def _start_workers(
+    settings: Settings, args: argparse.Namespace, env: Mapping[str, str]
+) -> Runtime | Cluster | None:
     if args.external:
         return None
     if args.in_process:
         return await Runtime(settings, detector=args.interactive).start()
-    return await cluster_for(settings, args.consumers, detector=args.interactive).start()
+    return await cluster_for(settings, args.consumers, detector=args.interactive, env=env).start()
 
 
 async def _run_points(
     settings: Settings, args: argparse.Namespace, levels: list[int], console: Console
 ) -> tuple[list[tuple[dict[str, Any], list[Write]]], str, dict[str, Any]]:
-    # Before the parts start: as processes, they inherit the span directory (bench_trace.BenchTracing).
     tracer = bench_trace.BenchTracing(processes=not (args.in_process or args.external)) if args.trace else None
     run = f"b{uuid.uuid4().hex[:6]}"
     try:
@@ -239,7 +243,7 @@ async def _measure(
     """Each point of the curve after a warm-up, with the benchmark's own spans of each when traced."""
     points: list[tuple[dict[str, Any], list[Write]]] = []
     traced: list[list[Any]] = []
-    workers = await _start_workers(settings, args)
+    workers = await _start_workers(settings, args, tracer.environment() if tracer is not None else {})
     try:
         async with Coordinator(settings, timeout=300) as client:
             warm_up = writes(f"{run}w", min(200, args.transactions))

@@ -12,7 +12,6 @@ coordinator's Kafka transaction that sent it commits: the fetch hop starts at th
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections import defaultdict
@@ -39,14 +38,15 @@ def install() -> Any:
 
 class BenchTracing:
     """A traced benchmark: this process's spans in memory and, with `processes`, a directory of span files
-    that the parts started from here write to (they inherit POLYCOMMIT_TRACE_DIR: create this first)."""
+    that the parts started as processes write to (`environment()` names it to them)."""
 
     def __init__(self, processes: bool) -> None:
         self.exporter = install()
         self.directory = Path(tempfile.mkdtemp(prefix="polycommit-trace-")) if processes else None
-        self._variable_before = os.environ.get(span_files.DIRECTORY_VARIABLE)
-        if self.directory is not None:
-            os.environ[span_files.DIRECTORY_VARIABLE] = str(self.directory)
+
+    def environment(self) -> dict[str, str]:
+        """What a part's environment needs to write its spans where `budget` reads them."""
+        return {} if self.directory is None else {span_files.DIRECTORY_VARIABLE: str(self.directory)}
 
     def take(self) -> list[Any]:
         """The spans this process ended since the last `take` (one point's client spans and roots)."""
@@ -60,10 +60,6 @@ class BenchTracing:
         return budget([*own, *others])
 
     def close(self) -> None:
-        if self._variable_before is None:
-            os.environ.pop(span_files.DIRECTORY_VARIABLE, None)
-        else:
-            os.environ[span_files.DIRECTORY_VARIABLE] = self._variable_before
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
 

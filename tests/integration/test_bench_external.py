@@ -18,6 +18,7 @@ from polycommit.config import Settings
 from polycommit.errors import StoreUnavailableError
 from polycommit.tooling import bench
 from polycommit.tooling.bench_workload import stores
+from polycommit.tooling.chaos import run_settings
 from polycommit.tooling.runtime import Runtime
 
 pytestmark = pytest.mark.servers
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.servers
 
 @pytest.fixture
 async def own_topics(settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
-    edge = dataclasses.replace(settings.qdrant, edge_path=tmp_path / "edge", url=None)
-    own = dataclasses.replace(settings, topic_prefix=f"bext-{uuid.uuid4().hex[:8]}", qdrant=edge)
+    run = run_settings(settings, uuid.uuid4().hex[:8], prefix="bext", edge_path=tmp_path / "edge")
+    own = dataclasses.replace(run, qdrant=dataclasses.replace(run.qdrant, url=None))  # Edge, whatever the env
     await create_topics(own)
     yield own
     await delete_topics(own)

@@ -5,7 +5,6 @@ budget of the layout users run, not of one process sharing one event loop (`--in
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import sys
 import uuid
@@ -16,6 +15,7 @@ import pytest
 
 from polycommit.bus import delete_topics
 from polycommit.config import Settings
+from polycommit.tooling.chaos import run_settings
 from polycommit.tooling.processes import part_environment
 
 pytestmark = pytest.mark.servers
@@ -23,8 +23,7 @@ pytestmark = pytest.mark.servers
 
 @pytest.fixture
 async def own_run(settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
-    edge = dataclasses.replace(settings.qdrant, edge_path=tmp_path / "edge")
-    own = dataclasses.replace(settings, topic_prefix=f"btrace-{uuid.uuid4().hex[:8]}", qdrant=edge)
+    own = run_settings(settings, uuid.uuid4().hex[:8], prefix="btrace", edge_path=tmp_path / "edge")
     yield own  # the benchmark creates its topics
     await delete_topics(own)
 
