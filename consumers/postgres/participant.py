@@ -29,6 +29,7 @@ from consumers.planner import Planned, batch_groups, plan_batch
 from consumers.postgres import effects, phase2, twophase
 from consumers.postgres import sql as q
 from consumers.postgres.batches import BatchRegistry
+from consumers.postgres.sessions import SessionResets
 from polycommit.config import Settings
 from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError, VersionConflict
 from polycommit.events import StepOutcome, Store
@@ -103,6 +104,7 @@ class PostgresParticipant(Participant):
         self.slots = twophase.Slots()
         self.batches = BatchRegistry()  # prepared batches not yet settled, and the phase 2 they hold
         self._released: list[StepOutcome] = []
+        self.sessions = SessionResets()  # a released connection is reset only if a raw step ran on it
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -113,7 +115,11 @@ class PostgresParticipant(Participant):
     async def start(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self.settings.postgres.dsn, min_size=1, max_size=self.pool_size, command_timeout=60
+                self.settings.postgres.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                command_timeout=60,
+                reset=self.sessions.reset,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
@@ -255,6 +261,7 @@ class PostgresParticipant(Participant):
     async def _run_raw(self, conn: asyncpg.Connection, op: RawOperation) -> None:
         """One raw statement in a savepoint, so that its failure undoes it alone, by the extended protocol
         (one statement, typed parameters); a wrong parameter list is the step's fault, never the store's."""
+        self.sessions.ran_raw_sql(conn)
         await conn.execute(q.SAVEPOINT)
         try:
             statement = await conn.prepare(op.statement)

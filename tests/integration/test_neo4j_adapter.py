@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -422,6 +423,33 @@ async def test_unreachable_server_raises_store_unavailable() -> None:
     with pytest.raises(StoreUnavailableError):
         await p.start()
     assert (await p.health())["healthy"] is False
+
+
+async def test_a_server_that_stops_answering_is_unavailable_after_the_call_deadline(settings: Settings) -> None:
+    """The driver's per-read timeout is replaced by one deadline per call: a batch on a connection to a
+    server that accepts bytes but never answers (SIGSTOP) ends as StoreUnavailableError, the consume loop's
+    cue to retry it, not as a hang or a FAILED outcome; once the server answers, the batch applies."""
+    patient = Neo4jParticipant(settings, call_deadline_s=1.0)
+    await patient.start()
+    step = command(ops.merge_node(LABEL, {"id": uid()}, {"v": 1}))
+    try:
+        assert (await apply_one(patient, command(ops.merge_node(LABEL, {"id": uid()}))))["status"] == "APPLIED"
+        svc.kill_server(settings, "neo4j", signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUnavailableError, match="deadline"):
+                await apply_one(patient, step)
+        finally:
+            svc.kill_server(settings, "neo4j", signal.SIGCONT)
+        statuses: list[str] = []
+        for _ in range(3):  # the connection the deadline cut is closed; a fresh one serves the retry
+            try:
+                statuses.append((await apply_one(patient, step))["status"])
+                break
+            except StoreUnavailableError:
+                statuses.append("unavailable")
+        assert statuses[-1] == "APPLIED", statuses
+    finally:
+        await patient.close()
 
 
 # -- durability -----------------------------------------------------------------------------------------

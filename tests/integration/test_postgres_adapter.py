@@ -243,3 +243,23 @@ async def test_a_raw_step_that_ends_the_transaction_fails_alone_when_the_batch_r
     assert await pg.read_row(TABLE, k1) == {**k1, "v": 1, "note": None}
     assert await pg.read_row(TABLE, k2) == {**k2, "v": 2, "note": None}
     assert [list(await pg.markers_of(c["tx_id"])) for c in commands] == [["0/EXECUTE"], [], [], ["0/EXECUTE"]]
+
+
+async def test_what_a_raw_step_leaves_in_its_session_is_reset_before_the_connection_is_reused(
+    settings: Settings, pg: PostgresParticipant
+) -> None:
+    """Released connections are reset only after a raw step (the default reset is a round trip on every
+    batch): a session-level setting and an advisory lock taken by one are gone once its batch returns."""
+    lock, name = 7_000_000 + uuid.uuid4().int % 1_000_000, f"leaked-{uuid.uuid4().hex[:8]}"
+    leaky = [
+        raw("SELECT set_config('application_name', $1, false)", [name]),
+        raw("SELECT pg_advisory_lock($1)", [lock]),
+    ]
+    outcomes = await pg.apply_batch([command(uuid.uuid4().hex, 0, "EXECUTE", op) for op in leaky])
+    assert [o["status"] for o in outcomes] == ["APPLIED", "APPLIED"]
+    other = await asyncpg.connect(settings.postgres.dsn)
+    try:
+        assert await other.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name) == 0
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", lock) is True
+    finally:
+        await other.close()
