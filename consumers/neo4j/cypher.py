@@ -140,12 +140,26 @@ LOCK_VERSIONS = (
 # locks the versions of every key its effects may write (a key the batch then skips is locked for nothing,
 # which is harmless); the versions are then kept in the participant while the effects run, and the last
 # query raises each written key's version by its count of writes and writes the new markers.
-READ_MARKERS_LOCK_VERSIONS = (
+_MARKERS_AND_LOCKED_VERSIONS = (
     f"CALL () {{ UNWIND $ids AS id MATCH (m:{MARKER_LABEL} {{id: id}}) RETURN collect([m.id, m.before]) AS markers }} "
     f"CALL () {{ UNWIND $keys AS k MERGE (v:{VERSION_LABEL} {{key: k}}) ON CREATE SET v.version = 0 "
     "SET v.locked = true REMOVE v.locked RETURN collect([k, v.version]) AS versions } "
-    "RETURN markers, versions"
 )
+READ_MARKERS_LOCK_VERSIONS = _MARKERS_AND_LOCKED_VERSIONS + "RETURN markers, versions"
+
+
+@functools.lru_cache(maxsize=1024)
+def read_markers_lock_versions_then(effect_query: str) -> str:
+    """READ_MARKERS_LOCK_VERSIONS and, in the same round trip, a batch's one effect query, run only if
+    the batch has no marker at all (the common batch: fresh EXECUTEs, which the planner then applies
+    exactly so). With a marker, nothing is written and `seen` is empty: the batch goes the usual way."""
+    return (
+        f"{_MARKERS_AND_LOCKED_VERSIONS}"
+        f"CALL (markers) {{ WITH markers WHERE size(markers) = 0 {effect_query} }} "
+        "RETURN markers, versions, seen"
+    )
+
+
 BUMP_VERSIONS_WRITE_MARKERS = (
     f"CALL () {{ UNWIND $bumps AS b MATCH (v:{VERSION_LABEL} {{key: b.key}}) SET v.version = v.version + b.by }} "
     # CREATE, not MERGE: a second writer of the same marker (a redelivery racing on another consumer) then

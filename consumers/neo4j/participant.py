@@ -36,6 +36,7 @@ from consumers.neo4j.cypher import (
     READ_MARKERS,
     READ_MARKERS_LOCK_VERSIONS,
     READ_VERSIONS,
+    Seen,
     constraint_statement,
     read_query,
     row_of,
@@ -53,7 +54,8 @@ from consumers.neo4j.effects import (
     reads,
     writes,
 )
-from consumers.neo4j.unit import Unit, keys_to_lock
+from consumers.neo4j.first_group import FirstGroup, first_group
+from consumers.neo4j.unit import Unit, keys_to_lock, read_seen
 from consumers.planner import batch_groups, plan_batch
 from polycommit.config import Settings
 from polycommit.errors import PolycommitError, StoreError, StoreUnavailableError
@@ -245,7 +247,8 @@ class Neo4jParticipant(Participant):
             _without_read_timeout(tx)
             try:
                 effects = {i: e for i, (_, _, e) in enumerate(work)}
-                markers, versions = await _read_markers_lock_versions(tx, commands, keys_to_lock(effects.values()))
+                first = first_group(commands, effects)
+                markers, versions, seen = await _first_query(tx, commands, keys_to_lock(effects.values()), first)
                 unit = Unit(tx, plan_batch(commands, markers), effects, versions)
                 groups = batch_groups(
                     unit.planned,
@@ -253,6 +256,9 @@ class Neo4jParticipant(Participant):
                     reads=lambda p: reads(unit.effects[p.position]),
                     alone=lambda p: unit.effects[p.position].raw,
                 )
+                if first is not None and not markers:  # planned as `first` assumed, and applied by it
+                    await unit.absorb([(p, effects[p.position].effect) for p in groups[0]], seen)
+                    groups = groups[1:]
                 for group in groups:
                     await unit.apply_group(group)
                 await unit.finish()
@@ -326,13 +332,22 @@ def _pipelined_begin(session: Any) -> contextlib.AbstractContextManager[Any]:
     return flag if isinstance(flag, contextlib.AbstractContextManager) else contextlib.nullcontext()
 
 
-async def _read_markers_lock_versions(
-    tx: AsyncTransaction, commands: Sequence[TypedCommand], keys: list[str]
-) -> tuple[dict[str, Marker], dict[str, int]]:
-    """The batch's markers, and the versions of `keys`, locked to the end of the transaction."""
-    record = await (await tx.run(READ_MARKERS_LOCK_VERSIONS, ids=_marker_ids(commands), keys=keys)).single(strict=True)
+async def _first_query(
+    tx: AsyncTransaction, commands: Sequence[TypedCommand], keys: list[str], first: FirstGroup | None
+) -> tuple[dict[str, Marker], dict[str, int], list[Seen]]:
+    """The batch's markers, the versions of `keys` locked to the end of the transaction and, with
+    `first` and no marker, what its effect query saw (it ran in the same query)."""
+    ids = _marker_ids(commands)
+    if first is None:
+        result = await tx.run(READ_MARKERS_LOCK_VERSIONS, ids=ids, keys=keys)
+    else:
+        result = await tx.run(first.query, ids=ids, keys=keys, rows=first.rows)
+    record = await result.single(strict=True)
     markers = {step_id: Marker(before) for step_id, before in record["markers"]}
-    return markers, {key: int(version) for key, version in record["versions"]}
+    seen = [Seen(None) for _ in commands]
+    if first is not None:
+        read_seen(record["seen"], seen)
+    return markers, {key: int(version) for key, version in record["versions"]}, seen
 
 
 async def _read_markers(tx: AsyncTransaction | AsyncSession, commands: Sequence[TypedCommand]) -> dict[str, Marker]:

@@ -82,7 +82,11 @@ class Unit:
             if effect is not None:
                 work.append((p, effect))
         work = await self._checked(work)
-        seen = await self._apply_structured([e for _, e in work])
+        await self.absorb(work, await self._apply_structured([e for _, e in work]))
+
+    async def absorb(self, work: Sequence[tuple[Planned, Effect]], seen: Sequence[Seen]) -> None:
+        """Record what a group's effect queries saw (refusals, outcomes, the versions to raise); run its raw
+        statements, which have no query of their own to see through."""
         written: list[str] = []
         for (p, effect), s in zip(work, seen, strict=True):
             reason = refusal(effect, s)
@@ -152,17 +156,16 @@ class Unit:
 
     async def _apply_structured(self, effects: Sequence[Effect]) -> list[Seen]:
         """Apply the group's structured effects, one UNWIND query per (kind, shape); return what each saw."""
-        seen = [Seen(None) for _ in effects]
         by_shape: dict[tuple[EffectKind, NodeShape | RelShape], list[int]] = defaultdict(list)
         for i, effect in enumerate(effects):
             if effect.target is not None:
                 by_shape[(effect.kind, effect.target.shape)].append(i)
+        seen = [Seen(None) for _ in effects]
         for indexes in by_shape.values():
             rows = [{"i": i, **row_of(effects[i])} for i in indexes]
             result = await self.tx.run(effect_query(effects[indexes[0]]), rows=rows)
             record = await result.single(strict=True)
-            for i, props, *context in record["seen"]:
-                seen[i] = Seen(props, *context)
+            read_seen(record["seen"], seen)
         return seen
 
     async def finish(self) -> None:
@@ -171,6 +174,12 @@ class Unit:
             bumps = [{"key": k, "by": n} for k, n in sorted(self.bumps.items())]
             result = await self.tx.run(BUMP_VERSIONS_WRITE_MARKERS, bumps=bumps, rows=self.new_markers)
             await result.consume()
+
+
+def read_seen(answer: Sequence[Sequence[Any]], into: list[Seen]) -> None:
+    """An effect query's `seen` answer ([i, before, context...] rows) into `into`, by row index."""
+    for i, props, *context in answer:
+        into[i] = Seen(props, *context)
 
 
 def keys_to_lock(effects: Iterable[Effects]) -> list[str]:

@@ -384,6 +384,30 @@ async def test_a_key_twice_in_a_batch_gives_one_by_one_before_images(participant
     assert await participant.read_node(LABEL, other) == {**other, "v": 10}
 
 
+async def test_fresh_and_redelivered_executes_in_one_batch_apply_only_the_fresh_ones(
+    participant: Neo4jParticipant,
+) -> None:
+    """A batch of fresh EXECUTEs of one shape is applied by its transaction's first query, guarded by the
+    absence of markers; one redelivered command among them turns that off (nothing of the batch is written
+    by it) and the batch is planned as usual: the redelivered step changes nothing, the fresh one applies,
+    and each key's version moves once per write."""
+    old, new = {"id": uid()}, {"id": uid()}
+    redelivered = command(ops.merge_node(LABEL, old, {"name": "ada"}))
+    fresh = command(ops.merge_node(LABEL, new, {"name": "grace"}))
+    first = await apply_one(participant, redelivered)
+    await cypher(participant, f"MATCH (n:{LABEL} {{id: $id}}) SET n.name = 'changed by another tx'", id=old["id"])
+
+    results = await participant.apply_batch([redelivered, fresh])
+    assert [r["status"] for r in results] == ["ALREADY_APPLIED", "APPLIED"]
+    assert results[0]["before_image"] == first["before_image"]
+    assert image(results[1]) == {"node": None}
+    assert await participant.read_node(LABEL, old) == {**old, "name": "changed by another tx"}
+    assert await participant.read_node(LABEL, new) == {**new, "name": "grace"}
+    for op in (redelivered["operation"], fresh["operation"]):
+        assert [await participant.read_version(k) for k in ops.lock_keys(op)] == [1]
+    assert [len(await marker(participant, c)) for c in (redelivered, fresh)] == [1, 1]
+
+
 async def test_a_relationship_after_its_nodes_in_one_batch(participant: Neo4jParticipant) -> None:
     owner, item = ops.node(OTHER, {"id": uid()}), ops.node(LABEL, {"id": uid()})
     tx_id = f"tx-{uid()}"
