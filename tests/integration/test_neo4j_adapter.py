@@ -65,6 +65,19 @@ async def apply_one(p: Neo4jParticipant, cmd: StoreCommand) -> StepOutcome:
     return result
 
 
+async def retried(p: Neo4jParticipant, cmd: StoreCommand, attempts: int = 3) -> list[str]:
+    """Apply `cmd` as the consume loop does after StoreUnavailableError: again, up to `attempts` times; the
+    status of each attempt ("unavailable" for that error)."""
+    statuses: list[str] = []
+    for _ in range(attempts):
+        try:
+            statuses.append((await apply_one(p, cmd))["status"])
+            break
+        except StoreUnavailableError:
+            statuses.append("unavailable")
+    return statuses
+
+
 def image(result: StepOutcome) -> Any:
     assert result["before_image"] is not None, result
     return json.loads(result["before_image"])
@@ -464,13 +477,7 @@ async def test_a_server_that_stops_answering_is_unavailable_after_the_call_deadl
                 await apply_one(patient, step)
         finally:
             svc.kill_server(settings, "neo4j", signal.SIGCONT)
-        statuses: list[str] = []
-        for _ in range(3):  # the connection the deadline cut is closed; a fresh one serves the retry
-            try:
-                statuses.append((await apply_one(patient, step))["status"])
-                break
-            except StoreUnavailableError:
-                statuses.append("unavailable")
+        statuses = await retried(patient, step)  # the connection the deadline cut is closed: a new one serves
         assert statuses[-1] == "APPLIED", statuses
     finally:
         await patient.close()
@@ -501,14 +508,7 @@ async def test_a_committed_write_survives_a_neo4j_crash_and_restart(
 
     # The participant connected before the crash holds dead connections: a batch may raise
     # StoreUnavailableError (the consume loop's cue to retry it), never a FAILED outcome, then recovers.
-    later = command(ops.merge_node(LABEL, {"id": uid()}))
-    statuses: list[str] = []
-    for _ in range(3):
-        try:
-            statuses.append((await apply_one(participant, later))["status"])
-            break
-        except StoreUnavailableError:
-            statuses.append("unavailable")
+    statuses = await retried(participant, command(ops.merge_node(LABEL, {"id": uid()})))
     assert statuses[-1] == "APPLIED", statuses
 
 
