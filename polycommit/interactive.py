@@ -179,10 +179,15 @@ class InteractiveScope:
             async with self._one_at_a_time:
                 await self._ask([], "SHARED")
 
-    async def lock_for_read(self, keys: Iterable[str]) -> None:
+    async def lock_for_read(self, keys: Iterable[str], *, for_update: bool = False) -> None:
         """The read locks of the isolation level: SHARED at REPEATABLE_READ and SERIALIZABLE, none below
-        (READ_COMMITTED holds write locks only). The SDK's reads call this before they read a store."""
-        if self.transaction.isolation in READ_LOCKING_LEVELS:
+        (READ_COMMITTED holds write locks only). The SDK's reads call this before they read a store.
+        `for_update`, at any level: EXCLUSIVE at once, as SELECT ... FOR UPDATE (a read of what the block
+        will write: a second reader waits for this transaction to end instead of both deadlocking later,
+        on the upgrade)."""
+        if for_update:
+            await self.lock(keys, "EXCLUSIVE")
+        elif self.transaction.isolation in READ_LOCKING_LEVELS:
             keys = list(keys)
             written = [k for k in keys if k in self.exclusive_reads]
             if written:
@@ -291,8 +296,8 @@ class _Postgres:
     def __init__(self, scope: InteractiveScope) -> None:
         self._scope = scope
 
-    async def get(self, table: str, key: Mapping[str, Any]) -> Versioned:
-        await self._scope.lock_for_read([row_key(table, key)])
+    async def get(self, table: str, key: Mapping[str, Any], *, for_update: bool = False) -> Versioned:
+        await self._scope.lock_for_read([row_key(table, key)], for_update=for_update)
         return await self._scope.coordinator.reads.read_row(table, key)
 
     async def upsert(
@@ -326,8 +331,8 @@ class _Qdrant:
     def __init__(self, scope: InteractiveScope) -> None:
         self._scope = scope
 
-    async def retrieve(self, collection: str, point_id: str | int) -> Versioned:
-        await self._scope.lock_for_read([point_key(collection, point_id)])
+    async def retrieve(self, collection: str, point_id: str | int, *, for_update: bool = False) -> Versioned:
+        await self._scope.lock_for_read([point_key(collection, point_id)], for_update=for_update)
         return await self._scope.coordinator.reads.read_point(collection, point_id)
 
     async def upsert(self, collection: str, points: Iterable[Point], **step: Any) -> None:
@@ -341,8 +346,8 @@ class _Neo4j:
     def __init__(self, scope: InteractiveScope) -> None:
         self._scope = scope
 
-    async def get_node(self, label: str, key: Mapping[str, Any]) -> Versioned:
-        await self._scope.lock_for_read([node_key(label, key)])
+    async def get_node(self, label: str, key: Mapping[str, Any], *, for_update: bool = False) -> Versioned:
+        await self._scope.lock_for_read([node_key(label, key)], for_update=for_update)
         return await self._scope.coordinator.reads.read_node(label, key)
 
     async def merge_node(

@@ -111,3 +111,40 @@ async def test_a_two_phase_commit_in_a_cycle_with_an_interactive_transaction_is_
 
 def waits(tx_id: str) -> Callable[[dict[str, Any]], bool]:
     return lambda e: e["tx_id"] == tx_id and e["action"] == "WAITING"
+
+
+async def test_two_readers_for_update_queue_at_the_read_instead_of_deadlocking(
+    client: Coordinator, topics: Settings
+) -> None:
+    """The first test's read-then-write, each read `for_update` (EXCLUSIVE at once, as SELECT ... FOR
+    UPDATE): the second reader waits at its read (seen in the lock log) while the first still holds the row,
+    so the first writes and commits, and the second then reads its write. No cycle, no victim, both
+    increments land. (A SHARED read would be granted at once: no wait to see, and the writes would meet in
+    the first test's deadlock.)"""
+    doc = f"for-update-{uuid.uuid4().hex[:8]}"
+    scopes = [
+        client.transaction(name=f"for-update-{i}", interactive=True, isolation="SERIALIZABLE", lock_wait=LOCK_WAIT_S)
+        for i in range(2)
+    ]
+    first_read = asyncio.Event()
+
+    async def increment(i: int) -> Any:
+        async with scopes[i] as tx:
+            if i == 1:
+                await first_read.wait()
+            row = await tx.postgres.get(workload.DOCUMENTS, {"id": doc}, for_update=True)
+            if i == 0:
+                first_read.set()
+                await follow(topics, topics_for(topics).locks, "LockEvent", waits(scopes[1].tx_id))
+            count = int(row.value["title"]) if row.value is not None else 0
+            await tx.postgres.upsert(workload.DOCUMENTS, {"id": doc}, {"title": str(count + 1)})
+        return scopes[i].result
+
+    outcomes = await asyncio.wait_for(asyncio.gather(*(increment(i) for i in range(2))), timeout=90)
+    assert [o.status for o in outcomes] == ["completed", "completed"], outcomes
+    conn = await asyncpg.connect(topics.postgres.dsn)
+    try:
+        title = await conn.fetchval(f"SELECT title FROM {workload.DOCUMENTS} WHERE id = $1", doc)
+    finally:
+        await conn.close()
+    assert title == "2"

@@ -111,6 +111,17 @@ async def test_read_locks_follow_the_isolation_level(isolation: Any, locks: int)
     assert [r["mode"] for r in fake.sent] == ["SHARED"] * locks
 
 
+@pytest.mark.parametrize("isolation", ["READ_UNCOMMITTED", "READ_COMMITTED", "SERIALIZABLE"])
+async def test_a_read_for_update_locks_exclusive_at_any_level_and_the_write_after_it_asks_nothing(
+    isolation: Any,
+) -> None:
+    fake = FakeCoordinator()
+    tx = scope(fake, isolation=isolation)
+    await tx.lock_for_read([ROW], for_update=True)
+    await tx.postgres.upsert("t", {"id": 1}, {"v": 2})  # the same row's key: held EXCLUSIVE already
+    assert [(r["mode"], r["keys"]) for r in fake.sent] == [("EXCLUSIVE", [ROW])]
+
+
 def test_unlocked_interactive_transactions_are_refused_and_strong_ones_are_not() -> None:
     with pytest.raises(errors.UnsupportedError, match="locks=False"):
         refuse_interactive(Transaction(locks=False))
