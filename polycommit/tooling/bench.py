@@ -97,6 +97,12 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --interactive: lock up front, in one key order (EXCLUSIVE on the written key): no deadlock",
     )
+    bench.add_argument(
+        "--read-for-update",
+        action="store_true",
+        help="with --interactive: read the written key for update (EXCLUSIVE at the read, in the code's order, "
+        "as SELECT ... FOR UPDATE): no upgrade deadlock; keys taken in opposite orders still deadlock",
+    )
     bench.add_argument("--retries", type=int, default=10, help="runs again of a deadlock victim (--interactive)")
 
 
@@ -202,8 +208,10 @@ def check_options(args: argparse.Namespace) -> None:
         raise SystemExit("polycommit bench: --hot-keys and --retries must not be negative")
     if args.interactive and (args.mode not in ("saga", "2pc") or args.hot_keys < 1):
         raise SystemExit("polycommit bench: --interactive runs --mode saga or 2pc on --hot-keys K (K >= 1)")
-    if args.for_update and not args.interactive:
-        raise SystemExit("polycommit bench: --for-update is an option of --interactive")
+    if (args.for_update or args.read_for_update) and not args.interactive:
+        raise SystemExit("polycommit bench: --for-update and --read-for-update are options of --interactive")
+    if args.for_update and args.read_for_update:
+        raise SystemExit("polycommit bench: --for-update already locks up front: no --read-for-update with it")
 
 
 async def _start_workers(
@@ -277,6 +285,7 @@ async def _one_point(
             "retries": args.retries,
             "isolation": args.isolation,
             "for_update": args.for_update,
+            "read_for_update": args.read_for_update,
             "consistency": "STRONG" if args.mode == "2pc" else "EVENTUAL",  # 2pc: run by two-phase commit
         }
         latencies, results, elapsed, contention = await bench_contended.run_interactive(
@@ -295,7 +304,9 @@ async def _one_point(
         interactive=args.interactive,
         isolation=args.isolation,
         for_update=args.for_update,
-        reads_locked=args.interactive and bench_contended.reads_locked(args.isolation, args.for_update),
+        read_for_update=args.read_for_update,
+        reads_locked=args.interactive
+        and bench_contended.reads_locked(args.isolation, args.for_update or args.read_for_update),
     )
     return point, items
 

@@ -7,7 +7,10 @@ the SDK (`tx.postgres.get`, which takes SHARED locks at REPEATABLE_READ and SERI
 first one's count + 1 to the three stores. Two transactions that read the same keys both hold SHARED and
 both ask EXCLUSIVE: an upgrade deadlock, broken by the detector; `coordinator.run(..., retries=N)` runs the
 victim again. `--for-update` takes the locks up front instead, key by key in one global order (EXCLUSIVE on
-the written key's three lock keys, the read lock on the other), so no cycle can form.
+the written key's three lock keys, the read lock on the other), so no cycle can form. `--read-for-update`
+reads the written key for update instead (EXCLUSIVE at the read, in the code's order, as an application
+using SELECT ... FOR UPDATE does): no upgrade deadlock, but two transactions taking two keys in opposite
+orders still close a cycle.
 
 The hot keys are verified by agreement, not by a per-transaction value (a hot key's final value is the last
 committed writer's): every store must hold the same value for each hot key. An interactive run also counts
@@ -68,7 +71,9 @@ def write_operations(write: Write) -> list[Any]:
     ]
 
 
-async def increment(tx: InteractiveScope, item: HotTransaction, for_update: bool) -> None:
+async def increment(
+    tx: InteractiveScope, item: HotTransaction, for_update: bool, read_for_update: bool = False
+) -> None:
     """Read both keys, then write the first one's count + 1 to the three stores."""
     key, other = item.write.key, item.other
     if for_update:
@@ -79,7 +84,7 @@ async def increment(tx: InteractiveScope, item: HotTransaction, for_update: bool
                 await tx.lock(written, "EXCLUSIVE")
             else:
                 await tx.lock_for_read([row_key(TABLE, {"id": name})])
-    mine = await tx.postgres.get(TABLE, {"id": key})
+    mine = await tx.postgres.get(TABLE, {"id": key}, for_update=read_for_update)
     await tx.postgres.get(TABLE, {"id": other})
     count = int(mine.value["v"]) + 1 if mine.value is not None else 1
     await tx.postgres.upsert(TABLE, {"id": key}, {"v": count})
@@ -138,11 +143,11 @@ async def run_interactive(
     options: Mapping[str, Any],
 ) -> tuple[list[float], list[TransactionResult | Exception], float, Contention]:
     """Keep `concurrency` interactive increments in flight, each through `client.run` (`options`: retries,
-    isolation, for_update); latencies (ms) span every attempt of a transaction."""
+    isolation, for_update, read_for_update); latencies (ms) span every attempt of a transaction."""
     latencies: list[float] = []
     results: list[TransactionResult | Exception] = []
     contention = Contention()
-    for_update = bool(options.get("for_update"))
+    for_update, read_for_update = bool(options.get("for_update")), bool(options.get("read_for_update"))
     task = (
         progress.add_task(f"interactive transactions, {concurrency} in flight", total=len(items)) if progress else None
     )
@@ -154,7 +159,7 @@ async def run_interactive(
         async def block(tx: InteractiveScope) -> None:
             scopes.append(tx)
             try:
-                await increment(tx, item, for_update)
+                await increment(tx, item, for_update, read_for_update)
             except PolycommitError as exc:
                 raised[id(tx)] = type(exc).__name__
                 raise

@@ -80,10 +80,13 @@ def test_the_contended_options_and_their_defaults() -> None:
     check_options(_args("--interactive", "--hot-keys", "20", "--isolation", "SERIALIZABLE", "--for-update"))
     check_options(_args("--hot-keys", "20", "--mode", "2pc"))  # sagas or 2PC on hot keys
     check_options(_args("--interactive", "--hot-keys", "4", "--mode", "2pc"))  # interactive STRONG
+    check_options(_args("--interactive", "--hot-keys", "20", "--read-for-update"))
     for bad in (
         ("--interactive",),  # no hot keys
         ("--interactive", "--hot-keys", "4", "--mode", "saga-unlocked"),
         ("--for-update", "--hot-keys", "4"),
+        ("--read-for-update", "--hot-keys", "4"),
+        ("--interactive", "--hot-keys", "4", "--for-update", "--read-for-update"),
         ("--hot-keys", "-1"),
     ):
         with pytest.raises(SystemExit):
