@@ -16,18 +16,22 @@ from typing import Any
 
 from consumers.command import TypedCommand
 from consumers.neo4j.cypher import node_effect_query, read_markers_lock_versions_then, row_of
-from consumers.neo4j.effects import Effects, NodeTarget, reads, writes
-from consumers.planner import batch_groups, plan_batch
+from consumers.neo4j.effects import Effects, NodeTarget
+from consumers.neo4j.unit import planned_groups
+from consumers.planner import Planned
 
 _SIMPLE_KINDS = frozenset({"merge", "replace"})  # node writes that no state of the graph can refuse
 
 
 @dataclass(frozen=True)
 class FirstGroup:
-    """The first query with the batch's one effect query in it, and that query's rows."""
+    """The first query with the batch's one effect query in it, that query's rows, and the plan it
+    assumes (no marker): the batch's plan whenever the first query finds none."""
 
     query: str
     rows: list[dict[str, Any]]
+    planned: list[Planned]
+    groups: list[list[Planned]]
 
 
 def first_group(commands: Sequence[TypedCommand], effects: Mapping[int, Effects]) -> FirstGroup | None:
@@ -47,14 +51,9 @@ def first_group(commands: Sequence[TypedCommand], effects: Mapping[int, Effects]
             return None
         if effect.kind != first.kind:
             return None
-    planned = plan_batch(commands, {})
-    groups = batch_groups(
-        planned,
-        lambda p: writes(p.command, effects[p.position]),
-        reads=lambda p: reads(effects[p.position]),
-        alone=lambda p: effects[p.position].raw,
-    )
+    planned, groups = planned_groups(commands, effects, {})
     if len(groups) != 1 or [p.position for p in groups[0]] != list(range(len(commands))):
         return None  # a step or a key twice: the usual path orders them
     rows = [{"i": i, **row_of(e.effect)} for i, e in enumerate(shown)]
-    return FirstGroup(read_markers_lock_versions_then(node_effect_query(first.kind, first.target.shape)), rows)
+    query = read_markers_lock_versions_then(node_effect_query(first.kind, first.target.shape))
+    return FirstGroup(query, rows, planned, groups)

@@ -51,12 +51,9 @@ from consumers.neo4j.effects import (
     effects_of,
     end_target,
     nodes_of,
-    reads,
-    writes,
 )
 from consumers.neo4j.first_group import FirstGroup, first_group
-from consumers.neo4j.unit import Unit, keys_to_lock, read_seen
-from consumers.planner import batch_groups, plan_batch
+from consumers.neo4j.unit import Unit, keys_to_lock, planned_groups, read_seen
 from polycommit.config import Settings
 from polycommit.errors import PolycommitError, StoreError, StoreUnavailableError
 from polycommit.events import NodeRef, StepOutcome, Store
@@ -249,14 +246,13 @@ class Neo4jParticipant(Participant):
                 effects = {i: e for i, (_, _, e) in enumerate(work)}
                 first = first_group(commands, effects)
                 markers, versions, seen = await _first_query(tx, commands, keys_to_lock(effects.values()), first)
-                unit = Unit(tx, plan_batch(commands, markers), effects, versions)
-                groups = batch_groups(
-                    unit.planned,
-                    lambda p: writes(p.command, unit.effects[p.position]),
-                    reads=lambda p: reads(unit.effects[p.position]),
-                    alone=lambda p: unit.effects[p.position].raw,
-                )
-                if first is not None and not markers:  # planned as `first` assumed, and applied by it
+                applied = first if first is not None and not markers else None  # planned as it assumed
+                if applied is not None:
+                    planned, groups = applied.planned, applied.groups
+                else:
+                    planned, groups = planned_groups(commands, effects, markers)
+                unit = Unit(tx, planned, effects, versions)
+                if applied is not None:  # its one group ran in the first query
                     await unit.absorb([(p, effects[p.position].effect) for p in groups[0]], seen)
                     groups = groups[1:]
                 for group in groups:

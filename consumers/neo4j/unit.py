@@ -7,13 +7,14 @@ before-images it saw; raw Cypher runs alone; every marker is written at the end,
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from neo4j import AsyncTransaction
 
-from consumers.base import Plan, Timing, failed, is_reference, outcome, status_for
+from consumers.base import Marker, Plan, Timing, failed, is_reference, outcome, status_for
+from consumers.command import TypedCommand
 from consumers.neo4j.cypher import (
     BUMP_VERSIONS_WRITE_MARKERS,
     LOCK_VERSIONS,
@@ -30,10 +31,12 @@ from consumers.neo4j.effects import (
     NodeShape,
     RelShape,
     before_image_of,
+    reads,
     restoring,
     version_conflicts,
+    writes,
 )
-from consumers.planner import Planned
+from consumers.planner import Planned, batch_groups, plan_batch
 from polycommit.errors import InvalidOperationError, PolycommitError
 from polycommit.events import StepOutcome
 
@@ -174,6 +177,21 @@ class Unit:
             bumps = [{"key": k, "by": n} for k, n in sorted(self.bumps.items())]
             result = await self.tx.run(BUMP_VERSIONS_WRITE_MARKERS, bumps=bumps, rows=self.new_markers)
             await result.consume()
+
+
+def planned_groups(
+    commands: Sequence[TypedCommand], effects: Mapping[int, Effects], markers: Mapping[str, Marker]
+) -> tuple[list[Planned], list[list[Planned]]]:
+    """What each command of a batch may do given its markers, and the ones that write in groups whose keys
+    are disjoint, in order (consumers/planner.py, with the graph's keys: a relationship reads its ends)."""
+    planned = plan_batch(commands, markers)
+    groups = batch_groups(
+        planned,
+        lambda p: writes(p.command, effects[p.position]),
+        reads=lambda p: reads(effects[p.position]),
+        alone=lambda p: effects[p.position].raw,
+    )
+    return planned, groups
 
 
 def read_seen(answer: Sequence[Sequence[Any]], into: list[Seen]) -> None:
