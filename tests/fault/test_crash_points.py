@@ -29,6 +29,7 @@ from polycommit.config import Settings
 from polycommit.failpoints import FAILPOINTS, TWO_PHASE_ONLY
 from polycommit.tooling.bench import LABEL, TABLE, writes
 from polycommit.tooling.chaos import kill_broker, saga_of
+from polycommit.tooling.chaos_workload import STEP_TIMEOUT_S
 from polycommit.tooling.checker import (
     COMPENSATED_IN_COMPLETED,
     CONFLICTING,
@@ -74,8 +75,8 @@ CASES: list[tuple[str, str, str]] = [
 ]
 
 
-def sagas(count: int) -> list[Saga]:
-    return [saga_of(w) for w in writes(f"f{uuid.uuid4().hex[:6]}", count)]
+def sagas(count: int, step_timeout_s: float = STEP_TIMEOUT_S) -> list[Saga]:
+    return [saga_of(w, timeout=step_timeout_s) for w in writes(f"f{uuid.uuid4().hex[:6]}", count)]
 
 
 async def submit(
@@ -146,13 +147,18 @@ async def test_a_process_killed_at_a_failpoint_recovers_and_every_transaction_co
 async def test_the_broker_killed_mid_run_comes_back_and_every_transaction_completes(
     fault_settings: Settings, tmp_path: Path
 ) -> None:
-    """kill -9 of the Kafka broker with transactions in flight, and more sent while it is down."""
+    """kill -9 of the Kafka broker with transactions in flight, and more sent while it is down.
+
+    The steps' timeout is the whole results deadline, not chaos's 30 s: a step's outcome cannot arrive
+    while the broker is down, and on a loaded machine the broker's restart and every client's reconnection
+    can outlast 30 s, so a timer firing then would be a legitimate retry, not the lost outcome `judge`
+    looks for. With this timeout any retry is one."""
     cluster = Cluster(fault_settings, tmp_path / "logs", supervise=False)
     history = History()
     await cluster.start()
     try:
         async with Coordinator(fault_settings, timeout=CLIENT_TIMEOUT_S) as client:
-            first = await submit(client, history, sagas(5 * TRANSACTIONS))
+            first = await submit(client, history, sagas(5 * TRANSACTIONS, RESULTS_DEADLINE_S))
             some, _ = await asyncio.wait(first, timeout=RESULTS_DEADLINE_S, return_when=asyncio.FIRST_COMPLETED)
             assert some, "no result before the broker was killed"
             done_when_gone: list[int] = []  # counted once the broker is dead, before it comes back
@@ -167,7 +173,7 @@ async def test_the_broker_killed_mid_run_comes_back_and_every_transaction_comple
             await asyncio.wait([restarted, died], return_when=asyncio.FIRST_COMPLETED)  # a failed kill raises below
             died.cancel()
             # Sent while the broker is down (or coming back): the client's producer holds and retries them.
-            second = await submit(client, history, sagas(TRANSACTIONS))
+            second = await submit(client, history, sagas(TRANSACTIONS, RESULTS_DEADLINE_S))
             await asyncio.wait_for(restarted, 120)
             assert done_when_gone[0] < len(first), "the kill came after the whole first wave"
             results = await await_results(cluster, history, [*first, *second], RESULTS_DEADLINE_S)
