@@ -30,6 +30,7 @@ from polycommit.bus import create_topics
 from polycommit.client import Coordinator, TransactionResult
 from polycommit.config import Settings
 from polycommit.errors import PolycommitError
+from polycommit.event_loop import running_loop_name
 from polycommit.tooling import bench_contended, bench_direct, bench_output, bench_trace
 from polycommit.tooling.bench_verify import read_back, read_values
 from polycommit.tooling.bench_workload import (
@@ -186,6 +187,7 @@ def report(
         "ok": ok,
         "success_rate": round(ok / items, 5) if items else 0.0,
         "statuses": statuses,
+        "event_loop": running_loop_name(),  # the bench's own; its subprocesses get the same (event_loop.py)
     }
 
 

@@ -20,6 +20,7 @@ from aiokafka.errors import KafkaError
 
 from polycommit.config import load_settings
 from polycommit.errors import PolycommitError
+from polycommit.event_loop import event_loop_factory
 from polycommit.events import STORES
 from polycommit.tooling import dead_letter_replay, kafka_tuning, tx
 
@@ -241,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for once_per_rebalance in ("orchestrator.members", "orchestrator.transactions"):  # who is active, what it restored
         logging.getLogger(once_per_rebalance).setLevel(logging.INFO)
     try:
-        return asyncio.run(_dispatch(args))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            return runner.run(_dispatch(args))
     except KeyboardInterrupt:
         return 130
     except (PolycommitError, KafkaError, OSError) as exc:
