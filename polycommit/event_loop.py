@@ -30,7 +30,7 @@ def event_loop_factory(choice: str | None = None) -> Callable[[], asyncio.Abstra
 
 
 def running_loop_name() -> str:
-    """ "uvloop" or "asyncio": the loop this code runs on (outside a loop: the one a process would get)."""
+    """The loop this code runs on, "uvloop" or "asyncio" (outside a loop: the one a process would get)."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
