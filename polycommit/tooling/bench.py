@@ -31,7 +31,7 @@ from polycommit.client import Coordinator, TransactionResult
 from polycommit.config import Settings
 from polycommit.errors import PolycommitError
 from polycommit.event_loop import running_loop_name
-from polycommit.tooling import bench_contended, bench_direct, bench_output, bench_trace
+from polycommit.tooling import bench_contended, bench_direct, bench_output, bench_trace, gc_tuning
 from polycommit.tooling.bench_verify import read_back, read_values
 from polycommit.tooling.bench_workload import (
     COLLECTION,
@@ -188,6 +188,7 @@ def report(
         "success_rate": round(ok / items, 5) if items else 0.0,
         "statuses": statuses,
         "event_loop": running_loop_name(),  # the bench's own; its subprocesses get the same (event_loop.py)
+        "gc": "tuned" if gc_tuning.tuned() else "default",  # tooling/gc_tuning.py, the same in every process
     }
 
 
@@ -258,6 +259,7 @@ async def _measure(
         async with Coordinator(settings, timeout=300) as client:
             warm_up = writes(f"{run}w", min(200, args.transactions))
             await run_sagas(client, warm_up, 32, None, args.mode)
+            gc_tuning.settle()  # the client (and an in-process stack) is built: the collector stops scanning it
             columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
             with Progress(*columns, console=console, transient=args.json) as progress:
                 for level in levels:

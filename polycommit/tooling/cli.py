@@ -22,7 +22,7 @@ from polycommit.config import load_settings
 from polycommit.errors import PolycommitError
 from polycommit.event_loop import event_loop_factory
 from polycommit.events import STORES
-from polycommit.tooling import dead_letter_replay, kafka_tuning, tx
+from polycommit.tooling import dead_letter_replay, gc_tuning, kafka_tuning, tx
 
 METRICS_HELP = "serve Prometheus metrics on 127.0.0.1:PORT (default $POLYCOMMIT_METRICS_PORT; off)"
 
@@ -211,6 +211,7 @@ async def _run_until_signal(
         settings, stores=stores, coordinator=coordinator, batch_size=batch_size, detector=detector, observe=observe
     )
     await runtime.start()
+    gc_tuning.settle()  # what the process needs is built: the collector stops scanning it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -231,6 +232,7 @@ async def _run_until_signal(
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     kafka_tuning.apply()  # every command of this process is polycommit's own: its producers get the tuning
+    gc_tuning.apply()
     if argv and argv[0] == "services":
         from polycommit.tooling.services import run_services_command
 
