@@ -30,7 +30,6 @@ from polycommit.bus import create_topics
 from polycommit.client import Coordinator, TransactionResult
 from polycommit.config import Settings
 from polycommit.errors import PolycommitError
-from polycommit.event_loop import running_loop_name
 from polycommit.tooling import bench_contended, bench_direct, bench_output, bench_trace, gc_tuning
 from polycommit.tooling.bench_verify import read_back, read_values
 from polycommit.tooling.bench_workload import (
@@ -46,6 +45,7 @@ from polycommit.tooling.bench_workload import (
     stores,
     writes,
 )
+from polycommit.tooling.event_loop import running_loop_name
 from polycommit.tooling.processes import PARTS, Cluster
 from polycommit.tooling.runtime import Runtime
 
@@ -187,7 +187,7 @@ def report(
         "ok": ok,
         "success_rate": round(ok / items, 5) if items else 0.0,
         "statuses": statuses,
-        "event_loop": running_loop_name(),  # the bench's own; its subprocesses get the same (event_loop.py)
+        "event_loop": running_loop_name(),  # the bench's own; its subprocesses get the same (tooling/event_loop.py)
         "gc": "tuned" if gc_tuning.tuned() else "default",  # tooling/gc_tuning.py, the same in every process
     }
 

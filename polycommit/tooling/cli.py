@@ -20,9 +20,9 @@ from aiokafka.errors import KafkaError
 
 from polycommit.config import load_settings
 from polycommit.errors import PolycommitError
-from polycommit.event_loop import event_loop_factory
 from polycommit.events import STORES
 from polycommit.tooling import dead_letter_replay, gc_tuning, kafka_tuning, tx
+from polycommit.tooling.event_loop import event_loop_factory
 
 METRICS_HELP = "serve Prometheus metrics on 127.0.0.1:PORT (default $POLYCOMMIT_METRICS_PORT; off)"
 

@@ -9,8 +9,8 @@ import asyncio
 import pytest
 
 from polycommit.errors import InvalidOperationError
-from polycommit.event_loop import event_loop_factory, running_loop_name
 from polycommit.tooling import cli
+from polycommit.tooling.event_loop import event_loop_factory, running_loop_name
 
 
 def loop_of_a_run(factory: object) -> str:

@@ -1,4 +1,5 @@
-"""The asyncio event loop polycommit's processes run on: uvloop unless POLYCOMMIT_EVENT_LOOP=asyncio.
+"""The asyncio event loop of the processes polycommit runs itself (the CLI's commands): uvloop unless
+POLYCOMMIT_EVENT_LOOP=asyncio. An application that imports the library keeps its own loop.
 
 Every part of the path is an asyncio program that spends much of its CPU in the loop itself (socket reads
 and writes, callbacks, timers: a Kafka request, a Bolt message, a PostgreSQL round trip each pass through
