@@ -32,6 +32,7 @@ from polycommit.deadletters import dead_letter
 from polycommit.errors import CodecError, PolycommitError, StoreUnavailableError
 from polycommit.events import StepOutcome, StoreCommand
 from polycommit.failpoints import failpoint
+from polycommit.group_watch import REJOIN_DEADLINE_S, GroupWatch, stop_consumer
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class StoreWorker:
         self.observe = observe  # metrics (polycommit.tooling.metrics); a no-op unless the process serves them
         self._labels = {"process": participant.store, "store": participant.store}
         self.name = f"{self.store}-worker"
+        self.rejoin_deadline_s = REJOIN_DEADLINE_S  # how long the member may stay stuck rejoining its group
         self._catch_up: tuple[dict[Any, int], asyncio.Event] | None = None
         self._committing: asyncio.Task[None] | None = None  # the previous batch's offset commit
         self._publishing: asyncio.Task[None] | None = None  # the previous batch's outcomes, until acked
@@ -147,24 +149,26 @@ class StoreWorker:
         try:
             if ready is not None:
                 ready.set()
-            while not stop.is_set():
-                started = time.perf_counter()
-                batch = await consumer.getmany(timeout_ms=100, max_records=self.batch_size)
-                self._read_at_ns = tracing.now_ns()
-                self._observe_fetch(consumer, batch)
-                self.stats.read_s += time.perf_counter() - started
-                records = [r for part in batch.values() for r in part]
-                if not records:  # idle: what is handled gets committed now
-                    await self._commit_handled(consumer)
+            # A member aiokafka leaves stuck rejoining its group ends the session (polycommit/group_watch.py).
+            async with GroupWatch(consumer, self.name, self.rejoin_deadline_s):
+                while not stop.is_set():
+                    started = time.perf_counter()
+                    batch = await consumer.getmany(timeout_ms=100, max_records=self.batch_size)
+                    self._read_at_ns = tracing.now_ns()
+                    self._observe_fetch(consumer, batch)
+                    self.stats.read_s += time.perf_counter() - started
+                    records = [r for part in batch.values() for r in part]
+                    if not records:  # idle: what is handled gets committed now
+                        await self._commit_handled(consumer)
+                        await self._check_caught_up(consumer)
+                        continue
+                    for tp, rs in batch.items():
+                        if rs:
+                            self.held.handled(tp, rs[-1].offset + 1)
+                    await self._handle(records, publisher)
+                    if time.perf_counter() - self._commit_started >= COMMIT_EVERY_S or self._catch_up is not None:
+                        await self._commit_handled(consumer)
                     await self._check_caught_up(consumer)
-                    continue
-                for tp, rs in batch.items():
-                    if rs:
-                        self.held.handled(tp, rs[-1].offset + 1)
-                await self._handle(records, publisher)
-                if time.perf_counter() - self._commit_started >= COMMIT_EVERY_S or self._catch_up is not None:
-                    await self._commit_handled(consumer)
-                await self._check_caught_up(consumer)
             await self._commit_handled(consumer)
             await self._committed()
         finally:
@@ -175,7 +179,7 @@ class StoreWorker:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             self._publishing = self._committing = None
-            await consumer.stop()
+            await stop_consumer(consumer, self.name)
             await publisher.stop()
             await self.participant.close()
 

@@ -50,6 +50,7 @@ from polycommit.config import Settings
 from polycommit.deadletters import dead_letter
 from polycommit.errors import CodecError, ProtocolError
 from polycommit.events import OperatorCommand, StepOutcome, TransactionIntent, now_ms
+from polycommit.group_watch import GroupWatch, stop_consumer
 from projections.wait_for import REANNOUNCE_MS
 
 log = logging.getLogger(__name__)
@@ -185,15 +186,16 @@ class CoordinatorService:
         try:
             if ready is not None:
                 ready.set()
-            while not stop.is_set():
-                await self._step(consumer)
+            async with GroupWatch(consumer, f"coordinator-{self.instance}"):  # aiokafka's stuck rejoin
+                while not stop.is_set():
+                    await self._step(consumer)
             await self.flush()
             await self.drain()
         finally:
             if self._committing is not None:
                 await self.drain(reraise=False)
             self._commit_failure = None
-            await consumer.stop()
+            await stop_consumer(consumer, "coordinator")
             await self.committer.close()
             await publisher.stop()
             self._publisher = None
