@@ -194,7 +194,10 @@ class PartProcess:
         """SIGKILL: no cleanup, no offset commit, exactly like a crash (and expected: not reported as one)."""
         self.expected_exit = True
         if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGKILL)
+            # Gone already but not yet seen by the loop: uvloop says so (ProcessLookupError) where the
+            # standard loop's Popen stays silent. Either way it is as dead as the signal would make it.
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGKILL)
 
     async def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM and wait for a clean exit; SIGKILL after `timeout`. Returns the exit code."""
@@ -202,7 +205,8 @@ class PartProcess:
         if self.process is None:
             return None
         if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # gone already (see kill)
+                self.process.send_signal(signal.SIGTERM)
         try:
             return await self.exited(timeout)
         except TimeoutError:

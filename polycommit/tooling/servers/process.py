@@ -251,7 +251,8 @@ async def run(argv: list[str], *, input_text: str | None = None, limit_s: float 
             proc.communicate(input_text.encode() if input_text is not None else None), limit_s
         )
     except TimeoutError:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile (uvloop raises where Popen does not)
+            proc.kill()
         await proc.wait()
         return -1, f"timed out after {limit_s:.0f} s: {' '.join(argv)}"
     return proc.returncode or 0, out.decode(errors="replace")
