@@ -57,18 +57,32 @@ async def test_a_stuck_member_ends_its_session_with_a_kafka_error() -> None:
             await asyncio.Event().wait()  # a loop that would otherwise wait for ever
 
 
+class PolledConsumer:
+    """A healthy member that counts the watch's looks at it (each poll reads `_coordinator` once) and says
+    when it has been looked at `polls` times."""
+
+    def __init__(self, polls: int) -> None:
+        self.coordinator, self.polls, self.seen = FakeCoordinator(), polls, 0
+        self.polled = asyncio.Event()
+
+    @property
+    def _coordinator(self) -> FakeCoordinator:
+        self.seen += 1
+        if self.seen >= self.polls:
+            self.polled.set()
+        return self.coordinator
+
+
 async def test_a_healthy_member_is_left_alone() -> None:
-    done = asyncio.Event()
+    consumer = PolledConsumer(polls=20)  # 20 polls of 0.01 s: several times the deadline
 
     async def session() -> str:
-        async with GroupWatch(FakeConsumer(FakeCoordinator()), "postgres-0", deadline_s=0.05, poll_s=0.01) as watch:
-            for _ in range(20):  # several polls and more than the deadline
-                await asyncio.sleep(0.01)
-            done.set()
+        async with GroupWatch(consumer, "postgres-0", deadline_s=0.05, poll_s=0.01) as watch:
+            await consumer.polled.wait()
         return "ended normally" if not watch.fired else "fired"
 
     assert await session() == "ended normally"
-    assert done.is_set()
+    assert consumer.seen >= 20
 
 
 async def test_a_cancellation_from_outside_is_not_turned_into_a_kafka_error() -> None:
