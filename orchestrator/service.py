@@ -168,11 +168,12 @@ class CoordinatorService:
     async def _session(self, stop: asyncio.Event, ready: asyncio.Event | None) -> None:
         self.forget_all()  # a session owns nothing until the group assigns it partitions
         publisher = Publisher(self.settings, codec=self.codec, client_id="coordinator")  # metadata; commits: committer
+        member = f"coordinator-{self.instance}"
         consumer = make_consumer(
             self.settings,
             group_id=self.group_id,
             client_id="coordinator",
-            instance_id=f"coordinator-{self.instance}",  # unique per process (a static member)
+            instance_id=member,  # unique per process (a static member)
             assignors=(self.assignor,),
         )
         await publisher.start()
@@ -186,7 +187,7 @@ class CoordinatorService:
         try:
             if ready is not None:
                 ready.set()
-            async with GroupWatch(consumer, f"coordinator-{self.instance}"):  # aiokafka's stuck rejoin
+            async with GroupWatch(consumer, member):  # aiokafka's stuck rejoin (polycommit/group_watch.py)
                 while not stop.is_set():
                     await self._step(consumer)
             await self.flush()
@@ -195,7 +196,7 @@ class CoordinatorService:
             if self._committing is not None:
                 await self.drain(reraise=False)
             self._commit_failure = None
-            await stop_consumer(consumer, "coordinator")
+            await stop_consumer(consumer, member)
             await self.committer.close()
             await publisher.stop()
             self._publisher = None

@@ -275,7 +275,7 @@ class Publisher:
         # The same murmur2 choice the Java client and aiokafka make, so keyed records co-partition. A topic
         # of one partition (the default for every topic on the path) needs no hash: murmur2 is pure Python,
         # ~15 us for each new key, and every transaction's id is new.
-        parts = self._partitions.get(topic) or await self.partitions(topic)
+        parts = await self.partitions(topic)
         if len(parts) == 1:
             return parts[0]
         return parts[key_hash(key) % len(parts)]

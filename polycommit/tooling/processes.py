@@ -114,8 +114,7 @@ class PartProcess:
         done, _ = await asyncio.wait({ready, reader}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if ready not in done:
             why = "exited before its ready line" if reader in done else f"no ready line within {timeout:.0f} s"
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+            self._signal(signal.SIGKILL)
             code = await self.exited()
             where = f" (log: {self.log_path})" if self.log_path is not None else ""
             tail = "".join(self.output[-20:])
@@ -193,25 +192,26 @@ class PartProcess:
     def kill(self) -> None:
         """SIGKILL: no cleanup, no offset commit, exactly like a crash (and expected: not reported as one)."""
         self.expected_exit = True
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        """Send `sig` unless the part is known to be gone. One gone but not yet seen by the loop is no error:
+        uvloop raises ProcessLookupError there where the standard loop's Popen stays silent, and either way
+        it is as dead as the signal would make it."""
         if self.process is not None and self.process.returncode is None:
-            # Gone already but not yet seen by the loop: uvloop says so (ProcessLookupError) where the
-            # standard loop's Popen stays silent. Either way it is as dead as the signal would make it.
             with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGKILL)
+                self.process.send_signal(sig)
 
     async def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM and wait for a clean exit; SIGKILL after `timeout`. Returns the exit code."""
         self.expected_exit = True
         if self.process is None:
             return None
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):  # gone already (see kill)
-                self.process.send_signal(signal.SIGTERM)
+        self._signal(signal.SIGTERM)
         try:
             return await self.exited(timeout)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
+            self._signal(signal.SIGKILL)
             return await self.exited(timeout)
 
 
