@@ -227,6 +227,7 @@ class Interactive(Locking):
             info, tx_id = OpenLocks.of(state), state["intent"]["tx_id"]
             if info.waiting_request:
                 self.locks.request(tx_id, info.waiting_keys, LockMode(info.waiting_mode), state["due_at_ms"])
+                self.locks.request(tx_id, info.waiting_shared, LockMode.SHARED, state["due_at_ms"])
                 if self.locks.holds_all(tx_id):
                     woken.append(tx_id)
         return woken
@@ -239,29 +240,33 @@ def _ask(state: TxState, event: LockRequested, now: int, p: Interactive) -> Tran
     """Ask the request's keys: granted now (reply GRANTED) or queued behind their holders (reply later)."""
     request, tx_id = event.request, state["intent"]["tx_id"]
     keys, mode = sorted(set(request["keys"])), LockMode(request["mode"])
+    shared = sorted(set(request.get("shared_keys") or ()) - set(keys))  # a v1 request has none
     new, info = copy_state(state, now), OpenLocks.of(state)
     info.last = request["request"]
     deadline = now + p.wait_ms(state)
     t = Transition(new)
-    if p.locks.request(tx_id, keys, mode, deadline):
-        info.held.update({k: str(p.locks.mode_of(tx_id, k)) for k in keys})
+    # Both modes' keys queue before any other request is served: one arrival, so a transaction that held
+    # nothing before asks its commit-time locks (writes EXCLUSIVE, reads SHARED) without risk of a cycle.
+    p.locks.request(tx_id, keys, mode, deadline)
+    if p.locks.request(tx_id, shared, LockMode.SHARED, deadline):
+        info.held.update({k: str(p.locks.mode_of(tx_id, k)) for k in (*keys, *shared)})
         new["phase"], new["due_at_ms"] = OpenPhase.OPEN, now + p.wait_ms(state)  # the idle deadline
         t.lock_replies.append(reply(new, request["request"], now))
     else:
-        info.wait(request["request"], keys, mode)
+        info.wait(request["request"], keys, mode, shared)
         new["phase"], new["due_at_ms"] = OpenPhase.WAITING, deadline
         t.cycles.extend((tx_id, other) for other in p.locks.mutual_waits(tx_id))
     info.into(new)
-    for key in keys:
+    for key, key_mode in [*((k, mode) for k in keys), *((k, LockMode.SHARED) for k in shared)]:
         blockers = p.locks.blockers_on(tx_id, key)
         action = "WAITING" if blockers else "GRANTED"
-        t.lock_requests.append(open_lock_event(new, key, action, blockers, now, mode, len(info.held)))
+        t.lock_requests.append(open_lock_event(new, key, action, blockers, now, key_mode, len(info.held)))
     return t
 
 
 def _granted(state: TxState, event: InteractiveEvent, now: int, p: Interactive) -> Transition:
     tx_id, new, info = state["intent"]["tx_id"], copy_state(state, now), OpenLocks.of(state)
-    keys, request = info.waiting_keys, info.waiting_request
+    keys, request = [*info.waiting_keys, *info.waiting_shared], info.waiting_request
     info.granted({k: str(p.locks.mode_of(tx_id, k)) for k in keys})
     info.into(new)
     new["phase"], new["due_at_ms"] = OpenPhase.OPEN, now + p.wait_ms(state)

@@ -73,6 +73,7 @@ class OpenLocks:
     waiting_request: int = 0  # the request that waits (0: none), for which keys in which mode
     waiting_keys: list[str] = field(default_factory=list)
     waiting_mode: str = EXCLUSIVE.value
+    waiting_shared: list[str] = field(default_factory=list)  # asked SHARED in the same request
     last: int = 0
 
     @classmethod
@@ -83,12 +84,13 @@ class OpenLocks:
     def into(self, state: TxState) -> None:
         state["before_images"] = [json.dumps(vars(self), sort_keys=True)]
 
-    def wait(self, request: int, keys: list[str], mode: LockMode) -> None:
+    def wait(self, request: int, keys: list[str], mode: LockMode, shared: list[str]) -> None:
         self.waiting_request, self.waiting_keys, self.waiting_mode = request, keys, mode.value
+        self.waiting_shared = shared
 
     def granted(self, modes: dict[str, str]) -> None:
         self.held.update(modes)
-        self.waiting_request, self.waiting_keys = 0, []
+        self.waiting_request, self.waiting_keys, self.waiting_shared = 0, [], []
 
 
 def open_intent(request: LockRequest) -> TransactionIntent:

@@ -45,7 +45,7 @@ from polycommit.events import (
     TransactionIntent,
     now_ms,
 )
-from polycommit.interactive import InteractiveScope, LockCalls, ScopeOptions, refuse_interactive
+from polycommit.interactive import InteractiveScope, LockAt, LockCalls, ScopeOptions, refuse_interactive
 from polycommit.modes import refuse_unsupported
 from polycommit.reads import PointSource, StoreReads
 from polycommit.results import StepOutcomeView as StepOutcomeView
@@ -329,16 +329,18 @@ class Coordinator:
         raise_on_failure: bool = False,
         locks: bool = True,
         lock_wait: float = 0.0,
+        lock_at: LockAt = "commit",
         interactive: bool = False,
     ) -> TransactionScope | InteractiveScope:
-        """`interactive=True`: locks are taken on demand inside the block (polycommit/interactive.py)."""
+        """`interactive=True`: reads and writes made inside the block, locked at its commit or, with
+        `lock_at="access"`, as they are made (polycommit/interactive.py)."""
         refuse_unsupported(consistency, isolation, priority, locks)  # before the caller builds its steps
         tx = Transaction(name=name, consistency=consistency, isolation=isolation, priority=priority)
         tx.locks, tx.lock_wait = locks, lock_wait
         if not interactive:
             return TransactionScope(self, tx, raise_on_failure)
         refuse_interactive(tx)
-        return InteractiveScope(self, tx, raise_on_failure)
+        return InteractiveScope(self, tx, raise_on_failure, lock_at)
 
 
 @contextlib.asynccontextmanager

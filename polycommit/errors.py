@@ -126,6 +126,12 @@ class TransactionAbortedError(RetriableError):
     deadlock victim, or released. Nothing of it ran; running it again may succeed."""
 
 
+class StaleReadError(RetriableError):
+    """An interactive transaction locking at its commit found a key it had read changed by the time its
+    locks were granted: what it would write rests on a value that is gone. Nothing of it ran; running the
+    block again (which reads again) may succeed."""
+
+
 class InvalidIntentError(PermanentError):
     """The intent cannot be admitted as it was sent: its key, its reply address or a mode it asks for."""
 

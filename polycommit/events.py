@@ -205,6 +205,7 @@ class LockRequest(TypedDict):
     request: int
     keys: list[str]
     mode: Literal["SHARED", "EXCLUSIVE"]
+    shared_keys: list[str]
     release: bool
     name: str
     isolation: Isolation

@@ -1,32 +1,48 @@
-"""Interactive transactions in the SDK: locks taken on demand inside the block, and a retry of the whole
-block when the transaction is chosen as a deadlock victim.
+"""Interactive transactions in the SDK: reads and writes made over time inside the block, their locks taken
+at the commit (the default) or as they are made, and a retry of the whole block when it loses a race.
 
-    async with coordinator.transaction(name="transfer", interactive=True, priority=1) as tx:
-        await tx.lock([key_a, key_b], "SHARED")          # any lock keys, in either mode
-        await tx.postgres.upsert("accounts", key={"id": 1}, values={...})   # EXCLUSIVE on its keys first
+    async with coordinator.transaction(name="transfer", interactive=True, isolation="SERIALIZABLE") as tx:
+        a = await tx.postgres.get("accounts", {"id": 1})                   # read (checked at the commit)
+        await tx.postgres.upsert("accounts", key={"id": 1}, values={...})   # write (locked at the commit)
 
-    result = await coordinator.run(transfer, retries=5)   # transfer(tx) runs again on a deadlock
+    result = await coordinator.run(transfer, retries=5)   # transfer(tx) runs again when it loses a race
 
-Each `tx.lock` (and each write, for the keys it writes) is a LockRequest on the intents topic keyed by the
-transaction's id, answered on this client's reply partition by a LockReply: the call returns once every
-key is held, or raises the typed error that ended the transaction (DeadlockVictimError, LockTimeoutError,
-TransactionAbortedError), which `run` retries. Leaving the block publishes the intent, which then runs under
-the locks held; an exception in the block releases them, and nothing runs. Requests go one at a time, so
-one transaction never waits twice at once.
+Locks are LockRequests on the intents topic keyed by the transaction's id, answered on this client's reply
+partition by a LockReply: GRANTED once every key is held, or REFUSED with the typed error that ended the
+transaction (DeadlockVictimError, LockTimeoutError, TransactionAbortedError), which `run` retries. Leaving
+the block publishes the intent, which then runs under the locks held; an exception in the block releases
+them, and nothing runs. Requests go one at a time, so one transaction never waits twice at once.
+
+When the locks are taken (`lock_at`):
+- "commit" (the default): a read takes no lock but is remembered; a write's keys are remembered. Leaving
+  the block asks every lock in ONE request (the writes' keys EXCLUSIVE, the keys only read SHARED at
+  REPEATABLE_READ and SERIALIZABLE), then reads what was read again under those locks: anything changed
+  since raises StaleReadError (nothing ran; `run` retries), and otherwise the transaction is exactly as if
+  it had run at the moment its locks were granted (conservative strict two-phase locking, the reads
+  validated; Calvin's reconnaissance reads). A transaction asking all its locks at once while holding none
+  never deadlocks, so two increments of one counter race (one retries) instead of deadlocking on the upgrade.
+- "access": each read takes its SHARED lock (at REPEATABLE_READ and SERIALIZABLE) and each write its
+  EXCLUSIVE locks as it is made (strict two-phase locking as it goes): nothing is read twice, but two
+  readers of a key that both write it deadlock, and the detector picks a victim (which `run` retries).
+`tx.lock(keys, mode)` and a read `for_update=True` lock at once in either mode (SELECT ... FOR UPDATE).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from polycommit import errors
 from polycommit import operations as ops
 from polycommit.codec import EventCodec
-from polycommit.events import Consistency, Isolation, LockReply, LockRequest, NodeRef, Operation, Point, now_ms
+from polycommit.events import Consistency, Isolation, LockReply, LockRequest, Operation, now_ms
+from polycommit.interactive_stores import Neo4jBuilder, PostgresBuilder, QdrantBuilder
+from polycommit.interactive_stores import node_key as node_key  # the lock keys of reads, for callers
+from polycommit.interactive_stores import point_key as point_key
+from polycommit.interactive_stores import row_key as row_key
 from polycommit.reads import Versioned
 from polycommit.results import TransactionResult
 
@@ -34,11 +50,13 @@ if TYPE_CHECKING:
     from polycommit.client import Coordinator, Transaction
 
 LockMode = Literal["SHARED", "EXCLUSIVE"]
+LockAt = Literal["commit", "access"]
 # Errors that end a transaction but not the business action: running the block again may succeed.
 RETRIED: tuple[type[errors.PolycommitError], ...] = (
     errors.DeadlockVictimError,
     errors.LockTimeoutError,
     errors.TransactionAbortedError,
+    errors.StaleReadError,
 )
 _BY_NAME: dict[str, type[errors.PolycommitError]] = {e.__name__: e for e in (*RETRIED, errors.UnsupportedError)}
 READ_LOCKING_LEVELS = frozenset({"REPEATABLE_READ", "SERIALIZABLE"})
@@ -54,6 +72,7 @@ class ScopeOptions(TypedDict, total=False):
     raise_on_failure: bool
     locks: bool
     lock_wait: float
+    lock_at: LockAt
 
 
 class LockCalls:
@@ -98,21 +117,6 @@ def refused(answer: LockReply) -> errors.PolycommitError:
     return _BY_NAME.get(error["error_class"], errors.TransactionError)(f"{answer['tx_id']}: {error['message']}")
 
 
-# -- the lock keys of what a read touches, for `tx.lock_for_read` (the same keys the writes lock) ------
-
-
-def row_key(table: str, key: Mapping[str, Any]) -> str:
-    return ops.lock_keys(ops.delete_row(table, key))[0]
-
-
-def point_key(collection: str, point_id: str | int) -> str:
-    return ops.lock_keys(ops.delete_points(collection, [point_id]))[0]
-
-
-def node_key(label: str, key: Mapping[str, Any]) -> str:
-    return ops.lock_keys(ops.delete_node(label, key))[0]
-
-
 def refuse_interactive(tx: Transaction) -> None:
     """What an interactive transaction cannot be: without locks (there would be nothing to take). EVENTUAL
     runs its intent as a saga, STRONG as a two-phase commit, both under the locks taken before it."""
@@ -127,20 +131,34 @@ def _covers(held: str | None, wanted: str) -> bool:
 class InteractiveScope:
     """The `tx` of `async with coordinator.transaction(interactive=True) as tx`."""
 
-    def __init__(self, coordinator: Coordinator, transaction: Transaction, raise_on_failure: bool) -> None:
+    def __init__(
+        self, coordinator: Coordinator, transaction: Transaction, raise_on_failure: bool, lock_at: LockAt = "commit"
+    ) -> None:
+        if lock_at not in ("commit", "access"):
+            raise errors.UnsupportedError(f"lock_at={lock_at!r}: 'commit' or 'access'")
         self.coordinator = coordinator
         self.transaction = transaction
         self.raise_on_failure = raise_on_failure
-        self.postgres = _Postgres(self)
-        self.qdrant = _Qdrant(self)
-        self.neo4j = _Neo4j(self)
+        self.lock_at = lock_at
+        self.postgres = PostgresBuilder(self)
+        self.qdrant = QdrantBuilder(self)
+        self.neo4j = Neo4jBuilder(self)
         self.held: dict[str, LockMode] = {}  # key -> the mode the coordinator granted
+        self.write_keys: set[str] = set()  # locking at the commit: the keys the writes will lock
+        # Locking at the commit, at REPEATABLE_READ and SERIALIZABLE: each key read unlocked, how to read it
+        # again and what the first read found (the commit checks it is unchanged).
+        self.read_set: dict[str, tuple[Callable[[], Awaitable[Versioned]], Versioned]] = {}
+        self.failed = ""  # the error class that ended this attempt at the commit, before any result
         # Keys a read locks EXCLUSIVE rather than SHARED: the ones an earlier attempt of the same block
         # wrote (`run` sets them). Two readers of a key that both go on to write it deadlock on the
         # upgrade; asking the write lock at the read, as SELECT ... FOR UPDATE does, makes the second one
         # wait instead, so a retried victim does not meet the same deadlock again.
         self.exclusive_reads: set[str] = set()
         self.asked_exclusive: set[str] = set()  # every key this attempt asked EXCLUSIVE (granted or not)
+        # Locking at the commit: the locks an earlier attempt of the same block took or would have taken
+        # (`run` sets them), asked all at once when the block starts, so a retry after a stale read holds
+        # what it will read before it reads it and does not lose the same race again.
+        self.predicted: dict[str, LockMode] = {}
         self.requests = 0
         self.lock_waits_s: list[float] = []  # how long each request that went out took to be granted
         self.result: TransactionResult | None = None
@@ -161,10 +179,10 @@ class InteractiveScope:
                 await self._ask(wanted, mode)
                 self.held.update({k: mode for k in wanted if not _covers(self.held.get(k), mode)})
 
-    async def _ask(self, keys: list[str], mode: LockMode) -> None:
+    async def _ask(self, keys: list[str], mode: LockMode, shared: Iterable[str] = ()) -> None:
         self.requests += 1
         started = asyncio.get_running_loop().time()
-        answer = await self.coordinator.request_locks(self._request(keys, mode))
+        answer = await self.coordinator.request_locks({**self._request(keys, mode), "shared_keys": list(shared)})
         if answer is None or answer["status"] != "GRANTED":
             self._ended = True
             raise refused(answer) if answer is not None else errors.TransactionError("no lock reply")
@@ -178,6 +196,17 @@ class InteractiveScope:
         if self.requests and self.transaction.isolation in READ_LOCKING_LEVELS:
             async with self._one_at_a_time:
                 await self._ask([], "SHARED")
+
+    async def read(self, key: str, reader: Callable[[], Awaitable[Versioned]], for_update: bool) -> Versioned:
+        """Read `key` with `reader` (one of the SDK's store reads), under the isolation level's lock."""
+        if for_update or self.lock_at == "access":
+            await self.lock_for_read([key], for_update=for_update)
+            return await reader()
+        found = await reader()
+        remembered = self.transaction.isolation in READ_LOCKING_LEVELS and self.held.get(key) is None
+        if remembered and key not in self.read_set:
+            self.read_set[key] = (reader, found)
+        return found
 
     async def lock_for_read(self, keys: Iterable[str], *, for_update: bool = False) -> None:
         """The read locks of the isolation level: SHARED at REPEATABLE_READ and SERIALIZABLE, none below
@@ -197,8 +226,37 @@ class InteractiveScope:
     async def add(self, operation: Operation, *, compensate: Operation | None = None, **step: Any) -> None:
         """Lock what the step writes (EXCLUSIVE), then add it to the transaction's intent."""
         keys = ops.lock_keys(operation) + (ops.lock_keys(compensate) if compensate is not None else [])
-        await self.lock(keys, "EXCLUSIVE")
+        if self.lock_at == "access":
+            await self.lock(keys, "EXCLUSIVE")
+        else:
+            self.write_keys.update(keys)
         self.transaction.add(operation, compensate=compensate, **step)
+
+    async def lock_at_commit(self) -> None:
+        """Ask the locks the block put off, all in one request, and check what it read is unchanged under
+        them (raises StaleReadError, the transaction released, when it is not). Locking as it went, only
+        confirm the read locks are still held."""
+        if self.lock_at == "access":
+            await self._confirm_open()
+            return
+        if not self.read_set:
+            # Nothing to check: the intent asks its write keys itself, all at once (no cycle either), and
+            # saves the round trip. Read locks taken at once (`tx.lock`, for_update) must still be held.
+            await self._confirm_open()
+            return
+        exclusive = sorted(k for k in self.write_keys if not _covers(self.held.get(k), "EXCLUSIVE"))
+        shared = sorted(k for k in self.read_set if k not in self.write_keys and self.held.get(k) is None)
+        if exclusive or shared:
+            async with self._one_at_a_time:
+                await self._ask(exclusive, "EXCLUSIVE", shared)
+                self.held.update({k: "SHARED" for k in shared if k not in self.held})
+                self.held.update({k: "EXCLUSIVE" for k in exclusive})
+        keys = list(self.read_set)
+        now = await asyncio.gather(*(self.read_set[k][0]() for k in keys))
+        changed = [k for k, found in zip(keys, now, strict=True) if found != self.read_set[k][1]]
+        if changed:
+            await self.release()
+            raise errors.StaleReadError(f"{self.tx_id}: {', '.join(changed)} changed since read; nothing ran")
 
     def _request(self, keys: list[str], mode: LockMode, release: bool = False) -> LockRequest:
         tx = self.transaction
@@ -207,6 +265,7 @@ class InteractiveScope:
             "request": self.requests,
             "keys": keys,
             "mode": mode,
+            "shared_keys": [],
             "release": release,
             "name": tx.name,
             "isolation": tx.isolation,
@@ -224,7 +283,21 @@ class InteractiveScope:
             self._ended = True
             await self.coordinator.request_locks(self._request([], "EXCLUSIVE", release=True))
 
+    def touched(self) -> dict[str, LockMode]:
+        """Every key this attempt locked or would have locked at its commit, in the mode it needed."""
+        found: dict[str, LockMode] = {k: "SHARED" for k in self.read_set}
+        found.update(self.held)
+        found.update({k: "EXCLUSIVE" for k in self.write_keys})
+        return found
+
     async def __aenter__(self) -> InteractiveScope:
+        if self.lock_at == "commit" and self.predicted:
+            exclusive = sorted(k for k, mode in self.predicted.items() if mode == "EXCLUSIVE")
+            shared = sorted(k for k, mode in self.predicted.items() if mode != "EXCLUSIVE")
+            async with self._one_at_a_time:
+                await self._ask(exclusive, "EXCLUSIVE", shared)
+                self.held.update({k: "SHARED" for k in shared})
+                self.held.update({k: "EXCLUSIVE" for k in exclusive})
         return self
 
     async def __aexit__(
@@ -233,7 +306,11 @@ class InteractiveScope:
         if exc_type is not None:
             await self.release()  # nothing was published: the locks go, nothing ran
             return
-        await self._confirm_open()
+        try:
+            await self.lock_at_commit()
+        except errors.PolycommitError as exc:
+            self.failed = type(exc).__name__
+            raise
         self._ended = True
         self.result = await self.coordinator.execute(self.transaction)
         if self.raise_on_failure and not self.result.ok:
@@ -264,120 +341,28 @@ async def run(
     """Run `block(tx)` in an interactive transaction (options as for `coordinator.transaction`), again with
     a new transaction, up to `retries` more times, when it ends as a deadlock victim, by a lock-wait or
     idle timeout, or undone after a store's transient refusal (`retriable`); waits `backoff` seconds
-    doubled per attempt (with jitter, at most `max_backoff`) first. A new attempt reads the keys earlier
-    attempts wrote under EXCLUSIVE locks (`exclusive_reads`)."""
-    attempt, written = 0, set[str]()
+    doubled per attempt (with jitter, at most `max_backoff`) first. Locking as it goes, a new attempt reads
+    the keys earlier attempts wrote under EXCLUSIVE locks (`exclusive_reads`); locking at the commit, it
+    asks the locks the last attempt needed as it starts (`predicted`), with no backoff after a stale read:
+    the lock queue orders it behind the winner instead."""
+    attempt, written, predicted, stale = 0, set[str](), dict[str, LockMode](), False
     while True:
         scope = coordinator.transaction(interactive=True, **options)
-        scope.exclusive_reads = set(written)
+        scope.exclusive_reads, scope.predicted = set(written), predicted
+        stale = False
         try:
             async with scope as tx:
                 await block(tx)
             assert scope.result is not None
             if attempt >= retries or not retriable(scope.result):
                 return scope.result
-        except RETRIED:
+        except RETRIED as exc:
             if attempt >= retries:
                 raise
+            stale = isinstance(exc, errors.StaleReadError)
         finally:
             written |= scope.asked_exclusive
+            predicted = scope.touched()
         attempt += 1
-        await asyncio.sleep(min(max_backoff, backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
-
-
-# -- the write builders, awaitable: each locks its operation's keys before adding its step --------------
-
-
-# Reads go straight to the store (polycommit.reads), after the read lock of the isolation level: SHARED at
-# REPEATABLE_READ and SERIALIZABLE, held to the end, so what was read cannot change before the commit.
-
-
-class _Postgres:
-    def __init__(self, scope: InteractiveScope) -> None:
-        self._scope = scope
-
-    async def get(self, table: str, key: Mapping[str, Any], *, for_update: bool = False) -> Versioned:
-        await self._scope.lock_for_read([row_key(table, key)], for_update=for_update)
-        return await self._scope.coordinator.reads.read_row(table, key)
-
-    async def upsert(
-        self,
-        table: str,
-        key: Mapping[str, Any],
-        values: Mapping[str, Any],
-        *,
-        expected_version: int | None = None,
-        **step: Any,
-    ) -> None:
-        await self._scope.add(ops.upsert_row(table, key, values, expected_version=expected_version), **step)
-
-    async def delete(
-        self, table: str, key: Mapping[str, Any], *, expected_version: int | None = None, **step: Any
-    ) -> None:
-        await self._scope.add(ops.delete_row(table, key, expected_version=expected_version), **step)
-
-    async def execute(
-        self,
-        statement: str,
-        *params: Any,
-        lock_keys: Iterable[str] = (),
-        compensate: Operation | None = None,
-        **step: Any,
-    ) -> None:
-        await self._scope.add(ops.sql(statement, params, lock_keys), compensate=compensate, **step)
-
-
-class _Qdrant:
-    def __init__(self, scope: InteractiveScope) -> None:
-        self._scope = scope
-
-    async def retrieve(self, collection: str, point_id: str | int, *, for_update: bool = False) -> Versioned:
-        await self._scope.lock_for_read([point_key(collection, point_id)], for_update=for_update)
-        return await self._scope.coordinator.reads.read_point(collection, point_id)
-
-    async def upsert(self, collection: str, points: Iterable[Point], **step: Any) -> None:
-        await self._scope.add(ops.upsert_points(collection, points), **step)
-
-    async def delete(self, collection: str, ids: Iterable[str | int], **step: Any) -> None:
-        await self._scope.add(ops.delete_points(collection, ids), **step)
-
-
-class _Neo4j:
-    def __init__(self, scope: InteractiveScope) -> None:
-        self._scope = scope
-
-    async def get_node(self, label: str, key: Mapping[str, Any], *, for_update: bool = False) -> Versioned:
-        await self._scope.lock_for_read([node_key(label, key)], for_update=for_update)
-        return await self._scope.coordinator.reads.read_node(label, key)
-
-    async def merge_node(
-        self, label: str, key: Mapping[str, Any], properties: Mapping[str, Any] | None = None, **step: Any
-    ) -> None:
-        await self._scope.add(ops.merge_node(label, key, properties), **step)
-
-    async def delete_node(self, label: str, key: Mapping[str, Any], **step: Any) -> None:
-        await self._scope.add(ops.delete_node(label, key), **step)
-
-    async def merge_relationship(
-        self,
-        rel_type: str,
-        from_node: NodeRef,
-        to_node: NodeRef,
-        properties: Mapping[str, Any] | None = None,
-        **step: Any,
-    ) -> None:
-        await self._scope.add(ops.merge_relationship(rel_type, from_node, to_node, properties), **step)
-
-    async def delete_relationship(self, rel_type: str, from_node: NodeRef, to_node: NodeRef, **step: Any) -> None:
-        await self._scope.add(ops.delete_relationship(rel_type, from_node, to_node), **step)
-
-    async def run(
-        self,
-        statement: str,
-        params: Mapping[str, Any] | None = None,
-        *,
-        lock_keys: Iterable[str] = (),
-        compensate: Operation | None = None,
-        **step: Any,
-    ) -> None:
-        await self._scope.add(ops.cypher(statement, params, lock_keys), compensate=compensate, **step)
+        if not stale:
+            await asyncio.sleep(min(max_backoff, backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))

@@ -82,6 +82,13 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         help="isolation level of --interactive transactions (their reads lock at REPEATABLE_READ and SERIALIZABLE)",
     )
     bench.add_argument(
+        "--lock-at",
+        choices=("commit", "access"),
+        default="commit",
+        help="when --interactive transactions lock: at the commit, all at once, reads checked then (the default: "
+        "a lost race retries, no deadlock), or as each read and write is made (upgrades deadlock)",
+    )
+    bench.add_argument(
         "--hot-keys",
         type=int,
         default=0,
@@ -91,7 +98,7 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         "--interactive",
         action="store_true",
         help="interactive increments (needs --hot-keys): read two hot keys, write the first one's count + 1 to the "
-        "three stores; two readers of a key both upgrading to EXCLUSIVE deadlock, and the victim is run again",
+        "three stores; a lost race (--lock-at commit) or a deadlock victim (--lock-at access) is run again",
     )
     bench.add_argument(
         "--for-update",
@@ -104,7 +111,9 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         help="with --interactive: read the written key for update (EXCLUSIVE at the read, in the code's order, "
         "as SELECT ... FOR UPDATE): no upgrade deadlock; keys taken in opposite orders still deadlock",
     )
-    bench.add_argument("--retries", type=int, default=10, help="runs again of a deadlock victim (--interactive)")
+    bench.add_argument(
+        "--retries", type=int, default=10, help="runs again of a deadlock victim or a lost race (--interactive)"
+    )
 
 
 def concurrencies(text: str) -> list[int]:
@@ -290,6 +299,7 @@ async def _one_point(
             "isolation": args.isolation,
             "for_update": args.for_update,
             "read_for_update": args.read_for_update,
+            "lock_at": args.lock_at,
             "consistency": "STRONG" if args.mode == "2pc" else "EVENTUAL",  # 2pc: run by two-phase commit
         }
         latencies, results, elapsed, contention = await bench_contended.run_interactive(
@@ -309,6 +319,7 @@ async def _one_point(
         isolation=args.isolation,
         for_update=args.for_update,
         read_for_update=args.read_for_update,
+        lock_at=args.lock_at if args.interactive else None,
         reads_locked=args.interactive
         and bench_contended.reads_locked(args.isolation, args.for_update or args.read_for_update),
     )

@@ -2,15 +2,18 @@
 contention cost (deadlock victims, conflicts, lock waits), with the hot keys' final state checked.
 
 Without `--interactive` each saga writes one hot key (its three stores) with a value of its own. With
-`--interactive` each transaction is a counter increment that can deadlock: it reads two hot keys through
-the SDK (`tx.postgres.get`, which takes SHARED locks at REPEATABLE_READ and SERIALIZABLE), then writes the
-first one's count + 1 to the three stores. Two transactions that read the same keys both hold SHARED and
-both ask EXCLUSIVE: an upgrade deadlock, broken by the detector; `coordinator.run(..., retries=N)` runs the
-victim again. `--for-update` takes the locks up front instead, key by key in one global order (EXCLUSIVE on
-the written key's three lock keys, the read lock on the other), so no cycle can form. `--read-for-update`
-reads the written key for update instead (EXCLUSIVE at the read, in the code's order, as an application
-using SELECT ... FOR UPDATE does): no upgrade deadlock, but two transactions taking two keys in opposite
-orders still close a cycle.
+`--interactive` each transaction is a counter increment: it reads two hot keys through the SDK
+(`tx.postgres.get`), then writes the first one's count + 1 to the three stores. Locking at the commit (the
+SDK's default, `--lock-at commit`) the reads take no lock; the commit asks every lock at once and checks
+the reads at REPEATABLE_READ and SERIALIZABLE, so two increments of one key race: one commits, the other
+finds its read stale (StaleReadError, counted in `conflict_rate`) and `coordinator.run(..., retries=N)`
+runs it again; no cycle can form. Locking as it goes (`--lock-at access`) each read takes SHARED at once:
+two transactions that read the same key both hold SHARED and both ask EXCLUSIVE, an upgrade deadlock
+broken by the detector (`deadlock_rate`), and the victim runs again. `--for-update` takes the locks up
+front instead, key by key in one global order (EXCLUSIVE on the written key's three lock keys, the read
+lock on the other), so no cycle can form. `--read-for-update` reads the written key for update instead
+(EXCLUSIVE at the read, in the code's order, as an application using SELECT ... FOR UPDATE does): no
+upgrade deadlock, but two transactions taking two keys in opposite orders still close a cycle.
 
 The hot keys are verified by agreement, not by a per-transaction value (a hot key's final value is the last
 committed writer's): every store must hold the same value for each hot key. An interactive run also counts
@@ -30,7 +33,7 @@ from rich.progress import Progress
 
 from polycommit import operations as ops
 from polycommit.client import Coordinator, TransactionResult
-from polycommit.errors import DeadlockVictimError, PolycommitError, VersionConflict
+from polycommit.errors import DeadlockVictimError, PolycommitError, StaleReadError, VersionConflict
 from polycommit.interactive import READ_LOCKING_LEVELS, InteractiveScope, row_key
 from polycommit.tooling.bench_verify import Verification
 from polycommit.tooling.bench_workload import COLLECTION, DIMENSIONS, LABEL, TABLE, Write, keep_in_flight, percentile
@@ -106,7 +109,7 @@ class Contention:
             if scope.result is not None:
                 self.outcomes.append(scope.result.error_class or "")
             else:
-                self.outcomes.append(raised.get(id(scope), UNSEEN))
+                self.outcomes.append(raised.get(id(scope)) or scope.failed or UNSEEN)
 
 
 def contention_summary(contention: Contention) -> dict[str, Any]:
@@ -124,7 +127,7 @@ def contention_summary(contention: Contention) -> dict[str, Any]:
     return {
         "attempts": attempts,
         "deadlock_rate": rate(DeadlockVictimError.__name__),
-        "conflict_rate": rate(VersionConflict.__name__),
+        "conflict_rate": round(rate(VersionConflict.__name__) + rate(StaleReadError.__name__), 5),
         "failed_attempts_by_error": by_error,
         "lock_wait_ms": {
             "requests": len(waits_ms),
@@ -143,7 +146,7 @@ async def run_interactive(
     options: Mapping[str, Any],
 ) -> tuple[list[float], list[TransactionResult | Exception], float, Contention]:
     """Keep `concurrency` interactive increments in flight, each through `client.run` (`options`: retries,
-    isolation, for_update, read_for_update); latencies (ms) span every attempt of a transaction."""
+    isolation, lock_at, for_update, read_for_update); latencies (ms) span every attempt of a transaction."""
     latencies: list[float] = []
     results: list[TransactionResult | Exception] = []
     contention = Contention()
@@ -172,6 +175,7 @@ async def run_interactive(
                     retries=options["retries"],
                     name="bench-hot",
                     isolation=options["isolation"],
+                    lock_at=options.get("lock_at", "commit"),
                     consistency=options.get("consistency", "EVENTUAL"),
                 )
             )

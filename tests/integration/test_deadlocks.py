@@ -1,7 +1,9 @@
 """Interactive transactions deadlocking across the stores, on the real servers with the coordinator, the
 store consumers and the deadlock detector running: exactly one victim per cycle, chosen by the score (the
 lower priority; at equal priority the younger with less work), the others commit and their writes are in
-the stores; `coordinator.run` retries the victim until both business actions completed."""
+the stores; `coordinator.run` retries the victim until both business actions completed. The transactions
+lock as each write is made (lock_at="access"): the SDK's default, every lock asked at once at the commit,
+cannot close a cycle (tests/integration/test_racing_increments.py)."""
 
 from __future__ import annotations
 
@@ -111,7 +113,7 @@ async def run_cycle(
     async def one(i: int) -> Any:
         if i:
             await cycle.holding[i - 1].wait()  # arrival order: member i is younger than member i - 1
-        scope = client.transaction(name=f"cycle-{i}", interactive=True, priority=priorities[i])
+        scope = client.transaction(name=f"cycle-{i}", interactive=True, lock_at="access", priority=priorities[i])
         async with scope as tx:
             await cycle.member(i, tx, *plans[i])
         return scope.result
@@ -211,8 +213,8 @@ async def test_run_retries_the_victim_until_both_business_actions_complete(
         return block
 
     results = await asyncio.gather(
-        client.run(transfer(0, row(a, "t0"), node(b, "t0")), retries=5, name="transfer-0"),
-        client.run(transfer(1, node(b, "t1"), row(a, "t1")), retries=5, name="transfer-1"),
+        client.run(transfer(0, row(a, "t0"), node(b, "t0")), retries=5, lock_at="access", name="transfer-0"),
+        client.run(transfer(1, node(b, "t1"), row(a, "t1")), retries=5, lock_at="access", name="transfer-1"),
     )
     assert [r.status for r in results] == ["completed", "completed"], results
     assert sorted(attempts)[0] == 1 and sorted(attempts)[1] >= 2, attempts  # one victim, retried
@@ -286,7 +288,7 @@ async def test_a_coordinator_restart_rebuilds_the_locks_open_transactions_hold_a
     waiter_ids: list[str] = []
 
     async def holder() -> Any:
-        async with client.transaction(name="holder", interactive=True, lock_wait=120) as tx:
+        async with client.transaction(name="holder", interactive=True, lock_at="access", lock_wait=120) as tx:
             await row(a, "holder")(tx)
             held.set()
             await may_finish.wait()
@@ -295,7 +297,7 @@ async def test_a_coordinator_restart_rebuilds_the_locks_open_transactions_hold_a
 
     async def waiter() -> Any:
         await held.wait()
-        async with client.transaction(name="waiter", interactive=True, lock_wait=120) as tx:
+        async with client.transaction(name="waiter", interactive=True, lock_at="access", lock_wait=120) as tx:
             waiter_ids.append(tx.tx_id)
             waiter_opened.set()
             await row(a, "waiter")(tx)
@@ -335,7 +337,7 @@ async def test_a_saga_waiting_for_its_write_keys_can_be_the_victim_of_an_interac
     saga = Transaction(name="plain saga")
     saga.add(ops.upsert_row(workload.DOCUMENTS, {"id": a}, {"title": "saga"}))
     saga.add(ops.merge_node("Document", {"id": b}, {"title": "saga"}))
-    async with client.transaction(name="interactive", interactive=True) as tx:
+    async with client.transaction(name="interactive", interactive=True, lock_at="access") as tx:
         await row(a, "interactive")(tx)
         pending = asyncio.create_task(client.execute(saga))  # takes the node, waits for the row
         await waiting_recorded(runtime.settings, saga.tx_id)
@@ -357,13 +359,15 @@ async def test_a_serializable_read_lock_keeps_a_writer_out_until_the_reader_ends
     writer_ids: list[str] = []
 
     async def writer() -> Any:
-        async with client.transaction(name="writer", interactive=True) as tx:
+        async with client.transaction(name="writer", interactive=True, lock_at="access") as tx:
             writer_ids.append(tx.tx_id)
             writer_opened.set()
             await row(a, "writer")(tx)
         return tx.result
 
-    async with client.transaction(name="reader", interactive=True, isolation="SERIALIZABLE") as reader:
+    async with client.transaction(
+        name="reader", interactive=True, lock_at="access", isolation="SERIALIZABLE"
+    ) as reader:
         await reader.lock_for_read([key])
         writing = asyncio.create_task(writer())
         await writer_opened.wait()

@@ -1,8 +1,9 @@
-"""A deadlock of two is broken by the coordinator itself, on the real servers with no deadlock detector
-running: two SERIALIZABLE readers of one row both go on to write it (each upgrade waits for the other's
-read lock). The lock waits are far longer than the test, so only the coordinator's own verdict can end the
-cycle: one victim (DeadlockVictimError), the other commits and its write is in PostgreSQL. The same for a
-cycle between an interactive transaction and a two-phase commit (one lock table for both)."""
+"""A deadlock of two is broken by the coordinator itself, on the real servers with no deadlock detector running:
+two SERIALIZABLE readers of one row, locking as they go (lock_at="access"), both go on to write it (each
+upgrade waits for the other's read lock). The lock waits are far longer than the test, so only the
+coordinator's own verdict can end the cycle: one victim (DeadlockVictimError), the other commits and its write
+is in PostgreSQL. The same for a cycle between an interactive transaction and a two-phase commit (one lock
+table for both)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ async def test_two_readers_upgrading_one_row_lose_one_victim_without_a_detector(
 
     async def reader_then_writer(i: int) -> Any:
         scope = client.transaction(
-            name=f"upgrade-{i}", interactive=True, isolation="SERIALIZABLE", lock_wait=LOCK_WAIT_S
+            name=f"upgrade-{i}", interactive=True, lock_at="access", isolation="SERIALIZABLE", lock_wait=LOCK_WAIT_S
         )
         async with scope as tx:
             if i == 0:
@@ -87,7 +88,9 @@ async def test_a_two_phase_commit_in_a_cycle_with_an_interactive_transaction_is_
     commit (lower priority), still waiting with nothing prepared, is aborted as the victim; the interactive
     transaction gets the row and completes."""
     first, second = f"cyc-a-{uuid.uuid4().hex[:8]}", f"cyc-b-{uuid.uuid4().hex[:8]}"
-    scope = client.transaction(name="interactive", interactive=True, priority=5, lock_wait=LOCK_WAIT_S)
+    scope = client.transaction(
+        name="interactive", interactive=True, lock_at="access", priority=5, lock_wait=LOCK_WAIT_S
+    )
     async with scope as tx:
         await tx.postgres.upsert(workload.DOCUMENTS, {"id": first}, {"title": "interactive"})  # EXCLUSIVE now
         strong = Transaction(name="strong", consistency="STRONG", priority=0)
@@ -123,7 +126,9 @@ async def test_two_readers_for_update_queue_at_the_read_instead_of_deadlocking(
     the first test's deadlock.)"""
     doc = f"for-update-{uuid.uuid4().hex[:8]}"
     scopes = [
-        client.transaction(name=f"for-update-{i}", interactive=True, isolation="SERIALIZABLE", lock_wait=LOCK_WAIT_S)
+        client.transaction(
+            name=f"for-update-{i}", interactive=True, lock_at="access", isolation="SERIALIZABLE", lock_wait=LOCK_WAIT_S
+        )
         for i in range(2)
     ]
     first_read = asyncio.Event()

@@ -1,6 +1,7 @@
 """The SDK side of interactive transactions, without Kafka: what each lock call sends, what it skips, the
 typed errors of a refusal, the release on an exception, read locks by isolation level, the routing of
-LockReply records, and `run` retrying a deadlock victim with a new transaction."""
+LockReply records, and `run` retrying a deadlock victim with a new transaction. The tests lock as they go
+(lock_at="access") unless their name says "at the commit" (the default, polycommit.interactive)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from polycommit.interactive import (
     row_key,
     run,
 )
+from polycommit.reads import Versioned
 from polycommit.results import TransactionResult
 from polycommit.tooling.processes import part_command
 
@@ -60,11 +62,12 @@ class FakeCoordinator:
 
     def transaction(self, **options: Any) -> InteractiveScope:
         options.pop("interactive")
-        return InteractiveScope(self, Transaction(**options), False)  # type: ignore[arg-type]
+        lock_at = options.pop("lock_at", "access")
+        return InteractiveScope(self, Transaction(**options), False, lock_at)  # type: ignore[arg-type]
 
 
-def scope(fake: FakeCoordinator, **options: Any) -> InteractiveScope:
-    return InteractiveScope(fake, Transaction(**options), False)  # type: ignore[arg-type]
+def scope(fake: FakeCoordinator, lock_at: Any = "access", **options: Any) -> InteractiveScope:
+    return InteractiveScope(fake, Transaction(**options), False, lock_at)  # type: ignore[arg-type]
 
 
 async def test_a_write_locks_its_keys_once_then_buffers_its_step_and_the_exit_publishes_the_intent() -> None:
@@ -175,6 +178,7 @@ async def test_lock_replies_reach_their_call_and_other_records_pass_through() ->
         "request": 1,
         "keys": ["a"],
         "mode": "EXCLUSIVE",
+        "shared_keys": [],
         "release": False,
         "name": "",
         "isolation": "READ_COMMITTED",
@@ -261,3 +265,78 @@ def test_a_read_locks_the_key_a_write_of_the_same_row_point_or_node_locks() -> N
 
 def test_the_process_cluster_can_run_the_detector_as_a_part() -> None:
     assert part_command("detector")[-2:] == ["run", "detector"]
+
+
+class Store:
+    """What a read finds for each key, changed by the test between the read and the commit."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+        self.reads: list[str] = []
+
+    def reader(self, key: str) -> Any:
+        async def read() -> Versioned:
+            self.reads.append(key)
+            return Versioned({"v": self.values.get(key, 0)}, self.values.get(key, 0))
+
+        return read
+
+
+async def test_at_the_commit_writes_alone_ask_no_lock_before_the_intent_which_locks_them_itself() -> None:
+    fake = FakeCoordinator()
+    async with scope(fake, "commit", isolation="SERIALIZABLE") as tx:
+        await tx.postgres.upsert("t", {"id": 1}, {"v": 1})
+        await tx.neo4j.merge_node("N", {"id": 1})
+    assert fake.sent == [] and len(fake.intents) == 1 and tx.write_keys == {ROW, node_key("N", {"id": 1})}
+
+
+async def test_at_the_commit_one_request_locks_writes_and_reads_then_the_reads_are_checked_unchanged() -> None:
+    fake, store, other = FakeCoordinator(), Store(), "postgres:t:other"
+    async with scope(fake, "commit", isolation="SERIALIZABLE") as tx:
+        assert (await tx.read(ROW, store.reader(ROW), False)).value == {"v": 0}
+        await tx.read(other, store.reader(other), False)
+        assert fake.sent == []  # reading took no lock
+        await tx.postgres.upsert("t", {"id": 1}, {"v": 1})
+    assert [(r["request"], r["keys"], r["mode"], r["shared_keys"]) for r in fake.sent] == [
+        (1, [ROW], "EXCLUSIVE", [other])
+    ]
+    assert store.reads == [ROW, other, ROW, other] and len(fake.intents) == 1  # read again, under the locks
+
+
+async def test_at_the_commit_a_read_changed_meanwhile_raises_a_stale_read_releases_and_runs_nothing() -> None:
+    fake, store = FakeCoordinator(), Store()
+    tx = scope(fake, "commit", isolation="REPEATABLE_READ")
+    with pytest.raises(errors.StaleReadError, match="changed since read"):
+        async with tx:
+            await tx.read(ROW, store.reader(ROW), False)
+            store.values[ROW] = 1  # another transaction committed a write of it
+            await tx.postgres.upsert("t", {"id": 1}, {"v": 1})
+    assert not fake.intents and tx.failed == "StaleReadError"
+    assert [(r["request"], r["release"]) for r in fake.sent] == [(1, False), (2, True)]
+
+
+async def test_at_the_commit_reads_below_repeatable_read_are_neither_locked_nor_checked() -> None:
+    fake, store = FakeCoordinator(), Store()
+    async with scope(fake, "commit", isolation="READ_COMMITTED") as tx:
+        await tx.read(ROW, store.reader(ROW), False)
+        store.values[ROW] = 1
+    assert fake.sent == [] and store.reads == [ROW] and len(fake.intents) == 1
+
+
+async def test_at_the_commit_a_retry_after_a_stale_read_locks_what_the_last_attempt_needed_as_it_starts() -> None:
+    fake, store, other = FakeCoordinator(), Store(), "postgres:t:other"
+    attempts: list[InteractiveScope] = []
+
+    async def block(tx: InteractiveScope) -> None:
+        attempts.append(tx)
+        await tx.read(ROW, store.reader(ROW), False)
+        await tx.read(other, store.reader(other), False)
+        if len(attempts) == 1:
+            store.values[other] = 5  # lost the race once
+        await tx.postgres.upsert("t", {"id": 1}, {"v": 1})
+
+    result = await run(fake, block, retries=1, backoff=60.0, lock_at="commit", isolation="SERIALIZABLE")  # type: ignore[arg-type]
+    assert result.ok and len(attempts) == 2 and attempts[0].failed == "StaleReadError"
+    second = [(r["keys"], r["mode"], r["shared_keys"]) for r in fake.sent if r["tx_id"] == attempts[1].tx_id]
+    assert second == [([ROW], "EXCLUSIVE", [other]), ([], "SHARED", [])]  # locked first; the exit confirms
+    assert attempts[1].read_set == {}  # what it read it held: nothing to check
