@@ -239,18 +239,21 @@ class InteractiveScope:
         if self.lock_at == "access":
             await self._confirm_open()
             return
-        if not self.read_set:
-            # Nothing to check: the intent asks its write keys itself, all at once (no cycle either), and
-            # saves the round trip. Read locks taken at once (`tx.lock`, for_update) must still be held.
-            await self._confirm_open()
-            return
+        if not self.read_set and not self.requests:
+            return  # never opened, nothing to check: the intent asks its write keys itself, all at once
         exclusive = sorted(k for k in self.write_keys if not _covers(self.held.get(k), "EXCLUSIVE"))
         shared = sorted(k for k in self.read_set if k not in self.write_keys and self.held.get(k) is None)
         if exclusive or shared:
+            # Open already (locks taken at once) or reads to check: the writes are locked here, so an
+            # interactive STRONG intent finds them held, as two-phase commit needs.
             async with self._one_at_a_time:
                 await self._ask(exclusive, "EXCLUSIVE", shared)
                 self.held.update({k: "SHARED" for k in shared if k not in self.held})
                 self.held.update({k: "EXCLUSIVE" for k in exclusive})
+        else:
+            await self._confirm_open()  # the read locks it holds must still be held
+        if not self.read_set:
+            return
         keys = list(self.read_set)
         now = await asyncio.gather(*(self.read_set[k][0]() for k in keys))
         changed = [k for k, found in zip(keys, now, strict=True) if found != self.read_set[k][1]]

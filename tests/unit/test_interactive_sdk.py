@@ -340,3 +340,15 @@ async def test_at_the_commit_a_retry_after_a_stale_read_locks_what_the_last_atte
     second = [(r["keys"], r["mode"], r["shared_keys"]) for r in fake.sent if r["tx_id"] == attempts[1].tx_id]
     assert second == [([ROW], "EXCLUSIVE", [other]), ([], "SHARED", [])]  # locked first; the exit confirms
     assert attempts[1].read_set == {}  # what it read it held: nothing to check
+
+
+async def test_at_the_commit_an_open_transaction_locks_its_writes_before_the_intent_as_strong_ones_need() -> None:
+    fake = FakeCoordinator()
+    async with scope(fake, "commit", consistency="STRONG") as tx:
+        await tx.lock(["pg:t:other"], "SHARED")  # open at the coordinator from here on
+        await tx.postgres.upsert("t", {"id": 1}, {"v": 1})
+    assert [(r["request"], r["keys"], r["mode"]) for r in fake.sent] == [
+        (1, ["pg:t:other"], "SHARED"),
+        (2, [ROW], "EXCLUSIVE"),
+    ]
+    assert len(fake.intents) == 1 and tx.held == {"pg:t:other": "SHARED", ROW: "EXCLUSIVE"}
