@@ -5,7 +5,7 @@ runtime's consumer (Qdrant Edge admits one process per storage path, held by tha
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -43,9 +43,23 @@ async def started_runtime(
         await runtime.stop()
 
 
+class CurrentBackend:
+    """The runtime's Qdrant consumer backend as of each read: a restarted runtime builds a new one (and the
+    old one has let go of the Edge storage)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def retrieve(
+        self, collection: str, ids: Sequence[str], with_vectors: bool = True
+    ) -> Mapping[str, Mapping[str, Any]]:
+        backend = self.runtime.workers["qdrant"].participant.backend  # type: ignore[attr-defined]
+        found: Mapping[str, Mapping[str, Any]] = await backend.retrieve(collection, ids, with_vectors)
+        return found
+
+
 @contextlib.asynccontextmanager
 async def reading_client(runtime: Runtime, timeout: float) -> AsyncIterator[Coordinator]:
-    """A client whose reads of Qdrant go through the runtime's Qdrant consumer."""
-    backend = runtime.workers["qdrant"].participant.backend  # type: ignore[attr-defined]
-    async with Coordinator(runtime.settings, timeout=timeout, point_source=backend) as coordinator:
+    """A client whose reads of Qdrant go through the runtime's Qdrant consumer (the current one)."""
+    async with Coordinator(runtime.settings, timeout=timeout, point_source=CurrentBackend(runtime)) as coordinator:
         yield coordinator

@@ -8,7 +8,6 @@ cannot close a cycle (tests/integration/test_racing_increments.py)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
@@ -19,15 +18,14 @@ from typing import Any
 
 import asyncpg
 import pytest
+from lock_events import lock_history, waiting_recorded
 from runtimes import started_runtime
 
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
-from polycommit.bus import read_topic, topics_for
 from polycommit.client import Coordinator, Transaction
-from polycommit.codec import default_codec
 from polycommit.config import Settings
-from polycommit.errors import CodecError, DeadlockVictimError
+from polycommit.errors import DeadlockVictimError
 from polycommit.interactive import InteractiveScope
 from polycommit.tooling import workload
 from polycommit.tooling.runtime import Runtime
@@ -263,23 +261,6 @@ async def test_detection_latency_over_many_cycles(runtime: Runtime, client: Coor
         await asyncio.to_thread(path.write_text, json.dumps({**report, "all_ms": latencies}, indent=2))
 
 
-async def waiting_recorded(settings: Settings, tx_id: str) -> None:
-    """Until the coordinator has published (committed) a WAITING lock event of `tx_id`."""
-    codec, names = default_codec(), topics_for(settings)
-    deadline = asyncio.get_running_loop().time() + 30
-    found: list[bool] = []
-
-    def take(record: Any) -> None:
-        with contextlib.suppress(CodecError):
-            event = codec.decode_as(record.value, "LockEvent")
-            found.append(event["tx_id"] == tx_id and event["action"] == "WAITING")
-
-    while not any(found):
-        assert asyncio.get_running_loop().time() < deadline, f"{tx_id} never waited"
-        found.clear()
-        await read_topic(settings, names.locks, take)
-
-
 async def test_a_coordinator_restart_rebuilds_the_locks_open_transactions_hold_and_await(
     runtime: Runtime, client: Coordinator
 ) -> None:
@@ -313,21 +294,6 @@ async def test_a_coordinator_restart_rebuilds_the_locks_open_transactions_hold_a
     assert [r.status for r in results] == ["completed", "completed"], results
     assert await title_of_row(runtime.settings, a) == "waiter"  # it ran after the holder, as the lock said
     assert await title_of_node(runtime, b) == "holder"
-
-
-async def lock_history(settings: Settings, resource: str) -> list[tuple[str, str]]:
-    """(tx id, action) of every lock event on `resource`, in log order (one partition: keyed by resource)."""
-    codec, names = default_codec(), topics_for(settings)
-    found: list[tuple[str, str]] = []
-
-    def take(record: Any) -> None:
-        with contextlib.suppress(CodecError):
-            event = codec.decode_as(record.value, "LockEvent")
-            if event["resource"] == resource:
-                found.append((event["tx_id"], event["action"]))
-
-    await read_topic(settings, names.locks, take)
-    return found
 
 
 async def test_a_saga_waiting_for_its_write_keys_can_be_the_victim_of_an_interactive_transaction(

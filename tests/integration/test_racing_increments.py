@@ -9,7 +9,8 @@ fails them. What they show:
 - write skew at SERIALIZABLE: two withdrawals each checking the sum of two accounts and writing its own
   cannot both pass (the second sees the first's write on its retry);
 - a burst of increments over a few hot counters, reads in random orders: no attempt deadlocks, none is
-  lost, and PostgreSQL, Qdrant and Neo4j hold the same counts.
+  lost, and PostgreSQL, Qdrant and Neo4j hold the same counts;
+- a commit-time request waiting in both modes survives a coordinator restart.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from lock_events import lock_history, waiting_recorded
 from runtimes import reading_client, started_runtime
 
 from orchestrator.saga import SagaPolicy
@@ -182,3 +184,46 @@ async def test_a_burst_of_increments_on_hot_counters_never_deadlocks_loses_nothi
     found = [await counts(client, k) for k in keys]
     assert all(len(set(c)) == 1 for c in found), found  # the three stores agree on every counter
     assert sum(c[0] or 0 for c in found) == size  # no increment lost
+
+
+async def test_a_commit_time_request_waiting_in_both_modes_is_rebuilt_by_a_coordinator_restart(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    """The holder keeps C EXCLUSIVE (a `tx.lock`); the waiter read C and writes B, so its commit asks B
+    EXCLUSIVE and C SHARED in one request, and waits. The coordinator restarts (its lock table rebuilt
+    from the snapshots); when the holder ends, the waiter is granted both, finds C unchanged and commits,
+    in one attempt."""
+    run_id = uuid.uuid4().hex[:8]
+    b, c, a = f"b-{run_id}", f"c-{run_id}", f"a-{run_id}"
+    c_key = ops.lock_keys(ops.upsert_row(TABLE, {"id": c}, {}))[0]
+    held, may_finish, waiter_started, waiter_ids = asyncio.Event(), asyncio.Event(), asyncio.Event(), list[str]()
+
+    async def holder() -> Any:
+        async with client.transaction(name="holder", interactive=True, lock_wait=LOCK_WAIT_S) as tx:
+            await tx.lock([c_key], "EXCLUSIVE")
+            held.set()
+            await may_finish.wait()
+            await write_count(tx, a, 1)
+        return tx.result
+
+    async def waiter(tx: InteractiveScope) -> None:
+        waiter_ids.append(tx.tx_id)
+        waiter_started.set()
+        await held.wait()
+        n = await read_count(tx, c)
+        await write_count(tx, b, n + 7)
+
+    attempts = Attempts()
+    tasks = [asyncio.create_task(holder()), asyncio.create_task(run(client, attempts, waiter))]
+    await waiter_started.wait()
+    await waiting_recorded(runtime.settings, waiter_ids[0])
+    await runtime.stop()  # every lock the coordinator held is gone from memory ...
+    await runtime.start(timeout=120)  # ... and rebuilt from the open transactions' snapshots
+    may_finish.set()
+    results = await asyncio.gather(*tasks)
+    assert [r.status for r in results] == ["completed", "completed"], results
+    assert attempts.endings() == [""]  # granted after the restart, C unchanged: one attempt
+    assert await counts(client, b) == (7, 7, 7)
+    history = await lock_history(runtime.settings, c_key)
+    holder_id = results[0].tx_id
+    assert history.index((holder_id, "RELEASED")) < history.index((waiter_ids[0], "GRANTED")), history

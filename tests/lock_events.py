@@ -1,0 +1,44 @@
+"""The lock events an integration test waits for or reads back from the `locks` topic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from polycommit.bus import read_topic, topics_for
+from polycommit.codec import default_codec
+from polycommit.config import Settings
+from polycommit.errors import CodecError
+
+
+async def waiting_recorded(settings: Settings, tx_id: str) -> None:
+    """Until the coordinator has published (committed) a WAITING lock event of `tx_id`."""
+    codec, names = default_codec(), topics_for(settings)
+    deadline = asyncio.get_running_loop().time() + 30
+    found: list[bool] = []
+
+    def take(record: Any) -> None:
+        with contextlib.suppress(CodecError):
+            event = codec.decode_as(record.value, "LockEvent")
+            found.append(event["tx_id"] == tx_id and event["action"] == "WAITING")
+
+    while not any(found):
+        assert asyncio.get_running_loop().time() < deadline, f"{tx_id} never waited"
+        found.clear()
+        await read_topic(settings, names.locks, take)
+
+
+async def lock_history(settings: Settings, resource: str) -> list[tuple[str, str]]:
+    """(tx id, action) of every lock event on `resource`, in log order (one partition: keyed by resource)."""
+    codec, names = default_codec(), topics_for(settings)
+    found: list[tuple[str, str]] = []
+
+    def take(record: Any) -> None:
+        with contextlib.suppress(CodecError):
+            event = codec.decode_as(record.value, "LockEvent")
+            if event["resource"] == resource:
+                found.append((event["tx_id"], event["action"]))
+
+    await read_topic(settings, names.locks, take)
+    return found
