@@ -149,6 +149,8 @@ class InteractiveScope:
         # again and what the first read found (the commit checks it is unchanged).
         self.read_set: dict[str, tuple[Callable[[], Awaitable[Versioned]], Versioned]] = {}
         self.failed = ""  # the error class that ended this attempt at the commit, before any result
+        self.checked = False  # the deferred locks are held and the reads checked since the block last ran
+        self.reruns = 0  # times `run` ran the block again in this transaction after a stale read
         # Keys a read locks EXCLUSIVE rather than SHARED: the ones an earlier attempt of the same block
         # wrote (`run` sets them). Two readers of a key that both go on to write it deadlock on the
         # upgrade; asking the write lock at the read, as SELECT ... FOR UPDATE does, makes the second one
@@ -185,7 +187,9 @@ class InteractiveScope:
         answer = await self.coordinator.request_locks({**self._request(keys, mode), "shared_keys": list(shared)})
         if answer is None or answer["status"] != "GRANTED":
             self._ended = True
-            raise refused(answer) if answer is not None else errors.TransactionError("no lock reply")
+            error = refused(answer) if answer is not None else errors.TransactionError("no lock reply")
+            self.failed = type(error).__name__
+            raise error
         self.lock_waits_s.append(asyncio.get_running_loop().time() - started)
 
     async def _confirm_open(self) -> None:
@@ -203,6 +207,7 @@ class InteractiveScope:
             await self.lock_for_read([key], for_update=for_update)
             return await reader()
         found = await reader()
+        self.checked = False
         remembered = self.transaction.isolation in READ_LOCKING_LEVELS and self.held.get(key) is None
         if remembered and key not in self.read_set:
             self.read_set[key] = (reader, found)
@@ -230,17 +235,27 @@ class InteractiveScope:
             await self.lock(keys, "EXCLUSIVE")
         else:
             self.write_keys.update(keys)
+            self.checked = False
         self.transaction.add(operation, compensate=compensate, **step)
 
     async def lock_at_commit(self) -> None:
-        """Ask the locks the block put off, all in one request, and check what it read is unchanged under
-        them (raises StaleReadError, the transaction released, when it is not). Locking as it went, only
-        confirm the read locks are still held."""
+        """Ask the locks the block put off and check what it read is unchanged under them (raises
+        StaleReadError, the transaction released, when it is not). Locking as it went, only confirm the
+        read locks are still held."""
         if self.lock_at == "access":
             await self._confirm_open()
             return
-        if not self.read_set and not self.requests:
-            return  # never opened, nothing to check: the intent asks its write keys itself, all at once
+        changed = await self.check_reads()
+        if changed:
+            await self.release()
+            raise errors.StaleReadError(f"{self.tx_id}: {', '.join(changed)} changed since read; nothing ran")
+
+    async def check_reads(self) -> list[str]:
+        """Locking at the commit: ask every lock the block put off in one request, then read the read set
+        again under them; returns the keys whose value changed since the block read them (the locks stay
+        held either way). Empty: what the block read holds until the transaction ends."""
+        if self.checked or (not self.read_set and not self.requests):
+            return []  # checked already; or never opened, nothing to check: the intent locks its writes
         exclusive = sorted(k for k in self.write_keys if not _covers(self.held.get(k), "EXCLUSIVE"))
         shared = sorted(k for k in self.read_set if k not in self.write_keys and self.held.get(k) is None)
         if exclusive or shared:
@@ -252,14 +267,20 @@ class InteractiveScope:
                 self.held.update({k: "EXCLUSIVE" for k in exclusive})
         else:
             await self._confirm_open()  # the read locks it holds must still be held
-        if not self.read_set:
-            return
         keys = list(self.read_set)
         now = await asyncio.gather(*(self.read_set[k][0]() for k in keys))
         changed = [k for k, found in zip(keys, now, strict=True) if found != self.read_set[k][1]]
-        if changed:
-            await self.release()
-            raise errors.StaleReadError(f"{self.tx_id}: {', '.join(changed)} changed since read; nothing ran")
+        self.checked = not changed
+        return changed
+
+    def restart(self) -> None:
+        """Before the block runs again in this transaction after a stale read: what it buffered goes, the
+        locks stay, so every key it read before is held now and reads what the commit will see."""
+        self.transaction.steps.clear()
+        self.read_set.clear()
+        self.write_keys.clear()
+        self.checked = False
+        self.reruns += 1
 
     def _request(self, keys: list[str], mode: LockMode, release: bool = False) -> LockRequest:
         tx = self.transaction
@@ -345,27 +366,31 @@ async def run(
     a new transaction, up to `retries` more times, when it ends as a deadlock victim, by a lock-wait or
     idle timeout, or undone after a store's transient refusal (`retriable`); waits `backoff` seconds
     doubled per attempt (with jitter, at most `max_backoff`) first. Locking as it goes, a new attempt reads
-    the keys earlier attempts wrote under EXCLUSIVE locks (`exclusive_reads`); locking at the commit, it
-    asks the locks the last attempt needed as it starts (`predicted`), with no backoff after a stale read:
-    the lock queue orders it behind the winner instead."""
-    attempt, written, predicted, stale = 0, set[str](), dict[str, LockMode](), False
+    the keys earlier attempts wrote under EXCLUSIVE locks (`exclusive_reads`). Locking at the commit, a
+    stale read runs the block again at once in the same transaction, under the locks its commit took (an
+    attempt too: `scope.reruns`), and a new transaction asks the locks the last one needed as it starts
+    (`predicted`)."""
+    attempt, written, predicted = 0, set[str](), dict[str, LockMode]()
     while True:
         scope = coordinator.transaction(interactive=True, **options)
         scope.exclusive_reads, scope.predicted = set(written), predicted
-        stale = False
         try:
             async with scope as tx:
                 await block(tx)
+                while scope.lock_at == "commit" and attempt < retries and await scope.check_reads():
+                    # A stale read: run the block again in this transaction, under the locks it holds
+                    # now (no new queue to join behind the winner).
+                    attempt += 1
+                    scope.restart()
+                    await block(tx)
             assert scope.result is not None
             if attempt >= retries or not retriable(scope.result):
                 return scope.result
-        except RETRIED as exc:
+        except RETRIED:
             if attempt >= retries:
                 raise
-            stale = isinstance(exc, errors.StaleReadError)
         finally:
             written |= scope.asked_exclusive
             predicted = scope.touched()
         attempt += 1
-        if not stale:
-            await asyncio.sleep(min(max_backoff, backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+        await asyncio.sleep(min(max_backoff, backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))

@@ -104,8 +104,9 @@ class Contention:
     lock_waits_s: list[float] = field(default_factory=list)
 
     def add_attempts(self, scopes: Sequence[InteractiveScope], raised: Mapping[int, str]) -> None:
-        for scope in scopes:
+        for scope in {id(s): s for s in scopes}.values():  # a block run again in its transaction: there twice
             self.lock_waits_s.extend(scope.lock_waits_s)
+            self.outcomes.extend([StaleReadError.__name__] * scope.reruns)  # attempts run again in it
             if scope.result is not None:
                 self.outcomes.append(scope.result.error_class or "")
             else:

@@ -85,7 +85,7 @@ class Attempts:
 
     def tracked(self, block: Callable[[InteractiveScope], Awaitable[None]]) -> Callable[[InteractiveScope], Any]:
         async def attempt(tx: InteractiveScope) -> None:
-            self.scopes.append(tx)
+            self.scopes.append(tx)  # once per run of the block: twice for a transaction that ran it again
             try:
                 await block(tx)
             except PolycommitError as exc:
@@ -95,10 +95,12 @@ class Attempts:
         return attempt
 
     def endings(self) -> list[str]:
-        return [
+        """One per attempt: a block run again in its transaction after a stale read (`reruns`) counts."""
+        found = [
             (s.result.error_class or "") if s.result is not None else self.raised.get(id(s)) or s.failed or "?"
-            for s in self.scopes
+            for s in dict.fromkeys(self.scopes)
         ]
+        return found + ["StaleReadError"] * sum(s.reruns for s in dict.fromkeys(self.scopes))
 
 
 async def run(client: Coordinator, attempts: Attempts, block: Callable[[InteractiveScope], Awaitable[None]]) -> Any:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from rich.console import Console
@@ -125,3 +126,13 @@ def test_the_contention_table_shows_each_hot_point() -> None:
     print_curve(console, [point], 1)
     text = console.export_text()
     assert "contention on hot keys" in text and "0.5" in text and "20/20" in text
+
+
+def test_a_block_run_again_in_its_transaction_counts_each_run_as_an_attempt_once() -> None:
+    rerun = SimpleNamespace(lock_waits_s=[0.01], reruns=2, result=SimpleNamespace(error_class=None), failed="")
+    victim = SimpleNamespace(lock_waits_s=[], reruns=0, result=None, failed="DeadlockVictimError")
+    contention = Contention()
+    # the bench lists a scope once per run of its block: the rerun one three times
+    contention.add_attempts(cast(Any, [victim, rerun, rerun, rerun]), {})
+    assert sorted(contention.outcomes) == ["", "DeadlockVictimError", "StaleReadError", "StaleReadError"]
+    assert contention.lock_waits_s == [0.01]

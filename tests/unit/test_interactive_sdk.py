@@ -323,7 +323,7 @@ async def test_at_the_commit_reads_below_repeatable_read_are_neither_locked_nor_
     assert fake.sent == [] and store.reads == [ROW] and len(fake.intents) == 1
 
 
-async def test_at_the_commit_a_retry_after_a_stale_read_locks_what_the_last_attempt_needed_as_it_starts() -> None:
+async def test_at_the_commit_a_stale_read_runs_the_block_again_in_the_same_transaction_under_its_locks() -> None:
     fake, store, other = FakeCoordinator(), Store(), "postgres:t:other"
     attempts: list[InteractiveScope] = []
 
@@ -336,9 +336,31 @@ async def test_at_the_commit_a_retry_after_a_stale_read_locks_what_the_last_atte
         await tx.postgres.upsert("t", {"id": 1}, {"v": 1})
 
     result = await run(fake, block, retries=1, backoff=60.0, lock_at="commit", isolation="SERIALIZABLE")  # type: ignore[arg-type]
-    assert result.ok and len(attempts) == 2 and attempts[0].failed == "StaleReadError"
+    assert result.ok and len(attempts) == 2 and attempts[0] is attempts[1] and attempts[0].reruns == 1
+    asked = [(r["tx_id"], r["keys"], r["mode"], r["shared_keys"]) for r in fake.sent]
+    tx_id = attempts[0].tx_id
+    assert asked == [(tx_id, [ROW], "EXCLUSIVE", [other]), (tx_id, [], "SHARED", [])]  # the rerun confirms it is open
+    assert store.reads == [ROW, other, ROW, other, ROW, other]  # read, checked, read again (held: not checked)
+    assert len(fake.intents) == 1 and len(fake.intents[0].steps) == 1  # the first run's step is gone
+
+
+async def test_at_the_commit_a_new_transaction_after_a_victim_asks_the_last_ones_locks_as_it_starts() -> None:
+    fake, store, other = FakeCoordinator(refuse={2: "DeadlockVictimError"}), Store(), "postgres:t:other"
+    attempts: list[InteractiveScope] = []
+
+    async def block(tx: InteractiveScope) -> None:
+        attempts.append(tx)
+        if len(attempts) == 1:
+            await tx.lock(["pg:t:first"], "EXCLUSIVE")  # request 1, granted
+        else:
+            fake.refuse = {}
+        await tx.read(other, store.reader(other), False)
+        await tx.postgres.upsert("t", {"id": 1}, {"v": 1})  # the first attempt's commit: request 2, a victim
+
+    result = await run(fake, block, retries=1, backoff=0.0, lock_at="commit", isolation="SERIALIZABLE")  # type: ignore[arg-type]
+    assert result.ok and len(attempts) == 2 and attempts[0].failed == "DeadlockVictimError"
     second = [(r["keys"], r["mode"], r["shared_keys"]) for r in fake.sent if r["tx_id"] == attempts[1].tx_id]
-    assert second == [([ROW], "EXCLUSIVE", [other]), ([], "SHARED", [])]  # locked first; the exit confirms
+    assert second[0] == (["pg:t:first", ROW], "EXCLUSIVE", [other])  # everything the first one needed, at once
     assert attempts[1].read_set == {}  # what it read it held: nothing to check
 
 
