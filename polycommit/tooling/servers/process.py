@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -239,23 +240,37 @@ async def launch_until_ready(
 
 
 async def run(argv: list[str], *, input_text: str | None = None, limit_s: float = 120.0) -> tuple[int, str]:
-    """Run a short command to completion; returns its exit code and its combined output."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(
-            proc.communicate(input_text.encode() if input_text is not None else None), limit_s
+    """Run a short command to completion; returns its exit code and its combined output.
+
+    The output goes to a temporary file, not a pipe, and the command is done when it exits: a command that
+    leaves a daemon behind (`pg_ctl start`) must not be waited for until the daemon closes the pipe. Under
+    uvloop a grandchild keeps a copy of the pipe's write end even when it redirects its own output, so
+    reading the pipe to its end waited out `limit_s` (65 s per PostgreSQL restart in chaos)."""
+    with tempfile.TemporaryFile() as output:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
         )
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile (uvloop raises where Popen does not)
-            proc.kill()
-        await proc.wait()
-        return -1, f"timed out after {limit_s:.0f} s: {' '.join(argv)}"
-    return proc.returncode or 0, out.decode(errors="replace")
+        try:
+            await asyncio.wait_for(_feed_and_wait(proc, input_text), limit_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile (uvloop raises where Popen does not)
+                proc.kill()
+            await proc.wait()
+            return -1, f"timed out after {limit_s:.0f} s: {' '.join(argv)}"
+        output.seek(0)
+        return proc.returncode or 0, output.read().decode(errors="replace")
+
+
+async def _feed_and_wait(proc: asyncio.subprocess.Process, input_text: str | None) -> None:
+    if input_text is not None and proc.stdin is not None:
+        proc.stdin.write(input_text.encode())
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it exited without reading it all
+            await proc.stdin.drain()
+        proc.stdin.close()
+    await proc.wait()
 
 
 async def wait_gone(pid: int, limit_s: float) -> bool:
