@@ -10,6 +10,7 @@ from polycommit.bus import read_topic, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
+from polycommit.tooling.runtime import Runtime
 
 
 async def waiting_recorded(settings: Settings, tx_id: str) -> None:
@@ -42,3 +43,16 @@ async def lock_history(settings: Settings, resource: str) -> list[tuple[str, str
 
     await read_topic(settings, names.locks, take)
     return found
+
+
+async def restart_while_waiting(
+    runtime: Runtime, waiter: str, may_finish: asyncio.Event, tasks: list[asyncio.Task[Any]]
+) -> list[Any]:
+    """Once `waiter` is seen WAITING, restart the runtime (every lock the coordinator held is gone from
+    memory, then rebuilt from the open transactions' snapshots), let the holder finish, and return what
+    `tasks` returned."""
+    await waiting_recorded(runtime.settings, waiter)
+    await runtime.stop()
+    await runtime.start(timeout=120)
+    may_finish.set()
+    return list(await asyncio.gather(*tasks))

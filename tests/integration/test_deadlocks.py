@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from lock_events import lock_history, waiting_recorded
+from lock_events import lock_history, restart_while_waiting, waiting_recorded
 from runtimes import started_runtime
 
 from orchestrator.saga import SagaPolicy
@@ -286,11 +286,7 @@ async def test_a_coordinator_restart_rebuilds_the_locks_open_transactions_hold_a
 
     tasks = [asyncio.create_task(holder()), asyncio.create_task(waiter())]
     await waiter_opened.wait()
-    await waiting_recorded(runtime.settings, waiter_ids[0])
-    await runtime.stop()  # every lock the coordinator held is gone from memory ...
-    await runtime.start(timeout=120)  # ... and rebuilt from the open transactions' snapshots
-    may_finish.set()
-    results = await asyncio.gather(*tasks)
+    results = await restart_while_waiting(runtime, waiter_ids[0], may_finish, tasks)
     assert [r.status for r in results] == ["completed", "completed"], results
     assert await title_of_row(runtime.settings, a) == "waiter"  # it ran after the holder, as the lock said
     assert await title_of_node(runtime, b) == "holder"

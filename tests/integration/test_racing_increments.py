@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from lock_events import lock_history, waiting_recorded
+from lock_events import lock_history, restart_while_waiting
 from runtimes import reading_client, started_runtime
 
 from orchestrator.saga import SagaPolicy
@@ -218,11 +218,7 @@ async def test_a_commit_time_request_waiting_in_both_modes_is_rebuilt_by_a_coord
     attempts = Attempts()
     tasks = [asyncio.create_task(holder()), asyncio.create_task(run(client, attempts, waiter))]
     await waiter_started.wait()
-    await waiting_recorded(runtime.settings, waiter_ids[0])
-    await runtime.stop()  # every lock the coordinator held is gone from memory ...
-    await runtime.start(timeout=120)  # ... and rebuilt from the open transactions' snapshots
-    may_finish.set()
-    results = await asyncio.gather(*tasks)
+    results = await restart_while_waiting(runtime, waiter_ids[0], may_finish, tasks)
     assert [r.status for r in results] == ["completed", "completed"], results
     assert attempts.endings() == [""]  # granted after the restart, C unchanged: one attempt
     assert await counts(client, b) == (7, 7, 7)
