@@ -179,6 +179,72 @@ def test_shared_and_exclusive_locks_match_the_fifo_model() -> None:
     run_state_machine_as_test(ModesModel)
 
 
+# -- one request in two modes (an interactive transaction's commit: writes EXCLUSIVE, reads SHARED) ----
+
+
+class MixedModesModel(RuleBasedStateMachine):
+    """Each transaction holds nothing and asks every key it needs at once, some EXCLUSIVE and the others
+    SHARED: the coordinator's two `request` calls for one LockRequest with `shared_keys`, back to back. The
+    FIFO model holds per key, and a waiter only ever waits for transactions that arrived before it, so such
+    requests can never close a cycle, however their keys and modes cross."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = LockTable()
+        self.arrivals: list[tuple[str, dict[str, LockMode]]] = []  # (tx, key -> mode), in arrival order
+        self.counter = 0
+
+    def holders_of(self, key: str) -> set[str]:
+        return prefix_holders([(t, modes[key]) for t, modes in self.arrivals if key in modes])
+
+    def model_holds(self, tx: str) -> bool:
+        return all(tx in self.holders_of(key) for key in dict(self.arrivals)[tx])
+
+    @rule(writes=KEYS, reads=KEYS)
+    def request(self, writes: set[str], reads: set[str]) -> None:
+        self.counter += 1
+        tx = f"t{self.counter}"
+        modes: dict[str, LockMode] = {**{k: SHARED for k in reads}, **{k: EXCLUSIVE for k in writes}}
+        self.arrivals.append((tx, modes))
+        self.table.request(tx, sorted(writes), EXCLUSIVE)
+        granted = self.table.request(tx, sorted(set(reads) - set(writes)), SHARED)
+        assert granted == self.model_holds(tx)
+        assert {k: self.table.mode_of(tx, k) for k in modes} == modes
+
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        if not self.arrivals:
+            return
+        tx = data.draw(st.sampled_from([t for t, _ in self.arrivals]))
+        before = {t for t, _ in self.arrivals if t != tx and self.model_holds(t)}
+        woken = self.table.release(tx)
+        self.arrivals = [a for a in self.arrivals if a[0] != tx]
+        assert set(woken) == {t for t, _ in self.arrivals if self.model_holds(t)} - before
+
+    @invariant()
+    def holders_match_the_model_and_are_compatible(self) -> None:
+        for key in KEY_NAMES:
+            holders = self.table.holders(key)
+            assert set(holders) == self.holders_of(key)
+            assert len(holders) <= 1 or all(m == SHARED for m in holders.values())
+
+    @invariant()
+    def a_waiter_waits_only_for_earlier_arrivals_so_no_cycle_can_form(self) -> None:
+        order = [t for t, _ in self.arrivals]
+        for tx in order:
+            assert all(order.index(b) < order.index(tx) for b in self.table.blockers(tx))
+            assert self.table.mutual_waits(tx) == []
+
+    def teardown(self) -> None:
+        for tx, _ in list(self.arrivals):
+            self.table.release(tx)
+        assert len(self.table) == 0
+
+
+def test_requests_in_two_modes_at_once_match_the_fifo_model_and_never_close_a_cycle() -> None:
+    run_state_machine_as_test(MixedModesModel)
+
+
 # -- upgrades ----------------------------------------------------------------------------------------
 
 
