@@ -10,6 +10,11 @@ grant order, and folding that history at every start took minutes). Every coordi
 each wait it still has again every REANNOUNCE_MS, so a started detector holds every current wait within
 that period; cycles of two are judged by the coordinator itself meanwhile, and the lock-wait timeout still
 ends any deadlock the detector did not see: a lost graph delays a verdict but never loses a transaction.
+
+Faust's Kafka consumer is aiokafka's, and can be left stuck rejoining its group after a broker restart
+(polycommit/group_watch.py): the detector would then read nothing and judge nothing. A group watch over it
+ends such a session: the app is stopped and a new one (a new group, from the end) starts; the graph is
+kept, and the waits are announced again anyway.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
 from polycommit.events import DeadlockVerdict, LockEvent, now_ms
+from polycommit.group_watch import REJOIN_DEADLINE_S, STOP_DEADLINE_S, GroupStuckError, GroupWatch
 from projections.wait_for import CATCH_UP_MS, REJUDGE_AFTER_MS, Verdict, WaitForGraph
 
 log = logging.getLogger(__name__)
@@ -84,25 +90,35 @@ class Detector:
         # Events stamped before this instant are skipped (one from a producer whose clock is far behind,
         # or written long before it was delivered): a wait still current is announced again since.
         self.skip_before_ms: int | None = None
-        self.app = faust.App(
+        self.data_dir = data_dir
+        self.rejoin_deadline_s = REJOIN_DEADLINE_S
+        self.sessions = 0  # sessions ended by the group watch, each followed by a new one
+        self.restarted = asyncio.Event()  # set when a new session's app is built
+        self.app = self._build_app()
+
+    def _build_app(self) -> faust.App:
+        """A faust app for one session: a group of its own (a fresh name), reading `locks` from its end."""
+        settings = self.settings
+        app = faust.App(
             f"{settings.topic_prefix}-detector-{uuid.uuid4().hex[:12]}",
             broker=[f"kafka://{address.strip()}" for address in settings.kafka.bootstrap.split(",")],
             broker_credentials=_credentials(settings),
-            datadir=str(data_dir or settings.home / "data" / "detector"),
+            datadir=str(self.data_dir or settings.home / "data" / "detector"),
             web_enabled=False,
             topic_disable_leader=True,  # no leader topic: the app has no tables and no assignor state
             topic_allow_declare=False,  # polycommit creates its topics; the detector only reads and writes
             consumer_auto_offset_reset="latest",  # the group is new: from now on (waits are re-announced)
             producer_acks=-1,
         )
-        locks = self.app.topic(self.topics.locks, key_serializer="raw", value_serializer="raw")
-        self.verdict_topic = self.app.topic(self.topics.deadlocks, key_serializer="raw", value_serializer="raw")
-        self.app.agent(locks, name="wait-for-graph")(self._agent)
-        self.app.on_partitions_assigned.connect(self._on_assigned)
+        locks = app.topic(self.topics.locks, key_serializer="raw", value_serializer="raw")
+        self.verdict_topic = app.topic(self.topics.deadlocks, key_serializer="raw", value_serializer="raw")
+        app.agent(locks, name="wait-for-graph")(self._agent)
+        app.on_partitions_assigned.connect(self._on_assigned)
         self.assigned = asyncio.Event()  # its partitions are positioned: what is published now, it reads
         # Verdicts also when no lock event comes: a deadlock whose victim was not aborted (its verdict
-        # was stale on arrival) is judged again once REJUDGE_AFTER_MS has passed (projections/wait_for).
-        self.app.timer(interval=REJUDGE_AFTER_MS / 2000, on_leader=False)(self._tick)
+        # was stale when it arrived) is judged again once REJUDGE_AFTER_MS has passed (projections/wait_for).
+        app.timer(interval=REJUDGE_AFTER_MS / 2000, on_leader=False)(self._tick)
+        return app
 
     async def _on_assigned(self, sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         """The app's `on_partitions_assigned` signal (args: the assignment). Resolve each partition's
@@ -145,12 +161,53 @@ class Detector:
         return records
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-        self.skip_before_ms = now_ms() - CATCH_UP_MS
-        await self.app.start()
+        while True:
+            self.skip_before_ms = now_ms() - CATCH_UP_MS
+            await self.app.start()
+            try:
+                async with GroupWatch(FaustKafkaConsumer(self.app), "detector", self.rejoin_deadline_s):
+                    await self.assigned.wait()
+                    if ready is not None:
+                        ready.set()
+                    await stop.wait()
+                return
+            except GroupStuckError as exc:
+                log.warning("%s: a new session, in a new group", exc)
+                self.sessions += 1
+                self._unstick()
+            finally:
+                await self._stop_app()
+            self.app = self._build_app()
+            self.restarted.set()
+
+    def _unstick(self) -> None:
+        """A stuck member's coordination task never ends, and stopping the consumer waits for it: cancel it,
+        in faust's consumer thread, so the app stops and its thread ends (left alone, the thread outlived
+        the session, spinning, and kept the process from exiting)."""
+        thread = getattr(self.app.consumer, "_thread", None)
+        task = getattr(FaustKafkaConsumer(self.app)._coordinator, "_coordination_task", None)
+        loop = getattr(thread, "thread_loop", None)
+        if task is not None and loop is not None:
+            loop.call_soon_threadsafe(task.cancel)
+
+    async def _stop_app(self) -> None:
+        """Stop the app, giving up after STOP_DEADLINE_S: a stuck member may never finish leaving."""
         try:
-            await self.assigned.wait()
-            if ready is not None:
-                ready.set()
-            await stop.wait()
-        finally:
-            await self.app.stop()
+            await asyncio.wait_for(self.app.stop(), STOP_DEADLINE_S)
+        except TimeoutError:
+            log.warning("detector: its faust app did not stop within %.0f s; abandoned", STOP_DEADLINE_S)
+
+
+class FaustKafkaConsumer:
+    """The aiokafka consumer in faust's consumer thread, as the group watch looks at it: looked up at each
+    look (it exists once the app's consumer has started; private attributes of faust's aiokafka driver,
+    which has no public health signal either). Read across threads, as a flag is: a stale read only delays
+    the watch by one poll."""
+
+    def __init__(self, app: faust.App) -> None:
+        self.app = app
+
+    @property
+    def _coordinator(self) -> Any:
+        thread = getattr(self.app.consumer, "_thread", None)
+        return getattr(getattr(thread, "_consumer", None), "_coordinator", None)

@@ -168,3 +168,45 @@ async def test_waits_stamped_before_the_catch_up_window_are_skipped_and_fresh_on
         await consumer.stop()
     assert [set(v["cycle"]) for v in verdicts] == [set(fresh)]  # the stale cycle got none
     assert detector.stats.skipped - skipped_before == 2
+
+
+async def never_joins(*args: Any, **kwargs: Any) -> None:
+    await asyncio.Event().wait()
+
+
+async def test_a_detector_stuck_rejoining_its_group_starts_a_new_session_that_still_judges(
+    topics: Settings, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """faust's Kafka consumer left stuck rejoining its group (aiokafka issue #1154, made as the group watch
+    test makes it: a rejoin asked, the join never completing, in faust's consumer thread): the group watch
+    ends the session, a new app in a new group starts from the end, and a cycle announced then is judged."""
+    names = topics_for(topics)
+    run = uuid.uuid4().hex[:8]
+    members = [f"after-a-{run}", f"after-b-{run}"]
+    found = Detector(topics, data_dir=tmp_path / "stuck-detector")
+    found.rejoin_deadline_s = 2.0
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(found.run(stop, ready))
+    publisher = Publisher(topics)
+    await publisher.start()
+    consumer = make_consumer(topics, names.deadlocks, group_id=f"verdicts-{run}")
+    await consumer.start()
+    try:
+        await asyncio.wait_for(ready.wait(), 60)
+        first = found.app
+        thread = first.consumer._thread  # type: ignore[attr-defined]  # faust's aiokafka driver
+        coordinator = thread._consumer._coordinator
+        monkeypatch.setattr(coordinator, "ensure_active_group", never_joins)
+        thread.thread_loop.call_soon_threadsafe(coordinator.request_rejoin)  # as a failed heartbeat does
+        await asyncio.wait_for(found.restarted.wait(), 60)
+        assert found.sessions == 1 and found.app is not first and not task.done()
+        assert not thread._thread.is_alive()  # the stuck session's consumer thread ended (it used to spin on)
+        await asyncio.wait_for(found.assigned.wait(), 60)  # the new session's partitions are positioned
+        await publisher.publish_and_wait(records(names.locks, cycle(members, run)))
+        verdicts = await _verdicts_about(set(members), consumer)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await publisher.stop()
+        await consumer.stop()
+    assert [set(v["cycle"]) for v in verdicts] == [set(members)]
