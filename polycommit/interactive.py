@@ -158,8 +158,8 @@ class InteractiveScope:
         self.exclusive_reads: set[str] = set()
         self.asked_exclusive: set[str] = set()  # every key this attempt asked EXCLUSIVE (granted or not)
         # Locking at the commit: the locks an earlier attempt of the same block took or would have taken
-        # (`run` sets them), asked all at once when the block starts, so a retry after a stale read holds
-        # what it will read before it reads it and does not lose the same race again.
+        # (`run` sets them after a deadlock, a lock-wait or idle timeout), asked all at once when the block
+        # starts, so the new attempt holds what it will read before it reads it.
         self.predicted: dict[str, LockMode] = {}
         self.requests = 0
         self.lock_waits_s: list[float] = []  # how long each request that went out took to be granted
@@ -229,7 +229,8 @@ class InteractiveScope:
             await self.lock([k for k in keys if k not in self.exclusive_reads], "SHARED")
 
     async def add(self, operation: Operation, *, compensate: Operation | None = None, **step: Any) -> None:
-        """Lock what the step writes (EXCLUSIVE), then add it to the transaction's intent."""
+        """Add the step to the transaction's intent, its keys locked EXCLUSIVE first (locking as it goes) or
+        remembered for the commit."""
         keys = ops.lock_keys(operation) + (ops.lock_keys(compensate) if compensate is not None else [])
         if self.lock_at == "access":
             await self.lock(keys, "EXCLUSIVE")
