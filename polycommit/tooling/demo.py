@@ -3,7 +3,9 @@
 Runs the coordinator and the three store consumers in this process, sends the business actions as
 sagas through Kafka, and prints one row per transaction and then what each store holds. One merge is
 meant to fail (the merged customer lacks the credit to move) and one ingest carries a wrong-size
-embedding: both are compensated, and the stores show no trace of them.
+embedding: both are compensated, and the stores show no trace of them. Then two clerks top up one
+customer's credit at once in interactive transactions (polycommit/tooling/demo_race.py): one runs again
+after a stale read, and neither top-up is lost.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from polycommit.bus import create_topics
 from polycommit.client import Coordinator, Saga, TransactionResult
 from polycommit.config import Settings
 from polycommit.tooling import workload
+from polycommit.tooling.demo_race import Race, top_up_race
 from polycommit.tooling.runtime import Runtime
 
 GLYPH = {
@@ -148,10 +151,14 @@ async def run_demo(settings: Settings, *, as_json: bool = False) -> int:
             for saga, expected in _plan(run):
                 with console.status(f"running {saga.name}"):
                     rows.append((saga, await client.execute(saga), expected))
+            with console.status("two clerks top up one customer's credit at once"):
+                race: Race = await top_up_race(client, f"{run}-linus", amount=10)
         stores = await _stores(settings, runtime, run)
     finally:
         await runtime.stop()
     surprises = [saga.name for saga, result, expected in rows if result.status != expected]
+    if not race.ok:
+        surprises.append("top-up race")
     if as_json:
         print(
             json.dumps(
@@ -168,6 +175,7 @@ async def run_demo(settings: Settings, *, as_json: bool = False) -> int:
                         }
                         for s, r, e in rows
                     ],
+                    "race": {**vars(race), "ok": race.ok},
                     "stores": stores,
                     "ok": not surprises,
                 },
@@ -178,6 +186,7 @@ async def run_demo(settings: Settings, *, as_json: bool = False) -> int:
     else:
         console.print(_transactions_table(rows))
         console.print("steps: ✓ applied  ↺ compensated  ✗ failed  · not run  ∅ compensation was a no-op")
+        console.print(f"[{'green' if race.ok else 'red'}]{race.describe()}[/]")
         _print_stores(console, stores)
         console.print(
             "[green]every transaction ended as expected[/]"
