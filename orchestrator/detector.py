@@ -174,21 +174,14 @@ class Detector:
             except GroupStuckError as exc:
                 log.warning("%s: a new session, in a new group", exc)
                 self.sessions += 1
-                self._unstick()
+                # Stopping the consumer waits for its coordination task, which a stuck member never ends:
+                # cancelled, the app stops and its thread ends (left alone, the thread outlived the session,
+                # spinning, and kept the process from exiting).
+                FaustKafkaConsumer(self.app).cancel_coordination()
             finally:
                 await self._stop_app()
             self.app = self._build_app()
             self.restarted.set()
-
-    def _unstick(self) -> None:
-        """A stuck member's coordination task never ends, and stopping the consumer waits for it: cancel it,
-        in faust's consumer thread, so the app stops and its thread ends (left alone, the thread outlived
-        the session, spinning, and kept the process from exiting)."""
-        thread = getattr(self.app.consumer, "_thread", None)
-        task = getattr(FaustKafkaConsumer(self.app)._coordinator, "_coordination_task", None)
-        loop = getattr(thread, "thread_loop", None)
-        if task is not None and loop is not None:
-            loop.call_soon_threadsafe(task.cancel)
 
     async def _stop_app(self) -> None:
         """Stop the app, giving up after STOP_DEADLINE_S: a stuck member may never finish leaving."""
@@ -200,14 +193,24 @@ class Detector:
 
 class FaustKafkaConsumer:
     """The aiokafka consumer in faust's consumer thread, as the group watch looks at it: looked up at each
-    look (it exists once the app's consumer has started; private attributes of faust's aiokafka driver,
-    which has no public health signal either). Read across threads, as a flag is: a stale read only delays
-    the watch by one poll."""
+    look (it exists once the app's consumer has started). The one place that knows faust's aiokafka driver
+    from inside (private attributes: neither library has a public health signal). Read across threads, as
+    a flag is: a stale read only delays the watch by one poll."""
 
     def __init__(self, app: faust.App) -> None:
         self.app = app
 
     @property
+    def _thread(self) -> Any:
+        return getattr(self.app.consumer, "_thread", None)
+
+    @property
     def _coordinator(self) -> Any:
-        thread = getattr(self.app.consumer, "_thread", None)
-        return getattr(getattr(thread, "_consumer", None), "_coordinator", None)
+        return getattr(getattr(self._thread, "_consumer", None), "_coordinator", None)
+
+    def cancel_coordination(self) -> None:
+        """Cancel aiokafka's group coordination task, in the consumer thread's own loop."""
+        task = getattr(self._coordinator, "_coordination_task", None)
+        loop = getattr(self._thread, "thread_loop", None)
+        if task is not None and loop is not None:
+            loop.call_soon_threadsafe(task.cancel)

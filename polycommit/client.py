@@ -45,7 +45,8 @@ from polycommit.events import (
     TransactionIntent,
     now_ms,
 )
-from polycommit.interactive import InteractiveScope, LockAt, LockCalls, ScopeOptions, refuse_interactive
+from polycommit.interactive import InteractiveScope, LockAt, ScopeOptions, refuse_interactive
+from polycommit.lock_calls import LockCalls
 from polycommit.modes import refuse_unsupported
 from polycommit.reads import PointSource, StoreReads
 from polycommit.results import StepOutcomeView as StepOutcomeView

@@ -33,11 +33,10 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, get_args
 
 from polycommit import errors
 from polycommit import operations as ops
-from polycommit.codec import EventCodec
 from polycommit.events import Consistency, Isolation, LockReply, LockRequest, Operation, now_ms
 from polycommit.interactive_stores import Neo4jBuilder, PostgresBuilder, QdrantBuilder
 from polycommit.interactive_stores import node_key as node_key  # the lock keys of reads, for callers
@@ -75,40 +74,6 @@ class ScopeOptions(TypedDict, total=False):
     lock_at: LockAt
 
 
-class LockCalls:
-    """The `tx.lock` calls of one client awaiting their LockReply, by (tx id, request number)."""
-
-    def __init__(self, codec: EventCodec) -> None:
-        self.codec = codec
-        self.waiting: dict[tuple[str, int], asyncio.Future[LockReply]] = {}
-
-    async def call(self, send: Awaitable[None], request: LockRequest, timeout: float) -> LockReply | None:
-        key = (request["tx_id"], request["request"])
-        future: asyncio.Future[LockReply] = asyncio.get_running_loop().create_future()
-        if not request["release"]:
-            self.waiting[key] = future
-        try:
-            await send
-            return None if request["release"] else await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            raise errors.TransactionTimeoutError(f"no answer to lock request {key} within {timeout}s") from None
-        finally:
-            self.waiting.pop(key, None)
-
-    def route(self, record: Any) -> bool:
-        """True when `record` (on the client's reply partition) is a LockReply: given to its call, if any."""
-        try:
-            decoded = self.codec.decode(record.value)
-        except errors.CodecError:
-            return False  # not for a lock call: the result path reports it
-        if decoded.event_type != "LockReply":
-            return False
-        future = self.waiting.pop((decoded.record["tx_id"], decoded.record["request"]), None)
-        if future is not None and not future.done():
-            future.set_result(decoded.record)  # type: ignore[arg-type]
-        return True
-
-
 def refused(answer: LockReply) -> errors.PolycommitError:
     """The typed error a REFUSED LockReply names (TransactionError for a class this SDK does not know)."""
     error = answer["error"]
@@ -134,8 +99,8 @@ class InteractiveScope:
     def __init__(
         self, coordinator: Coordinator, transaction: Transaction, raise_on_failure: bool, lock_at: LockAt = "commit"
     ) -> None:
-        if lock_at not in ("commit", "access"):
-            raise errors.UnsupportedError(f"lock_at={lock_at!r}: 'commit' or 'access'")
+        if lock_at not in get_args(LockAt):
+            raise errors.UnsupportedError(f"lock_at={lock_at!r}: one of {', '.join(get_args(LockAt))}")
         self.coordinator = coordinator
         self.transaction = transaction
         self.raise_on_failure = raise_on_failure
@@ -148,7 +113,7 @@ class InteractiveScope:
         # Locking at the commit, at REPEATABLE_READ and SERIALIZABLE: each key read unlocked, how to read it
         # again and what the first read found (the commit checks it is unchanged).
         self.read_set: dict[str, tuple[Callable[[], Awaitable[Versioned]], Versioned]] = {}
-        self.failed = ""  # the error class that ended this attempt at the commit, before any result
+        self.failed = ""  # the error class that ended this attempt before any result (in the block or at its end)
         self.checked = False  # the deferred locks are held and the reads checked since the block last ran
         self.reruns = 0  # times `run` ran the block again in this transaction after a stale read
         # Keys a read locks EXCLUSIVE rather than SHARED: the ones an earlier attempt of the same block
@@ -181,16 +146,22 @@ class InteractiveScope:
                 await self._ask(wanted, mode)
                 self.held.update({k: mode for k in wanted if not _covers(self.held.get(k), mode)})
 
-    async def _ask(self, keys: list[str], mode: LockMode, shared: Iterable[str] = ()) -> None:
+    async def _ask(self, keys: list[str], mode: LockMode, shared: list[str] | None = None) -> None:
         self.requests += 1
         started = asyncio.get_running_loop().time()
-        answer = await self.coordinator.request_locks({**self._request(keys, mode), "shared_keys": list(shared)})
+        answer = await self.coordinator.request_locks(self._request(keys, mode, shared or []))
         if answer is None or answer["status"] != "GRANTED":
             self._ended = True
-            error = refused(answer) if answer is not None else errors.TransactionError("no lock reply")
-            self.failed = type(error).__name__
-            raise error
+            raise refused(answer) if answer is not None else errors.TransactionError("no lock reply")
         self.lock_waits_s.append(asyncio.get_running_loop().time() - started)
+
+    async def _hold_at_once(self, exclusive: list[str], shared: list[str]) -> None:
+        """Ask `exclusive` and `shared` in ONE request (queued at one arrival: no cycle when nothing is held
+        yet), and record them held."""
+        async with self._one_at_a_time:
+            await self._ask(exclusive, "EXCLUSIVE", shared)
+            self.held.update({k: "SHARED" for k in shared if k not in self.held})
+            self.held.update({k: "EXCLUSIVE" for k in exclusive})
 
     async def _confirm_open(self) -> None:
         """At REPEATABLE_READ and SERIALIZABLE the read locks must still be held when the intent runs: an
@@ -262,10 +233,7 @@ class InteractiveScope:
         if exclusive or shared:
             # Open already (locks taken at once) or reads to check: the writes are locked here, so an
             # interactive STRONG intent finds them held, as two-phase commit needs.
-            async with self._one_at_a_time:
-                await self._ask(exclusive, "EXCLUSIVE", shared)
-                self.held.update({k: "SHARED" for k in shared if k not in self.held})
-                self.held.update({k: "EXCLUSIVE" for k in exclusive})
+            await self._hold_at_once(exclusive, shared)
         else:
             await self._confirm_open()  # the read locks it holds must still be held
         keys = list(self.read_set)
@@ -283,14 +251,16 @@ class InteractiveScope:
         self.checked = False
         self.reruns += 1
 
-    def _request(self, keys: list[str], mode: LockMode, release: bool = False) -> LockRequest:
+    def _request(
+        self, keys: list[str], mode: LockMode, shared: list[str] | None = None, release: bool = False
+    ) -> LockRequest:
         tx = self.transaction
         return {
             "tx_id": tx.tx_id,
             "request": self.requests,
             "keys": keys,
             "mode": mode,
-            "shared_keys": [],
+            "shared_keys": shared or [],
             "release": release,
             "name": tx.name,
             "isolation": tx.isolation,
@@ -306,7 +276,7 @@ class InteractiveScope:
         if self.requests and not self._ended:
             self.requests += 1
             self._ended = True
-            await self.coordinator.request_locks(self._request([], "EXCLUSIVE", release=True))
+            await self.coordinator.request_locks(self._request([], "EXCLUSIVE", None, release=True))
 
     def touched(self) -> dict[str, LockMode]:
         """Every key this attempt locked or would have locked at its commit, in the mode it needed."""
@@ -318,26 +288,24 @@ class InteractiveScope:
     async def __aenter__(self) -> InteractiveScope:
         if self.lock_at == "commit" and self.predicted:
             exclusive = sorted(k for k, mode in self.predicted.items() if mode == "EXCLUSIVE")
-            shared = sorted(k for k, mode in self.predicted.items() if mode != "EXCLUSIVE")
-            async with self._one_at_a_time:
-                await self._ask(exclusive, "EXCLUSIVE", shared)
-                self.held.update({k: "SHARED" for k in shared})
-                self.held.update({k: "EXCLUSIVE" for k in exclusive})
+            await self._hold_at_once(exclusive, sorted(set(self.predicted) - set(exclusive)))
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if exc_type is not None:
+            if issubclass(exc_type, errors.PolycommitError):
+                self.failed = exc_type.__name__  # the block's own error (a refused lock, say)
             await self.release()  # nothing was published: the locks go, nothing ran
             return
         try:
             await self.lock_at_commit()
+            self._ended = True
+            self.result = await self.coordinator.execute(self.transaction)
         except errors.PolycommitError as exc:
             self.failed = type(exc).__name__
             raise
-        self._ended = True
-        self.result = await self.coordinator.execute(self.transaction)
         if self.raise_on_failure and not self.result.ok:
             raise errors.TransactionError(f"transaction {self.tx_id} ended {self.result.status}: {self.result.error}")
 
@@ -361,6 +329,7 @@ async def run(
     retries: int = 3,
     backoff: float = 0.05,
     max_backoff: float = 2.0,
+    attempts: list[InteractiveScope] | None = None,
     **options: Any,
 ) -> TransactionResult:
     """Run `block(tx)` in an interactive transaction (options as for `coordinator.transaction`), again with
@@ -370,11 +339,14 @@ async def run(
     the keys earlier attempts wrote under EXCLUSIVE locks (`exclusive_reads`). Locking at the commit, a
     stale read runs the block again at once in the same transaction, under the locks its commit took (an
     attempt too: `scope.reruns`), and a new transaction asks the locks the last one needed as it starts
-    (`predicted`)."""
+    (`predicted`). `attempts`, if given, gets each transaction's scope once, as it starts: how each ended
+    is its `result`, or `failed`, and `reruns`."""
     attempt, written, predicted = 0, set[str](), dict[str, LockMode]()
     while True:
         scope = coordinator.transaction(interactive=True, **options)
         scope.exclusive_reads, scope.predicted = set(written), predicted
+        if attempts is not None:
+            attempts.append(scope)
         try:
             async with scope as tx:
                 await block(tx)

@@ -35,10 +35,14 @@ def node_key(label: str, key: Mapping[str, Any]) -> str:
 # through `scope.add`, which locks their keys now or at the commit.
 
 
-class PostgresBuilder:
+class _Builder:
+    """What every store's builder holds: the transaction it reads in and adds steps to."""
+
     def __init__(self, scope: InteractiveScope) -> None:
         self._scope = scope
 
+
+class PostgresBuilder(_Builder):
     async def get(self, table: str, key: Mapping[str, Any], *, for_update: bool = False) -> Versioned:
         reads = self._scope.coordinator.reads
         return await self._scope.read(row_key(table, key), lambda: reads.read_row(table, key), for_update)
@@ -70,10 +74,7 @@ class PostgresBuilder:
         await self._scope.add(ops.sql(statement, params, lock_keys), compensate=compensate, **step)
 
 
-class QdrantBuilder:
-    def __init__(self, scope: InteractiveScope) -> None:
-        self._scope = scope
-
+class QdrantBuilder(_Builder):
     async def retrieve(self, collection: str, point_id: str | int, *, for_update: bool = False) -> Versioned:
         reads = self._scope.coordinator.reads
         return await self._scope.read(
@@ -87,10 +88,7 @@ class QdrantBuilder:
         await self._scope.add(ops.delete_points(collection, ids), **step)
 
 
-class Neo4jBuilder:
-    def __init__(self, scope: InteractiveScope) -> None:
-        self._scope = scope
-
+class Neo4jBuilder(_Builder):
     async def get_node(self, label: str, key: Mapping[str, Any], *, for_update: bool = False) -> Versioned:
         reads = self._scope.coordinator.reads
         return await self._scope.read(node_key(label, key), lambda: reads.read_node(label, key), for_update)

@@ -40,7 +40,7 @@ from polycommit.tooling.bench_workload import COLLECTION, DIMENSIONS, LABEL, TAB
 from polycommit.tooling.workload import embed
 
 ISOLATIONS = ("READ_UNCOMMITTED", "READ_COMMITTED", "REPEATABLE_READ", "SERIALIZABLE")
-UNSEEN = "UnseenRetry"  # an attempt that ended after its block (idle abort at the commit) without a result
+UNSEEN = "UnseenRetry"  # an attempt that ended with no result and no error of polycommit's (cancelled, say)
 
 
 @dataclass(frozen=True)
@@ -103,14 +103,15 @@ class Contention:
     outcomes: list[str] = field(default_factory=list)
     lock_waits_s: list[float] = field(default_factory=list)
 
-    def add_attempts(self, scopes: Sequence[InteractiveScope], raised: Mapping[int, str]) -> None:
-        for scope in {id(s): s for s in scopes}.values():  # a block run again in its transaction: there twice
+    def add_attempts(self, scopes: Sequence[InteractiveScope]) -> None:
+        """The transactions `coordinator.run(..., attempts=...)` listed, each once."""
+        for scope in scopes:
             self.lock_waits_s.extend(scope.lock_waits_s)
             self.outcomes.extend([StaleReadError.__name__] * scope.reruns)  # attempts run again in it
             if scope.result is not None:
                 self.outcomes.append(scope.result.error_class or "")
             else:
-                self.outcomes.append(raised.get(id(scope)) or scope.failed or UNSEEN)
+                self.outcomes.append(scope.failed or UNSEEN)
 
 
 def contention_summary(contention: Contention) -> dict[str, Any]:
@@ -158,21 +159,16 @@ async def run_interactive(
 
     async def one(item: HotTransaction) -> None:
         scopes: list[InteractiveScope] = []
-        raised: dict[int, str] = {}
 
         async def block(tx: InteractiveScope) -> None:
-            scopes.append(tx)
-            try:
-                await increment(tx, item, for_update, read_for_update)
-            except PolycommitError as exc:
-                raised[id(tx)] = type(exc).__name__
-                raise
+            await increment(tx, item, for_update, read_for_update)
 
         started = time.perf_counter()
         try:
             results.append(
                 await client.run(
                     block,
+                    attempts=scopes,
                     retries=options["retries"],
                     name="bench-hot",
                     isolation=options["isolation"],
@@ -182,10 +178,8 @@ async def run_interactive(
             )
         except PolycommitError as exc:
             results.append(exc)
-            if scopes and id(scopes[-1]) not in raised and scopes[-1].result is None:
-                raised[id(scopes[-1])] = type(exc).__name__
         latencies.append((time.perf_counter() - started) * 1000)
-        contention.add_attempts(scopes, raised)
+        contention.add_attempts(scopes)
         if progress is not None and task is not None:
             progress.advance(task)
 

@@ -51,7 +51,6 @@ async def top_up_race(client: Coordinator, customer: str, amount: int, clerks: i
 
     def top_up(clerk: int) -> Callable[[InteractiveScope], Awaitable[None]]:
         async def block(tx: InteractiveScope) -> None:
-            scopes.append(tx)
             row = (await tx.postgres.get(workload.CUSTOMERS, key)).value or {}
             everyone_read[clerk].set()
             await asyncio.gather(*(e.wait() for e in everyone_read))  # set once: a run again goes straight on
@@ -62,10 +61,13 @@ async def top_up_race(client: Coordinator, customer: str, amount: int, clerks: i
         return block
 
     results = await asyncio.gather(
-        *(client.run(top_up(c), name=f"top up {customer}", isolation="SERIALIZABLE") for c in range(clerks))
+        *(
+            client.run(top_up(c), attempts=scopes, name=f"top up {customer}", isolation="SERIALIZABLE")
+            for c in range(clerks)
+        )
     )
     race = Race(customer, amount, int(before.get("credit") or 0), [r.status for r in results], 0)
-    race.reruns = sum(s.reruns for s in {id(s): s for s in scopes}.values())
+    race.reruns = sum(s.reruns for s in scopes)
     race.after_postgres = _credit((await client.reads.read_row(workload.CUSTOMERS, key)).value)
     race.after_neo4j = _credit((await client.reads.read_node("Customer", key)).value)
     return race

@@ -29,9 +29,9 @@ from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
 from polycommit.client import Coordinator
 from polycommit.config import Settings
-from polycommit.errors import PolycommitError
 from polycommit.interactive import InteractiveScope
 from polycommit.results import TransactionResult
+from polycommit.tooling.bench_contended import Contention
 from polycommit.tooling.runtime import Runtime
 
 pytestmark = pytest.mark.servers
@@ -76,36 +76,21 @@ async def counts(client: Coordinator, key: str) -> tuple[int | None, int | None,
 
 
 class Attempts:
-    """How every attempt of the transactions run through `tracked` ended: "" when it committed, else the
-    error class (raised in the block or at the commit, or the result's)."""
+    """Every transaction `run` starts (`coordinator.run(..., attempts=...)`), and how each attempt ended: ""
+    when it committed, else the error class (the bench's count, one per block run again too)."""
 
     def __init__(self) -> None:
         self.scopes: list[InteractiveScope] = []
-        self.raised: dict[int, str] = {}
-
-    def tracked(self, block: Callable[[InteractiveScope], Awaitable[None]]) -> Callable[[InteractiveScope], Any]:
-        async def attempt(tx: InteractiveScope) -> None:
-            self.scopes.append(tx)  # once per run of the block: twice for a transaction that ran it again
-            try:
-                await block(tx)
-            except PolycommitError as exc:
-                self.raised[id(tx)] = type(exc).__name__
-                raise
-
-        return attempt
 
     def endings(self) -> list[str]:
-        """One per attempt: a block run again in its transaction after a stale read (`reruns`) counts."""
-        found = [
-            (s.result.error_class or "") if s.result is not None else self.raised.get(id(s)) or s.failed or "?"
-            for s in dict.fromkeys(self.scopes)
-        ]
-        return found + ["StaleReadError"] * sum(s.reruns for s in dict.fromkeys(self.scopes))
+        contention = Contention()
+        contention.add_attempts(self.scopes)
+        return contention.outcomes
 
 
 async def run(client: Coordinator, attempts: Attempts, block: Callable[[InteractiveScope], Awaitable[None]]) -> Any:
     return await client.run(
-        attempts.tracked(block), retries=20, backoff=0.01, isolation="SERIALIZABLE", lock_wait=LOCK_WAIT_S
+        block, attempts=attempts.scopes, retries=20, backoff=0.01, isolation="SERIALIZABLE", lock_wait=LOCK_WAIT_S
     )
 
 

@@ -132,7 +132,7 @@ def test_a_block_run_again_in_its_transaction_counts_each_run_as_an_attempt_once
     rerun = SimpleNamespace(lock_waits_s=[0.01], reruns=2, result=SimpleNamespace(error_class=None), failed="")
     victim = SimpleNamespace(lock_waits_s=[], reruns=0, result=None, failed="DeadlockVictimError")
     contention = Contention()
-    # the bench lists a scope once per run of its block: the rerun one three times
-    contention.add_attempts(cast(Any, [victim, rerun, rerun, rerun]), {})
+    # `coordinator.run(..., attempts=...)` lists each transaction once; the rerun one ran its block three times
+    contention.add_attempts(cast(Any, [victim, rerun]))
     assert sorted(contention.outcomes) == ["", "DeadlockVictimError", "StaleReadError", "StaleReadError"]
     assert contention.lock_waits_s == [0.01]

@@ -18,7 +18,6 @@ from polycommit.config import load_settings
 from polycommit.events import LockReply, LockRequest, error_info
 from polycommit.interactive import (
     InteractiveScope,
-    LockCalls,
     node_key,
     point_key,
     refuse_interactive,
@@ -26,6 +25,7 @@ from polycommit.interactive import (
     row_key,
     run,
 )
+from polycommit.lock_calls import LockCalls
 from polycommit.reads import Versioned
 from polycommit.results import TransactionResult
 from polycommit.tooling.processes import part_command
