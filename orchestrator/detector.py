@@ -30,11 +30,12 @@ from typing import Any
 import faust
 from faust.types import TP
 
+from polycommit import lock_log
 from polycommit.bus import topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
-from polycommit.events import DeadlockVerdict, LockEvent, now_ms
+from polycommit.events import DeadlockVerdict, now_ms
 from polycommit.group_watch import REJOIN_DEADLINE_S, STOP_DEADLINE_S, GroupStuckError, GroupWatch
 from projections.wait_for import CATCH_UP_MS, REJUDGE_AFTER_MS, Verdict, WaitForGraph
 
@@ -141,15 +142,16 @@ class Detector:
         """Fold a batch of raw lock events and publish the verdicts it makes (also called by tests)."""
         for value in values:
             try:
-                lock_event: LockEvent = self.codec.decode_as(value, "LockEvent")  # type: ignore[assignment]
+                lock_record = self.codec.decode_as(value, "LockEvent")
             except CodecError:
                 self.stats.corrupt += 1  # not a lock event of ours: the graph cannot use it
                 continue
-            if self.skip_before_ms is not None and lock_event["at_ms"] < self.skip_before_ms:
+            if self.skip_before_ms is not None and lock_record["at_ms"] < self.skip_before_ms:
                 self.stats.skipped += 1
                 continue
-            self.graph.apply(lock_event)
-            self.stats.events += 1
+            for lock_event in lock_log.expand(lock_record):  # one event per resource (a record may carry several)
+                self.graph.apply(lock_event)
+                self.stats.events += 1
         now = now_ms()
         records = [verdict_record(v, now) for v in self.graph.verdicts(now)]
         for record in records:

@@ -182,6 +182,7 @@ class CoordinatorService:
         self.replies.new_batch()  # a new session looks again: the cluster may have changed meanwhile
         await self.replies.load()
         self.transactions.partitions = len(await publisher.partitions(self.topics.intents))
+        self.writer.lock_partitions = await publisher.partitions(self.topics.locks)
         consumer.subscribe(await input_topics(publisher, self.topics), listener=Rebalance(self))
         await consumer.start()
         try:

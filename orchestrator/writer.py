@@ -14,7 +14,7 @@ from typing import Any
 from orchestrator import registry
 from orchestrator.admission import ReplyTargets
 from orchestrator.protocol import Transition, TxState
-from polycommit import tracing
+from polycommit import lock_log, tracing
 from polycommit.bus import Outgoing, Topics
 from polycommit.codec import EventCodec
 from polycommit.deadletters import dead_letter
@@ -62,6 +62,9 @@ class TransitionWriter:
         self.stats = stats
         self.trace = trace
         self.observe = observe
+        # The partitions of `locks`, known once a session has asked the broker: lock events that share one
+        # travel as one record (polycommit/lock_log.py).
+        self.lock_partitions: list[int] = [0]
 
     def publish(self, transition: Transition, record: Any, out: list[Outgoing]) -> None:
         state = transition.state
@@ -87,8 +90,10 @@ class TransitionWriter:
             self.publish_result(state, transition.result, out, traced)
 
     def lock_events(self, events: list[LockEvent]) -> list[Outgoing]:
-        """Lock events go to `locks` keyed by resource: each key's events in one partition, in order."""
-        return [Outgoing(self.topics.locks, event["resource"], "LockEvent", event) for event in events]
+        """Lock events go to `locks` keyed by resource: each key's events in one partition, in order; those
+        of a transaction alike but for their resource, one record per partition (polycommit/lock_log.py)."""
+        records = lock_log.merged(events, self.lock_partitions)
+        return [Outgoing(self.topics.locks, record["resource"], "LockEvent", record) for record in records]
 
     def reject(self, record: Any, tx_id: str, error: ErrorInfo, out: list[Outgoing]) -> None:
         """The input record is poison for its protocol: it is kept for inspection as a dead letter."""

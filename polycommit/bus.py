@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import NewTopic
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import TopicAlreadyExistsError
-from aiokafka.partitioner import murmur2
 
 from polycommit import acls
 from polycommit.codec import EventCodec, default_codec
@@ -30,6 +28,8 @@ from polycommit.log_reader import make_reader as make_reader
 from polycommit.log_reader import read_assigned as read_assigned
 from polycommit.log_reader import read_topic as read_topic
 from polycommit.log_reader import topic_partitions as topic_partitions
+from polycommit.partitioning import key_hash as key_hash
+from polycommit.partitioning import partition_of
 
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # the broker's message.max.bytes; bigger intents are refused at the producer
 
@@ -112,8 +112,10 @@ def topics_for(settings: Settings) -> Topics:
 # fetch for its readers, so partitions that buy no parallelism cost latency. One coordinator member is
 # active (orchestrator/members.py) and a store has one consumer until an operator adds more, so the
 # coordinator's inputs and the command topics start with one partition (measured: 3000 sagas at c=32,
-# four runs each, alternated: 390 against 323 TPS, p99 142 against 203 ms, with four); the fan-out topics
-# (replies routed to clients, results, alerts, ...) keep several. Scale a store's group by creating its
+# four runs each, alternated: 390 against 323 TPS, p99 142 against 203 ms, with four); so do the lock
+# events, which only the active member's one lock table writes (keyed by resource, so a partitioned lock
+# manager can be given more); the fan-out topics (replies routed to clients, results, alerts, ...) keep
+# several. Scale a store's group by creating its
 # command topic with as many partitions as consumers, before the first start: a count changed later moves
 # transactions' keys to other partitions while their commands are in flight.
 DEFAULT_PARTITIONS = 4
@@ -125,7 +127,7 @@ def partition_counts(topics: Topics, wanted: Mapping[str, int] | None = None) ->
     coordinator's inputs, its changelog and the verdicts it reads share the intents' count, so the member
     that owns a transaction's intent also owns its outcomes, its snapshot and its verdicts."""
     asked = dict(wanted or {})
-    single_owner = {topics.intents, *(topics.commands(store) for store in STORES)}
+    single_owner = {topics.intents, topics.locks, *(topics.commands(store) for store in STORES)}
 
     def count(name: str) -> int:
         default = SINGLE_OWNER_PARTITIONS if name in single_owner else DEFAULT_PARTITIONS
@@ -197,13 +199,6 @@ async def delete_topics(settings: Settings) -> None:
         await admin.close()
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def key_hash(key: str) -> int:
-    """The non-negative murmur2 hash Kafka's default partitioner uses for a key (pure Python in
-    aiokafka, and asked several times per transaction: cached)."""
-    return int(murmur2(key.encode())) & 0x7FFFFFFF
-
-
 _Record = tuple[bytes, bytes | None, Sequence[tuple[str, bytes]] | None]  # key, value, headers
 
 
@@ -272,13 +267,10 @@ class Publisher:
         return known
 
     async def partition_for(self, topic: str, key: str) -> int:
-        # The same murmur2 choice the Java client and aiokafka make, so keyed records co-partition. A topic
-        # of one partition (the default for every topic on the path) needs no hash: murmur2 is pure Python,
-        # ~15 us for each new key, and every transaction's id is new.
-        parts = await self.partitions(topic)
-        if len(parts) == 1:
-            return parts[0]
-        return parts[key_hash(key) % len(parts)]
+        # The same murmur2 choice the Java client and aiokafka make, so keyed records co-partition
+        # (polycommit/partitioning.py). A topic of one partition (the default for every topic on the path)
+        # needs no hash.
+        return partition_of(key, await self.partitions(topic))
 
     def encode(self, item: Outgoing) -> bytes | None:
         if item.encoded is not None:

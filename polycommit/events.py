@@ -189,6 +189,7 @@ class Decision(TypedDict):
 class LockEvent(TypedDict):
     tx_id: str
     resource: str
+    also: NotRequired[list[str]]  # more resources in one record (polycommit/lock_log.py); absent: none
     mode: Literal["SHARED", "EXCLUSIVE"]
     action: Literal["REQUESTED", "GRANTED", "WAITING", "RELEASED"]
     blockers: list[str]

@@ -61,7 +61,7 @@ def _summary(event_type: str, r: Mapping[str, Any]) -> dict[str, Any]:
     if event_type == "Decision":
         return {"outcome": r["outcome"], "participants": list(r["participants"]), "reason": r["reason"]}
     if event_type == "LockEvent":
-        return {"resource": r["resource"], "mode": r["mode"], "action": r["action"]}
+        return {"resources": [r["resource"], *r.get("also", ())], "mode": r["mode"], "action": r["action"]}
     if event_type == "Alert":
         return {"kind": r["kind"], "message": r["message"]}
     if event_type == "TransactionResult":

@@ -10,6 +10,7 @@ from polycommit.bus import read_topic, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
+from polycommit.lock_log import expand
 from polycommit.tooling.runtime import Runtime
 
 
@@ -37,9 +38,9 @@ async def lock_history(settings: Settings, resource: str) -> list[tuple[str, str
 
     def take(record: Any) -> None:
         with contextlib.suppress(CodecError):
-            event = codec.decode_as(record.value, "LockEvent")
-            if event["resource"] == resource:
-                found.append((event["tx_id"], event["action"]))
+            for event in expand(codec.decode_as(record.value, "LockEvent")):
+                if event["resource"] == resource:
+                    found.append((event["tx_id"], event["action"]))
 
     await read_topic(settings, names.locks, take)
     return found

@@ -24,6 +24,7 @@ from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
 from polycommit.events import Decision, now_ms
+from polycommit.lock_log import expand
 from polycommit.tooling import workload
 from polycommit.tooling.runtime import Runtime
 
@@ -155,11 +156,10 @@ async def lock_events(settings: Settings, tx_ids: set[str]) -> list[dict[str, An
 
     def take(record: Any) -> None:
         try:
-            e = codec.decode_as(record.value, "LockEvent")
+            events = expand(codec.decode_as(record.value, "LockEvent"))
         except CodecError:
             return  # another test's poison record on the session's lock topic (the detector test's)
-        if e["tx_id"] in tx_ids:
-            found.append(e)  # type: ignore[arg-type]
+        found.extend(dict(e) for e in events if e["tx_id"] in tx_ids)
 
     await read_topic(settings, topics_for(settings).locks, take)
     return found

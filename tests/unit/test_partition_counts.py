@@ -7,12 +7,12 @@ from polycommit.bus import DEFAULT_PARTITIONS, Topics, partition_counts
 TOPICS = Topics("p")
 
 
-def test_the_coordinators_inputs_and_the_command_topics_start_with_one_partition() -> None:
+def test_the_coordinators_inputs_the_command_topics_and_the_lock_events_start_with_one_partition() -> None:
     counts = partition_counts(TOPICS)
-    single = [TOPICS.intents, TOPICS.outcomes, TOPICS.tx_state, TOPICS.deadlocks]
+    single = [TOPICS.intents, TOPICS.outcomes, TOPICS.tx_state, TOPICS.deadlocks, TOPICS.locks]
     single += [TOPICS.commands(store) for store in ("postgres", "qdrant", "neo4j")]
     assert {name: counts[name] for name in single} == dict.fromkeys(single, 1)
-    fan_out = [TOPICS.replies, TOPICS.results, TOPICS.alerts, TOPICS.dead_letters, TOPICS.locks, TOPICS.decisions]
+    fan_out = [TOPICS.replies, TOPICS.results, TOPICS.alerts, TOPICS.dead_letters, TOPICS.decisions]
     assert {name: counts[name] for name in fan_out} == dict.fromkeys(fan_out, DEFAULT_PARTITIONS)
     assert set(counts) == set(TOPICS.all())
 

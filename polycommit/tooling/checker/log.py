@@ -16,6 +16,7 @@ from typing import Any
 
 from polycommit.client import Transaction
 from polycommit.config import Settings
+from polycommit.lock_log import expand_all
 from polycommit.tooling.checker.history import History
 from polycommit.tooling.checker.keys import Applied, StepRef
 from polycommit.tooling.checker.report import APPLIED_TWICE, CONFLICTING, UNDECIDED, Violation
@@ -81,7 +82,7 @@ def fold(
         history.record(decision["tx_id"], DECIDED.get(decision["outcome"], decision["outcome"]))
     for result in results:
         history.record(result["tx_id"], result["status"])
-    for lock in locks:
+    for lock in expand_all(locks):  # a record may be about several resources (polycommit/lock_log.py)
         if lock["action"] == "GRANTED":
             facts.grants.setdefault(lock["resource"], []).append(lock["tx_id"])
     return history, facts
