@@ -48,6 +48,7 @@ COMMIT_EVERY_S = 0.1
 class WorkerStats:
     records: int = 0
     restarts: int = 0
+    abandoned_consumers: int = 0  # Kafka consumers that did not stop within STOP_DEADLINE_S (left behind)
     batches: int = 0
     commands: int = 0
     dead_letters: int = 0
@@ -146,11 +147,12 @@ class StoreWorker:
         await consumer.start()
         self.held.clear()
         self._committed_offsets = {}
+        # A member aiokafka leaves stuck rejoining its group ends the session (polycommit/group_watch.py).
+        watch = GroupWatch(consumer, self.name, self.rejoin_deadline_s)
         try:
             if ready is not None:
                 ready.set()
-            # A member aiokafka leaves stuck rejoining its group ends the session (polycommit/group_watch.py).
-            async with GroupWatch(consumer, self.name, self.rejoin_deadline_s):
+            async with watch:
                 while not stop.is_set():
                     started = time.perf_counter()
                     batch = await consumer.getmany(timeout_ms=100, max_records=self.batch_size)
@@ -179,7 +181,8 @@ class StoreWorker:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             self._publishing = self._committing = None
-            await stop_consumer(consumer, self.name)
+            if not await stop_consumer(consumer, self.name, stuck=watch.fired):
+                self.stats.abandoned_consumers += 1
             await publisher.stop()
             await self.participant.close()
 

@@ -185,10 +185,11 @@ class CoordinatorService:
         self.writer.lock_partitions = await publisher.partitions(self.topics.locks)
         consumer.subscribe(await input_topics(publisher, self.topics), listener=Rebalance(self))
         await consumer.start()
+        watch = GroupWatch(consumer, member)  # aiokafka's stuck rejoin (polycommit/group_watch.py)
         try:
             if ready is not None:
                 ready.set()
-            async with GroupWatch(consumer, member):  # aiokafka's stuck rejoin (polycommit/group_watch.py)
+            async with watch:
                 while not stop.is_set():
                     await self._step(consumer)
             await self.flush()
@@ -197,7 +198,7 @@ class CoordinatorService:
             if self._committing is not None:
                 await self.drain(reraise=False)
             self._commit_failure = None
-            await stop_consumer(consumer, member)
+            await stop_consumer(consumer, member, stuck=watch.fired)
             await self.committer.close()
             await publisher.stop()
             self._publisher = None

@@ -103,11 +103,26 @@ class GroupWatch:
 STOP_DEADLINE_S = 15.0  # a healthy consumer stops (leaves its group) in well under a second
 
 
-async def stop_consumer(consumer: Any, name: str, deadline_s: float = STOP_DEADLINE_S) -> None:
-    """Stop a consumer, giving up after `deadline_s`: aiokafka's stop waits for its group coordination task,
-    which a stuck member never finishes, so an unbounded stop would hang the session it was meant to end.
-    Giving up cancels that task (the wait is cancelled, and the cancellation reaches the task it awaits)."""
+async def stop_consumer(consumer: Any, name: str, deadline_s: float = STOP_DEADLINE_S, *, stuck: bool = False) -> bool:
+    """Stop a consumer; whether it stopped (False: abandoned after `deadline_s`). aiokafka's stop waits for
+    its group coordination task, which a stuck member never finishes, so an unbounded stop would hang the
+    session it was meant to end. `stuck` (its GroupWatch fired): that task is cancelled first, so the stop
+    is immediate and complete (heartbeat, fetcher and connections closed) instead of abandoned halfway."""
+    if stuck:
+        await cancel_coordination(consumer)
     try:
         await asyncio.wait_for(consumer.stop(), deadline_s)
     except TimeoutError:
         log.warning("%s: its Kafka consumer did not stop within %.0f s; abandoned", name, deadline_s)
+        return False
+    return True
+
+
+async def cancel_coordination(consumer: Any) -> None:
+    """Cancel aiokafka's group coordination task and wait until it has ended. Awaited here, the cancellation
+    stays in that task: the consumer's stop then finds it done and does not await it (awaiting a task
+    cancelled under it would raise CancelledError in the stopping session, as if the session were)."""
+    task = getattr(getattr(consumer, "_coordinator", None), "_coordination_task", None)
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -80,6 +80,11 @@ async def test_a_consumer_stuck_rejoining_its_group_gets_a_new_session_and_appli
         await asyncio.wait_for(second_session.wait(), 60)  # the watch ended the stuck session
         assert (await apply_one(uuid.uuid4().hex))["status"] == "APPLIED"
         assert worker.stats.restarts == 1
+        # The stuck consumer was stopped, not abandoned: its coordination task was cancelled first, so its
+        # stop did not wait out STOP_DEADLINE_S for a task that never ends, and it closed its connections.
+        assert worker.stats.abandoned_consumers == 0
+        assert made[0]._coordinator._coordination_task.cancelled()
+        assert not any(conn.connected() for conn in made[0]._client._conns.values())
         assert len(made) == 2 and not made[1]._coordinator._rejoin_needed_fut.done()  # the new member joined
         assert not running.done()
     finally:
