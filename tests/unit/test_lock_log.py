@@ -103,3 +103,14 @@ def test_the_wait_for_graph_is_the_same_from_merged_records() -> None:
     assert len(merged(events, [0])) == 3
     assert from_records.waits == one_by_one.waits
     assert from_records.cycles() == one_by_one.cycles() == [("t1", "t2")]
+
+
+def test_the_checker_reads_each_resources_grants_from_merged_records() -> None:
+    from polycommit.tooling.checker.log import fold
+
+    first = [event("a", r) for r in ("x", "y", "z")] + [event("a", r, "RELEASED", at=2) for r in ("x", "y", "z")]
+    second = [event("b", r, at=3) for r in ("y", "z")]
+    records = merged(first, [0]) + merged(second, [0])
+    assert len(records) == 3
+    _, facts = fold([], [], [], [], locks=records)
+    assert facts.grants == {"x": ["a"], "y": ["a", "b"], "z": ["a", "b"]}
