@@ -117,13 +117,14 @@ class StoreWorker:
         event.set()
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-        """Run until `stop`; when Kafka fails under it, start a new session from the committed offsets
-        (whatever was applied but not committed is redelivered, and the markers make that a no-op)."""
+        """Run until `stop`; when Kafka fails under it, or its store cannot be reached when a session
+        starts, start a new session from the committed offsets (whatever was applied but not committed
+        is redelivered, and the markers make that a no-op)."""
         delay = 0.5
         while not stop.is_set():
             try:
                 await self._session(stop, ready)
-            except (KafkaError, OSError) as exc:
+            except (KafkaError, OSError, StoreUnavailableError) as exc:
                 self.stats.restarts += 1
                 log.warning(
                     "%s session failed (%s: %s); restarting in %.1fs", self.name, type(exc).__name__, exc, delay
@@ -143,8 +144,16 @@ class StoreWorker:
         )
         publisher = Publisher(self.settings, codec=self.codec, client_id=self.name)
         await self.participant.start()
-        await publisher.start()
-        await consumer.start()
+        try:
+            await publisher.start()
+            try:
+                await consumer.start()
+            except BaseException:
+                await publisher.stop()
+                raise
+        except BaseException:
+            await self.participant.close()  # a failed start leaves nothing open for the next session
+            raise
         self.held.clear()
         self._committed_offsets = {}
         # A member aiokafka leaves stuck rejoining its group ends the session (polycommit/group_watch.py).

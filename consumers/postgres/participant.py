@@ -39,6 +39,9 @@ from polycommit.parsed import ParsedOperation, RawOperation, RowOperation
 # serialization failure, deadlock), connection exceptions (08), object not in prerequisite state (55:
 # lock not available), operator intervention (57: shutdown, cancel), insufficient resources (53).
 _RETRIABLE_CLASSES = ("40", "08", "55", "57", "53")
+# The server is not there to talk to: a connection exception (08), or shutting down, crashed or starting up
+# (57P01-57P03).
+_OUTAGE_CLASSES = ("08", "57")
 
 
 def classify(exc: Exception) -> StoreError:
@@ -113,6 +116,10 @@ class PostgresParticipant(Participant):
         return self._pool
 
     async def start(self) -> None:
+        """Connect and prepare: the marker, version and member tables, the prepared transactions settled.
+        The server failing at any point of it (refusing connections, starting up, dying under a query) is
+        StoreUnavailableError, with no pool left open: the worker waits and starts again (a store outage
+        must not end the consumer, which is what any other error does: a permission refused, say)."""
         try:
             self._pool = await asyncpg.create_pool(
                 self.settings.postgres.dsn,
@@ -121,8 +128,16 @@ class PostgresParticipant(Participant):
                 command_timeout=60,
                 reset=self.sessions.reset,
             )
-        except (OSError, asyncpg.PostgresError) as exc:
+            await self._prepare()
+        except (*twophase.UNREACHABLE, asyncpg.PostgresError) as exc:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.terminate()  # at once: its connections may be to a server that is gone
+            if isinstance(exc, asyncpg.PostgresError) and twophase.sqlstate(exc)[:2] not in _OUTAGE_CLASSES:
+                raise
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
+
+    async def _prepare(self) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute(q.CREATE_MARKERS)
             await conn.execute(q.CREATE_VERSIONS)

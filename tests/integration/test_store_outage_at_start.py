@@ -1,0 +1,101 @@
+"""A store that fails while its consumer starts a session does not end the consumer (found by a chaos run:
+the PostgreSQL consumer exited 1 when the server, killed and restarting, refused it during its start):
+the participant's start turns an outage at any point into StoreUnavailableError, leaving no pool open,
+and the worker waits and starts again, then applies what comes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+from consumers.postgres import PostgresParticipant, settlement
+from consumers.worker import StoreWorker
+from polycommit import operations as ops
+from polycommit.bus import Outgoing, Publisher, topics_for
+from polycommit.config import Settings
+from polycommit.errors import StoreUnavailableError
+from polycommit.events import StepOutcome, store_command
+
+TABLE = "outage_at_start_rows"
+pytestmark = pytest.mark.servers
+
+
+def failing_settlement(error: BaseException) -> Any:
+    async def settle(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    return settle
+
+
+async def test_the_server_dying_during_the_start_is_an_outage_and_leaves_no_pool(
+    topics: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    participant = PostgresParticipant(topics)
+    died = asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+    monkeypatch.setattr(settlement, "settle_at_start", failing_settlement(died))
+    with pytest.raises(StoreUnavailableError, match="closed in the middle"):
+        await participant.start()
+    assert participant._pool is None
+    starting = asyncpg.exceptions.CannotConnectNowError("the database system is starting up")
+    monkeypatch.setattr(settlement, "settle_at_start", failing_settlement(starting))
+    with pytest.raises(StoreUnavailableError, match="starting up"):
+        await participant.start()
+    # Not an outage: kept as it is, so the consumer ends with it instead of waiting for ever.
+    refused = asyncpg.exceptions.InsufficientPrivilegeError("permission denied for schema public")
+    monkeypatch.setattr(settlement, "settle_at_start", failing_settlement(refused))
+    with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+        await participant.start()
+    assert participant._pool is None
+
+
+class FlakyStart(PostgresParticipant):
+    """The store is unreachable for this participant's first `outages` starts."""
+
+    def __init__(self, settings: Settings, outages: int) -> None:
+        super().__init__(settings)
+        self.outages = outages
+
+    async def start(self) -> None:
+        if self.outages > 0:
+            self.outages -= 1
+            raise StoreUnavailableError("PostgreSQL at 127.0.0.1: the database system is starting up")
+        await super().start()
+
+
+async def test_a_consumer_whose_store_is_down_at_its_start_waits_and_then_applies(topics: Settings) -> None:
+    participant = FlakyStart(topics, outages=2)
+    seen: dict[str, StepOutcome] = {}
+    arrived = asyncio.Event()
+
+    def on_batch(outcomes: list[StepOutcome]) -> None:
+        seen.update((o["tx_id"], o) for o in outcomes)
+        arrived.set()
+
+    worker = StoreWorker(topics, participant, on_batch=on_batch)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    running = asyncio.create_task(worker.run(stop, ready))
+    publisher = Publisher(topics)
+    await publisher.start()
+    try:
+        await asyncio.wait_for(ready.wait(), 60)  # after two failed starts
+        assert worker.stats.restarts == 2 and not running.done()
+        async with participant.pool.acquire() as conn:
+            await conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id text PRIMARY KEY, v integer)")
+        tx_id = f"outage-{uuid.uuid4().hex[:8]}"
+        command = store_command(tx_id, 0, "EXECUTE", ops.upsert_row(TABLE, {"id": tx_id}, {"v": 1}))
+        await publisher.publish_and_wait(
+            [Outgoing(topics_for(topics).commands("postgres"), tx_id, "StoreCommand", command)]
+        )
+        while tx_id not in seen:
+            arrived.clear()
+            await asyncio.wait_for(arrived.wait(), 60)
+        assert seen[tx_id]["status"] == "APPLIED"
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 60)
+        await publisher.stop()
+        await participant.close()
