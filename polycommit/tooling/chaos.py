@@ -260,7 +260,9 @@ async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, code
     # Two-phase commit's prepared transactions of this run still open in PostgreSQL: must be none.
     left = await prepared_left(settings)
     summary["prepared_left"], summary["prepared_left_gids"] = len(left), left[:20]
-    ok = report.ok and not history.missing() and not left
+    # A process that exited without being killed crashed: the run fails, even if the stores came out right
+    # (the supervisor restarted it), since no fault chaos makes may end a coordinator or a consumer.
+    ok = report.ok and not history.missing() and not left and not run.cluster.unexpected_exits
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
