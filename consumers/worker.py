@@ -32,7 +32,7 @@ from polycommit.deadletters import dead_letter
 from polycommit.errors import CodecError, PolycommitError, StoreUnavailableError
 from polycommit.events import StepOutcome, StoreCommand
 from polycommit.failpoints import failpoint
-from polycommit.group_watch import REJOIN_DEADLINE_S, GroupWatch, stop_consumer
+from polycommit.group_watch import REJOIN_DEADLINE_S, GroupWatch, quietly, stop_consumer
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,8 @@ class StoreWorker:
             self._publishing = self._committing = None
             if not await stop_consumer(consumer, self.name, stuck=watch.fired):
                 self.stats.abandoned_consumers += 1
-            await publisher.stop()
-            await self.participant.close()
+            await quietly(self.name, "Kafka producer", publisher.stop())
+            await quietly(self.name, f"{self.store} connections", self.participant.close())
 
     async def _commit_handled(self, consumer: Any) -> None:
         """Start committing the offsets of what was handled since the last commit, if anything (after the

@@ -50,7 +50,7 @@ from polycommit.config import Settings
 from polycommit.deadletters import dead_letter
 from polycommit.errors import CodecError, ProtocolError
 from polycommit.events import OperatorCommand, StepOutcome, TransactionIntent, now_ms
-from polycommit.group_watch import GroupWatch, stop_consumer
+from polycommit.group_watch import GroupWatch, quietly, stop_consumer
 from projections.wait_for import REANNOUNCE_MS
 
 log = logging.getLogger(__name__)
@@ -199,8 +199,8 @@ class CoordinatorService:
                 await self.drain(reraise=False)
             self._commit_failure = None
             await stop_consumer(consumer, member, stuck=watch.fired)
-            await self.committer.close()
-            await publisher.stop()
+            await quietly(member, "transactional producer", self.committer.close())
+            await quietly(member, "Kafka producer", publisher.stop())
             self._publisher = None
 
     async def _step(self, consumer: AIOKafkaConsumer) -> None:

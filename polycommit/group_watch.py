@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from types import TracebackType
 from typing import Any
 
@@ -107,13 +108,31 @@ async def stop_consumer(consumer: Any, name: str, deadline_s: float = STOP_DEADL
     """Stop a consumer; whether it stopped (False: abandoned after `deadline_s`). aiokafka's stop waits for
     its group coordination task, which a stuck member never finishes, so an unbounded stop would hang the
     session it was meant to end. `stuck` (its GroupWatch fired): that task is cancelled first, so the stop
-    is immediate and complete (heartbeat, fetcher and connections closed) instead of abandoned halfway."""
-    if stuck:
-        await cancel_coordination(consumer)
+    is immediate and complete (heartbeat, fetcher and connections closed) instead of abandoned halfway.
+    Called from a session's `finally`, it raises nothing else either (see `quietly`)."""
     try:
+        if stuck:
+            await cancel_coordination(consumer)
         await asyncio.wait_for(consumer.stop(), deadline_s)
     except TimeoutError:
         log.warning("%s: its Kafka consumer did not stop within %.0f s; abandoned", name, deadline_s)
+        return False
+    except Exception:
+        log.warning("%s: its Kafka consumer failed to stop; abandoned", name, exc_info=True)
+        return False
+    return True
+
+
+async def quietly(name: str, what: str, closing: Awaitable[Any]) -> bool:
+    """Await the close of something a session that is ending anyway opened; whether it closed. A failure
+    is logged, not raised: raised from the session's `finally`, it would replace the error that ended the
+    session (which the session's owner answers with a new one) by one that ends the process. Seen in a
+    chaos run: a store consumer's group watch fired after a broker restart, and a close in its `finally`
+    raised uvloop's RuntimeError for a transport already closed; the consumer exited."""
+    try:
+        await closing
+    except Exception:
+        log.warning("%s: closing its %s failed; left behind", name, what, exc_info=True)
         return False
     return True
 

@@ -1,7 +1,12 @@
-"""A store that fails while its consumer starts a session does not end the consumer (found by a chaos run:
-the PostgreSQL consumer exited 1 when the server, killed and restarting, refused it during its start):
-the participant's start turns an outage at any point into StoreUnavailableError, leaving no pool open,
-and the worker waits and starts again, then applies what comes."""
+"""Faults around a store consumer's sessions do not end the consumer (both found by chaos runs, where the
+PostgreSQL consumer exited 1):
+
+- a store that fails while a session starts (the server killed and restarting): the participant's start
+  turns an outage at any point into StoreUnavailableError, leaving no pool open, and the worker waits and
+  starts again, then applies what comes;
+- a close that fails in the `finally` of a session that ended (uvloop's RuntimeError for a transport
+  already closed, after the group watch ended a session stuck since a broker restart): logged, and the
+  next session starts."""
 
 from __future__ import annotations
 
@@ -12,10 +17,12 @@ from typing import Any
 import asyncpg
 import pytest
 
+from consumers import worker as worker_module
 from consumers.postgres import PostgresParticipant, settlement
 from consumers.worker import StoreWorker
 from polycommit import operations as ops
 from polycommit.bus import Outgoing, Publisher, topics_for
+from polycommit.bus import make_consumer as real_make_consumer
 from polycommit.config import Settings
 from polycommit.errors import StoreUnavailableError
 from polycommit.events import StepOutcome, store_command
@@ -98,4 +105,55 @@ async def test_a_consumer_whose_store_is_down_at_its_start_waits_and_then_applie
         stop.set()
         await asyncio.wait_for(running, 60)
         await publisher.stop()
+        await participant.close()
+
+
+class FailingClose(PostgresParticipant):
+    """Its first close fails as a close on a dead transport does under uvloop."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.failed_closes = 0
+
+    async def close(self) -> None:
+        await super().close()
+        if self.failed_closes == 0:
+            self.failed_closes += 1
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+
+async def never_joins(*args: Any, **kwargs: Any) -> None:
+    await asyncio.Event().wait()
+
+
+async def test_a_close_failing_after_a_stuck_session_does_not_end_the_consumer(
+    topics: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[Any] = []
+    second_session = asyncio.Event()
+
+    def recording_make_consumer(*args: Any, **kwargs: Any) -> Any:
+        made.append(real_make_consumer(*args, **kwargs))
+        if len(made) == 2:
+            second_session.set()
+        return made[-1]
+
+    monkeypatch.setattr(worker_module, "make_consumer", recording_make_consumer)
+    participant = FailingClose(topics)
+    worker = StoreWorker(topics, participant)
+    worker.rejoin_deadline_s = 2.0
+    stop, ready = asyncio.Event(), asyncio.Event()
+    running = asyncio.create_task(worker.run(stop, ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 60)
+        stuck = made[0]._coordinator
+        monkeypatch.setattr(stuck, "ensure_active_group", never_joins)
+        stuck.request_rejoin()
+        await asyncio.wait_for(second_session.wait(), 60)  # the watch ended the session; its close failed
+        assert participant.failed_closes == 1
+        assert not running.done()  # the failure was logged, not raised out of the worker
+        assert worker.stats.restarts == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 60)  # and the worker stops cleanly afterwards
         await participant.close()
