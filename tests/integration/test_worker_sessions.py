@@ -16,16 +16,16 @@ from typing import Any
 
 import asyncpg
 import pytest
+from workers import ConsumersMade, OutcomesSeen, leave_stuck
 
 from consumers import worker as worker_module
 from consumers.postgres import PostgresParticipant, settlement
 from consumers.worker import StoreWorker
 from polycommit import operations as ops
-from polycommit.bus import Outgoing, Publisher, topics_for
-from polycommit.bus import make_consumer as real_make_consumer
+from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
 from polycommit.config import Settings
 from polycommit.errors import StoreUnavailableError
-from polycommit.events import StepOutcome, store_command
+from polycommit.events import store_command
 
 TABLE = "outage_at_start_rows"
 pytestmark = pytest.mark.servers
@@ -75,14 +75,8 @@ class FlakyStart(PostgresParticipant):
 
 async def test_a_consumer_whose_store_is_down_at_its_start_waits_and_then_applies(topics: Settings) -> None:
     participant = FlakyStart(topics, outages=2)
-    seen: dict[str, StepOutcome] = {}
-    arrived = asyncio.Event()
-
-    def on_batch(outcomes: list[StepOutcome]) -> None:
-        seen.update((o["tx_id"], o) for o in outcomes)
-        arrived.set()
-
-    worker = StoreWorker(topics, participant, on_batch=on_batch)
+    outcomes = OutcomesSeen()
+    worker = StoreWorker(topics, participant, on_batch=outcomes)
     stop, ready = asyncio.Event(), asyncio.Event()
     running = asyncio.create_task(worker.run(stop, ready))
     publisher = Publisher(topics)
@@ -97,10 +91,7 @@ async def test_a_consumer_whose_store_is_down_at_its_start_waits_and_then_applie
         await publisher.publish_and_wait(
             [Outgoing(topics_for(topics).commands("postgres"), tx_id, "StoreCommand", command)]
         )
-        while tx_id not in seen:
-            arrived.clear()
-            await asyncio.wait_for(arrived.wait(), 60)
-        assert seen[tx_id]["status"] == "APPLIED"
+        assert (await outcomes.of(tx_id))["status"] == "APPLIED"
     finally:
         stop.set()
         await asyncio.wait_for(running, 60)
@@ -122,23 +113,11 @@ class FailingClose(PostgresParticipant):
             raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
 
 
-async def never_joins(*args: Any, **kwargs: Any) -> None:
-    await asyncio.Event().wait()
-
-
 async def test_a_close_failing_after_a_stuck_session_does_not_end_the_consumer(
     topics: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    made: list[Any] = []
-    second_session = asyncio.Event()
-
-    def recording_make_consumer(*args: Any, **kwargs: Any) -> Any:
-        made.append(real_make_consumer(*args, **kwargs))
-        if len(made) == 2:
-            second_session.set()
-        return made[-1]
-
-    monkeypatch.setattr(worker_module, "make_consumer", recording_make_consumer)
+    consumers = ConsumersMade(make_consumer)
+    monkeypatch.setattr(worker_module, "make_consumer", consumers)
     participant = FailingClose(topics)
     worker = StoreWorker(topics, participant)
     worker.rejoin_deadline_s = 2.0
@@ -146,10 +125,8 @@ async def test_a_close_failing_after_a_stuck_session_does_not_end_the_consumer(
     running = asyncio.create_task(worker.run(stop, ready))
     try:
         await asyncio.wait_for(ready.wait(), 60)
-        stuck = made[0]._coordinator
-        monkeypatch.setattr(stuck, "ensure_active_group", never_joins)
-        stuck.request_rejoin()
-        await asyncio.wait_for(second_session.wait(), 60)  # the watch ended the session; its close failed
+        leave_stuck(consumers.made[0], monkeypatch)
+        await asyncio.wait_for(consumers.second_session.wait(), 60)  # the watch ended the session; its close failed
         assert participant.failed_closes == 1
         assert not running.done()  # the failure was logged, not raised out of the worker
         assert worker.stats.restarts == 1
