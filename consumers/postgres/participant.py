@@ -29,27 +29,12 @@ from consumers.planner import Planned, batch_groups, plan_batch
 from consumers.postgres import effects, phase2, twophase
 from consumers.postgres import sql as q
 from consumers.postgres.batches import BatchRegistry
+from consumers.postgres.failures import classify, is_outage
 from consumers.postgres.sessions import SessionResets
 from polycommit.config import Settings
 from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError, VersionConflict
 from polycommit.events import StepOutcome, Store
 from polycommit.parsed import ParsedOperation, RawOperation, RowOperation
-
-# SQLSTATE classes after which the same statement may succeed later: transaction rollback (40:
-# serialization failure, deadlock), connection exceptions (08), object not in prerequisite state (55:
-# lock not available), operator intervention (57: shutdown, cancel), insufficient resources (53).
-_RETRIABLE_CLASSES = ("40", "08", "55", "57", "53")
-# The server is not there to talk to: a connection exception (08), or shutting down, crashed or starting up
-# (57P01-57P03).
-_OUTAGE_CLASSES = ("08", "57")
-
-
-def classify(exc: Exception) -> StoreError:
-    code = getattr(exc, "sqlstate", None) or ""
-    message = getattr(exc, "message", None) or str(exc)
-    return StoreError(
-        f"{type(exc).__name__}: {message}", retriable=code[:2] in _RETRIABLE_CLASSES, store="postgres", code=code
-    )
 
 
 class _TransactionEnded(Exception):
@@ -116,10 +101,9 @@ class PostgresParticipant(Participant):
         return self._pool
 
     async def start(self) -> None:
-        """Connect and prepare: the marker, version and member tables, the prepared transactions settled.
-        The server failing at any point of it (refusing connections, starting up, dying under a query) is
-        StoreUnavailableError, with no pool left open: the worker waits and starts again (a store outage
-        must not end the consumer, which is what any other error does: a permission refused, say)."""
+        """Connect, create the tables, settle prepared transactions. The server failing at any point (refusing,
+        starting up, dying under a query) is StoreUnavailableError with no pool left: the worker waits and
+        starts again. Any other error (a permission refused) ends the consumer."""
         try:
             self._pool = await asyncpg.create_pool(
                 self.settings.postgres.dsn,
@@ -133,7 +117,7 @@ class PostgresParticipant(Participant):
             pool, self._pool = self._pool, None
             if pool is not None:
                 pool.terminate()  # at once: its connections may be to a server that is gone
-            if isinstance(exc, asyncpg.PostgresError) and twophase.sqlstate(exc)[:2] not in _OUTAGE_CLASSES:
+            if isinstance(exc, asyncpg.PostgresError) and not is_outage(exc):
                 raise
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
 

@@ -30,6 +30,7 @@ from consumers.command import TypedCommand
 from consumers.postgres import effects
 from consumers.postgres import sql as q
 from consumers.postgres.batches import BatchRegistry, Member, member_of
+from consumers.postgres.failures import sqlstate as sqlstate
 from polycommit.events import ErrorInfo, StepOutcome, error_info
 from polycommit.failpoints import failpoint
 from polycommit.parsed import RawOperation
@@ -101,10 +102,6 @@ def batch_gid(space: str) -> str:
 # The store is unreachable, or the connection broke mid-operation (asyncpg's InternalClientError, e.g.
 # after the server died under a query): the worker retries the whole batch on a fresh connection.
 UNREACHABLE = (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError)
-
-
-def sqlstate(exc: BaseException) -> str:
-    return str(getattr(exc, "sqlstate", "") or "")
 
 
 @dataclass

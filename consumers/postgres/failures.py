@@ -1,0 +1,30 @@
+"""What a PostgreSQL error means for the step that met it: worth retrying, or the server not there. Pure."""
+
+from __future__ import annotations
+
+from polycommit.errors import StoreError
+
+# SQLSTATE classes after which the same statement may succeed later: transaction rollback (40:
+# serialization failure, deadlock), connection exceptions (08), object not in prerequisite state (55:
+# lock not available), operator intervention (57: shutdown, cancel), insufficient resources (53).
+_RETRIABLE_CLASSES = ("40", "08", "55", "57", "53")
+# The server is not there to talk to: a connection exception (08), or shutting down, crashed or starting up
+# (57P01-57P03).
+_OUTAGE_CLASSES = ("08", "57")
+
+
+def sqlstate(exc: BaseException) -> str:
+    return str(getattr(exc, "sqlstate", "") or "")
+
+
+def classify(exc: Exception) -> StoreError:
+    code = sqlstate(exc)
+    message = getattr(exc, "message", None) or str(exc)
+    return StoreError(
+        f"{type(exc).__name__}: {message}", retriable=code[:2] in _RETRIABLE_CLASSES, store="postgres", code=code
+    )
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A server error that says the server is going, gone or not yet up (not what a statement did)."""
+    return sqlstate(exc)[:2] in _OUTAGE_CLASSES
