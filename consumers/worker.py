@@ -48,7 +48,7 @@ COMMIT_EVERY_S = 0.1
 class WorkerStats:
     records: int = 0
     restarts: int = 0
-    abandoned_consumers: int = 0  # Kafka consumers that did not stop within STOP_DEADLINE_S (left behind)
+    abandoned_consumers: int = 0  # Kafka consumers left behind: not stopped within STOP_DEADLINE_S, or failing to
     batches: int = 0
     commands: int = 0
     dead_letters: int = 0
