@@ -36,7 +36,13 @@ from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
 from polycommit.events import DeadlockVerdict, now_ms
-from polycommit.group_watch import REJOIN_DEADLINE_S, STOP_DEADLINE_S, GroupStuckError, GroupWatch
+from polycommit.group_watch import (
+    REJOIN_DEADLINE_S,
+    STOP_DEADLINE_S,
+    GroupStuckError,
+    GroupWatch,
+    coordination_task,
+)
 from projections.wait_for import CATCH_UP_MS, REJUDGE_AFTER_MS, Verdict, WaitForGraph
 
 log = logging.getLogger(__name__)
@@ -207,12 +213,16 @@ class FaustKafkaConsumer:
         return getattr(self.app.consumer, "_thread", None)
 
     @property
-    def _coordinator(self) -> Any:
-        return getattr(getattr(self._thread, "_consumer", None), "_coordinator", None)
+    def _consumer(self) -> Any:
+        return getattr(self._thread, "_consumer", None)
+
+    @property
+    def _coordinator(self) -> Any:  # what the group watch reads (polycommit.group_watch.wants_rejoin)
+        return getattr(self._consumer, "_coordinator", None)
 
     def cancel_coordination(self) -> None:
         """Cancel aiokafka's group coordination task, in the consumer thread's own loop."""
-        task = getattr(self._coordinator, "_coordination_task", None)
+        task = coordination_task(self._consumer)
         loop = getattr(self._thread, "thread_loop", None)
         if task is not None and loop is not None:
             loop.call_soon_threadsafe(task.cancel)

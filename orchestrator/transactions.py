@@ -14,9 +14,10 @@ from collections.abc import Iterator
 
 from orchestrator.protocol import TxState
 from orchestrator.registry import is_terminal
-from polycommit.bus import key_hash, read_topic
+from polycommit.bus import read_topic
 from polycommit.codec import EventCodec
 from polycommit.config import Settings
+from polycommit.partitioning import partition_of
 from projections import tx_state
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class OwnedTransactions:
         return self.states.get(tx_id)
 
     def partition_of(self, tx_id: str) -> int:
-        return key_hash(tx_id) % max(1, self.partitions)
+        return partition_of(tx_id, range(max(1, self.partitions)))
 
     def admit(self, tx_id: str, intent_bytes: bytes) -> None:
         self.intent_bytes[tx_id] = intent_bytes

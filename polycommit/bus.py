@@ -28,7 +28,6 @@ from polycommit.log_reader import make_reader as make_reader
 from polycommit.log_reader import read_assigned as read_assigned
 from polycommit.log_reader import read_topic as read_topic
 from polycommit.log_reader import topic_partitions as topic_partitions
-from polycommit.partitioning import key_hash as key_hash
 from polycommit.partitioning import partition_of
 
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # the broker's message.max.bytes; bigger intents are refused at the producer
@@ -115,9 +114,9 @@ def topics_for(settings: Settings) -> Topics:
 # four runs each, alternated: 390 against 323 TPS, p99 142 against 203 ms, with four); so do the lock
 # events, which only the active member's one lock table writes (keyed by resource, so a partitioned lock
 # manager can be given more); the fan-out topics (replies routed to clients, results, alerts, ...) keep
-# several. Scale a store's group by creating its
-# command topic with as many partitions as consumers, before the first start: a count changed later moves
-# transactions' keys to other partitions while their commands are in flight.
+# several. Scale a store's group by creating its command topic with as many partitions as consumers, before
+# the first start: a count changed later moves transactions' keys to other partitions while their commands
+# are in flight.
 DEFAULT_PARTITIONS = 4
 SINGLE_OWNER_PARTITIONS = 1
 

@@ -109,18 +109,17 @@ async def stop_consumer(consumer: Any, name: str, deadline_s: float = STOP_DEADL
     its group coordination task, which a stuck member never finishes, so an unbounded stop would hang the
     session it was meant to end. `stuck` (its GroupWatch fired): that task is cancelled first, so the stop
     is immediate and complete (heartbeat, fetcher and connections closed) instead of abandoned halfway.
-    Called from a session's `finally`, it raises nothing else either (see `quietly`)."""
-    try:
+    Called from a session's `finally`, it raises nothing (see `quietly`)."""
+
+    async def stop() -> None:
         if stuck:
             await cancel_coordination(consumer)
-        await asyncio.wait_for(consumer.stop(), deadline_s)
-    except TimeoutError:
-        log.warning("%s: its Kafka consumer did not stop within %.0f s; abandoned", name, deadline_s)
-        return False
-    except Exception:
-        log.warning("%s: its Kafka consumer failed to stop; abandoned", name, exc_info=True)
-        return False
-    return True
+        try:
+            await asyncio.wait_for(consumer.stop(), deadline_s)
+        except TimeoutError:
+            raise TimeoutError(f"not stopped within {deadline_s:.0f} s") from None
+
+    return await quietly(name, "Kafka consumer", stop())
 
 
 async def quietly(name: str, what: str, closing: Awaitable[Any]) -> bool:
@@ -137,11 +136,16 @@ async def quietly(name: str, what: str, closing: Awaitable[Any]) -> bool:
     return True
 
 
+def coordination_task(consumer: Any) -> asyncio.Task[None] | None:
+    """aiokafka's group coordination task of a started consumer (private: no public handle on it)."""
+    return getattr(getattr(consumer, "_coordinator", None), "_coordination_task", None)
+
+
 async def cancel_coordination(consumer: Any) -> None:
     """Cancel aiokafka's group coordination task and wait until it has ended. Awaited here, the cancellation
     stays in that task: the consumer's stop then finds it done and does not await it (awaiting a task
     cancelled under it would raise CancelledError in the stopping session, as if the session were)."""
-    task = getattr(getattr(consumer, "_coordinator", None), "_coordination_task", None)
+    task = coordination_task(consumer)
     if task is not None and not task.done():
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

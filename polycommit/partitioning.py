@@ -13,6 +13,9 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Sequence
+from typing import TypeVar
+
+P = TypeVar("P")  # a partition number, or a TopicPartition
 
 _SEED = 0x9747B28C
 _M = 0x5BD1E995
@@ -47,7 +50,7 @@ def key_hash(key: str) -> int:
     return murmur2(key.encode()) & 0x7FFFFFFF
 
 
-def partition_of(key: str, partitions: Sequence[int]) -> int:
+def partition_of(key: str, partitions: Sequence[P]) -> P:
     """The partition of `partitions` (sorted) a record keyed `key` goes to; a topic of one needs no hash."""
     if len(partitions) == 1:
         return partitions[0]

@@ -1,16 +1,51 @@
-"""Helpers for the tests that drive a store consumer's (or the coordinator's) Kafka sessions: the consumers
-a module builds, one of them left stuck rejoining its group the way aiokafka leaves it (issue #1154), and
-the outcomes a worker publishes, awaited by transaction."""
+"""Helpers for the tests that drive a store consumer's (or the coordinator's) Kafka sessions: a worker
+running for the length of a block, commands sent to it, the outcomes it publishes awaited by transaction,
+and the consumers a module builds, one of them left stuck rejoining its group the way aiokafka leaves it
+(issue #1154)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import pytest
 
-from polycommit.events import StepOutcome
+from consumers.worker import StoreWorker
+from polycommit.bus import Outgoing, Publisher, topics_for
+from polycommit.config import Settings
+from polycommit.events import StepOutcome, StoreCommand
+
+
+@contextlib.asynccontextmanager
+async def running(worker: StoreWorker) -> AsyncIterator[asyncio.Task[None]]:
+    """`worker` running, its first session ready; stopped when the block ends, and its run must then end
+    without an error (one it ended with is raised here)."""
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(worker.run(stop, ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 60)
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+@contextlib.asynccontextmanager
+async def publishing(settings: Settings) -> AsyncIterator[Publisher]:
+    publisher = Publisher(settings)
+    await publisher.start()
+    try:
+        yield publisher
+    finally:
+        await publisher.stop()
+
+
+async def send_commands(publisher: Publisher, settings: Settings, store: str, commands: Iterable[StoreCommand]) -> None:
+    """Publish `commands` to `store`'s command topic, as the coordinator does (keyed by transaction)."""
+    topic = topics_for(settings).commands(store)
+    await publisher.publish_and_wait([Outgoing(topic, c["tx_id"], "StoreCommand", c) for c in commands])
 
 
 async def never_joins(*args: Any, **kwargs: Any) -> None:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncpg
+
 from polycommit.errors import StoreError
+
+# The store is unreachable, or the connection broke mid-operation (asyncpg's InternalClientError, e.g.
+# after the server died under a query): the worker retries the whole batch on a fresh connection.
+UNREACHABLE = (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 # SQLSTATE classes after which the same statement may succeed later: transaction rollback (40:
 # serialization failure, deadlock), connection exceptions (08), object not in prerequisite state (55:
@@ -25,6 +31,9 @@ def classify(exc: Exception) -> StoreError:
     )
 
 
-def is_outage(exc: BaseException) -> bool:
-    """A server error that says the server is going, gone or not yet up (not what a statement did)."""
-    return sqlstate(exc)[:2] in _OUTAGE_CLASSES
+def unreachable(exc: BaseException) -> bool:
+    """The server cannot be talked to now: no connection, a connection broken, or the server saying it is
+    going, gone or not yet up (not what a statement did)."""
+    if isinstance(exc, UNREACHABLE):
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and sqlstate(exc)[:2] in _OUTAGE_CLASSES

@@ -29,7 +29,7 @@ from consumers.planner import Planned, batch_groups, plan_batch
 from consumers.postgres import effects, phase2, twophase
 from consumers.postgres import sql as q
 from consumers.postgres.batches import BatchRegistry
-from consumers.postgres.failures import classify, is_outage
+from consumers.postgres.failures import UNREACHABLE, classify, unreachable
 from consumers.postgres.sessions import SessionResets
 from polycommit.config import Settings
 from polycommit.errors import InvalidOperationError, StoreError, StoreUnavailableError, VersionConflict
@@ -113,11 +113,11 @@ class PostgresParticipant(Participant):
                 reset=self.sessions.reset,
             )
             await self._prepare()
-        except (*twophase.UNREACHABLE, asyncpg.PostgresError) as exc:
+        except Exception as exc:
             pool, self._pool = self._pool, None
             if pool is not None:
                 pool.terminate()  # at once: its connections may be to a server that is gone
-            if isinstance(exc, asyncpg.PostgresError) and not is_outage(exc):
+            if not unreachable(exc):
                 raise
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
 
@@ -169,7 +169,7 @@ class PostgresParticipant(Participant):
                         position = remaining[ended.index][0]
                         outcomes[position] = failed(commands[position].source, self.store, ended.error, ended.at)
                         remaining = [r for r in remaining if r[0] != position]
-        except twophase.UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
         return [outcomes[i] for i in range(len(commands))]
 
@@ -343,7 +343,7 @@ class PostgresParticipant(Participant):
     async def vote(self, commands: Sequence[TypedCommand]) -> list[StepOutcome]:
         try:
             return await twophase.prepare(self, commands)
-        except twophase.UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
 
     async def finish(self, commands: Sequence[TypedCommand]) -> list[StepOutcome | None]:
@@ -354,7 +354,7 @@ class PostgresParticipant(Participant):
         ends = [i for i in range(len(commands)) if i not in results]
         try:
             decided, released = await phase2.finish(self, [commands[i] for i in ends])
-        except twophase.UNREACHABLE as exc:
+        except UNREACHABLE as exc:
             raise StoreUnavailableError(f"PostgreSQL at {self.settings.postgres.address}: {exc}") from exc
         except asyncpg.PostgresError as exc:
             raise StoreUnavailableError(f"PostgreSQL phase 2: {classify(exc)}") from exc  # retried as a batch

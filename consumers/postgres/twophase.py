@@ -30,6 +30,7 @@ from consumers.command import TypedCommand
 from consumers.postgres import effects
 from consumers.postgres import sql as q
 from consumers.postgres.batches import BatchRegistry, Member, member_of
+from consumers.postgres.failures import UNREACHABLE as UNREACHABLE
 from consumers.postgres.failures import sqlstate as sqlstate
 from polycommit.events import ErrorInfo, StepOutcome, error_info
 from polycommit.failpoints import failpoint
@@ -97,11 +98,6 @@ def prefix_of_gid(gid: str) -> str:
 def batch_gid(space: str) -> str:
     """A new batch's gid: `pc_<space>_b<hex>` (the `b` tells it from the one-step gids)."""
     return f"{GID_PREFIX}{space}_b{uuid.uuid4().hex[:20]}"
-
-
-# The store is unreachable, or the connection broke mid-operation (asyncpg's InternalClientError, e.g.
-# after the server died under a query): the worker retries the whole batch on a fresh connection.
-UNREACHABLE = (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 @dataclass

@@ -66,8 +66,8 @@ async def top_up_race(client: Coordinator, customer: str, amount: int, clerks: i
             for c in range(clerks)
         )
     )
-    race = Race(customer, amount, int(before.get("credit") or 0), [r.status for r in results], 0)
-    race.reruns = sum(s.reruns for s in scopes)
+    reruns = sum(s.reruns for s in scopes)
+    race = Race(customer, amount, int(before.get("credit") or 0), [r.status for r in results], reruns)
     race.after_postgres = _credit((await client.reads.read_row(workload.CUSTOMERS, key)).value)
     race.after_neo4j = _credit((await client.reads.read_node("Customer", key)).value)
     return race

@@ -20,11 +20,12 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from orchestrator.operator import AUDIT_ALERT, REFUSED_ALERT, describe
-from polycommit.bus import Outgoing, Publisher, key_hash, make_reader, read_assigned, topic_partitions, topics_for
+from polycommit.bus import Outgoing, Publisher, make_reader, read_assigned, topic_partitions, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
 from polycommit.events import STORES, OperatorAction, OperatorCommand, now_ms
+from polycommit.partitioning import partition_of
 from projections.tx_history import LogRecord, concerns, history, stores_touched
 
 
@@ -88,7 +89,7 @@ async def _assign_everything(reader: AIOKafkaConsumer, settings: Settings, tx_id
     for topic in keyed:
         partitions = await topic_partitions(reader, topic)
         if partitions:
-            wanted.append(partitions[key_hash(tx_id) % len(partitions)])
+            wanted.append(partition_of(tx_id, partitions))
     wanted.extend(await topic_partitions(reader, topics.locks))
     return wanted
 
@@ -145,7 +146,7 @@ async def send_operator_command(settings: Settings, command: OperatorCommand, *,
     await reader.start()
     try:
         partitions = await topic_partitions(reader, topics.alerts)
-        tp = partitions[key_hash(command["tx_id"]) % len(partitions)]
+        tp = partition_of(command["tx_id"], partitions)
         reader.assign([tp])
         await reader.seek_to_end(tp)
         await reader.position(tp)  # fix the start now: an answer is published after this

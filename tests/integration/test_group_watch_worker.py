@@ -11,13 +11,13 @@ import asyncio
 import uuid
 
 import pytest
-from workers import ConsumersMade, OutcomesSeen, closed, leave_stuck
+from workers import ConsumersMade, OutcomesSeen, closed, leave_stuck, publishing, running, send_commands
 
 from consumers import worker as worker_module
 from consumers.postgres import PostgresParticipant
 from consumers.worker import StoreWorker
 from polycommit import operations as ops
-from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
+from polycommit.bus import Publisher, make_consumer
 from polycommit.config import Settings
 from polycommit.events import StepOutcome, store_command
 
@@ -37,34 +37,26 @@ async def test_a_consumer_stuck_rejoining_its_group_gets_a_new_session_and_appli
     outcomes = OutcomesSeen()
     worker = StoreWorker(topics, participant, on_batch=outcomes)
     worker.rejoin_deadline_s = 2.0
-    stop, ready = asyncio.Event(), asyncio.Event()
-    running = asyncio.create_task(worker.run(stop, ready))
-    publisher = Publisher(topics)
-    await publisher.start()
-    command_topic = topics_for(topics).commands("postgres")
 
-    async def apply_one(key: str) -> StepOutcome:
+    async def apply_one(publisher: Publisher, key: str) -> StepOutcome:
         tx_id = f"watch-{key}"
         command = store_command(tx_id, 0, "EXECUTE", ops.upsert_row(TABLE, {"id": key}, {"v": 1}))
-        await publisher.publish_and_wait([Outgoing(command_topic, tx_id, "StoreCommand", command)])
+        await send_commands(publisher, topics, "postgres", [command])
         return await outcomes.of(tx_id)
 
     try:
-        await asyncio.wait_for(ready.wait(), 60)
-        assert (await apply_one(uuid.uuid4().hex))["status"] == "APPLIED"
-        stuck = leave_stuck(consumers.made[0], monkeypatch)
-        await asyncio.wait_for(consumers.second_session.wait(), 60)  # the watch ended the stuck session
-        assert (await apply_one(uuid.uuid4().hex))["status"] == "APPLIED"
-        assert worker.stats.restarts == 1
-        # The stuck consumer was stopped, not abandoned: its coordination task was cancelled first, so its
-        # stop did not wait out STOP_DEADLINE_S for a task that never ends, and it closed its connections.
-        assert worker.stats.abandoned_consumers == 0
-        assert stuck._coordination_task.cancelled()
-        assert closed(consumers.made[0])
-        assert len(consumers.made) == 2 and not consumers.made[1]._coordinator._rejoin_needed_fut.done()
-        assert not running.done()
+        async with running(worker) as task, publishing(topics) as publisher:
+            assert (await apply_one(publisher, uuid.uuid4().hex))["status"] == "APPLIED"
+            stuck = leave_stuck(consumers.made[0], monkeypatch)
+            await asyncio.wait_for(consumers.second_session.wait(), 60)  # the watch ended the stuck session
+            assert (await apply_one(publisher, uuid.uuid4().hex))["status"] == "APPLIED"
+            assert worker.stats.restarts == 1
+            # The stuck consumer was stopped, not abandoned: its coordination task was cancelled first, so its
+            # stop did not wait out STOP_DEADLINE_S for a task that never ends, and it closed its connections.
+            assert worker.stats.abandoned_consumers == 0
+            assert stuck._coordination_task.cancelled()
+            assert closed(consumers.made[0])
+            assert len(consumers.made) == 2 and not consumers.made[1]._coordinator._rejoin_needed_fut.done()
+            assert not task.done()
     finally:
-        stop.set()
-        await asyncio.wait_for(running, 60)
-        await publisher.stop()
         await participant.close()

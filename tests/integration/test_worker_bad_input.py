@@ -13,11 +13,12 @@ import uuid
 from typing import Any
 
 import pytest
+from workers import publishing, running, send_commands
 
 from consumers.postgres import PostgresParticipant
 from consumers.worker import StoreWorker
 from polycommit import operations as ops
-from polycommit.bus import Outgoing, Publisher, read_topic, topics_for
+from polycommit.bus import read_topic, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.errors import CodecError
@@ -72,20 +73,14 @@ async def test_bad_raw_sql_parameters_fail_alone_become_dead_letters_and_the_con
             all_seen.set()
 
     worker = StoreWorker(topics, participant, on_batch=on_batch)
-    stop, ready = asyncio.Event(), asyncio.Event()
-    running = asyncio.create_task(worker.run(stop, ready))
-    publisher = Publisher(topics)
-    await publisher.start()
-    try:
-        await asyncio.wait_for(ready.wait(), 60)
+    async with running(worker) as task, publishing(topics) as publisher:
         commands = [store_command(tx_ids[name], 0, "EXECUTE", op) for name, op in steps.items()]
-        command_topic = topics_for(topics).commands("postgres")
-        await publisher.publish_and_wait([Outgoing(command_topic, c["tx_id"], "StoreCommand", c) for c in commands])
+        await send_commands(publisher, topics, "postgres", commands)
         try:
             await asyncio.wait_for(all_seen.wait(), 60)
         except TimeoutError:
-            pytest.fail(f"outcomes seen for {sorted(seen)} only; the worker is {running}")
-        assert not running.done()  # the consumer is still up
+            pytest.fail(f"outcomes seen for {sorted(seen)} only; the worker is {task}")
+        assert not task.done()  # the consumer is still up
         statuses = {name: seen[tx]["status"] for name, tx in tx_ids.items()}
         assert statuses == {"good": "APPLIED", "non-json": "FAILED", "too few": "FAILED", "later": "APPLIED"}
         for name in ("non-json", "too few"):
@@ -96,7 +91,3 @@ async def test_bad_raw_sql_parameters_fail_alone_become_dead_letters_and_the_con
         assert await dead_letters_of(topics, bad) == dict.fromkeys(bad, "InvalidOperationError")
         assert await participant.read_row(TABLE, {"id": good_key}) == {"id": good_key, "v": 1}
         assert await participant.read_row(TABLE, {"id": later_key}) == {"id": later_key, "v": 2}
-    finally:
-        stop.set()
-        await publisher.stop()
-        await asyncio.wait_for(running, 60)

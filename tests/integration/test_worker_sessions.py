@@ -16,13 +16,13 @@ from typing import Any
 
 import asyncpg
 import pytest
-from workers import ConsumersMade, OutcomesSeen, leave_stuck
+from workers import ConsumersMade, OutcomesSeen, leave_stuck, publishing, running, send_commands
 
 from consumers import worker as worker_module
 from consumers.postgres import PostgresParticipant, settlement
 from consumers.worker import StoreWorker
 from polycommit import operations as ops
-from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
+from polycommit.bus import make_consumer
 from polycommit.config import Settings
 from polycommit.errors import StoreUnavailableError
 from polycommit.events import store_command
@@ -77,25 +77,16 @@ async def test_a_consumer_whose_store_is_down_at_its_start_waits_and_then_applie
     participant = FlakyStart(topics, outages=2)
     outcomes = OutcomesSeen()
     worker = StoreWorker(topics, participant, on_batch=outcomes)
-    stop, ready = asyncio.Event(), asyncio.Event()
-    running = asyncio.create_task(worker.run(stop, ready))
-    publisher = Publisher(topics)
-    await publisher.start()
     try:
-        await asyncio.wait_for(ready.wait(), 60)  # after two failed starts
-        assert worker.stats.restarts == 2 and not running.done()
-        async with participant.pool.acquire() as conn:
-            await conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id text PRIMARY KEY, v integer)")
-        tx_id = f"outage-{uuid.uuid4().hex[:8]}"
-        command = store_command(tx_id, 0, "EXECUTE", ops.upsert_row(TABLE, {"id": tx_id}, {"v": 1}))
-        await publisher.publish_and_wait(
-            [Outgoing(topics_for(topics).commands("postgres"), tx_id, "StoreCommand", command)]
-        )
-        assert (await outcomes.of(tx_id))["status"] == "APPLIED"
+        async with running(worker) as task, publishing(topics) as publisher:  # ready after two failed starts
+            assert worker.stats.restarts == 2 and not task.done()
+            async with participant.pool.acquire() as conn:
+                await conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id text PRIMARY KEY, v integer)")
+            tx_id = f"outage-{uuid.uuid4().hex[:8]}"
+            command = store_command(tx_id, 0, "EXECUTE", ops.upsert_row(TABLE, {"id": tx_id}, {"v": 1}))
+            await send_commands(publisher, topics, "postgres", [command])
+            assert (await outcomes.of(tx_id))["status"] == "APPLIED"
     finally:
-        stop.set()
-        await asyncio.wait_for(running, 60)
-        await publisher.stop()
         await participant.close()
 
 
@@ -121,16 +112,12 @@ async def test_a_close_failing_after_a_stuck_session_does_not_end_the_consumer(
     participant = FailingClose(topics)
     worker = StoreWorker(topics, participant)
     worker.rejoin_deadline_s = 2.0
-    stop, ready = asyncio.Event(), asyncio.Event()
-    running = asyncio.create_task(worker.run(stop, ready))
     try:
-        await asyncio.wait_for(ready.wait(), 60)
-        leave_stuck(consumers.made[0], monkeypatch)
-        await asyncio.wait_for(consumers.second_session.wait(), 60)  # the watch ended the session; its close failed
-        assert participant.failed_closes == 1
-        assert not running.done()  # the failure was logged, not raised out of the worker
-        assert worker.stats.restarts == 1
+        async with running(worker) as task:  # which ends cleanly after the block, or raises here
+            leave_stuck(consumers.made[0], monkeypatch)
+            await asyncio.wait_for(consumers.second_session.wait(), 60)  # the watch ended the session; its close failed
+            assert participant.failed_closes == 1
+            assert not task.done()  # the failure was logged, not raised out of the worker
+            assert worker.stats.restarts == 1
     finally:
-        stop.set()
-        await asyncio.wait_for(running, 60)  # and the worker stops cleanly afterwards
         await participant.close()
