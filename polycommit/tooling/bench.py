@@ -30,7 +30,8 @@ from polycommit.bus import create_topics
 from polycommit.client import Coordinator, TransactionResult
 from polycommit.config import Settings
 from polycommit.errors import PolycommitError
-from polycommit.tooling import bench_contended, bench_direct, bench_output, bench_trace, gc_tuning
+from polycommit.tooling import bench_contended, bench_direct, bench_output, bench_trace, cpu_meter, gc_tuning
+from polycommit.tooling.bench_args import add_arguments, check_options
 from polycommit.tooling.bench_verify import read_back, read_values
 from polycommit.tooling.bench_workload import (
     COLLECTION,
@@ -49,71 +50,19 @@ from polycommit.tooling.event_loop import running_loop_name
 from polycommit.tooling.processes import PARTS, Cluster
 from polycommit.tooling.runtime import Runtime
 
-__all__ = ["COLLECTION", "DIMENSIONS", "LABEL", "TABLE", "Write", "keep_in_flight", "prepare", "saga_of", "writes"]
-
-
-def add_arguments(bench: argparse.ArgumentParser) -> None:
-    bench.add_argument(
-        "--mode",
-        choices=["saga", "saga-unlocked", "2pc"],
-        default="saga",
-        help="sagas, sagas opted out of their locks (locks=False), or two-phase commit (STRONG)",
-    )
-    bench.add_argument("--transactions", type=int, default=10_000, help="transactions per concurrency")
-    bench.add_argument("--concurrency", default="256", help="transactions in flight; a list (1,8,32) runs a curve")
-    bench.add_argument("--external", action="store_true", help="the workers already run elsewhere")
-    bench.add_argument(
-        "--in-process",
-        action="store_true",
-        help="run the coordinator and the consumers in this process (default: one process each, as deployed)",
-    )
-    bench.add_argument("--consumers", type=int, default=1, help="consumer processes per scalable store")
-    bench.add_argument(
-        "--trace",
-        action="store_true",
-        help="per-hop budget of the median and p99 transaction (the parts write their spans to files of the run)",
-    )
-    bench.add_argument("--no-direct", action="store_true", help="skip the direct-write baselines")
-    bench.add_argument("--json", action="store_true")
-    bench.add_argument(
-        "--isolation",
-        choices=bench_contended.ISOLATIONS,
-        default="READ_COMMITTED",
-        help="isolation level of --interactive transactions (their reads lock at REPEATABLE_READ and SERIALIZABLE)",
-    )
-    bench.add_argument(
-        "--lock-at",
-        choices=("commit", "access"),
-        default="commit",
-        help="when --interactive transactions lock: at the commit, all at once, reads checked then (the default: "
-        "a lost race retries, no deadlock), or as each read and write is made (upgrades deadlock)",
-    )
-    bench.add_argument(
-        "--hot-keys",
-        type=int,
-        default=0,
-        help="0: every transaction its own keys; K: each picks its keys among K hot keys, so they contend",
-    )
-    bench.add_argument(
-        "--interactive",
-        action="store_true",
-        help="interactive increments (needs --hot-keys): read two hot keys, write the first one's count + 1 to the "
-        "three stores; a lost race (--lock-at commit) or a deadlock victim (--lock-at access) is run again",
-    )
-    bench.add_argument(
-        "--for-update",
-        action="store_true",
-        help="with --interactive: lock up front, in one key order (EXCLUSIVE on the written key): no deadlock",
-    )
-    bench.add_argument(
-        "--read-for-update",
-        action="store_true",
-        help="with --interactive: read the written key for update (EXCLUSIVE at the read, in the code's order, "
-        "as SELECT ... FOR UPDATE): no upgrade deadlock; keys taken in opposite orders still deadlock",
-    )
-    bench.add_argument(
-        "--retries", type=int, default=10, help="runs again of a deadlock victim or a lost race (--interactive)"
-    )
+__all__ = [
+    "COLLECTION",
+    "DIMENSIONS",
+    "LABEL",
+    "TABLE",
+    "Write",
+    "add_arguments",
+    "check_options",
+    "keep_in_flight",
+    "prepare",
+    "saga_of",
+    "writes",
+]
 
 
 def concurrencies(text: str) -> list[int]:
@@ -213,19 +162,6 @@ def passed(point: dict[str, Any]) -> bool:
     )
 
 
-def check_options(args: argparse.Namespace) -> None:
-    """The contended options' combinations: interactive transactions on hot keys, run as locking sagas or
-    (`--mode 2pc`) as two-phase commits."""
-    if args.hot_keys < 0 or args.retries < 0:
-        raise SystemExit("polycommit bench: --hot-keys and --retries must not be negative")
-    if args.interactive and (args.mode not in ("saga", "2pc") or args.hot_keys < 1):
-        raise SystemExit("polycommit bench: --interactive runs --mode saga or 2pc on --hot-keys K (K >= 1)")
-    if (args.for_update or args.read_for_update) and not args.interactive:
-        raise SystemExit("polycommit bench: --for-update and --read-for-update are options of --interactive")
-    if args.for_update and args.read_for_update:
-        raise SystemExit("polycommit bench: --for-update already locks up front: no --read-for-update with it")
-
-
 async def _start_workers(
     settings: Settings, args: argparse.Namespace, env: Mapping[str, str]
 ) -> Runtime | Cluster | None:
@@ -270,11 +206,14 @@ async def _measure(
             await run_sagas(client, warm_up, 32, None, args.mode)
             gc_tuning.settle()  # the client (and an in-process stack) is built: the collector stops scanning it
             columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+            meter = cpu_meter.CpuMeter(cpu_meter.bench_parts(settings, workers))
             with Progress(*columns, console=console, transient=args.json) as progress:
                 for level in levels:
                     if tracer is not None:
                         tracer.take()  # the warm-up's or the point before's
+                    before = meter.sample()
                     points.append(await _one_point(client, args, f"{run}c{level}", level, progress))
+                    points[-1][0]["cpu"] = meter.per_transaction(before, meter.sample(), points[-1][0]["ok"])
                     if tracer is not None:
                         traced.append(tracer.take())
         stats = workers.stats() if isinstance(workers, Runtime) else {}

@@ -27,9 +27,29 @@ def print_curve(console: Console, points: Sequence[dict[str, Any]], transactions
     console.print(table)
     if any("hot_keys" in point for point in points):
         print_contention(console, points)
+    print_cpu(console, points)
     for point in points:
         if "budget" in point:
             print_budget(console, point["concurrency"], point["budget"])
+
+
+def print_cpu(console: Console, points: Sequence[dict[str, Any]]) -> None:
+    """Each part's CPU per transaction (polycommit/tooling/cpu_meter.py) and the rate it caps the machine at."""
+    measured = [point for point in points if point.get("cpu")]
+    if not measured:
+        return
+    parts = sorted({name for point in measured for name in point["cpu"]["ms_per_tx"]})
+    table = Table(title="CPU per transaction, ms")
+    table.add_column("part")
+    for point in measured:
+        table.add_column(f"c={point['concurrency']}", justify="right")
+    for name in parts:
+        table.add_row(name, *(str(point["cpu"]["ms_per_tx"].get(name, "")) for point in measured))
+    table.add_row("total", *(str(point["cpu"]["total_ms_per_tx"]) for point in measured))
+    table.add_row("busy cores", *(f"{p['cpu']['machine_busy_cores']} of {p['cpu']['cores']}" for p in measured))
+    table.add_row("ceiling tx/s", *(str(point["cpu"]["ceiling_tps"]) for point in measured))
+    console.print(table)
+    console.print("ceiling: the rate at which this CPU per transaction would keep every core busy")
 
 
 def print_contention(console: Console, points: Sequence[dict[str, Any]]) -> None:

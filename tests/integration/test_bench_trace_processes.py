@@ -55,3 +55,9 @@ async def test_a_traced_benchmark_of_separate_processes_has_every_hop(own_run: S
     assert median[0] in {"client.publish", "coordinator.receive"}  # the median transaction's own trace
     assert median.count("coordinator.decide") == 4  # the intent and the three outcomes
     assert "client.result" in median
+    # The CPU each part spent per transaction: every process of the layout and the local servers, measured.
+    cpu = point["cpu"]
+    parts = {"bench", "coordinator", "kafka", "neo4j server", "postgres server"}
+    assert parts | {f"{store} consumer" for store in ("postgres", "qdrant", "neo4j")} <= set(cpu["ms_per_tx"])
+    assert cpu["ms_per_tx"]["coordinator"] > 0 and cpu["ms_per_tx"]["kafka"] > 0
+    assert cpu["ceiling_tps"] == round(cpu["cores"] * 1000 / cpu["total_ms_per_tx"])
