@@ -28,7 +28,7 @@ from polycommit.events import (
     store_command,
 )
 from polycommit.modes import refuse_unsupported
-from polycommit.operations import keys_of, lock_keys, parse_operation, validate_operation
+from polycommit.operations import lock_keys, operation_keys, validate_operation
 
 PROTOCOL = "saga"
 
@@ -262,7 +262,7 @@ def checked(intent: TransactionIntent, policy: SagaPolicy) -> tuple[ErrorInfo | 
     keys = []
     for i, step in enumerate(intent["steps"]):
         try:
-            keys.append(frozenset(keys_of(parse_operation(step["operation"], policy.max_payload_bytes))))
+            keys.append(frozenset(operation_keys(step["operation"], policy.max_payload_bytes)))
             if step["compensation"] is not None:
                 validate_operation(step["compensation"], policy.max_payload_bytes)
                 _same_store(step["operation"], step["compensation"])

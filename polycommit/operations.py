@@ -30,6 +30,7 @@ from polycommit.parsed import (
     dumps,
     json_object,
     keys_of,
+    operation_keys,
     operation_size,
     parse_operation,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "json_object",
     "keys_of",
     "lock_keys",
+    "operation_keys",
     "operation_size",
     "parse_operation",
     "step_order",
@@ -216,7 +218,7 @@ def validate_operation(op: Operation, max_payload_bytes: int) -> None:
 
 def lock_keys(op: Operation) -> list[str]:
     """The resources an operation writes, named so that equal resources give equal strings."""
-    return keys_of(parse_operation(op, max_payload_bytes=2**62))
+    return operation_keys(op, max_payload_bytes=2**62)
 
 
 def step_order(after: Iterable[str | int], earlier: Sequence[str]) -> list[int]:

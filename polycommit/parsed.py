@@ -312,16 +312,61 @@ def _graph(op: Operation) -> NodeOperation | RelationshipOperation:
     return RelationshipOperation(kind, op["target"], start, end, properties, _expected_version(op))  # type: ignore[arg-type]
 
 
+# The operations parsed last, by identity, with their size and lock keys: the coordinator asks about one
+# operation several times while it admits an intent (its lock keys, its validity, the steps' order), and
+# each parse reads its JSON again. The entry holds the operation itself, so its id cannot be reused while
+# cached; operations are never changed once built (a changed one is a new dict). Only what parsed is kept:
+# an invalid operation raises each time.
+class _Parse:
+    __slots__ = ("keys", "op", "parsed", "size")
+
+    def __init__(self, op: Operation, size: int, parsed: ParsedOperation) -> None:
+        self.op, self.size, self.parsed = op, size, parsed
+        self.keys: list[str] | None = None
+
+
+_PARSED: dict[int, _Parse] = {}
+_PARSED_KEPT = 4096
+
+
 def parse_operation(op: Operation, max_payload_bytes: int) -> ParsedOperation:
     """The typed value of an operation; a typed `InvalidOperationError` for anything no store could run."""
+    return _parse(op, max_payload_bytes).parsed
+
+
+def operation_keys(op: Operation, max_payload_bytes: int) -> list[str]:
+    """`keys_of(parse_operation(op, max_payload_bytes))`, each computed once per operation."""
+    entry = _parse(op, max_payload_bytes)
+    if entry.keys is None:
+        entry.keys = keys_of(entry.parsed)
+    return list(entry.keys)
+
+
+def _parse(op: Operation, max_payload_bytes: int) -> _Parse:
+    entry = _PARSED.get(id(op))
+    if entry is not None and entry.op is op:
+        _within(entry.size, max_payload_bytes)
+        return entry
     store, kind = op["store"], op["kind"]
     if store not in STORES:
         raise UnknownStoreError(f"unknown store {store!r}; polycommit has {', '.join(STORES)}")
     if kind not in KINDS[store]:
         raise InvalidOperationError(f"{store} has no operation {kind!r}; it has {', '.join(sorted(KINDS[store]))}")
     size = operation_size(op)
+    _within(size, max_payload_bytes)  # before the JSON is read: an oversized payload costs nothing to refuse
+    entry = _Parse(op, size, _parsed(op, store, kind))
+    if len(_PARSED) >= _PARSED_KEPT:
+        _PARSED.clear()
+    _PARSED[id(op)] = entry
+    return entry
+
+
+def _within(size: int, max_payload_bytes: int) -> None:
     if size > max_payload_bytes:
         raise PayloadTooLargeError(f"operation payload is {size} bytes; the limit is {max_payload_bytes}")
+
+
+def _parsed(op: Operation, store: str, kind: str) -> ParsedOperation:
     if kind in RAW_KINDS:
         _expected_version(op)  # refused on raw steps
         return _raw(op)

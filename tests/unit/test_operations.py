@@ -182,3 +182,18 @@ def test_operations_parse_into_typed_values() -> None:
     raw = parse_operation(ops.sql("UPDATE t SET v = $1", [3], lock_keys=["postgres:t:x"]), LIMIT)
     assert raw == RawOperation("postgres", "UPDATE t SET v = $1", (3,), ("postgres:t:x",))
     assert keys_of(points) == ops.lock_keys(ops.delete_points("c", [7, 8])) == ["qdrant:c:7", "qdrant:c:8"]
+
+
+def test_an_operation_asked_about_again_is_not_parsed_again_and_keeps_its_limits() -> None:
+    op = ops.upsert_row("t", {"id": 1}, {"v": "x" * 100})
+    parsed = parse_operation(op, LIMIT)
+    assert parse_operation(op, LIMIT) is parsed  # the coordinator's later questions reuse the parse
+    assert ops.operation_keys(op, LIMIT) == keys_of(parsed) == ['postgres:t:{"id":1}']
+    with pytest.raises(PayloadTooLargeError):
+        parse_operation(op, 50)  # a smaller limit still refuses it, parsed or not
+    equal = dict(op)  # an equal operation, another dict: parsed on its own
+    assert parse_operation(equal, LIMIT) == parsed and parse_operation(equal, LIMIT) is not parsed
+    bad = {**op, "key": "not json"}
+    for _ in range(2):  # what failed to parse is not kept: it fails each time
+        with pytest.raises(InvalidOperationError):
+            parse_operation(bad, LIMIT)
