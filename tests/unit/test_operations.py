@@ -191,9 +191,9 @@ def test_an_operation_asked_about_again_is_not_parsed_again_and_keeps_its_limits
     assert ops.operation_keys(op, LIMIT) == keys_of(parsed) == ['postgres:t:{"id":1}']
     with pytest.raises(PayloadTooLargeError):
         parse_operation(op, 50)  # a smaller limit still refuses it, parsed or not
-    equal = dict(op)  # an equal operation, another dict: parsed on its own
+    equal: Operation = {**op}  # an equal operation, another dict: parsed on its own
     assert parse_operation(equal, LIMIT) == parsed and parse_operation(equal, LIMIT) is not parsed
-    bad = {**op, "key": "not json"}
+    bad: Operation = {**op, "key": "not json"}
     for _ in range(2):  # what failed to parse is not kept: it fails each time
         with pytest.raises(InvalidOperationError):
             parse_operation(bad, LIMIT)
