@@ -149,10 +149,12 @@ class StoreWorker:
             try:
                 await consumer.start()
             except BaseException:
-                await publisher.stop()
+                await quietly(self.name, "Kafka consumer", consumer.stop())  # connected before it failed, maybe
+                await quietly(self.name, "Kafka producer", publisher.stop())
                 raise
         except BaseException:
-            await self.participant.close()  # a failed start leaves nothing open for the next session
+            # A failed start leaves nothing open for the next session, and its own error is the one raised.
+            await quietly(self.name, f"{self.store} connections", self.participant.close())
             raise
         self.held.clear()
         self._committed_offsets = {}

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiokafka.errors import KafkaError
 
+from consumers.postgres.failures import quiet_pool_restores
 from polycommit.config import load_settings
 from polycommit.errors import PolycommitError
 from polycommit.events import STORES
@@ -243,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for once_per_rebalance in ("orchestrator.members", "orchestrator.transactions"):  # who is active, what it restored
         logging.getLogger(once_per_rebalance).setLevel(logging.INFO)
+    quiet_pool_restores()
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             return runner.run(_dispatch(args))

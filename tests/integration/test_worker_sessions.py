@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from workers import ConsumersMade, OutcomesSeen, leave_stuck, publishing, running, send_commands
 
 from consumers import worker as worker_module
@@ -119,5 +120,30 @@ async def test_a_close_failing_after_a_stuck_session_does_not_end_the_consumer(
             assert participant.failed_closes == 1
             assert not task.done()  # the failure was logged, not raised out of the worker
             assert worker.stats.restarts == 1
+    finally:
+        await participant.close()
+
+
+async def test_a_close_failing_after_a_failed_start_leaves_the_start_error_to_answer(
+    topics: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Kafka consumer fails to start (the broker restarting) and the store's close then fails too: the
+    worker answers the Kafka error with a new session; the close's error, logged, does not end it."""
+    made: list[Any] = []
+
+    def first_start_fails(*args: Any, **kwargs: Any) -> Any:
+        consumer = make_consumer(*args, **kwargs)
+        if not made:
+            monkeypatch.setattr(consumer, "start", failing_settlement(KafkaConnectionError("broker restarting")))
+        made.append(consumer)
+        return consumer
+
+    monkeypatch.setattr(worker_module, "make_consumer", first_start_fails)
+    participant = FailingClose(topics)
+    worker = StoreWorker(topics, participant)
+    try:
+        async with running(worker) as task:  # ready: the second session started
+            assert len(made) == 2 and participant.failed_closes == 1
+            assert worker.stats.restarts == 1 and not task.done()
     finally:
         await participant.close()
