@@ -194,6 +194,10 @@ class PartProcess:
         self.expected_exit = True
         self._signal(signal.SIGKILL)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the part holds whatever it holds and does nothing more until killed (or SIGCONT)."""
+        self._signal(signal.SIGSTOP)
+
     def _signal(self, sig: int) -> None:
         """Send `sig` unless the part is known to be gone. One gone but not yet seen by the loop is no error:
         uvloop raises ProcessLookupError there where the standard loop's Popen stays silent, and either way

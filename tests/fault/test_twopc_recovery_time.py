@@ -16,6 +16,7 @@ import pytest
 from fault.fault_runs import fault_run
 from polycommit.client import Coordinator
 from polycommit.config import Settings
+from polycommit.events import STORES
 from polycommit.tooling.bench import saga_of, writes
 from polycommit.tooling.inspect import transactions_in_flight
 from polycommit.tooling.processes import Cluster
@@ -41,10 +42,14 @@ async def test_every_process_killed_with_hundreds_in_flight_recovers_them_all(ru
             transactions = [saga_of(w, mode="2pc") for w in writes(f"r{uuid.uuid4().hex[:6]}", WARM_UP + TRANSACTIONS)]
             futures = await asyncio.gather(*(client.submit(t) for t in transactions[:WARM_UP]))
             # Batching across transactions can finish a whole wave at once, so the kill does not wait for
-            # results to trickle: once the first wave has results, a second one is submitted and every
-            # process is killed as soon as the coordinator's committed state holds 500 transactions in flight.
+            # results to trickle: once the first wave has results, a second one is submitted, the store
+            # consumers are frozen (SIGSTOP) so that no transaction can end any more, and every process is
+            # killed once the coordinator's committed state holds 500 in flight. Without the freeze, on a
+            # loaded machine a whole wave could end between reading the state and the kill, leaving none.
             await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
             futures += await asyncio.gather(*(client.submit(t) for t in transactions[WARM_UP:]))
+            for store in STORES:
+                cluster[store].freeze()
             while len(await transactions_in_flight(run)) < IN_FLIGHT_AT_KILL:
                 assert not all(f.done() for f in futures), "every transaction ended before the kill"
             for part in cluster.processes.values():
