@@ -143,19 +143,7 @@ class StoreWorker:
             instance_id=self.instance_id,
         )
         publisher = Publisher(self.settings, codec=self.codec, client_id=self.name)
-        await self.participant.start()
-        try:
-            await publisher.start()
-            try:
-                await consumer.start()
-            except BaseException:
-                await quietly(self.name, "Kafka consumer", consumer.stop())  # connected before it failed, maybe
-                await quietly(self.name, "Kafka producer", publisher.stop())
-                raise
-        except BaseException:
-            # A failed start leaves nothing open for the next session, and its own error is the one raised.
-            await quietly(self.name, f"{self.store} connections", self.participant.close())
-            raise
+        await self._start(consumer, publisher)
         self.held.clear()
         self._committed_offsets = {}
         # A member aiokafka leaves stuck rejoining its group ends the session (polycommit/group_watch.py).
@@ -196,6 +184,22 @@ class StoreWorker:
                 self.stats.abandoned_consumers += 1
             await quietly(self.name, "Kafka producer", publisher.stop())
             await quietly(self.name, f"{self.store} connections", self.participant.close())
+
+    async def _start(self, consumer: Any, publisher: Publisher) -> None:
+        """Start the store's connections, the producer and the consumer. A failed start leaves nothing open
+        for the next session, and its own error is the one raised (a close failing is only logged)."""
+        await self.participant.start()
+        try:
+            await publisher.start()
+            try:
+                await consumer.start()
+            except BaseException:
+                await quietly(self.name, "Kafka consumer", consumer.stop())  # connected before it failed, maybe
+                await quietly(self.name, "Kafka producer", publisher.stop())
+                raise
+        except BaseException:
+            await quietly(self.name, f"{self.store} connections", self.participant.close())
+            raise
 
     async def _commit_handled(self, consumer: Any) -> None:
         """Start committing the offsets of what was handled since the last commit, if anything (after the
