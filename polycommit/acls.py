@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
+from aiokafka.errors import IncompatibleBrokerVersion
+from aiokafka.protocol.admin import DeleteAclsRequest
+
 if TYPE_CHECKING:
     from polycommit.bus import Topics
 
@@ -123,3 +126,41 @@ async def grant(admin: Any, grants: list[Grant]) -> bool:
             if error_code:
                 raise for_code(error_code)(f"creating the ACL {g}: {message}")
     return True
+
+
+async def revoke(admin: Any, grants: list[Grant]) -> list[Grant]:
+    """Delete the ACLs of `grants` (a topic prefix's, with its topics) through `admin`; the grants the broker
+    held. Without it every test's and chaos run's prefix leaves its ~60 ACLs behind: on a long-used broker
+    (4 100 of them) a CreateAcls took 27 ms instead of 2, and a saga ~3-7 % more time. One DeleteAcls
+    request, one exact filter per grant; a broker without an authorizer holds none."""
+    from aiokafka.errors import for_code
+
+    if not grants:
+        return []
+    node = admin._client.get_random_node()
+    response = await admin._client.send(node, _DeleteAcls([_filter(g) for g in grants]))
+    held = []
+    for g, (error_code, message, matching) in zip(grants, response.filter_responses, strict=True):
+        if error_code == SECURITY_DISABLED:
+            return []
+        if error_code:
+            raise for_code(error_code)(f"deleting the ACL {g}: {message}")
+        if matching:
+            held.append(g)
+    return held
+
+
+def _filter(g: Grant) -> tuple[int, str, int, str, str, int, int]:
+    return (int(g.resource), g.name, int(g.pattern), g.principal, "*", int(g.operation), ALLOW)
+
+
+class _DeleteAcls(DeleteAclsRequest):  # type: ignore[misc]  # aiokafka's request classes are untyped
+    """DeleteAcls with many filters (v1: with the resource pattern type): aiokafka's request carries one."""
+
+    def __init__(self, filters: list[tuple[int, str, int, str, str, int, int]]) -> None:
+        self.filters = filters
+
+    def build(self, request_struct_class: Any) -> Any:
+        if request_struct_class.API_VERSION < 1:
+            raise IncompatibleBrokerVersion("DeleteAcls v1 (resource pattern types) is needed")
+        return request_struct_class(self.filters)

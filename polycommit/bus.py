@@ -194,6 +194,9 @@ async def delete_topics(settings: Settings) -> None:
         names = [t for t in topics.all() if t in existing]
         if names:
             await admin.delete_topics(names)
+        if settings.kafka.sasl:  # the prefix's ACLs go with its topics (create_topics made them)
+            users = {role: credentials.username for role, credentials in settings.kafka.roles.items()}
+            await acls.revoke(admin, acls.role_grants(topics, users, STORES))
     finally:
         await admin.close()
 

@@ -19,11 +19,12 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
 from kafka_homes import add_kafka_secrets, isolated_kafka
 
-from polycommit import Saga, ops
-from polycommit.bus import create_topics, topics_for
+from polycommit import Saga, acls, ops
+from polycommit.bus import create_topics, delete_topics, topics_for
 from polycommit.client import Coordinator
 from polycommit.config import Settings, load_settings
-from polycommit.kafka_client import client_security
+from polycommit.events import STORES
+from polycommit.kafka_client import client_security, make_admin
 from polycommit.tooling import workload
 from polycommit.tooling.runtime import Runtime
 from polycommit.tooling.servers.process import data_path
@@ -139,3 +140,21 @@ async def test_a_plaintext_broker_of_an_older_setup_restarts_with_sasl_and_keeps
                 await producer.send_and_wait(topics_for(run).commands("postgres"), b"refused", key=b"tx")
         finally:
             await producer.stop()
+
+
+async def test_deleting_a_prefixs_topics_deletes_its_acls(secured: Settings) -> None:
+    """Each test's and chaos run's prefix gets ~60 ACLs with its topics; they go with them, or a long-used
+    broker accumulates thousands (which slowed every CreateAcls and authorisation)."""
+    run = dataclasses.replace(secured, topic_prefix=f"gone-{uuid.uuid4().hex[:8]}")
+    users = {role: credentials.username for role, credentials in run.kafka.roles.items()}
+    grants = acls.role_grants(topics_for(run), users, STORES)
+    await create_topics(run, {"intents": 1})
+    await delete_topics(run)
+    admin = make_admin(run)
+    await admin.start()
+    try:
+        assert await acls.revoke(admin, grants) == []  # none left to delete
+        assert await acls.grant(admin, grants[:1])  # created again, it is held, and deleted once more
+        assert await acls.revoke(admin, grants) == grants[:1]
+    finally:
+        await admin.close()
