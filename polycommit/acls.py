@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
-from aiokafka.errors import IncompatibleBrokerVersion
-from aiokafka.protocol.admin import DeleteAclsRequest
+from aiokafka.errors import IncompatibleBrokerVersion, for_code
+from aiokafka.protocol.admin import CreateAclsRequest, DeleteAclsRequest
 
 if TYPE_CHECKING:
     from polycommit.bus import Topics
@@ -113,13 +113,9 @@ async def grant(admin: Any, grants: list[Grant]) -> bool:
 
     aiokafka has no ACL API, but it has the CreateAcls request (one binding per request here, v1: with
     the resource pattern type); its responses are checked here."""
-    from aiokafka.errors import for_code
-    from aiokafka.protocol.admin import CreateAclsRequest
-
     node = admin._client.get_random_node()
     for g in grants:
-        request = CreateAclsRequest(int(g.resource), g.name, int(g.pattern), g.principal, "*", int(g.operation), ALLOW)
-        response = await admin._client.send(node, request)
+        response = await admin._client.send(node, CreateAclsRequest(*binding(g)))
         for error_code, message in response.creation_responses:
             if error_code == SECURITY_DISABLED:
                 return False
@@ -133,12 +129,10 @@ async def revoke(admin: Any, grants: list[Grant]) -> list[Grant]:
     held. Without it every test's and chaos run's prefix leaves its ~60 ACLs behind: on a long-used broker
     (4 100 of them) a CreateAcls took 27 ms instead of 2, and a saga ~3-7 % more time. One DeleteAcls
     request, one exact filter per grant; a broker without an authorizer holds none."""
-    from aiokafka.errors import for_code
-
     if not grants:
         return []
     node = admin._client.get_random_node()
-    response = await admin._client.send(node, _DeleteAcls([_filter(g) for g in grants]))
+    response = await admin._client.send(node, _DeleteAcls([binding(g) for g in grants]))
     held = []
     for g, (error_code, message, matching) in zip(grants, response.filter_responses, strict=True):
         if error_code == SECURITY_DISABLED:
@@ -150,14 +144,18 @@ async def revoke(admin: Any, grants: list[Grant]) -> list[Grant]:
     return held
 
 
-def _filter(g: Grant) -> tuple[int, str, int, str, str, int, int]:
+Binding = tuple[int, str, int, str, str, int, int]  # resource type, name, pattern, principal, host, op, permission
+
+
+def binding(g: Grant) -> Binding:
+    """`g` as the fields of an ACL binding: what CreateAcls creates and an exact DeleteAcls filter matches."""
     return (int(g.resource), g.name, int(g.pattern), g.principal, "*", int(g.operation), ALLOW)
 
 
 class _DeleteAcls(DeleteAclsRequest):  # type: ignore[misc]  # aiokafka's request classes are untyped
     """DeleteAcls with many filters (v1: with the resource pattern type): aiokafka's request carries one."""
 
-    def __init__(self, filters: list[tuple[int, str, int, str, str, int, int]]) -> None:
+    def __init__(self, filters: list[Binding]) -> None:
         self.filters = filters
 
     def build(self, request_struct_class: Any) -> Any:

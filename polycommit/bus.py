@@ -153,6 +153,12 @@ def topic_configs(topics: Topics, name: str) -> dict[str, str]:
     return configs
 
 
+def prefix_grants(settings: Settings) -> list[acls.Grant]:
+    """The ACLs of the topic prefix in use, for the role principals of `settings` (polycommit/acls.py)."""
+    users = {role: credentials.username for role, credentials in settings.kafka.roles.items()}
+    return acls.role_grants(topics_for(settings), users, STORES)
+
+
 async def create_topics(settings: Settings, partitions: dict[str, int] | None = None) -> dict[str, str]:
     """Create every polycommit topic that is missing. `partitions` maps a topic's short or full name to
     its partition count; the coordinator's input topics and its changelog always get the same count."""
@@ -178,8 +184,7 @@ async def create_topics(settings: Settings, partitions: dict[str, int] | None = 
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new)
         if settings.kafka.sasl:
-            users = {role: credentials.username for role, credentials in settings.kafka.roles.items()}
-            await acls.grant(admin, acls.role_grants(topics, users, STORES))
+            await acls.grant(admin, prefix_grants(settings))
         return report
     finally:
         await admin.close()
@@ -195,8 +200,7 @@ async def delete_topics(settings: Settings) -> None:
         if names:
             await admin.delete_topics(names)
         if settings.kafka.sasl:  # the prefix's ACLs go with its topics (create_topics made them)
-            users = {role: credentials.username for role, credentials in settings.kafka.roles.items()}
-            await acls.revoke(admin, acls.role_grants(topics, users, STORES))
+            await acls.revoke(admin, prefix_grants(settings))
     finally:
         await admin.close()
 

@@ -20,10 +20,9 @@ from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
 from kafka_homes import add_kafka_secrets, isolated_kafka
 
 from polycommit import Saga, acls, ops
-from polycommit.bus import create_topics, delete_topics, topics_for
+from polycommit.bus import create_topics, delete_topics, prefix_grants, topics_for
 from polycommit.client import Coordinator
 from polycommit.config import Settings, load_settings
-from polycommit.events import STORES
 from polycommit.kafka_client import client_security, make_admin
 from polycommit.tooling import workload
 from polycommit.tooling.runtime import Runtime
@@ -146,8 +145,7 @@ async def test_deleting_a_prefixs_topics_deletes_its_acls(secured: Settings) -> 
     """Each test's and chaos run's prefix gets ~60 ACLs with its topics; they go with them, or a long-used
     broker accumulates thousands (which slowed every CreateAcls and authorisation)."""
     run = dataclasses.replace(secured, topic_prefix=f"gone-{uuid.uuid4().hex[:8]}")
-    users = {role: credentials.username for role, credentials in run.kafka.roles.items()}
-    grants = acls.role_grants(topics_for(run), users, STORES)
+    grants = prefix_grants(run)
     await create_topics(run, {"intents": 1})
     await delete_topics(run)
     admin = make_admin(run)
