@@ -15,6 +15,7 @@ import functools
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 
+from orchestrator.positions import RESERVED_PREFIX, is_reserved
 from polycommit.bus import Publisher, Topics
 from polycommit.canonical import canonical_intent
 from polycommit.errors import ExpiredIntentError, InvalidIntentKeyError, InvalidOperationError, InvalidReplyToError
@@ -44,7 +45,11 @@ def canonical_or_refusal(intent: TransactionIntent) -> tuple[TransactionIntent, 
 
 def key_refusal(key: bytes | None, tx_id: str) -> ErrorInfo | None:
     """An intent keyed by anything but its tx_id may land on another partition than the transaction's
-    outcomes and snapshot, which breaks per-transaction ordering and state ownership."""
+    outcomes and snapshot, which breaks per-transaction ordering and state ownership. A tx id in the
+    changelog's reserved key space (orchestrator/positions.py) would overwrite the coordinator's records."""
+    if is_reserved(tx_id):
+        message = f"tx id {tx_id[:100]!r} starts with {RESERVED_PREFIX!r}, which polycommit keeps for its own records"
+        return error_info(InvalidIntentKeyError.__name__, message, False)
     if key is not None and key == tx_id.encode():
         return None
     shown = "no key" if key is None else f"key {key[:100]!r}"

@@ -20,8 +20,6 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from aiokafka import TopicPartition
-
 from polycommit.bus import Outgoing, Publisher
 from polycommit.codec import EventCodec
 from polycommit.config import Settings
@@ -90,27 +88,24 @@ class Committer:
         await publisher.start()
         self.publisher = publisher
 
-    async def commit(
-        self, out: list[Outgoing], offsets: dict[TopicPartition, int], group_id: str, decided: bool
-    ) -> None:
-        """One Kafka transaction: the records, the input offsets, commit (aborted on any failure). Under
-        the lock: a producer is never replaced (closed) in the middle of a transaction, which would leave
-        the transaction, and every later loop waiting for it, hanging."""
+    async def commit(self, out: list[Outgoing], decided: bool) -> bool:
+        """One Kafka transaction: the records (among them the inputs' positions, orchestrator/positions.py),
+        then commit (aborted on any failure); whether it committed. Under the lock: a producer is never
+        replaced (closed) in the middle of a transaction, which would leave the transaction, and every later
+        loop waiting for it, hanging."""
         async with self._lock:
             await self._ensure()
             publisher = self.publisher
             if publisher is None:
                 # Made a standby while the loop folded a batch: its inputs are another member's now, and
-                # their offsets were not committed, so that member reads them again and does the work. The
+                # their positions were not committed, so that member reads them again and does the work. The
                 # loop's epoch check (orchestrator/rebalance.py) drops such a batch before it gets here;
                 # this is the same rule where the producer is, so no path commits without one.
                 log.warning("a batch folded before this member stood by is dropped (%d records)", len(out))
-                return
+                return False
             await publisher.producer.begin_transaction()
             try:
                 await publisher.publish(out)
-                if offsets:
-                    await publisher.producer.send_offsets_to_transaction(offsets, group_id)
                 failpoint("coordinator.before_commit")
                 await publisher.producer.commit_transaction()
                 failpoint("coordinator.after_commit")
@@ -119,3 +114,4 @@ class Committer:
             except BaseException:
                 await publisher.producer.abort_transaction()
                 raise
+            return True

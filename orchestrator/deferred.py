@@ -2,12 +2,13 @@
 
 A coordinator loop that folds inputs into state but publishes nothing else — an outcome of a step whose
 saga still waits for others, a stale or duplicate input, a timer that only re-arms — need not commit at
-once: its inputs' offsets stay uncommitted, so a crash re-reads and folds them again, and nothing anyone
-saw was derived from that state. The next loop that publishes something (a command, a result, a lock
-event...) commits the snapshots and offsets put off together with its own, in one Kafka transaction; so
-does the loop DEFER_MS after the first one put off, a member about to give partitions up, and a member
-that stops. A saga whose three steps run in parallel then costs two coordinator Kafka transactions (its
-start and its end) instead of four, and its last outcome no longer waits for the commit of the one before.
+once: its inputs' positions stay uncommitted (orchestrator/positions.py), so a crash re-reads and folds
+them again, and nothing anyone saw was derived from that state. The next loop that publishes something (a
+command, a result, a lock event...) commits the snapshots and positions put off together with its own, in
+one Kafka transaction; so does the loop DEFER_MS after the first one put off, a member about to give
+partitions up, and a member that stops. A saga whose three steps run in parallel then costs two
+coordinator Kafka transactions (its start and its end) instead of four, and its last outcome no longer
+waits for the commit of the one before.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from aiokafka import TopicPartition
 from orchestrator.protocol import TxState
 
 DEFER_MS = 50  # how long a changelog-only loop may wait for a loop that publishes
-# What a commit takes: the latest state of each transaction touched, the inputs' offsets, the trace spans.
+# What a commit takes: the latest state of each transaction touched, the inputs' positions, the trace spans.
 Taken = tuple[dict[str, TxState], dict[TopicPartition, int], list[Any]]
 
 
 @dataclass
 class Deferred:
-    """What loops put off: the latest state of each transaction they touched, the offsets of their inputs
+    """What loops put off: the latest state of each transaction they touched, the positions of their inputs
     and their trace spans, since `since_ms`."""
 
     touched: dict[str, TxState] = field(default_factory=dict)

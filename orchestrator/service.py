@@ -3,7 +3,7 @@
 Each loop reads a batch of intents and outcomes, folds each through its transaction's protocol (the
 registry in `orchestrator.registry`; sagas today), fires due timers (timeouts, retries), and then, in ONE
 Kafka transaction, publishes the resulting commands, decisions, lock requests, results, alerts and dead
-letters, the new snapshots of every transaction it touched (the changelog), and the consumed offsets. A
+letters, the new snapshots of every transaction it touched and its inputs' positions (the changelog). A
 crash anywhere aborts that transaction: on restart the member restores its partitions' snapshots from the
 changelog and re-reads the same inputs, so no decision is lost or made twice. Restarting with the same
 transactional id fences a zombie predecessor. What a phase means is the protocol's business, never this
@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from orchestrator import operator, registry
 from orchestrator.admission import ReplyTargets, canonical_or_refusal, cluster_topics, expiry_refusal, key_refusal
 from orchestrator.committer import Committer, active_transactional_id
+from orchestrator.consumer_positions import ConsumerPositions
 from orchestrator.deferred import Deferred, Taken
 from orchestrator.interactive_inputs import INPUTS, InteractiveInputs, input_topics
 from orchestrator.lock_waits import waits_of
@@ -39,7 +40,7 @@ from orchestrator.protocol import (
     TxState,
     restore_locks,
 )
-from orchestrator.rebalance import Rebalance
+from orchestrator.rebalance import Rebalance, start_over
 from orchestrator.saga import SagaPolicy
 from orchestrator.transactions import OwnedTransactions
 from orchestrator.writer import COORDINATOR_LABELS, CoordinatorStats, TransitionWriter
@@ -89,6 +90,7 @@ class CoordinatorService:
         self._to_wake: list[str] = []
         self._reannounce_at = 0
         self._publisher: Publisher | None = None  # the session's, for cluster metadata
+        self.inputs = ConsumerPositions(self.transactions.positions)  # at the changelog's positions
         self.replies = ReplyTargets(self.topics, lambda: cluster_topics(self._publisher))
         self.stats = CoordinatorStats()
         # The Kafka transaction of the previous loop, committing while the next batch is read and folded.
@@ -121,6 +123,7 @@ class CoordinatorService:
         member active before is fenced, so no transaction of its is left open to hold the read back."""
         await self.committer.ready()
         restored = await self.transactions.restore(partitions)
+        self.inputs.seek_restored()
         self._to_wake.extend(restore_locks(self.lock_owners, restored))
         self.stats.restored += len(restored)
         self.stats.corrupt_snapshots = self.transactions.corrupt_snapshots
@@ -140,12 +143,7 @@ class CoordinatorService:
                 raise  # another member took this transactional id over: this one is a zombie and must end
             except (KafkaError, OSError) as exc:
                 self.stats.restarts += 1
-                log.warning(
-                    "coordinator session failed (%s: %s); restoring from the log in %.1fs",
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                )
+                log.warning("coordinator session failed (%r); restoring from the log in %.1fs", exc, delay)
                 self.forget_all()
                 await asyncio.sleep(delay)  # backoff while the broker comes back
                 delay = min(delay * 2, 10.0)
@@ -184,6 +182,7 @@ class CoordinatorService:
         self.transactions.partitions = len(await publisher.partitions(self.topics.intents))
         self.writer.lock_partitions = await publisher.partitions(self.topics.locks)
         consumer.subscribe(await input_topics(publisher, self.topics), listener=Rebalance(self))
+        self.inputs.consumer = consumer
         await consumer.start()
         watch = GroupWatch(consumer, member)  # aiokafka's stuck rejoin (polycommit/group_watch.py)
         try:
@@ -194,14 +193,16 @@ class CoordinatorService:
                     await self._step(consumer)
             await self.flush()
             await self.drain()
+            await self.inputs.close(final=True)
         finally:
+            await quietly(member, "group offsets copy", self.inputs.close(final=False))
             if self._committing is not None:
                 await self.drain(reraise=False)
             self._commit_failure = None
             await stop_consumer(consumer, member, stuck=watch.fired)
             await quietly(member, "transactional producer", self.committer.close())
             await quietly(member, "Kafka producer", publisher.stop())
-            self._publisher = None
+            self._publisher = self.inputs.consumer = None
 
     async def _step(self, consumer: AIOKafkaConsumer) -> None:
         wait_ms = self.deferred.wait_ms(now_ms(), 100)
@@ -223,23 +224,26 @@ class CoordinatorService:
         now = now_ms()
         out: list[Outgoing] = []
         touched: dict[str, TxState] = {}
-        for records in batch.values():
+        positions = self.transactions.positions
+        for tp, records in batch.items():
             for record in records:
-                await self._consume(record, now, out, touched)
+                if positions.fresh(tp, record.offset):  # below the restored position: folded already
+                    await self._consume(record, now, out, touched)
         self._fire_due(now, out, touched)
         if self._commit_failure is not None or (self._committing is not None and self._committing.done()):
             await self.drain()  # surface a failed commit before building on the state it left
-        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
+        offsets = positions.folded({tp: records[-1].offset + 1 for tp, records in batch.items() if records})
         self.stats.fold_s += time.perf_counter() - folded
         if epoch != self.epoch:
             tracing.end_all(self.trace.take())
-            await self._start_over()  # a rebalance ran while this batch was folded
+            await start_over(self)  # a rebalance ran while this batch was folded
             return
         # Snapshots and offsets wait with what earlier loops put off; they are committed when this loop
         # publishes something else, or DEFER_MS after the first of them (orchestrator/deferred.py).
         self.deferred.put_off(touched, offsets, self.trace.take(), now)
         if out or self.deferred.due(now):
             await self._start_commit(out, self.deferred.take(), epoch)
+        self.inputs.maybe_copy(now)
 
     async def flush(self) -> None:
         """Commit what loops put off now: partitions are given up, or the loop stops (not after a failure)."""
@@ -253,31 +257,24 @@ class CoordinatorService:
         touched, offsets, spans = taken
         for tx_id, state in touched.items():
             out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", self.transactions.record_of(state)))
+        out.extend(self.writer.positions(offsets))
         # One Kafka transaction at a time, but the next batch is read and folded while this one commits.
         await self.drain()
         if epoch is not None and epoch != self.epoch:
             tracing.end_all(spans)
-            await self._start_over()  # a rebalance ran while this loop waited for the one before
+            await start_over(self)  # a rebalance ran while this loop waited for the one before
             return
         self._committing = asyncio.create_task(self._commit(out, offsets, spans))
-
-    async def _start_over(self) -> None:
-        """Drop what the loop folded under an assignment that ended, and what it put off since: their
-        inputs' offsets were not committed, so they are read again. The states it may have changed are
-        restored afresh from the changelog (orchestrator/rebalance.py)."""
-        self.stats.loops_started_over += 1
-        log.info("a rebalance ran while a loop folded or committed: its batch is dropped and read again")
-        self.deferred.clear()
-        self.forget(set(range(self.transactions.partitions)))
-        await self.restore(self.owned)
 
     async def _commit(self, out: list[Outgoing], offsets: dict[TopicPartition, int], spans: list[Any]) -> None:
         committing = time.perf_counter()
         decided = any(o.topic == self.topics.decisions for o in out)
         try:
-            await self.committer.commit(out, offsets, self.group_id, decided)
+            committed = await self.committer.commit(out, decided)
         finally:
             tracing.end_all(spans)
+        if committed:  # the group's copy may follow (positions.py)
+            self.transactions.positions.committed_now(offsets)
         self.stats.kafka_transactions += 1
         self.stats.commit_s += time.perf_counter() - committing
         self.observe("kafka_transaction", time.perf_counter() - committing, COORDINATOR_LABELS)

@@ -12,6 +12,7 @@ import heapq
 import logging
 from collections.abc import Iterator
 
+from orchestrator.positions import InputPositions
 from orchestrator.protocol import TxState
 from orchestrator.registry import is_terminal
 from polycommit.bus import read_topic
@@ -35,6 +36,7 @@ class OwnedTransactions:
         self.timers: list[tuple[int, str]] = []
         self.partitions = 0  # of the coordinator's input topics, set when a session starts
         self.restored_partitions: set[int] = set()  # partitions whose changelog is folded into `states`
+        self.positions = InputPositions()  # how far the inputs of those partitions are folded (positions.py)
         self.restored = 0
         self.corrupt_snapshots = 0
         self._restore_lock = asyncio.Lock()
@@ -85,12 +87,14 @@ class OwnedTransactions:
 
     def forget(self, partitions: set[int]) -> None:
         self.restored_partitions -= partitions
+        self.positions.forget(partitions)
         for tx_id in [t for t in self.states if self.partition_of(t) in partitions]:
             del self.states[tx_id]
             self.intent_bytes.pop(tx_id, None)
 
     def forget_all(self) -> None:
         self.restored_partitions.clear()
+        self.positions.forget_all()
         self.states.clear()
         self.intent_bytes.clear()
         self.timers.clear()
@@ -114,6 +118,9 @@ class OwnedTransactions:
         raw: list[tuple[str, bytes | None]] = []
         await read_topic(self.settings, self.changelog, lambda r: raw.append((r.key.decode(), r.value)), partitions)
         restored, intents, corrupt = tx_state.fold_raw(self.codec, raw)
+        positions, bad_positions = tx_state.positions(self.codec, raw)
+        self.positions.restored(positions)
+        corrupt += bad_positions
         if corrupt:
             # Not ours (someone wrote to the changelog): skipped, since refusing to start would stop
             # every transaction; counted and logged for the operator.

@@ -13,6 +13,7 @@ from typing import Any
 
 from orchestrator import registry
 from orchestrator.admission import ReplyTargets
+from orchestrator.positions import Offsets, position_key, position_record
 from orchestrator.protocol import Transition, TxState
 from polycommit import lock_log, tracing
 from polycommit.bus import Outgoing, Topics
@@ -88,6 +89,13 @@ class TransitionWriter:
             out.extend(Outgoing(topic, tx_id, "LockReply", a, partition, headers=traced) for a in replies)
         if transition.result is not None:
             self.publish_result(state, transition.result, out, traced)
+
+    def positions(self, offsets: Offsets) -> list[Outgoing]:
+        """How far the inputs were folded, as changelog records in their own partitions (positions.py)."""
+        return [
+            Outgoing(self.topics.tx_state, position_key(tp), "InputPosition", position_record(tp, o), tp.partition)
+            for tp, o in offsets.items()
+        ]
 
     def lock_events(self, events: list[LockEvent]) -> list[Outgoing]:
         """Lock events go to `locks` keyed by resource: each key's events in one partition, in order; those

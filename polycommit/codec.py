@@ -57,6 +57,7 @@ EVENT_TYPES = (
     "OperatorCommand",
     "LockRequest",
     "LockReply",
+    "InputPosition",
 )
 
 

@@ -156,6 +156,14 @@ class SagaSnapshot(TypedDict):
     updated_at_ms: int
 
 
+class InputPosition(TypedDict):
+    """How far a coordinator member folded one input partition, in its changelog (orchestrator/positions.py)."""
+
+    topic: str
+    partition: int
+    next_offset: int
+
+
 class DeadLetter(TypedDict):
     original_topic: str
     partition: int

@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from orchestrator.positions import is_reserved
 from orchestrator.registry import is_in_flight, is_stuck
 from polycommit.canonical import canonical_intent
 from polycommit.codec import EventCodec
 from polycommit.errors import CodecError, ProtocolError
-from polycommit.events import SagaSnapshot, TransactionIntent
+from polycommit.events import InputPosition, SagaSnapshot, TransactionIntent
 
 
 def apply(state: dict[str, SagaSnapshot], tx_id: str, snapshot: SagaSnapshot | None) -> dict[str, SagaSnapshot]:
@@ -76,13 +77,12 @@ def fold_raw(
     Most keys end in a tombstone (the transaction finished), so this decodes the transactions still in
     flight rather than every snapshot ever written: restore time follows what is open, not the history
     that compaction has not yet removed. Returns (states, intent bytes, corrupt records skipped)."""
-    latest: dict[str, bytes | None] = {}
-    for key, value in records:
-        latest[key] = value
     states: dict[str, SagaSnapshot] = {}
     intents: dict[str, bytes] = {}
     corrupt = 0
-    for key, value in latest.items():
+    for key, value in _latest(records).items():
+        if is_reserved(key):
+            continue  # the coordinator's input positions (orchestrator/positions.py), not a transaction
         try:
             decoded = decode(codec, value)
             in_flight = decoded is not None and is_in_flight(decoded[0])
@@ -92,3 +92,25 @@ def fold_raw(
         if decoded is not None and in_flight:
             states[key], intents[key] = decoded
     return states, intents, corrupt
+
+
+def positions(codec: EventCodec, records: Iterable[tuple[str, bytes | None]]) -> tuple[list[InputPosition], int]:
+    """The latest input positions in raw changelog records (orchestrator/positions.py), and how many
+    records under a position key were not one (skipped and counted, like a corrupt snapshot)."""
+    found: list[InputPosition] = []
+    corrupt = 0
+    for key, value in _latest(records).items():
+        if not is_reserved(key):
+            continue
+        try:
+            found.append(codec.decode_as(value, "InputPosition"))  # type: ignore[arg-type]
+        except CodecError:
+            corrupt += 1
+    return found, corrupt
+
+
+def _latest(records: Iterable[tuple[str, bytes | None]]) -> dict[str, bytes | None]:
+    latest: dict[str, bytes | None] = {}
+    for key, value in records:
+        latest[key] = value
+    return latest

@@ -21,9 +21,6 @@ class FakeProducer:
     async def begin_transaction(self) -> None:
         self.events.append(f"{self.name} begin")
 
-    async def send_offsets_to_transaction(self, offsets: Any, group_id: str) -> None:
-        self.events.append(f"{self.name} offsets")
-
     async def commit_transaction(self) -> None:
         FakePublisher.in_commit.set()
         await self.gate.wait()  # the broker's answer, when the test lets it come
@@ -88,7 +85,7 @@ async def test_a_standby_opens_no_producer_and_the_active_one_opens_the_roles_an
 async def test_a_producer_is_replaced_only_after_the_transaction_in_progress_ends(fake: type[FakePublisher]) -> None:
     c = active_standby()
     await c.assigned({0})
-    committing = asyncio.create_task(c.commit([], {}, "g", decided=False))
+    committing = asyncio.create_task(c.commit([], decided=False))
     await fake.in_commit.wait()  # inside its transaction, waiting for the broker's answer
     reassigned = asyncio.create_task(c.assigned({0}))
     done, _ = await asyncio.wait({reassigned}, timeout=0.2)
@@ -102,7 +99,7 @@ async def test_a_batch_folded_before_the_member_stood_by_is_dropped_not_committe
     c = active_standby()
     await c.assigned({0})
     await c.assigned(set())
-    await c.commit([], {}, "g", decided=False)
+    await c.commit([], decided=False)
     assert fake.events == ["p1 start", "p1 stop"]  # no transaction begun: the inputs are read again elsewhere
 
 
