@@ -11,6 +11,7 @@ The positions that decide where a member resumes are in the changelog (orchestra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiokafka import AIOKafkaConsumer
@@ -19,6 +20,8 @@ from aiokafka.errors import KafkaError
 from orchestrator.positions import InputPositions, Offsets
 
 log = logging.getLogger(__name__)
+
+FINAL_COPY_S = 5.0  # a clean stop's last copy: the group coordinator answers in milliseconds when it is there
 
 
 class ConsumerPositions:
@@ -45,12 +48,21 @@ class ConsumerPositions:
             self._copying = asyncio.create_task(self._copy(offsets))
 
     async def close(self, *, final: bool) -> None:
-        """Wait for the copy running; `final` (a member stopping cleanly): copy what is left first."""
+        """End the session's copying. `final` (a member stopping cleanly): finish the copy running and copy
+        what is left, each for at most FINAL_COPY_S. Otherwise (the session failed) the copy running is
+        cancelled, not awaited: aiokafka retries a commit for as long as the group coordinator is away, which
+        would keep the session from ending and a new one from starting."""
         copying, self._copying = self._copying, None
         if copying is not None:
-            await copying
+            if not final:
+                copying.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(copying, FINAL_COPY_S)  # cancelled if it takes longer
         if final and self.positions.uncopied():
-            await self._copy(self.positions.uncopied())
+            try:
+                await asyncio.wait_for(self._copy(self.positions.uncopied()), FINAL_COPY_S)
+            except TimeoutError:
+                log.info("the group's offsets were not brought up to the changelog at the stop (late, not lost)")
 
     async def _copy(self, offsets: Offsets) -> None:
         assigned = self.consumer.assignment() if self.consumer is not None else set()
