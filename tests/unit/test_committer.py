@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaError
 
 from orchestrator import committer as committer_module
 from orchestrator.committer import Committer, active_transactional_id
@@ -15,6 +16,8 @@ from polycommit.config import load_settings
 
 
 class FakeProducer:
+    fatal = False  # the sender failed outright: EndTxn fails, and so does the abort (aiokafka's state machine)
+
     def __init__(self, name: str, events: list[str], gate: asyncio.Event) -> None:
         self.name, self.events, self.gate = name, events, gate
 
@@ -24,9 +27,13 @@ class FakeProducer:
     async def commit_transaction(self) -> None:
         FakePublisher.in_commit.set()
         await self.gate.wait()  # the broker's answer, when the test lets it come
+        if self.fatal:
+            raise KafkaError("Unexpected error during batch delivery")
         self.events.append(f"{self.name} commit")
 
     async def abort_transaction(self) -> None:
+        if self.fatal:
+            raise AssertionError("Invalid state transition TransactionState.FATAL_ERROR -> ABORTING_TRANSACTION")
         self.events.append(f"{self.name} abort")
 
 
@@ -58,6 +65,7 @@ class FakePublisher:
 def fake(monkeypatch: pytest.MonkeyPatch) -> type[FakePublisher]:
     FakePublisher.opened, FakePublisher.events = [], []
     FakePublisher.gate, FakePublisher.in_commit = asyncio.Event(), asyncio.Event()
+    FakeProducer.fatal = False
     monkeypatch.setattr(committer_module, "Publisher", FakePublisher)
     return FakePublisher
 
@@ -109,3 +117,14 @@ async def test_partitioned_members_open_their_own_id_with_the_session(fake: type
     await c.assigned({0})
     await c.assigned(set())
     assert fake.opened == ["px-coordinator-3"] and fake.events == ["p1 start"]
+
+
+async def test_a_producer_that_cannot_abort_raises_the_kafka_failure_so_the_session_starts_over(
+    fake: type[FakePublisher],
+) -> None:
+    c = Committer(load_settings(), default_codec(), "px-coordinator-3", per_session=True)
+    await c.session_started()
+    FakeProducer.fatal = True
+    fake.gate.set()
+    with pytest.raises(KafkaError):  # what the coordinator's session answers with a new session, not an exit
+        await c.commit([], decided=False)
