@@ -6,10 +6,10 @@ shapes it for operators.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from polycommit.events import ErrorInfo, SagaSnapshot
+from polycommit.events import ErrorInfo, InputPosition, SagaSnapshot
 from projections import tx_state
 
 
@@ -45,3 +45,15 @@ def report(state: Mapping[str, SagaSnapshot]) -> dict[str, Any]:
         "stuck": [describe(s) for s in tx_state.stuck(state)],
         "transactions": [describe(s) for s in state.values()],
     }
+
+
+def backlog(positions: Iterable[InputPosition], ends: Mapping[tuple[str, int], int]) -> dict[str, int]:
+    """Per input topic, the offsets the coordinator has not folded yet: each partition's end less the
+    position its changelog holds (orchestrator/positions.py). Exact to the last committed Kafka transaction
+    of the coordinator, unlike the group's lagging copy; transaction markers count as offsets, as in every
+    lag tool. A partition without a position (nothing folded since positions were kept) counts from 0."""
+    folded = {(p["topic"], p["partition"]): p["next_offset"] for p in positions}
+    behind: dict[str, int] = {}
+    for (topic, partition), end in ends.items():
+        behind[topic] = behind.get(topic, 0) + max(0, end - folded.get((topic, partition), 0))
+    return behind

@@ -16,16 +16,39 @@ from rich.table import Table
 from polycommit.bus import make_admin, read_topic, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
-from polycommit.events import SagaSnapshot
+from polycommit.events import InputPosition, SagaSnapshot
+from polycommit.log_reader import make_reader, topic_partitions
 from projections import dead_letters as dead_letter_fold
 from projections import status as status_fold
 from projections import tx_state
 
 
-async def transactions_in_flight(settings: Settings) -> dict[str, SagaSnapshot]:
+async def changelog(settings: Settings) -> tuple[dict[str, SagaSnapshot], list[InputPosition]]:
+    """The coordinator's changelog folded: the transactions in flight, and how far it folded its inputs."""
     raw: list[tuple[str, bytes | None]] = []
     await read_topic(settings, topics_for(settings).tx_state, lambda r: raw.append((r.key.decode(), r.value)))
-    return tx_state.fold_raw(default_codec(), raw)[0]
+    codec = default_codec()
+    return tx_state.fold_raw(codec, raw)[0], tx_state.positions(codec, raw)[0]
+
+
+async def transactions_in_flight(settings: Settings) -> dict[str, SagaSnapshot]:
+    return (await changelog(settings))[0]
+
+
+async def coordinator_backlog(settings: Settings, positions: list[InputPosition]) -> dict[str, int] | str:
+    """Per input topic, the offsets the coordinator has not folded (projections/status.py); why not, as
+    text, when the end offsets cannot be read."""
+    topics = topics_for(settings)
+    reader = make_reader(settings, "polycommit-inspect")
+    try:
+        await reader.start()
+        tps = [tp for topic in (topics.intents, topics.outcomes) for tp in await topic_partitions(reader, topic)]
+        ends = await reader.end_offsets(tps) if tps else {}
+    except KafkaError as exc:
+        return f"unknown ({type(exc).__name__}: {exc})"
+    finally:
+        await reader.stop()
+    return status_fold.backlog(positions, {(tp.topic, tp.partition): end for tp, end in ends.items()})
 
 
 async def coordinator_members(settings: Settings) -> list[dict[str, Any]] | str:
@@ -61,14 +84,24 @@ def describe_members(members: list[dict[str, Any]] | str) -> str:
     return "coordinator members: " + ", ".join(described)
 
 
+def describe_backlog(backlog: dict[str, int] | str) -> str:
+    if isinstance(backlog, str):
+        return f"coordinator backlog: {backlog}"
+    shown = ", ".join(f"{topic.rsplit('.', 1)[-1]} {count}" for topic, count in sorted(backlog.items()))
+    return f"coordinator backlog (offsets not folded yet): {shown}"
+
+
 async def print_status(settings: Settings, *, as_json: bool) -> int:
-    report = status_fold.report(await transactions_in_flight(settings))
+    state, positions = await changelog(settings)
+    report = status_fold.report(state)
     report["coordinator_members"] = await coordinator_members(settings)
+    report["coordinator_backlog"] = await coordinator_backlog(settings, positions)
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         console = Console()
         console.print(describe_members(report["coordinator_members"]))
+        console.print(describe_backlog(report["coordinator_backlog"]))
         console.print(f"in flight: {sum(report['in_flight'].values())} {report['in_flight']}")
         table = Table(title="stuck transactions (compensation keeps failing; still retried)")
         for column in ("tx_id", "name", "step", "attempts", "compensation error", "why compensating"):

@@ -28,6 +28,7 @@ from polycommit.config import Settings
 from polycommit.kafka_client import client_security
 from polycommit.tooling import workload
 from polycommit.tooling.chaos import run_settings
+from polycommit.tooling.inspect import changelog, coordinator_backlog
 from polycommit.tooling.runtime import Runtime
 from projections import tx_state
 
@@ -122,6 +123,13 @@ async def test_a_member_that_stops_cleanly_leaves_the_group_at_the_changelog_pos
         await completed(runtime, FIRST)
     positions = await changelog_positions(run)
     assert positions and await group_offsets(run) == positions
+    topics = topics_for(run)
+    backlog = await coordinator_backlog(run, (await changelog(run))[1])  # what `polycommit status` shows
+    assert backlog == {topics.intents: 0, topics.outcomes: 0}
+    async with Coordinator(run, timeout=120) as client:
+        for _ in range(LATER):  # no member runs to fold them
+            await client.submit(three_steps())
+    assert await coordinator_backlog(run, (await changelog(run))[1]) == {topics.intents: LATER, topics.outcomes: 0}
 
 
 async def test_a_member_resumes_at_the_changelog_when_the_group_lags(

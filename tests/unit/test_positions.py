@@ -15,7 +15,8 @@ from polycommit import operations as ops
 from polycommit.client import Saga
 from polycommit.codec import default_codec
 from polycommit.events import TransactionIntent
-from projections import tx_state
+from polycommit.tooling.inspect import describe_backlog
+from projections import status, tx_state
 
 INTENTS0, INTENTS1, OUTCOMES0 = (
     TopicPartition("p.intents", 0),
@@ -97,3 +98,20 @@ def test_a_tx_id_in_the_reserved_key_space_is_refused() -> None:
     assert refusal is not None and refusal["error_class"] == "InvalidIntentKeyError"
     assert pos.RESERVED_PREFIX in refusal["message"]
     assert key_refusal(b"polycommit-demo-1", "polycommit-demo-1") is None  # only the prefix with its colon
+
+
+def test_the_backlog_is_each_partition_s_end_less_its_folded_position() -> None:
+    ends = {("p.intents", 0): 10, ("p.intents", 1): 4, ("p.outcomes", 0): 30, ("p.outcomes", 1): 0}
+    folded = [position_record(INTENTS0, 10), position_record(INTENTS1, 1), position_record(OUTCOMES0, 12)]
+    assert status.backlog(folded, ends) == {"p.intents": 3, "p.outcomes": 18}
+    assert status.backlog([], ends) == {"p.intents": 14, "p.outcomes": 30}  # nothing folded yet: from 0
+
+
+def test_status_names_the_backlog_by_topic_or_says_why_not() -> None:
+    assert describe_backlog({"p.outcomes": 3, "p.intents": 0}) == (
+        "coordinator backlog (offsets not folded yet): intents 0, outcomes 3"
+    )
+    assert (
+        describe_backlog("unknown (KafkaConnectionError: down)")
+        == "coordinator backlog: unknown (KafkaConnectionError: down)"
+    )
