@@ -43,7 +43,7 @@ from orchestrator.protocol import (
 from orchestrator.rebalance import Rebalance, start_over
 from orchestrator.saga import SagaPolicy
 from orchestrator.transactions import OwnedTransactions
-from orchestrator.writer import COORDINATOR_LABELS, CoordinatorStats, TransitionWriter
+from orchestrator.writer import COORDINATOR_LABELS, CoordinatorStats, TransitionWriter, position_records
 from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_consumer, topics_for
 from polycommit.codec import EventCodec, default_codec
@@ -257,7 +257,7 @@ class CoordinatorService:
         touched, offsets, spans = taken
         for tx_id, state in touched.items():
             out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", self.transactions.record_of(state)))
-        out.extend(self.writer.positions(offsets))
+        out.extend(position_records(self.topics, offsets))
         # One Kafka transaction at a time, but the next batch is read and folded while this one commits.
         await self.drain()
         if epoch is not None and epoch != self.epoch:

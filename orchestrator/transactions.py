@@ -117,10 +117,10 @@ class OwnedTransactions:
     async def _restore(self, partitions: set[int]) -> list[TxState]:
         raw: list[tuple[str, bytes | None]] = []
         await read_topic(self.settings, self.changelog, lambda r: raw.append((r.key.decode(), r.value)), partitions)
-        restored, intents, corrupt = tx_state.fold_raw(self.codec, raw)
-        positions, bad_positions = tx_state.positions(self.codec, raw)
-        self.positions.restored(positions)
-        corrupt += bad_positions
+        folded = tx_state.fold_changelog(self.codec, raw)
+        restored, intents = folded.states, folded.intents
+        self.positions.restored(folded.positions)
+        corrupt = folded.corrupt_snapshots + folded.corrupt_positions
         if corrupt:
             # Not ours (someone wrote to the changelog): skipped, since refusing to start would stop
             # every transaction; counted and logged for the operator.

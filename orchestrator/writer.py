@@ -45,6 +45,14 @@ class CoordinatorStats:
     commit_s: float = 0.0
 
 
+def position_records(topics: Topics, offsets: Offsets) -> list[Outgoing]:
+    """How far the inputs were folded, as changelog records in their own partitions (positions.py)."""
+    return [
+        Outgoing(topics.tx_state, position_key(tp), "InputPosition", position_record(tp, o), tp.partition)
+        for tp, o in offsets.items()
+    ]
+
+
 class TransitionWriter:
     """Builds the outgoing records of transitions; counts them in the coordinator's stats and metrics."""
 
@@ -89,13 +97,6 @@ class TransitionWriter:
             out.extend(Outgoing(topic, tx_id, "LockReply", a, partition, headers=traced) for a in replies)
         if transition.result is not None:
             self.publish_result(state, transition.result, out, traced)
-
-    def positions(self, offsets: Offsets) -> list[Outgoing]:
-        """How far the inputs were folded, as changelog records in their own partitions (positions.py)."""
-        return [
-            Outgoing(self.topics.tx_state, position_key(tp), "InputPosition", position_record(tp, o), tp.partition)
-            for tp, o in offsets.items()
-        ]
 
     def lock_events(self, events: list[LockEvent]) -> list[Outgoing]:
         """Lock events go to `locks` keyed by resource: each key's events in one partition, in order; those

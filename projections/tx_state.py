@@ -9,6 +9,7 @@ Which phases are in flight or stuck is asked of each snapshot's protocol (orches
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.positions import is_reserved
@@ -69,48 +70,42 @@ def decode(codec: EventCodec, value: bytes | None) -> tuple[SagaSnapshot, bytes]
     return from_record(codec, codec.decode_as(value, "SagaSnapshot"))
 
 
-def fold_raw(
-    codec: EventCodec, records: Iterable[tuple[str, bytes | None]]
-) -> tuple[dict[str, SagaSnapshot], dict[str, bytes], int]:
+@dataclass
+class Changelog:
+    """The changelog folded: the transactions in flight (and each one's intent bytes), the coordinator's
+    input positions (orchestrator/positions.py), and the records of either kind skipped as corrupt."""
+
+    states: dict[str, SagaSnapshot] = field(default_factory=dict)
+    intents: dict[str, bytes] = field(default_factory=dict)
+    positions: list[InputPosition] = field(default_factory=list)
+    corrupt_snapshots: int = 0
+    corrupt_positions: int = 0
+
+
+def fold_changelog(codec: EventCodec, records: Iterable[tuple[str, bytes | None]]) -> Changelog:
     """Fold raw changelog records: keep the last value per key first, then decode only the survivors.
 
     Most keys end in a tombstone (the transaction finished), so this decodes the transactions still in
     flight rather than every snapshot ever written: restore time follows what is open, not the history
-    that compaction has not yet removed. Returns (states, intent bytes, corrupt records skipped)."""
-    states: dict[str, SagaSnapshot] = {}
-    intents: dict[str, bytes] = {}
-    corrupt = 0
-    for key, value in _latest(records).items():
-        if is_reserved(key):
-            continue  # the coordinator's input positions (orchestrator/positions.py), not a transaction
+    that compaction has not yet removed. A bad record is skipped and counted: not ours (or of a protocol
+    this build lacks), skipping it loses nothing we wrote."""
+    latest: dict[str, bytes | None] = {}
+    for key, value in records:
+        latest[key] = value
+    folded = Changelog()
+    for key, value in latest.items():
+        if is_reserved(key):  # the coordinator's input positions, not a transaction
+            try:
+                folded.positions.append(codec.decode_as(value, "InputPosition"))  # type: ignore[arg-type]
+            except CodecError:
+                folded.corrupt_positions += 1
+            continue
         try:
             decoded = decode(codec, value)
             in_flight = decoded is not None and is_in_flight(decoded[0])
         except (CodecError, ProtocolError):
-            corrupt += 1  # not a snapshot of ours (or of a protocol this build lacks): skipping loses nothing we wrote
+            folded.corrupt_snapshots += 1
             continue
         if decoded is not None and in_flight:
-            states[key], intents[key] = decoded
-    return states, intents, corrupt
-
-
-def positions(codec: EventCodec, records: Iterable[tuple[str, bytes | None]]) -> tuple[list[InputPosition], int]:
-    """The latest input positions in raw changelog records (orchestrator/positions.py), and how many
-    records under a position key were not one (skipped and counted, like a corrupt snapshot)."""
-    found: list[InputPosition] = []
-    corrupt = 0
-    for key, value in _latest(records).items():
-        if not is_reserved(key):
-            continue
-        try:
-            found.append(codec.decode_as(value, "InputPosition"))  # type: ignore[arg-type]
-        except CodecError:
-            corrupt += 1
-    return found, corrupt
-
-
-def _latest(records: Iterable[tuple[str, bytes | None]]) -> dict[str, bytes | None]:
-    latest: dict[str, bytes | None] = {}
-    for key, value in records:
-        latest[key] = value
-    return latest
+            folded.states[key], folded.intents[key] = decoded
+    return folded

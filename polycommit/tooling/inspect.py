@@ -23,16 +23,15 @@ from projections import status as status_fold
 from projections import tx_state
 
 
-async def changelog(settings: Settings) -> tuple[dict[str, SagaSnapshot], list[InputPosition]]:
+async def changelog(settings: Settings) -> tx_state.Changelog:
     """The coordinator's changelog folded: the transactions in flight, and how far it folded its inputs."""
     raw: list[tuple[str, bytes | None]] = []
     await read_topic(settings, topics_for(settings).tx_state, lambda r: raw.append((r.key.decode(), r.value)))
-    codec = default_codec()
-    return tx_state.fold_raw(codec, raw)[0], tx_state.positions(codec, raw)[0]
+    return tx_state.fold_changelog(default_codec(), raw)
 
 
 async def transactions_in_flight(settings: Settings) -> dict[str, SagaSnapshot]:
-    return (await changelog(settings))[0]
+    return (await changelog(settings)).states
 
 
 async def coordinator_backlog(settings: Settings, positions: list[InputPosition]) -> dict[str, int] | str:
@@ -92,10 +91,10 @@ def describe_backlog(backlog: dict[str, int] | str) -> str:
 
 
 async def print_status(settings: Settings, *, as_json: bool) -> int:
-    state, positions = await changelog(settings)
-    report = status_fold.report(state)
+    folded = await changelog(settings)
+    report = status_fold.report(folded.states)
     report["coordinator_members"] = await coordinator_members(settings)
-    report["coordinator_backlog"] = await coordinator_backlog(settings, positions)
+    report["coordinator_backlog"] = await coordinator_backlog(settings, folded.positions)
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:

@@ -18,19 +18,18 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from runtimes import started_runtime
 
 from orchestrator.consumer_positions import ConsumerPositions
-from orchestrator.positions import position_key, position_record
 from orchestrator.saga import SagaPolicy
+from orchestrator.writer import position_records
 from polycommit import operations as ops
-from polycommit.bus import Outgoing, Publisher, create_topics, delete_topics, make_admin, read_topic, topics_for
+from polycommit.bus import Publisher, create_topics, delete_topics, make_admin, topics_for
 from polycommit.client import Coordinator, Saga
-from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.kafka_client import client_security
+from polycommit.log_reader import topic_partitions
 from polycommit.tooling import workload
 from polycommit.tooling.chaos import run_settings
 from polycommit.tooling.inspect import changelog, coordinator_backlog
 from polycommit.tooling.runtime import Runtime
-from projections import tx_state
 
 POLICY = SagaPolicy(default_timeout_ms=30_000, backoff_base_ms=100, backoff_max_ms=1000, compensation_retries=3)
 FIRST, LATER = 12, 5
@@ -61,28 +60,15 @@ def three_steps() -> Saga:
 Offsets = dict[TopicPartition, int]
 
 
-async def input_partitions(
-    settings: Settings, names: tuple[str, ...] = ("intents", "outcomes")
-) -> list[TopicPartition]:
-    topics = topics_for(settings)
-    publisher = Publisher(settings)
-    await publisher.start()
-    try:
-        return [
-            TopicPartition(t, p) for t in (getattr(topics, n) for n in names) for p in await publisher.partitions(t)
-        ]
-    finally:
-        await publisher.stop()
-
-
 async def set_group_offsets(settings: Settings, where: Callable[[Offsets], Offsets]) -> None:
     """Commit the coordinator group's offsets of its intents and outcomes to `where(their end offsets)`: as
     the group's only client, before any member joined (a stopped member is static, and only an empty group
     takes offsets from outside)."""
-    tps = await input_partitions(settings)
+    topics = topics_for(settings)
     consumer = AIOKafkaConsumer(group_id=f"{settings.topic_prefix}-coordinator", **client_security(settings))
     await consumer.start()
     try:
+        tps = [tp for topic in (topics.intents, topics.outcomes) for tp in await topic_partitions(consumer, topic)]
         consumer.assign(tps)
         await consumer.commit(where(await consumer.end_offsets(tps)))
     finally:
@@ -100,11 +86,9 @@ async def group_offsets(settings: Settings) -> Offsets:
 
 
 async def changelog_positions(settings: Settings) -> Offsets:
-    raw: list[tuple[str, bytes | None]] = []
-    await read_topic(settings, topics_for(settings).tx_state, lambda r: raw.append((r.key.decode(), r.value)))
-    found, corrupt = tx_state.positions(default_codec(), raw)
-    assert corrupt == 0
-    return {TopicPartition(p["topic"], p["partition"]): p["next_offset"] for p in found}
+    folded = await changelog(settings)  # what a restore and `polycommit status` read
+    assert folded.corrupt_positions == 0
+    return {TopicPartition(p["topic"], p["partition"]): p["next_offset"] for p in folded.positions}
 
 
 async def completed(runtime: Runtime, sagas: int) -> None:
@@ -124,12 +108,15 @@ async def test_a_member_that_stops_cleanly_leaves_the_group_at_the_changelog_pos
     positions = await changelog_positions(run)
     assert positions and await group_offsets(run) == positions
     topics = topics_for(run)
-    backlog = await coordinator_backlog(run, (await changelog(run))[1])  # what `polycommit status` shows
+    backlog = await coordinator_backlog(run, (await changelog(run)).positions)  # what `polycommit status` shows
     assert backlog == {topics.intents: 0, topics.outcomes: 0}
     async with Coordinator(run, timeout=120) as client:
         for _ in range(LATER):  # no member runs to fold them
             await client.submit(three_steps())
-    assert await coordinator_backlog(run, (await changelog(run))[1]) == {topics.intents: LATER, topics.outcomes: 0}
+    assert await coordinator_backlog(run, (await changelog(run)).positions) == {
+        topics.intents: LATER,
+        topics.outcomes: 0,
+    }
 
 
 async def test_a_member_resumes_at_the_changelog_when_the_group_lags(
@@ -154,15 +141,11 @@ async def test_a_group_offset_ahead_of_the_changelog_is_not_trusted(run: Setting
         waiting = [await client.submit(three_steps()) for _ in range(LATER)]
         # The changelog: nothing of the intents folded yet; the group: all of them, as a fenced zombie's late
         # copy could leave it.
-        unread = await input_partitions(run, ("intents",))
-        positions = [
-            Outgoing(topics.tx_state, position_key(tp), "InputPosition", position_record(tp, 0), tp.partition)
-            for tp in unread
-        ]
         publisher = Publisher(run)
         await publisher.start()
         try:
-            await publisher.publish_and_wait(positions)
+            unread = {TopicPartition(topics.intents, p): 0 for p in await publisher.partitions(topics.intents)}
+            await publisher.publish_and_wait(position_records(topics, unread))
         finally:
             await publisher.stop()
         await set_group_offsets(run, lambda end: end)

@@ -86,10 +86,9 @@ def test_the_changelog_folds_keep_positions_apart_from_transactions() -> None:
         (position_key(INTENTS0), codec.encode("InputPosition", position_record(INTENTS0, 9))),
         (position_key(OUTCOMES0), b"not an event"),
     ]
-    states, _, corrupt = tx_state.fold_raw(codec, raw)
-    assert list(states) == [state["intent"]["tx_id"]] and corrupt == 0  # positions are not transactions
-    found, bad = tx_state.positions(codec, raw)
-    assert found == [position_record(INTENTS0, 9)] and bad == 1  # the latest of each key
+    folded = tx_state.fold_changelog(codec, raw)
+    assert list(folded.states) == [state["intent"]["tx_id"]] and folded.corrupt_snapshots == 0  # not transactions
+    assert folded.positions == [position_record(INTENTS0, 9)] and folded.corrupt_positions == 1  # latest per key
 
 
 def test_a_tx_id_in_the_reserved_key_space_is_refused() -> None:

@@ -204,8 +204,8 @@ def test_the_changelog_fold_skips_a_snapshot_of_an_unknown_protocol() -> None:
     codec = default_codec()
     state = saga.start(intent(2), 0, POLICY).state
     record = tx_state.to_record({**state, "protocol": "paxos"}, codec.encode("TransactionIntent", state["intent"]))
-    states, _, corrupt = tx_state.fold_raw(codec, [("a", codec.encode("SagaSnapshot", record))])
-    assert states == {} and corrupt == 1
+    folded = tx_state.fold_changelog(codec, [("a", codec.encode("SagaSnapshot", record))])
+    assert folded.states == {} and folded.corrupt_snapshots == 1
 
 
 # -- property: any sequence of events --------------------------------------------------------------
