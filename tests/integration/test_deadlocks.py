@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from cycles import Lock, committed, cycle_plans, docs, extra_lock, node, point, row, run_cycle, victims
 from lock_events import lock_history, restart_while_waiting, waiting_recorded
 from runtimes import started_runtime
 
@@ -25,7 +24,6 @@ from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
 from polycommit.client import Coordinator, Transaction
 from polycommit.config import Settings
-from polycommit.errors import DeadlockVictimError
 from polycommit.interactive import InteractiveScope
 from polycommit.tooling import workload
 from polycommit.tooling.runtime import Runtime
@@ -34,8 +32,6 @@ from polycommit.tooling.runtime import Runtime
 POLICY = SagaPolicy(default_timeout_ms=20_000, backoff_base_ms=100, backoff_max_ms=1000, compensation_retries=3)
 LATENCY_RUNS = int(os.environ.get("POLYCOMMIT_DEADLOCK_RUNS", "50"))
 pytestmark = pytest.mark.servers
-
-Lock = Callable[[InteractiveScope], Awaitable[None]]
 
 
 @pytest.fixture(scope="module")
@@ -50,84 +46,6 @@ async def client(runtime: Runtime) -> AsyncIterator[Coordinator]:
         yield coordinator
 
 
-def row(doc: str, title: str) -> Lock:
-    async def write(tx: InteractiveScope) -> None:
-        await tx.postgres.upsert(workload.DOCUMENTS, {"id": doc}, {"title": title})
-
-    return write
-
-
-def node(doc: str, title: str) -> Lock:
-    async def write(tx: InteractiveScope) -> None:
-        await tx.neo4j.merge_node("Document", {"id": doc}, {"title": title})
-
-    return write
-
-
-def point(doc: str, title: str) -> Lock:
-    async def write(tx: InteractiveScope) -> None:
-        await tx.qdrant.upsert(workload.DOCUMENTS, [ops.point(doc, workload.embed(title), {"title": title})])
-
-    return write
-
-
-def extra_lock(name: str) -> Lock:
-    async def take(tx: InteractiveScope) -> None:
-        await tx.lock([f"test:extra:{name}"])
-
-    return take
-
-
-class Cycle:
-    """Transactions that each take their first locks, wait until every one holds them, then ask the next
-    one's: a cycle of waits, closed by whichever asks last. Synchronised on the grants, never on time."""
-
-    def __init__(self, size: int) -> None:
-        self.holding = [asyncio.Event() for _ in range(size)]
-        self.asked_at: list[float] = [0.0] * size
-        self.ended_at: list[float] = [0.0] * size
-
-    async def member(self, i: int, tx: InteractiveScope, first: list[Lock], then: Lock) -> None:
-        for lock in first:
-            await lock(tx)
-        self.holding[i].set()
-        for other in self.holding:
-            await other.wait()
-        self.asked_at[i] = time.perf_counter()
-        try:
-            await then(tx)
-        finally:
-            self.ended_at[i] = time.perf_counter()
-
-
-async def run_cycle(
-    client: Coordinator, plans: list[tuple[list[Lock], Lock]], priorities: list[int] | None = None
-) -> tuple[list[Any], Cycle]:
-    """Run the members (opened in order, each after the previous one's first locks are held) and return
-    each one's outcome: its TransactionResult, or the exception that ended it."""
-    cycle = Cycle(len(plans))
-    priorities = priorities or [0] * len(plans)
-
-    async def one(i: int) -> Any:
-        if i:
-            await cycle.holding[i - 1].wait()  # arrival order: member i is younger than member i - 1
-        scope = client.transaction(name=f"cycle-{i}", interactive=True, lock_at="access", priority=priorities[i])
-        async with scope as tx:
-            await cycle.member(i, tx, *plans[i])
-        return scope.result
-
-    outcomes = await asyncio.gather(*(one(i) for i in range(len(plans))), return_exceptions=True)
-    return list(outcomes), cycle
-
-
-def victims(outcomes: list[Any]) -> list[int]:
-    return [i for i, o in enumerate(outcomes) if isinstance(o, DeadlockVictimError)]
-
-
-def committed(outcomes: list[Any]) -> list[int]:
-    return [i for i, o in enumerate(outcomes) if not isinstance(o, BaseException) and o.status == "completed"]
-
-
 async def title_of_row(settings: Settings, doc: str) -> str | None:
     conn = await asyncpg.connect(settings.postgres.dsn)
     try:
@@ -140,11 +58,6 @@ async def title_of_row(settings: Settings, doc: str) -> str | None:
 async def title_of_node(runtime: Runtime, doc: str) -> str | None:
     found = await runtime.workers["neo4j"].participant.read_node("Document", {"id": doc})  # type: ignore[attr-defined]
     return None if found is None else str(found["title"])
-
-
-def docs(n: int) -> list[str]:
-    run = uuid.uuid4().hex[:8]
-    return [f"dl-{run}-{i}" for i in range(n)]
 
 
 async def test_opposite_orders_across_two_stores_one_victim_the_younger_with_less_work(
@@ -219,19 +132,6 @@ async def test_run_retries_the_victim_until_both_business_actions_complete(
     last = "t0" if attempts[0] > 1 else "t1"  # the retried one ran after the survivor
     assert await title_of_row(runtime.settings, a) == last
     assert await title_of_node(runtime, b) == last
-
-
-def cycle_plans(length: int) -> list[tuple[list[Lock], Lock]]:
-    """A cycle of `length` (2 or 3) across the stores, each member older and with more work than the next."""
-    if length == 2:
-        a, b = docs(2)
-        return [([row(a, "t0"), extra_lock(a)], node(b, "t0")), ([node(b, "t1")], row(a, "t1"))]
-    a, b, c = docs(3)
-    return [
-        ([row(a, "t0"), extra_lock(a)], node(b, "t0")),
-        ([node(b, "t1"), extra_lock(b)], point(c, "t1")),
-        ([point(c, "t2")], row(a, "t2")),
-    ]
 
 
 @pytest.mark.parametrize("length", [2, 3])
