@@ -16,6 +16,7 @@ fingerprint (`legacy_reversed_fingerprint`); decoding them costs the same one di
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -31,6 +32,7 @@ from typing import Any, cast
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import to_parsing_canonical_form
 
+from polycommit.avro_writer import Writer, compile_writer
 from polycommit.errors import (
     CorruptEventError,
     InvalidEventError,
@@ -171,8 +173,19 @@ class EventCodec:
 
     def __init__(self, registry: SchemaRegistry) -> None:
         self.registry = registry
+        # Each current schema's generated encoder (polycommit/avro_writer.py) and the header it follows.
+        self._fast: dict[str, tuple[bytes, Writer]] = {}
+        for event_type, schema in registry.current.items():
+            with contextlib.suppress(NotImplementedError):
+                self._fast[event_type] = (MAGIC + schema.fingerprint, compile_writer(schema.parsed))
 
     def encode(self, event_type: str, record: Mapping[str, Any]) -> bytes:
+        fast = self._fast.get(event_type)
+        if fast is not None:
+            try:
+                return fast[0] + fast[1](record)
+            except Exception:
+                pass
         try:
             schema = self.registry.current[event_type]
         except KeyError:
