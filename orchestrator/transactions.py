@@ -34,6 +34,9 @@ class OwnedTransactions:
         self.states: dict[str, TxState] = {}
         self.intent_bytes: dict[str, bytes] = {}  # each transaction's intent as published, for its snapshots
         self.timers: list[tuple[int, str]] = []
+        # The due time each transaction's latest timer entry holds: a transition that keeps it (most do: a
+        # saga's outcomes leave its earliest step timeout where it was) pushes no second entry.
+        self.timer_of: dict[str, int] = {}
         self.partitions = 0  # of the coordinator's input topics, set when a session starts
         self.restored_partitions: set[int] = set()  # partitions whose changelog is folded into `states`
         self.positions = InputPositions()  # how far the inputs of those partitions are folded (positions.py)
@@ -71,8 +74,10 @@ class OwnedTransactions:
         return tx_state.to_record(state, self.intent_bytes[tx_id])
 
     def schedule(self, state: TxState) -> None:
-        if state["due_at_ms"] and not is_terminal(state):
-            heapq.heappush(self.timers, (state["due_at_ms"], state["intent"]["tx_id"]))
+        due, tx_id = state["due_at_ms"], state["intent"]["tx_id"]
+        if due and not is_terminal(state) and self.timer_of.get(tx_id) != due:
+            self.timer_of[tx_id] = due
+            heapq.heappush(self.timers, (due, tx_id))
 
     def next_due_ms(self) -> int | None:
         return self.timers[0][0] if self.timers else None
@@ -81,6 +86,8 @@ class OwnedTransactions:
         """States whose timer is due; a timer superseded by a later transition is dropped."""
         while self.timers and self.timers[0][0] <= now:
             due, tx_id = heapq.heappop(self.timers)
+            if self.timer_of.get(tx_id) == due:
+                del self.timer_of[tx_id]
             state = self.states.get(tx_id)
             if state is not None and state["due_at_ms"] == due:
                 yield state
@@ -98,6 +105,7 @@ class OwnedTransactions:
         self.states.clear()
         self.intent_bytes.clear()
         self.timers.clear()
+        self.timer_of.clear()
 
     async def restore(self, partitions: set[int]) -> list[TxState]:
         """Fold the changelog partitions this member now owns into its state, once each; returns what
