@@ -227,9 +227,9 @@ class Coordinator:
         await self._publisher.stop()
         if self._reads is not None:
             await self._reads.close()
-        for future in self._pending.values():
+        for future in [*self._pending.values(), *self.lock_calls.waiting.values()]:
             if not future.done():
-                future.cancel()
+                future.cancel()  # nothing will answer them now: their callers end at once, not at their timeout
 
     async def __aenter__(self) -> Coordinator:
         return await self.start()

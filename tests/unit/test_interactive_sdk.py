@@ -210,6 +210,23 @@ async def test_lock_replies_reach_their_call_and_other_records_pass_through() ->
     assert granted is not None and granted["status"] == "GRANTED" and not calls.waiting
 
 
+async def test_closing_the_client_ends_its_lock_calls_at_once_not_at_their_timeout() -> None:
+    """A client closed (or replaced, as chaos kills one) while a `tx.lock` call waits for its reply: nothing
+    can answer it any more, so the call ends now, as a pending result does."""
+    client = Coordinator(load_settings())  # never started: its lock calls are what is tested
+    sent = asyncio.Event()
+
+    async def send() -> None:
+        sent.set()
+
+    request: Any = {"tx_id": "T1", "request": 1, "release": False}
+    waiting = asyncio.create_task(client.lock_calls.call(send(), request, 3600))
+    await sent.wait()
+    await client.close()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 10)  # a bound, far below the call's timeout: TimeoutError without the fix
+
+
 async def test_the_client_builds_interactive_scopes_and_refuses_an_unlocked_one() -> None:
     client = Coordinator(load_settings())  # never started: building a scope needs no Kafka
     try:
