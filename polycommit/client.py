@@ -227,7 +227,8 @@ class Coordinator:
         await self._publisher.stop()
         if self._reads is not None:
             await self._reads.close()
-        for future in [*self._pending.values(), *self.lock_calls.waiting.values()]:
+        waiting: list[asyncio.Future[Any]] = [*self._pending.values(), *self.lock_calls.waiting.values()]
+        for future in waiting:
             if not future.done():
                 future.cancel()  # nothing will answer them now: their callers end at once, not at their timeout
 
