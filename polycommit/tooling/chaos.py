@@ -15,7 +15,9 @@ store may arrive sooner, and are not counted).
 participant votes no), and the verdict also requires that no prepared PostgreSQL transaction of the run
 is left open (`prepared_left`, 0); `--mode mixed` sends both, a seeded half each. `--hot-keys K` draws
 every transaction's key among K, so sagas and two-phase commits wait for one another's locks (one lock
-table for both) and the checker judges each key by its writers in lock-grant order.
+table for both) and the checker judges each key by its writers in lock-grant order. `--mode interactive`
+runs interactive increments on the hot keys (default 10), locking as each access is made so deadlocks
+happen, with the deadlock detector running and among the targets (chaos_interactive.py).
 
 The servers killed are those of the settings' home: run it against
 servers of its own (a POLYCOMMIT_HOME and ports of its own), never against servers others are using.
@@ -52,7 +54,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from polycommit.client import Saga
 from polycommit.config import Settings
+from polycommit.tooling import bench_contended
 from polycommit.tooling.bench import prepare, writes
+from polycommit.tooling.chaos_interactive import Increments, judge_counts, recover_statuses, run_increments
 from polycommit.tooling.chaos_kills import (
     TARGETS,
     Kill,
@@ -76,6 +80,8 @@ from polycommit.tooling.chaos_workload import (
 from polycommit.tooling.checker import History, check
 from polycommit.tooling.checker.log import read_log
 from polycommit.tooling.processes import PARTS, Cluster
+
+INTERACTIVE_HOT_KEYS = 10  # --mode interactive without --hot-keys
 
 __all__ = ["TARGETS", "ChaosRun", "kill_broker", "kill_schedule", "run_chaos", "run_settings", "saga_of"]
 
@@ -123,6 +129,7 @@ class ChaosRun:
     errors: list[str] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
     mix: dict[str, int] = field(default_factory=dict)  # sagas sent of each kind (chaos_workload.mixed)
+    increments: Increments = field(default_factory=Increments)  # --mode interactive
 
 
 async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
@@ -136,7 +143,9 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     settings = run_settings(base, run_id)
     log_dir = base.log_dir / f"chaos-{run_id}"
     members = coordinator_parts(getattr(args, "coordinators", 1))
-    every = [*TARGETS, *members[1:]]
+    interactive = getattr(args, "mode", "saga") == "interactive"
+    detector = ["detector"] if interactive else []
+    every = [*TARGETS, *members[1:], *detector]
     targets = [t for t in args.targets.split(",") if t] if args.targets else every
     unknown = sorted(set(targets) - set(every))
     if unknown:
@@ -158,7 +167,7 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     console.print(f"chaos run {run_id}: topics {settings.topic_prefix}.*, logs {log_dir}, seed {args.seed}")
     await create_topics(settings)
     await prepare(settings)
-    parts = [*members, *(p for p in PARTS if p != "coordinator")]
+    parts = [*members, *(p for p in PARTS if p != "coordinator"), *detector]
     run = ChaosRun(run_id, settings, log_dir, schedule, Cluster(settings, log_dir, names=parts))
     started = time.monotonic()
     try:
@@ -183,6 +192,9 @@ async def _drive(run: ChaosRun, args: argparse.Namespace, console: Console, star
         run.cluster.on_exit = lambda e: progress.console.print(f"[yellow]{e.name} exited alone ({e.code}); restarting")
         await run.cluster.start()
         progress.update(bar, description="transactions")
+        if getattr(args, "mode", "saga") == "interactive":
+            await _drive_increments(run, args, progress, bar, chaos, started)
+            return
         hot, name = getattr(args, "hot_keys", 0), f"x{run.run_id}"
         keys = random.Random(f"{args.seed}/keys")
         items = hot_writes(name, args.transactions, hot, keys) if hot else writes(name, args.transactions)
@@ -225,6 +237,41 @@ async def _drive(run: ChaosRun, args: argparse.Namespace, console: Console, star
         progress.update(bar, description="stopping processes")
 
 
+async def _drive_increments(
+    run: ChaosRun, args: argparse.Namespace, progress: Progress, bar: Any, chaos: Any, started: float
+) -> None:
+    """--mode interactive: the increments while the kills happen, then the results the client missed."""
+    items = bench_contended.hot_transactions(f"x{run.run_id}", args.transactions, hot_keys_of(args), args.seed)
+
+    def describe(text: str) -> None:
+        progress.update(chaos, description=f"chaos: {text}", completed=len(run.kills))
+
+    slot = ClientSlot(run.settings, args.timeout)
+    await slot.start()
+    killer = Killer(run.settings, run.cluster, slot, run.progressed, args.transactions, started, run.kills, describe)
+    kills = asyncio.create_task(killer.run(run.schedule))
+
+    async def workload() -> None:
+        try:
+            await run_increments(
+                slot, items, args.concurrency, run.progressed, run.increments, lambda: progress.advance(bar)
+            )
+        finally:
+            await run.progressed.wake()
+
+    try:
+        await _together(asyncio.create_task(workload()), kills)
+    finally:
+        await slot.close()
+    describe("done")
+    progress.update(bar, description="recovering missed results from the log")
+    await recover_statuses(run.settings, run.increments, 60.0)
+
+
+def hot_keys_of(args: argparse.Namespace) -> int:
+    return getattr(args, "hot_keys", 0) or INTERACTIVE_HOT_KEYS
+
+
 async def _together(work: asyncio.Task[None], kills: asyncio.Task[None]) -> None:
     """Run the workload and the kills to their end; a target that never comes back (TargetLost) ends the
     run at once, since the transactions that need it could never finish."""
@@ -251,8 +298,16 @@ async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, code
         # last writer's in lock-grant order (applied times do not order a saga's write and a two-phase
         # commit's across stores), and the log's own classes (applied twice, undecided, orphans) count.
         _, facts = await read_log(settings)
-        report = await check(settings, history, keys_owned=not getattr(args, "hot_keys", 0), log=facts)
+        interactive = getattr(args, "mode", "saga") == "interactive"
+        shared = interactive or bool(getattr(args, "hot_keys", 0))
+        report = await check(settings, history, keys_owned=not shared, log=facts)
+        keys = bench_contended.hot_keys(f"x{run.run_id}", hot_keys_of(args))
+        counts = await judge_counts(settings, keys, run.increments) if interactive else None
     summary = summarize(run.run_id, history, run.kills, run.cluster.unexpected_exits, report, elapsed, run.errors)
+    if counts is not None:
+        summary["increments"] = counts
+        summary["statuses"] = run.increments.statuses()  # of every attempt
+        summary["transactions"] = args.transactions
     summary["retried_after_timeout"] = len(run.retried)
     summary["exit_codes"] = codes
     summary["mix"] = dict(sorted(run.mix.items()))
@@ -263,6 +318,7 @@ async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, code
     # A process that exited without being killed crashed: the run fails, even if the stores came out right
     # (the supervisor restarted it), since no fault chaos makes may end a coordinator or a consumer.
     ok = report.ok and not history.missing() and not left and not run.cluster.unexpected_exits
+    ok = ok and (counts is None or (counts["counts_ok"] and counts["stores_agree"]))
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:

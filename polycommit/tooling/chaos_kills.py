@@ -6,6 +6,7 @@ Neo4j JVM, then a restart by `polycommit.tooling.services`, as their supervisor 
 `client` (dropped with its replies outstanding). Qdrant Edge is embedded in its consumer: killing that
 consumer is killing Qdrant. With `--coordinators N`, the standby coordinator members (`coordinator#2`...)
 are targets too; killing the active member waits for a standby to take over before starting it again.
+With `--mode interactive` the deadlock detector (`detector`) runs, and is a target.
 
 The schedule is seeded and pure: kill points spread over the middle of the run, and targets taken from
 a shuffled round of every target before any repeats, so a run with as many kills as targets hits each.

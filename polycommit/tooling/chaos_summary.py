@@ -48,7 +48,7 @@ def summarize(
 
 
 def print_summary(console: Console, summary: dict[str, Any]) -> None:
-    names = {"2pc": "two-phase commits", "mixed": "sagas and two-phase commits"}
+    names = {"2pc": "two-phase commits", "mixed": "sagas and two-phase commits", "interactive": "increments"}
     mode = names.get(summary.get("mode", ""), "transactions")
     table = Table(title=f"polycommit chaos {summary['run']}: {summary['transactions']} {mode}")
     table.add_column("metric")
@@ -65,6 +65,13 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
     if summary.get("mode") in ("2pc", "mixed"):
         left = summary.get("prepared_left", 0)
         table.add_row("prepared transactions left", f"[{'green' if not left else 'red'}]{left}[/]")
+    counts = summary.get("increments")
+    if counts is not None:
+        good = counts["counts_ok"] and counts["stores_agree"]
+        table.add_row(
+            "increments: completed / counted / unknown",
+            f"[{'green' if good else 'red'}]{counts['completed']} / {counts['counted']} / {counts['unknown']}[/]",
+        )
     ok = summary["violations"] == 0
     table.add_row("violations", f"[{'green' if ok else 'red'}]{summary['violations']}[/]")
     table.add_row("elapsed (s)", str(summary["elapsed_s"]))

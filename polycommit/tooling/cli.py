@@ -113,13 +113,15 @@ def _parser() -> argparse.ArgumentParser:
         "--targets",
         default="",
         help="comma-separated subset of coordinator,postgres,qdrant,neo4j (processes), kafka,postgres-server,"
-        "neo4j-server (servers), client (default: all; servers are those of this home: never shared ones)",
+        "neo4j-server (servers), client, detector (--mode interactive) (default: all; servers are those of this "
+        "home: never shared ones)",
     )
     chaos.add_argument(
         "--mode",
-        choices=["saga", "2pc", "mixed"],
+        choices=["saga", "2pc", "mixed", "interactive"],
         default="saga",
-        help="sagas, two-phase commits (STRONG), or both (a seeded half each)",
+        help="sagas, two-phase commits (STRONG), both (a seeded half each), or interactive increments on hot "
+        "keys that deadlock (the deadlock detector runs, and is a target)",
     )
     chaos.add_argument(
         "--hot-keys",

@@ -176,3 +176,22 @@ async def test_a_part_tells_which_coordinator_member_is_active_and_wakes_a_watch
     part._seen("2026 orchestrator.members coordinator member 2: active, owns all 4 of the transaction partitions")
     assert part.active_member and took_over.done() and took_over.result() > 0
     assert part._watches == []  # a watch that fired is dropped
+
+
+def test_interactive_attempts_are_counted_by_their_result_and_unknown_ones_bound_the_count() -> None:
+    from polycommit.tooling.chaos_interactive import Increments
+
+    class Scope:
+        def __init__(self, tx_id: str, status: str | None) -> None:
+            self.tx_id = tx_id
+            self.result = None if status is None else type("Result", (), {"status": status})()
+
+    increments = Increments()
+    first: list[Any] = [Scope("a", "aborted"), Scope("b", "completed")]  # a victim run again, then committed
+    second: list[Any] = [Scope("c", None)]  # the client was killed: read from the log later, or unknown
+    increments.add(first)
+    increments.add(second)
+    assert increments.count("completed") == 1 and increments.count(None) == 1
+    assert increments.statuses() == {"aborted": 1, "completed": 1, "unknown": 1}
+    increments.attempts["c"] = "completed"  # found on the results topic
+    assert increments.statuses() == {"aborted": 1, "completed": 2}
