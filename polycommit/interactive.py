@@ -57,6 +57,9 @@ RETRIED: tuple[type[errors.PolycommitError], ...] = (
     errors.TransactionAbortedError,
     errors.StaleReadError,
 )
+# Raised inside an attempt, these end it with nothing run too. Not among RETRIED, whose names also judge
+# results (`retriable`): a transaction that ended with a store unavailable may have applied something.
+RAISED_AND_RETRIED: tuple[type[errors.PolycommitError], ...] = (*RETRIED, errors.StoreUnavailableError)
 _BY_NAME: dict[str, type[errors.PolycommitError]] = {e.__name__: e for e in (*RETRIED, errors.UnsupportedError)}
 READ_LOCKING_LEVELS = frozenset({"REPEATABLE_READ", "SERIALIZABLE"})
 
@@ -359,7 +362,7 @@ async def run(
             assert scope.result is not None
             if attempt >= retries or not retriable(scope.result):
                 return scope.result
-        except RETRIED:
+        except RAISED_AND_RETRIED:
             if attempt >= retries:
                 raise
         finally:

@@ -20,14 +20,21 @@ or a Qdrant server (`QDRANT_URL`); otherwise `read_point` raises `UnsupportedErr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from polycommit import versioning
 from polycommit.config import Settings
-from polycommit.errors import InvalidOperationError, StoreUnavailableError, UnsupportedError
+from polycommit.errors import (
+    InvalidOperationError,
+    PolycommitError,
+    StoreError,
+    StoreUnavailableError,
+    UnsupportedError,
+)
 from polycommit.operations import point_id as point_id_of
 from polycommit.parsed import IDENTIFIER, NodeKey, RowOperation, canonical_id, dumps, keys_of
 
@@ -112,6 +119,39 @@ class _ServerPoints:
         await self.client.close()
 
 
+@contextlib.contextmanager
+def _reading(store: str) -> Iterator[None]:
+    """A read's failure as a typed error. The store's own refusal, which a new attempt would meet again (an
+    unknown table, bad Cypher), is a non-retriable StoreError; anything else (refused or lost connections,
+    a server shutting down, a driver left in a broken state by one) is StoreUnavailableError, retriable:
+    nothing of the transaction ran, and `coordinator.run` runs it again once the store is back. Seen in
+    `polycommit chaos --mode interactive`: reads during a PostgreSQL restart raised asyncpg's own errors
+    (ConnectionRefusedError, ConnectionDoesNotExistError, InternalClientError) to the application."""
+    try:
+        yield
+    except PolycommitError:
+        raise
+    except Exception as exc:
+        if _refused(exc):
+            raise StoreError(f"{store} refused a read: {exc}", retriable=False, store=store) from exc
+        raise StoreUnavailableError(f"{store} could not be read: {type(exc).__name__}: {exc}") from exc
+
+
+def _refused(exc: Exception) -> bool:
+    module = type(exc).__module__
+    if module.startswith("asyncpg"):
+        import asyncpg
+
+        unavailable = (asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError)
+        transient = asyncpg.exceptions.TransactionRollbackError  # serialization failures, deadlocks
+        return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, (*unavailable, transient))
+    if module.startswith("neo4j"):
+        from neo4j.exceptions import ClientError
+
+        return isinstance(exc, ClientError)
+    return False
+
+
 class StoreReads:
     """The client's reads of the three stores (each connection opened on first use)."""
 
@@ -127,7 +167,8 @@ class StoreReads:
         resource = keys_of(RowOperation("upsert_row", table, dict(key), {}))[0]
         query = _row_query(table, key)
         pool = await self._postgres()
-        row, version = await pool.fetchrow(query, json.dumps(dict(key)), resource)
+        with _reading("postgres"):
+            row, version = await pool.fetchrow(query, json.dumps(dict(key)), resource)
         return Versioned(None if row is None else json.loads(row), int(version or 0))
 
     async def read_node(self, label: str, key: Mapping[str, Any]) -> Versioned:
@@ -141,14 +182,16 @@ class StoreReads:
             return int(version["version"]), node["props"]
 
         driver = await self._neo4j()
-        async with driver.session(default_access_mode="READ") as session:
-            version, props = await session.execute_read(read)
+        with _reading("neo4j"):
+            async with driver.session(default_access_mode="READ") as session:
+                version, props = await session.execute_read(read)
         return Versioned(None if props is None else dict(props), version)
 
     async def read_point(self, collection: str, point_id: str | int) -> Versioned:
         source = await self._qdrant()
         pid = point_id_of(point_id)
-        found = await source.retrieve(collection, [pid])
+        with _reading("qdrant"):
+            found = await source.retrieve(collection, [pid])
         point = found.get(pid)
         if point is not None:
             payload = dict(point["payload"])
@@ -156,7 +199,8 @@ class StoreReads:
                 versioning.without_version(payload), versioning.point_version(payload, None), _dense(point)
             )
         grave = versioning.tombstone_id(collection, pid)
-        graves = await source.retrieve(versioning.TOMBSTONES, [grave], with_vectors=False)
+        with _reading("qdrant"):
+            graves = await source.retrieve(versioning.TOMBSTONES, [grave], with_vectors=False)
         tombstone = next(iter(graves.values()), None)
         return Versioned(None, versioning.point_version(None, tombstone["payload"] if tombstone else None))
 

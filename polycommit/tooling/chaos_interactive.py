@@ -135,5 +135,6 @@ async def judge_counts(settings: Settings, keys: Sequence[str], increments: Incr
         "counts_ok": completed <= counted <= completed + unknown,
         "stores_agree": agreed.verified == len([k for k in keys if k in found["postgres"]]),
         "disagreeing": {store: n for store, n in agreed.missing.items() if n},
-        "client_errors": len(increments.errors),
+        "client_errors": len(increments.errors),  # increments given up (the rest of their attempts judged)
+        "client_error_sample": increments.errors[:10],
     }

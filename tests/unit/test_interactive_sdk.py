@@ -210,6 +210,46 @@ async def test_lock_replies_reach_their_call_and_other_records_pass_through() ->
     assert granted is not None and granted["status"] == "GRANTED" and not calls.waiting
 
 
+async def test_run_retries_a_block_whose_read_could_not_reach_its_store_releasing_what_it_locked() -> None:
+    fake = FakeCoordinator()
+    calls: list[str] = []
+
+    async def block(tx: InteractiveScope) -> None:
+        calls.append(tx.tx_id)
+        await tx.lock(["a"])
+        if len(calls) == 1:  # the store restarting: nothing of this attempt ran
+            raise errors.StoreUnavailableError("postgres could not be read: ConnectionRefusedError")
+
+    result = await run(fake, block, retries=1, backoff=0.0)  # type: ignore[arg-type]
+    assert result.ok and len(calls) == 2 and len(fake.intents) == 1
+    assert any(r["release"] and r["tx_id"] == calls[0] for r in fake.sent)  # the first attempt's lock let go
+
+
+def test_a_read_failure_is_typed_unavailable_unless_the_store_refused_the_read_itself() -> None:
+    import asyncpg
+    from neo4j.exceptions import ClientError, ServiceUnavailable
+
+    from polycommit.reads import _reading
+
+    unavailable = [
+        ConnectionRefusedError(111, "Connection refused"),
+        asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) is in progress"),
+        asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator command"),
+        asyncpg.exceptions.SerializationError("could not serialize access"),
+        ServiceUnavailable("Unable to retrieve routing information"),
+    ]
+    for failure in unavailable:
+        with pytest.raises(errors.StoreUnavailableError), _reading("postgres"):
+            raise failure
+    for refusal in [asyncpg.exceptions.UndefinedTableError('relation "nope" does not exist'), ClientError("bad")]:
+        with pytest.raises(errors.StoreError) as raised, _reading("neo4j"):
+            raise refusal
+        assert not raised.value.retriable
+    with pytest.raises(errors.VersionConflict), _reading("qdrant"):  # polycommit's own errors pass as they are
+        raise errors.VersionConflict("k", 1, 2)
+
+
 async def test_closing_the_client_ends_its_lock_calls_at_once_not_at_their_timeout() -> None:
     """A client closed (or replaced, as chaos kills one) while a `tx.lock` call waits for its reply: nothing
     can answer it any more, so the call ends now, as a pending result does."""
