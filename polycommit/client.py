@@ -28,13 +28,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Unpack, overload
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import ProducerClosed
 
 from polycommit import operations as ops
 from polycommit import tracing
 from polycommit.bus import FETCH_MAX_WAIT_MS, Outgoing, Publisher, make_reader, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings, load_settings
-from polycommit.errors import TransactionError, TransactionTimeoutError, UnexpectedEventTypeError
+from polycommit.errors import ClientClosedError, TransactionError, TransactionTimeoutError, UnexpectedEventTypeError
 from polycommit.events import (
     Consistency,
     Isolation,
@@ -189,6 +190,7 @@ class Coordinator:
         self._reply_to = ""
         self._pending: dict[str, asyncio.Future[TransactionResult]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._closed = False
         self._traces: dict[str, Any] = {}  # tx id -> its open root span, only when tracing is on
         self.lock_calls = LockCalls(self.codec)  # `tx.lock` calls awaiting their LockReply
         self._point_source = point_source  # Qdrant reads through a consumer's backend (Edge: one opener)
@@ -218,6 +220,7 @@ class Coordinator:
         return self
 
     async def close(self) -> None:
+        self._closed = True
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -260,6 +263,16 @@ class Coordinator:
                     future.set_result(TransactionResult.from_event(event))
                     tracing.client_result(self._traces, record)
 
+    async def _send(self, outgoing: Outgoing) -> None:
+        """Publish one record; after `close` (or racing it), ClientClosedError rather than aiokafka's own
+        (or a wait for metadata a closed producer never gets)."""
+        if self._closed:
+            raise ClientClosedError("this client was closed: nothing more is sent through it")
+        try:
+            await self._publisher.send(outgoing)
+        except ProducerClosed:
+            raise ClientClosedError("this client was closed: nothing more is sent through it") from None
+
     @property
     def reply_to(self) -> str:
         return self._reply_to
@@ -269,7 +282,7 @@ class Coordinator:
         if self._replies is None:
             raise TransactionError("Coordinator.start() was not awaited")
         outgoing = Outgoing(self.topics.intents, request["tx_id"], "LockRequest", request)  # keyed as its intent
-        return await self.lock_calls.call(self._publisher.send(outgoing), request, self.timeout)
+        return await self.lock_calls.call(self._send(outgoing), request, self.timeout)
 
     async def run(self, block: Callable[[InteractiveScope], Awaitable[Any]], **options: Any) -> TransactionResult:
         """`block(tx)` in an interactive transaction, run again when it is a deadlock victim or its locks
@@ -292,7 +305,7 @@ class Coordinator:
         outgoing = Outgoing(
             self.topics.intents, transaction.tx_id, "TransactionIntent", intent, headers=tracing.headers_of(publishing)
         )
-        await self._publisher.send(outgoing)
+        await self._send(outgoing)
         tracing.end_all([publishing])
         return future
 

@@ -107,6 +107,11 @@ class TransactionError(PolycommitError):
     """A transaction did not end as the caller asked."""
 
 
+class ClientClosedError(TransactionError):
+    """The client was closed: nothing more goes out through it. What it sent before still runs to its end
+    (its result is on the results topic); a transaction it had open ends by its idle timeout."""
+
+
 class TransactionTimeoutError(RetriableError):
     """No result arrived for a transaction before the client's deadline; it may still finish."""
 
