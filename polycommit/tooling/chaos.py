@@ -44,7 +44,7 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,32 +206,15 @@ async def _drive(run: ChaosRun, args: argparse.Namespace, console: Console, star
                 run.mix[kind] = run.mix.get(kind, 0) + 1
                 yield saga
 
-        def describe(text: str) -> None:
-            progress.update(chaos, description=f"chaos: {text}", completed=len(run.kills))
-
-        slot = ClientSlot(run.settings, args.timeout)
-        await slot.start()
-        killer = Killer(
-            run.settings, run.cluster, slot, run.progressed, args.transactions, started, run.kills, describe
-        )
-        kills = asyncio.create_task(killer.run(run.schedule))
-
         def advance() -> None:
             progress.advance(bar)
 
-        async def workload() -> None:
-            try:
-                await run_workload(
-                    slot, run.history, sagas(), args.concurrency, run.progressed, run.errors, advance, run.retried
-                )
-            finally:
-                await run.progressed.wake()  # the killer may be waiting for results that will not come
+        async def workload(slot: ClientSlot) -> None:
+            await run_workload(
+                slot, run.history, sagas(), args.concurrency, run.progressed, run.errors, advance, run.retried
+            )
 
-        try:
-            await _together(asyncio.create_task(workload()), kills)
-        finally:
-            await slot.close()
-        describe("done")
+        await _under_kills(run, args, progress, chaos, started, workload)
         progress.update(bar, description="recovering missed results from the log")
         await recover_results(run.settings, run.history, 60.0)
         progress.update(bar, description="stopping processes")
@@ -243,6 +226,27 @@ async def _drive_increments(
     """--mode interactive: the increments while the kills happen, then the results the client missed."""
     items = bench_contended.hot_transactions(f"x{run.run_id}", args.transactions, hot_keys_of(args), args.seed)
 
+    async def workload(slot: ClientSlot) -> None:
+        await run_increments(
+            slot, items, args.concurrency, run.progressed, run.increments, lambda: progress.advance(bar)
+        )
+
+    await _under_kills(run, args, progress, chaos, started, workload)
+    progress.update(bar, description="recovering missed results from the log")
+    await recover_statuses(run.settings, run.increments, 60.0)
+    progress.update(bar, description="stopping processes")
+
+
+async def _under_kills(
+    run: ChaosRun,
+    args: argparse.Namespace,
+    progress: Progress,
+    chaos: Any,
+    started: float,
+    work: Callable[[ClientSlot], Awaitable[None]],
+) -> None:
+    """Run `work` with the run's client while the killer makes the scheduled kills, both to their end."""
+
     def describe(text: str) -> None:
         progress.update(chaos, description=f"chaos: {text}", completed=len(run.kills))
 
@@ -253,19 +257,15 @@ async def _drive_increments(
 
     async def workload() -> None:
         try:
-            await run_increments(
-                slot, items, args.concurrency, run.progressed, run.increments, lambda: progress.advance(bar)
-            )
+            await work(slot)
         finally:
-            await run.progressed.wake()
+            await run.progressed.wake()  # the killer may be waiting for results that will not come
 
     try:
         await _together(asyncio.create_task(workload()), kills)
     finally:
         await slot.close()
     describe("done")
-    progress.update(bar, description="recovering missed results from the log")
-    await recover_statuses(run.settings, run.increments, 60.0)
 
 
 def hot_keys_of(args: argparse.Namespace) -> int:
