@@ -168,6 +168,9 @@ class TransactionScope:
             raise TransactionError(f"transaction {self.tx_id} ended {self.result.status}: {self.result.error}")
 
 
+CLOSED = "this client was closed: nothing more is sent through it"
+
+
 class Coordinator:
     """A client of the polycommit coordinator: publishes intents, awaits results on its reply partition."""
 
@@ -267,11 +270,11 @@ class Coordinator:
         """Publish one record; after `close` (or racing it), ClientClosedError rather than aiokafka's own
         (or a wait for metadata a closed producer never gets)."""
         if self._closed:
-            raise ClientClosedError("this client was closed: nothing more is sent through it")
+            raise ClientClosedError(CLOSED)
         try:
             await self._publisher.send(outgoing)
         except ProducerClosed:
-            raise ClientClosedError("this client was closed: nothing more is sent through it") from None
+            raise ClientClosedError(CLOSED) from None
 
     @property
     def reply_to(self) -> str:

@@ -56,7 +56,7 @@ from polycommit.client import Saga
 from polycommit.config import Settings
 from polycommit.tooling import bench_contended
 from polycommit.tooling.bench import prepare, writes
-from polycommit.tooling.chaos_interactive import Increments, judge_counts, recover_statuses, run_increments
+from polycommit.tooling.chaos_interactive import Increments, judge_counts, run_increments
 from polycommit.tooling.chaos_kills import (
     TARGETS,
     Kill,
@@ -233,7 +233,7 @@ async def _drive_increments(
 
     await _under_kills(run, args, progress, chaos, started, workload)
     progress.update(bar, description="recovering missed results from the log")
-    await recover_statuses(run.settings, run.increments, 60.0)
+    await recover_results(run.settings, run.increments.history, 60.0)
     progress.update(bar, description="stopping processes")
 
 
@@ -301,7 +301,7 @@ async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, code
         interactive = getattr(args, "mode", "saga") == "interactive"
         shared = interactive or bool(getattr(args, "hot_keys", 0))
         report = await check(settings, history, keys_owned=not shared, log=facts)
-        keys = bench_contended.hot_keys(f"x{run.run_id}", hot_keys_of(args))
+        keys = bench_contended.hot_keys(f"x{run.run_id}", hot_keys_of(args)) if interactive else []
         counts = await judge_counts(settings, keys, run.increments) if interactive else None
     summary = summarize(run.run_id, history, run.kills, run.cluster.unexpected_exits, report, elapsed, run.errors)
     if counts is not None:

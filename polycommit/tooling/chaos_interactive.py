@@ -7,8 +7,8 @@ coordinator (cycles of two) and the deadlock detector (longer ones; a kill targe
 them. `coordinator.run` runs a victim, or a transaction whose locks timed out, again as a new attempt.
 
 What is judged, besides the checker's verdict on the log and the stores:
-- every attempt's result, heard by the client or read back from the `results` topic: a *completed*
-  attempt is one increment;
+- every attempt's result, heard by the client or read back from the `results` topic (a checker History,
+  as the other modes keep): a *completed* attempt is one increment;
 - each hot key's count in PostgreSQL: their sum lies between the completed attempts and those plus the
   attempts whose fate is unknown (no result anywhere: the client was killed before its commit went out,
   or its publish failed), and with no unknown attempt it is exact: no increment lost, none doubled;
@@ -18,13 +18,10 @@ What is judged, besides the checker's verdict on the log and the stores:
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from polycommit.bus import read_topic, topics_for
-from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.interactive import InteractiveScope
 from polycommit.tooling import bench_contended
@@ -32,6 +29,7 @@ from polycommit.tooling.bench_contended import HotTransaction
 from polycommit.tooling.bench_verify import read_values
 from polycommit.tooling.bench_workload import keep_in_flight, stores
 from polycommit.tooling.chaos_workload import ClientSlot, Progressed
+from polycommit.tooling.checker import History
 
 RETRIES = 50  # attempts after the first: victims and lock-wait timeouts under kills
 LOCK_WAIT_S = 20.0  # a wait behind a holder a kill stalled ends, and is run again
@@ -39,23 +37,28 @@ LOCK_WAIT_S = 20.0  # a wait behind a holder a kill stalled ends, and is run aga
 
 @dataclass
 class Increments:
-    """Every attempt of the run: its status (None until heard), and the client's errors."""
+    """Every attempt of the run as a checker History (its transaction, and the statuses heard or read back
+    from the log: `chaos_workload.recover_results`), and the client's errors."""
 
-    attempts: dict[str, str | None] = field(default_factory=dict)
+    history: History = field(default_factory=History)
     errors: list[str] = field(default_factory=list)
 
     def add(self, scopes: Sequence[InteractiveScope]) -> None:
         for scope in scopes:
-            self.attempts[scope.tx_id] = scope.result.status if scope.result is not None else None
+            self.history.invoke(scope.transaction)
+            if scope.result is not None:
+                self.history.record_result(scope.result)
 
     def count(self, status: str | None) -> int:
-        return sum(1 for s in self.attempts.values() if s == status)
+        """Attempts whose final status is `status`; None: no result anywhere."""
+        return sum(1 for tx_id in self.history.intents if self.history.final(tx_id) == status)
 
     def statuses(self) -> dict[str, int]:
-        """Attempts by status; "unknown" for those with no result anywhere."""
+        """Attempts by final status; "unknown" for those with no result anywhere."""
         found: dict[str, int] = {}
-        for status in self.attempts.values():
-            found[status or "unknown"] = found.get(status or "unknown", 0) + 1
+        for tx_id in self.history.intents:
+            status = self.history.final(tx_id) or "unknown"
+            found[status] = found.get(status, 0) + 1
         return dict(sorted(found.items()))
 
 
@@ -101,25 +104,6 @@ async def run_increments(
     await keep_in_flight(items, concurrency, one)
 
 
-async def recover_statuses(settings: Settings, increments: Increments, deadline_s: float) -> None:
-    """Read the results of attempts the client did not hear from the `results` topic, until none is
-    missing or the deadline (an attempt that never reached the coordinator has none)."""
-    codec, topic = default_codec(), topics_for(settings).results
-    deadline = time.monotonic() + deadline_s
-    while True:
-        unheard = {tx for tx, status in increments.attempts.items() if status is None}
-
-        def take(record: Any, unheard: set[str] = unheard) -> None:
-            key = record.key.decode() if record.key else ""
-            if key in unheard and record.value is not None:
-                status = codec.decode_as(record.value, "TransactionResult")["status"]
-                increments.attempts[key] = str(status).lower()  # as the client names it
-
-        await read_topic(settings, topic, take)
-        if increments.count(None) == 0 or time.monotonic() >= deadline:
-            return
-
-
 async def judge_counts(settings: Settings, keys: Sequence[str], increments: Increments) -> dict[str, Any]:
     """The counts against the completed attempts, and the stores against each other."""
     async with stores(settings) as (qdrant, neo4j):
@@ -128,7 +112,7 @@ async def judge_counts(settings: Settings, keys: Sequence[str], increments: Incr
     completed, unknown = increments.count("completed"), increments.count(None)
     agreed = bench_contended.agreement(keys, found)
     return {
-        "attempts": len(increments.attempts),
+        "attempts": len(increments.history.intents),
         "completed": completed,
         "unknown": unknown,
         "counted": counted,

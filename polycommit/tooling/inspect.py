@@ -13,7 +13,7 @@ from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.table import Table
 
-from polycommit.bus import make_admin, read_topic, topics_for
+from polycommit.bus import Topics, make_admin, read_topic, topics_for
 from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.events import InputPosition, SagaSnapshot
@@ -34,6 +34,13 @@ async def transactions_in_flight(settings: Settings) -> dict[str, SagaSnapshot]:
     return (await changelog(settings)).states
 
 
+def coordinator_reads(topics: Topics, positions: list[InputPosition]) -> list[str]:
+    """The coordinator's input topics (`Topics.coordinator_inputs`), and the deadlock verdicts when its
+    changelog shows it reads them (only when co-partitioned with the intents: interactive_inputs.py)."""
+    verdicts = [topics.deadlocks] if any(p["topic"] == topics.deadlocks for p in positions) else []
+    return [*topics.coordinator_inputs(), *verdicts]
+
+
 async def coordinator_backlog(settings: Settings, positions: list[InputPosition]) -> dict[str, int] | str:
     """Per input topic, the offsets the coordinator has not folded (projections/status.py); why not, as
     text, when the end offsets cannot be read."""
@@ -41,7 +48,7 @@ async def coordinator_backlog(settings: Settings, positions: list[InputPosition]
     reader = make_reader(settings, "polycommit-inspect")
     try:
         await reader.start()
-        tps = [tp for topic in (topics.intents, topics.outcomes) for tp in await topic_partitions(reader, topic)]
+        tps = [tp for topic in coordinator_reads(topics, positions) for tp in await topic_partitions(reader, topic)]
         ends = await reader.end_offsets(tps) if tps else {}
     except KafkaError as exc:
         return f"unknown ({type(exc).__name__}: {exc})"

@@ -184,7 +184,8 @@ def test_interactive_attempts_are_counted_by_their_result_and_unknown_ones_bound
     class Scope:
         def __init__(self, tx_id: str, status: str | None) -> None:
             self.tx_id = tx_id
-            self.result = None if status is None else type("Result", (), {"status": status})()
+            self.transaction = Saga("increment", tx_id=tx_id)
+            self.result = None if status is None else type("Result", (), {"tx_id": tx_id, "status": status})()
 
     increments = Increments()
     first: list[Any] = [Scope("a", "aborted"), Scope("b", "completed")]  # a victim run again, then committed
@@ -193,5 +194,5 @@ def test_interactive_attempts_are_counted_by_their_result_and_unknown_ones_bound
     increments.add(second)
     assert increments.count("completed") == 1 and increments.count(None) == 1
     assert increments.statuses() == {"aborted": 1, "completed": 1, "unknown": 1}
-    increments.attempts["c"] = "completed"  # found on the results topic
+    increments.history.record("c", "COMPLETED")  # found on the results topic (as the log spells it)
     assert increments.statuses() == {"aborted": 1, "completed": 2}
