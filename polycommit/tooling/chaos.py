@@ -56,7 +56,7 @@ from polycommit.client import Saga
 from polycommit.config import Settings
 from polycommit.tooling import bench_contended
 from polycommit.tooling.bench import prepare, writes
-from polycommit.tooling.chaos_interactive import Increments, judge_counts, run_increments
+from polycommit.tooling.chaos_interactive import IncrementMode, Increments, judge_counts, run_increments
 from polycommit.tooling.chaos_kills import (
     TARGETS,
     Kill,
@@ -226,9 +226,11 @@ async def _drive_increments(
     """--mode interactive: the increments while the kills happen, then the results the client missed."""
     items = bench_contended.hot_transactions(f"x{run.run_id}", args.transactions, hot_keys_of(args), args.seed)
 
+    mode = IncrementMode(getattr(args, "lock_at", "access"), getattr(args, "consistency", "EVENTUAL"))
+
     async def workload(slot: ClientSlot) -> None:
         await run_increments(
-            slot, items, args.concurrency, run.progressed, run.increments, lambda: progress.advance(bar)
+            slot, items, args.concurrency, run.progressed, run.increments, lambda: progress.advance(bar), mode
         )
 
     await _under_kills(run, args, progress, chaos, started, workload)
@@ -308,6 +310,7 @@ async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, code
         summary["increments"] = counts
         summary["statuses"] = run.increments.statuses()  # of every attempt
         summary["transactions"] = args.transactions
+        summary["lock_at"], summary["consistency"] = args.lock_at, args.consistency
     summary["retried_after_timeout"] = len(run.retried)
     summary["exit_codes"] = codes
     summary["mix"] = dict(sorted(run.mix.items()))

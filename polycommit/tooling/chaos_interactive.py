@@ -1,10 +1,13 @@
 """`polycommit chaos --mode interactive`: interactive increments on hot keys while the parts are killed.
 
 Each increment reads two hot keys and writes the first one's count + 1 to the three stores
-(`bench_contended.increment`) in an interactive SERIALIZABLE transaction that locks as each access is made
-(`lock_at="access"`): reads take SHARED locks that writes upgrade, so cycles of waits form, and the
-coordinator (cycles of two) and the deadlock detector (longer ones; a kill target in this mode) break
-them. `coordinator.run` runs a victim, or a transaction whose locks timed out, again as a new attempt.
+(`bench_contended.increment`) in an interactive SERIALIZABLE transaction. By default it locks as each
+access is made (`--lock-at access`): reads take SHARED locks that writes upgrade, so cycles of waits form,
+and the coordinator (cycles of two) and the deadlock detector (longer ones; a kill target in this mode)
+break them. `coordinator.run` runs a victim, or a transaction whose locks timed out, again as a new
+attempt. `--lock-at commit` locks everything at the commit and checks the reads then (a stale read runs
+the block again under the locks), and `--consistency STRONG` commits each increment by two-phase commit
+(a PostgreSQL prepare, Neo4j and Qdrant held), so the kills also land between prepares and the decision.
 
 What is judged, besides the checker's verdict on the log and the stores:
 - every attempt's result, heard by the client or read back from the `results` topic (a checker History,
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polycommit.config import Settings
-from polycommit.interactive import InteractiveScope
+from polycommit.events import Consistency
+from polycommit.interactive import InteractiveScope, LockAt
 from polycommit.tooling import bench_contended
 from polycommit.tooling.bench_contended import HotTransaction
 from polycommit.tooling.bench_verify import read_values
@@ -32,7 +36,16 @@ from polycommit.tooling.chaos_workload import ClientSlot, Progressed
 from polycommit.tooling.checker import History
 
 RETRIES = 50  # attempts after the first: victims and lock-wait timeouts under kills
+APPLIED = ("completed", "committed")  # a saga's success, a two-phase commit's
 LOCK_WAIT_S = 20.0  # a wait behind a holder a kill stalled ends, and is run again
+
+
+@dataclass(frozen=True)
+class IncrementMode:
+    """How the increments lock and commit (`--lock-at`, `--consistency`)."""
+
+    lock_at: LockAt = "access"
+    consistency: Consistency = "EVENTUAL"
 
 
 @dataclass
@@ -49,9 +62,13 @@ class Increments:
             if scope.result is not None:
                 self.history.record_result(scope.result)
 
-    def count(self, status: str | None) -> int:
-        """Attempts whose final status is `status`; None: no result anywhere."""
-        return sum(1 for tx_id in self.history.intents if self.history.final(tx_id) == status)
+    def count(self, *statuses: str | None) -> int:
+        """Attempts whose final status is one of `statuses`; None: no result anywhere."""
+        return sum(1 for tx_id in self.history.intents if self.history.final(tx_id) in statuses)
+
+    def applied(self) -> int:
+        """Attempts that applied their increment: a saga completed, a two-phase commit committed."""
+        return self.count(*APPLIED)
 
     def statuses(self) -> dict[str, int]:
         """Attempts by final status; "unknown" for those with no result anywhere."""
@@ -69,6 +86,7 @@ async def run_increments(
     progressed: Progressed,
     increments: Increments,
     on_result: Callable[[], None],
+    mode: IncrementMode = IncrementMode(),
 ) -> None:
     """Keep `concurrency` increments in flight; each ends when `coordinator.run` returns or gives up."""
 
@@ -87,7 +105,8 @@ async def run_increments(
                 retries=RETRIES,
                 name="chaos-hot",
                 isolation="SERIALIZABLE",
-                lock_at="access",
+                lock_at=mode.lock_at,
+                consistency=mode.consistency,
                 lock_wait=LOCK_WAIT_S,
             )
         except asyncio.CancelledError:
@@ -109,7 +128,7 @@ async def judge_counts(settings: Settings, keys: Sequence[str], increments: Incr
     async with stores(settings) as (qdrant, neo4j):
         found = await read_values(settings, keys, qdrant.backend, neo4j.driver)
     counted = sum(int(found["postgres"].get(key) or 0) for key in keys)
-    completed, unknown = increments.count("completed"), increments.count(None)
+    completed, unknown = increments.applied(), increments.count(None)
     agreed = bench_contended.agreement(keys, found)
     return {
         "attempts": len(increments.history.intents),

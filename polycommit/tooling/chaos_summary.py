@@ -62,7 +62,9 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
     table.add_row("processes that exited alone", str(len(summary["unexpected_exits"])))
     table.add_row("intent re-publishes", str(summary["publish_errors"]))
     table.add_row("transactions with a step retried", str(summary.get("retried_after_timeout", 0)))
-    if summary.get("mode") in ("2pc", "mixed"):
+    if summary.get("mode") == "interactive":
+        table.add_row("increments lock at / commit", f"{summary['lock_at']} / {summary['consistency']}")
+    if summary.get("mode") in ("2pc", "mixed") or summary.get("consistency") == "STRONG":
         left = summary.get("prepared_left", 0)
         table.add_row("prepared transactions left", f"[{'green' if not left else 'red'}]{left}[/]")
     counts = summary.get("increments")

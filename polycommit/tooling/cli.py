@@ -129,6 +129,19 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="0: every transaction its own key; K: keys drawn among K, so transactions contend for locks",
     )
+    chaos.add_argument(
+        "--lock-at",
+        choices=["access", "commit"],
+        default="access",
+        help="--mode interactive: lock as each access is made (deadlocks), or all at the commit (stale reads "
+        "run again)",
+    )
+    chaos.add_argument(
+        "--consistency",
+        choices=["EVENTUAL", "STRONG"],
+        default="EVENTUAL",
+        help="--mode interactive: commit each increment as a saga, or by two-phase commit",
+    )
     chaos.add_argument("--failing", type=float, default=0.1, help="fraction of sagas with a failing last step")
     chaos.add_argument("--short-timeout", type=float, default=0.1, help="fraction of sagas with a 50 ms step timeout")
     chaos.add_argument("--step-timeout", type=float, default=30.0, help="each step's timeout, seconds (default 30)")

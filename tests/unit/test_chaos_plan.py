@@ -196,3 +196,8 @@ def test_interactive_attempts_are_counted_by_their_result_and_unknown_ones_bound
     assert increments.statuses() == {"aborted": 1, "completed": 1, "unknown": 1}
     increments.history.record("c", "COMPLETED")  # found on the results topic (as the log spells it)
     assert increments.statuses() == {"aborted": 1, "completed": 2}
+    assert increments.applied() == 2
+    strong = Increments()  # --consistency STRONG: a two-phase commit that committed applied its increment
+    both: list[Any] = [Scope("d", "committed"), Scope("e", "aborted")]
+    strong.add(both)
+    assert strong.applied() == 1 and strong.count("completed") == 0
