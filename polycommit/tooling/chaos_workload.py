@@ -16,10 +16,13 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from polycommit import operations as ops
+from polycommit.bus import topics_for
 from polycommit.client import Coordinator, Saga, TransactionResult
 from polycommit.config import Settings
+from polycommit.log_reader import read_topic
 from polycommit.tooling import bench
 from polycommit.tooling.bench import Write, keep_in_flight
 from polycommit.tooling.bench_workload import DIMENSIONS
@@ -193,9 +196,26 @@ async def run_workload(
 
 
 async def recover_results(settings: Settings, history: History, deadline_s: float) -> int:
-    """Read results the clients missed from the `results` topic until none is missing or the deadline."""
+    """Read results the clients missed from the `results` topic until none is missing or the deadline.
+    Only transactions the log has heard of are waited for: one that sent nothing to the `intents` topic
+    (its client was killed first, or its publish failed) can never have a result."""
     deadline = time.monotonic() + deadline_s
     recovered = await history.recover_from_log(settings)
-    while history.missing() and time.monotonic() < deadline:
+    if not history.missing():
+        return recovered
+    logged = await keys_of(settings, topics_for(settings).intents)
+    while any(tx_id in logged for tx_id in history.missing()) and time.monotonic() < deadline:
         recovered += await history.recover_from_log(settings)
     return recovered
+
+
+async def keys_of(settings: Settings, topic: str) -> set[str]:
+    """The keys of every record on `topic` now (transaction ids, for the topics keyed by them)."""
+    keys: set[str] = set()
+
+    def handle(record: Any) -> None:
+        if record.key:
+            keys.add(record.key.decode(errors="replace"))
+
+    await read_topic(settings, topic, handle)
+    return keys

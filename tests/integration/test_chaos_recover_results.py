@@ -1,0 +1,65 @@
+"""After a chaos run, the results its clients missed are read from the `results` topic, on the real broker.
+A transaction the log never heard of (nothing of it on `intents`: its client was killed first) is not
+waited for, since no result can come; one the log has is waited for until its result arrives."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from polycommit import operations as ops
+from polycommit.bus import topics_for
+from polycommit.client import Saga
+from polycommit.codec import default_codec
+from polycommit.config import Settings
+from polycommit.events import now_ms
+from polycommit.kafka_client import client_security
+from polycommit.tooling.chaos_workload import recover_results
+from polycommit.tooling.checker import History
+
+pytestmark = pytest.mark.servers
+
+NEVER_DONE_S = 600.0  # a wait that would only end at its deadline fails the test's own bound long before
+
+
+async def publish(settings: Settings, topic: str, tx_id: str, event_type: str, record: Any) -> None:
+    producer = AIOKafkaProducer(**client_security(settings), acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, default_codec().encode(event_type, record), key=tx_id.encode())
+    finally:
+        await producer.stop()
+
+
+def saga(name: str) -> Saga:
+    return Saga(name).step(ops.upsert_row("documents", {"id": name}, {"title": name}))
+
+
+def completed(tx: Saga) -> dict[str, Any]:
+    at = now_ms()
+    return {"tx_id": tx.tx_id, "name": tx.name, "status": "COMPLETED", "steps": [], "error": None,
+            "started_at_ms": at, "finished_at_ms": at}  # fmt: skip
+
+
+async def test_a_transaction_the_log_never_heard_of_is_not_waited_for(topics: Settings) -> None:
+    history, unsent = History(), saga("never sent")
+    history.invoke(unsent)
+    recovered = await asyncio.wait_for(recover_results(topics, history, NEVER_DONE_S), timeout=60)
+    assert recovered == 0 and history.missing() == [unsent.tx_id]
+
+
+async def test_a_logged_transaction_is_waited_for_until_its_result_arrives(topics: Settings) -> None:
+    history, sent, unsent = History(), saga("sent"), saga("never sent")
+    history.invoke(sent)
+    history.invoke(unsent)
+    names = topics_for(topics)
+    await publish(topics, names.intents, sent.tx_id, "TransactionIntent", sent.intent("", "planted"))
+    waiting = asyncio.create_task(recover_results(topics, history, NEVER_DONE_S))
+    done, _ = await asyncio.wait([waiting], timeout=2)
+    assert not done  # its intent is on the log: a result may still come
+    await publish(topics, names.results, sent.tx_id, "TransactionResult", completed(sent))
+    recovered = await asyncio.wait_for(waiting, timeout=60)
+    assert recovered == 1 and history.final(sent.tx_id) == "completed" and history.missing() == [unsent.tx_id]
