@@ -15,7 +15,9 @@ every key, so a waiter only ever waits for transactions that arrived before it: 
 deadlock. Everything a transaction holds or waits for goes with `release` when it ends.
 
 Limitation: one table per coordinator member (transactions are partitioned by tx id, not by key), so
-two members do not see each other's locks; a lock manager partitioned by resource key is a later issue.
+two members do not see each other's locks; members are therefore active-standby. A lock manager
+partitioned by resource key is planned in docs/lock-partitioning.md; its protocol, without I/O and not yet
+wired in, is orchestrator/lock_partitions.py.
 """
 
 from __future__ import annotations
