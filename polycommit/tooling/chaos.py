@@ -235,7 +235,7 @@ async def _drive_increments(
 
     await _under_kills(run, args, progress, chaos, started, workload)
     progress.update(bar, description="recovering missed results from the log")
-    await recover_results(run.settings, run.increments.history, 60.0)
+    run.increments.unsent(await recover_results(run.settings, run.increments.history, 60.0))
     progress.update(bar, description="stopping processes")
 
 
@@ -294,13 +294,15 @@ async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, code
     """Check the stores, print the summary, and clean up after a clean run (keep everything otherwise)."""
     from polycommit.bus import delete_topics
 
-    settings, history = run.settings, run.history
+    interactive = getattr(args, "mode", "saga") == "interactive"
+    # Interactive attempts are judged by the checker too: each written hot key against its last writer in
+    # lock-grant order, the markers, the log's own rules.
+    settings, history = run.settings, (run.increments.history if interactive else run.history)
     with console.status("checking the stores"):
         # With the log's facts, as `polycommit check` judges: a shared (hot) key's expected value is its
         # last writer's in lock-grant order (applied times do not order a saga's write and a two-phase
         # commit's across stores), and the log's own classes (applied twice, undecided, orphans) count.
         _, facts = await read_log(settings)
-        interactive = getattr(args, "mode", "saga") == "interactive"
         shared = interactive or bool(getattr(args, "hot_keys", 0))
         report = await check(settings, history, keys_owned=not shared, log=facts)
         keys = bench_contended.hot_keys(f"x{run.run_id}", hot_keys_of(args)) if interactive else []

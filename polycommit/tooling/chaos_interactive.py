@@ -9,12 +9,15 @@ attempt. `--lock-at commit` locks everything at the commit and checks the reads 
 the block again under the locks), and `--consistency STRONG` commits each increment by two-phase commit
 (a PostgreSQL prepare, Neo4j and Qdrant held), so the kills also land between prepares and the decision.
 
-What is judged, besides the checker's verdict on the log and the stores:
+What is judged:
 - every attempt's result, heard by the client or read back from the `results` topic (a checker History,
-  as the other modes keep): a *completed* attempt is one increment;
-- each hot key's count in PostgreSQL: their sum lies between the completed attempts and those plus the
-  attempts whose fate is unknown (no result anywhere: the client was killed before its commit went out,
-  or its publish failed), and with no unknown attempt it is exact: no increment lost, none doubled;
+  as the other modes keep): a *completed* (saga) or *committed* (two-phase commit) attempt is one
+  increment. An attempt that sent nothing to the coordinator (its client was killed first) applied
+  nothing and can have no result: it is set aside. Every other attempt must have a result;
+- the checker, on those attempts: each one's writes against the stores, each hot key against its last
+  writer in lock-grant order, the markers, and the log's own rules;
+- each hot key's count in PostgreSQL: their sum is the applied attempts (bounded by the attempts with no
+  result, should any be left, which fails the run anyway): no increment lost, none doubled;
 - Qdrant and Neo4j hold PostgreSQL's count for every hot key.
 """
 
@@ -55,12 +58,20 @@ class Increments:
 
     history: History = field(default_factory=History)
     errors: list[str] = field(default_factory=list)
+    dropped: int = 0  # attempts that never reached the log (`unsent`)
 
     def add(self, scopes: Sequence[InteractiveScope]) -> None:
         for scope in scopes:
             self.history.invoke(scope.transaction)
             if scope.result is not None:
                 self.history.record_result(scope.result)
+
+    def unsent(self, tx_ids: set[str]) -> None:
+        """Forget attempts that sent nothing to the coordinator (their client was killed first): they
+        applied nothing and will have no result, so the count is judged without them."""
+        for tx_id in tx_ids:
+            if self.history.final(tx_id) is None and self.history.intents.pop(tx_id, None) is not None:
+                self.dropped += 1
 
     def count(self, *statuses: str | None) -> int:
         """Attempts whose final status is one of `statuses`; None: no result anywhere."""
@@ -133,7 +144,8 @@ async def judge_counts(settings: Settings, keys: Sequence[str], increments: Incr
     return {
         "attempts": len(increments.history.intents),
         "completed": completed,
-        "unknown": unknown,
+        "unknown": unknown,  # logged, and no result heard or read back
+        "never_sent": increments.dropped,
         "counted": counted,
         "counts_ok": completed <= counted <= completed + unknown,
         "stores_agree": agreed.verified == len([k for k in keys if k in found["postgres"]]),

@@ -71,9 +71,10 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
     if counts is not None:
         good = counts["counts_ok"] and counts["stores_agree"]
         table.add_row(
-            "increments: completed / counted / unknown",
+            "increments: applied / counted / no result",
             f"[{'green' if good else 'red'}]{counts['completed']} / {counts['counted']} / {counts['unknown']}[/]",
         )
+        table.add_row("attempts that never reached the coordinator", str(counts.get("never_sent", 0)))
     ok = summary["violations"] == 0
     table.add_row("violations", f"[{'green' if ok else 'red'}]{summary['violations']}[/]")
     table.add_row("elapsed (s)", str(summary["elapsed_s"]))

@@ -195,18 +195,18 @@ async def run_workload(
     await keep_in_flight(sagas, concurrency, one)
 
 
-async def recover_results(settings: Settings, history: History, deadline_s: float) -> int:
+async def recover_results(settings: Settings, history: History, deadline_s: float) -> set[str]:
     """Read results the clients missed from the `results` topic until none is missing or the deadline.
     Only transactions the log has heard of are waited for: one that sent nothing to the `intents` topic
-    (its client was killed first, or its publish failed) can never have a result."""
+    (its client was killed first, or its publish failed) can never have a result. Returns those."""
     deadline = time.monotonic() + deadline_s
-    recovered = await history.recover_from_log(settings)
+    await history.recover_from_log(settings)
     if not history.missing():
-        return recovered
+        return set()
     logged = await keys_of(settings, topics_for(settings).intents)
     while any(tx_id in logged for tx_id in history.missing()) and time.monotonic() < deadline:
-        recovered += await history.recover_from_log(settings)
-    return recovered
+        await history.recover_from_log(settings)
+    return {tx_id for tx_id in history.missing() if tx_id not in logged}
 
 
 async def keys_of(settings: Settings, topic: str) -> set[str]:

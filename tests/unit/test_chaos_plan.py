@@ -201,3 +201,8 @@ def test_interactive_attempts_are_counted_by_their_result_and_unknown_ones_bound
     both: list[Any] = [Scope("d", "committed"), Scope("e", "aborted")]
     strong.add(both)
     assert strong.applied() == 1 and strong.count("completed") == 0
+    never = Increments()  # killed before it sent anything: set aside, it applied nothing
+    lost: list[Any] = [Scope("f", None), Scope("g", None), Scope("h", "completed")]
+    never.add(lost)
+    never.unsent({"f", "h"})  # "h" has a result: it reached the coordinator, and is kept
+    assert set(never.history.intents) == {"g", "h"} and never.dropped == 1 and never.count(None) == 1
