@@ -24,11 +24,12 @@ What is judged:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from polycommit.config import Settings
+from polycommit.errors import ClientClosedError
 from polycommit.events import Consistency
 from polycommit.interactive import InteractiveScope, LockAt
 from polycommit.tooling import bench_contended
@@ -39,6 +40,7 @@ from polycommit.tooling.chaos_workload import ClientSlot, Progressed
 from polycommit.tooling.checker import History
 
 RETRIES = 50  # attempts after the first: victims and lock-wait timeouts under kills
+CLIENT_LIVES = 4  # runs of one increment across client kills
 APPLIED = ("completed", "committed")  # a saga's success, a two-phase commit's
 LOCK_WAIT_S = 20.0  # a wait behind a holder a kill stalled ends, and is run again
 
@@ -107,31 +109,52 @@ async def run_increments(
         async def block(tx: InteractiveScope) -> None:
             await bench_contended.increment(tx, item, for_update=False)
 
-        client = slot.client
-        assert client is not None
-        try:
-            await client.run(
-                block,
-                attempts=scopes,
-                retries=RETRIES,
-                name="chaos-hot",
-                isolation="SERIALIZABLE",
-                lock_at=mode.lock_at,
-                consistency=mode.consistency,
-                lock_wait=LOCK_WAIT_S,
-            )
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # this lane itself is cancelled
-            increments.errors.append(f"{item.write.key}: the client was killed")
-        except Exception as exc:  # the broker refused a request, a result never came: judged from the log
-            increments.errors.append(f"{item.write.key}: {type(exc).__name__}: {exc}")
+        for _ in range(CLIENT_LIVES):
+            if not await _run_on(slot, block, scopes, mode, item.write.key, increments.errors):
+                break  # ended (or given up for another reason than its client's death)
         increments.add(scopes)
         await progressed.arrived()
         on_result()
 
     await keep_in_flight(items, concurrency, one)
+
+
+async def _run_on(
+    slot: ClientSlot,
+    block: Callable[[InteractiveScope], Awaitable[None]],
+    scopes: list[InteractiveScope],
+    mode: IncrementMode,
+    key: str,
+    errors: list[str],
+) -> bool:
+    """One `coordinator.run` of an increment on the slot's client; True when that client was killed under
+    it, so the increment runs again on the new one, as an application restarted with its work would (the
+    killed attempt may still have committed: each attempt is judged by its own result)."""
+    client = slot.client
+    assert client is not None
+    try:
+        await client.run(
+            block,
+            attempts=scopes,
+            retries=RETRIES,
+            name="chaos-hot",
+            isolation="SERIALIZABLE",
+            lock_at=mode.lock_at,
+            consistency=mode.consistency,
+            lock_wait=LOCK_WAIT_S,
+        )
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # this lane itself is cancelled
+        errors.append(f"{key}: the client was killed; run again on the new one")
+        return True
+    except ClientClosedError:
+        errors.append(f"{key}: the client was closed under it; run again on the new one")
+        return True
+    except Exception as exc:  # the broker refused a request, a result never came: judged from the log
+        errors.append(f"{key}: {type(exc).__name__}: {exc}")
+    return False
 
 
 async def judge_counts(settings: Settings, keys: Sequence[str], increments: Increments) -> dict[str, Any]:
@@ -150,6 +173,6 @@ async def judge_counts(settings: Settings, keys: Sequence[str], increments: Incr
         "counts_ok": completed <= counted <= completed + unknown,
         "stores_agree": agreed.verified == len([k for k in keys if k in found["postgres"]]),
         "disagreeing": {store: n for store, n in agreed.missing.items() if n},
-        "client_errors": len(increments.errors),  # increments given up (the rest of their attempts judged)
+        "client_errors": len(increments.errors),  # runs ended by a client kill (run again) or an error
         "client_error_sample": increments.errors[:10],
     }

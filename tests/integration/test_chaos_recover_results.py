@@ -9,30 +9,19 @@ import asyncio
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from log_follow import publish
 
 from polycommit import operations as ops
 from polycommit.bus import topics_for
 from polycommit.client import Saga
-from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.events import now_ms
-from polycommit.kafka_client import client_security
 from polycommit.tooling.chaos_workload import recover_results
 from polycommit.tooling.checker import History
 
 pytestmark = pytest.mark.servers
 
 NEVER_DONE_S = 600.0  # a wait that would only end at its deadline fails the test's own bound long before
-
-
-async def publish(settings: Settings, topic: str, tx_id: str, event_type: str, record: Any) -> None:
-    producer = AIOKafkaProducer(**client_security(settings), acks="all")
-    await producer.start()
-    try:
-        await producer.send_and_wait(topic, default_codec().encode(event_type, record), key=tx_id.encode())
-    finally:
-        await producer.stop()
 
 
 def saga(name: str) -> Saga:

@@ -17,20 +17,20 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
+from log_follow import publish
 from neo4j import AsyncGraphDatabase
 
 from orchestrator.saga import SagaPolicy
 from polycommit import operations as ops
 from polycommit.bus import create_topics, delete_topics, read_topic, topics_for
 from polycommit.client import Coordinator, Saga, Transaction
-from polycommit.codec import default_codec
 from polycommit.config import Settings
 from polycommit.events import now_ms
 from polycommit.kafka_client import client_security
@@ -159,15 +159,6 @@ async def copy(workload: Workload) -> AsyncIterator[Settings]:
         await producer.stop()
     yield target
     await delete_topics(target)
-
-
-async def publish(settings: Settings, topic: str, tx_id: str, event_type: str, record: Mapping[str, Any]) -> None:
-    producer = AIOKafkaProducer(**client_security(settings), acks="all")
-    await producer.start()
-    try:
-        await producer.send_and_wait(topic, default_codec().encode(event_type, record), key=tx_id.encode())
-    finally:
-        await producer.stop()
 
 
 def strong(operations: list[Any]) -> Transaction:
