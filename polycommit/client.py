@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import random
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -46,7 +47,7 @@ from polycommit.events import (
     TransactionIntent,
     now_ms,
 )
-from polycommit.interactive import InteractiveScope, LockAt, ScopeOptions, refuse_interactive
+from polycommit.interactive import InteractiveScope, LockAt, ScopeOptions, refuse_interactive, retriable, retry_delay
 from polycommit.lock_calls import LockCalls
 from polycommit.modes import refuse_unsupported
 from polycommit.reads import PointSource, StoreReads
@@ -96,6 +97,12 @@ class Transaction:
             }
         )
         return self
+
+    def again(self) -> Transaction:
+        """The same steps as a new transaction (sent again under its own tx_id, one ends as it ended)."""
+        fresh = copy.copy(self)
+        fresh.steps, fresh.tx_id = list(self.steps), str(uuid.uuid4())
+        return fresh
 
     def intent(self, reply_to: str, client_id: str) -> TransactionIntent:
         return {
@@ -316,8 +323,30 @@ class Coordinator:
         self._pending.pop(tx_id, None)
         tracing.end_all([self._traces.pop(tx_id, None)])
 
-    async def execute(self, transaction: Transaction, wait: float | None = None) -> TransactionResult:
-        """Publish the intent and await the result (at most `wait` seconds, default the client's timeout)."""
+    async def execute(
+        self,
+        transaction: Transaction,
+        wait: float | None = None,
+        *,
+        retries: int = 0,
+        attempts: list[TransactionResult] | None = None,
+    ) -> TransactionResult:
+        """Publish the intent and await the result (at most `wait` seconds, default the client's timeout).
+        With `retries`, a transaction that ended with nothing of it applied for a reason a new attempt may
+        not meet (`interactive.retriable`: a lock wait, a deadlock, a transient refusal once undone) runs
+        again as a new one with the same steps, after a backoff. `attempts` gets every result."""
+        for attempt in range(retries + 1):
+            if attempt:
+                await asyncio.sleep(retry_delay(attempt))
+                transaction = transaction.again()
+            result = await self._execute_once(transaction, wait)
+            if attempts is not None:
+                attempts.append(result)
+            if not retriable(result):
+                break
+        return result
+
+    async def _execute_once(self, transaction: Transaction, wait: float | None) -> TransactionResult:
         future = await self.submit(transaction)
         try:
             return await asyncio.wait_for(future, wait or self.timeout)

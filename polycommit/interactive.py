@@ -325,6 +325,12 @@ def retriable(result: TransactionResult) -> bool:
     return result.status in ("aborted", "compensated") and bool(error and error.get("retriable"))
 
 
+def retry_delay(attempt: int, backoff: float = 0.05, max_backoff: float = 2.0) -> float:
+    """The wait before run `attempt` (1: the first run again): `backoff` doubled per attempt, at most
+    `max_backoff`, jittered so that transactions that failed together do not all come back together."""
+    return min(max_backoff, backoff * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
 async def run(
     coordinator: Coordinator,
     block: Callable[[InteractiveScope], Awaitable[Any]],
@@ -369,4 +375,4 @@ async def run(
             written |= scope.asked_exclusive
             predicted = scope.touched()
         attempt += 1
-        await asyncio.sleep(min(max_backoff, backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+        await asyncio.sleep(retry_delay(attempt, backoff, max_backoff))

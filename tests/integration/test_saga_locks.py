@@ -217,6 +217,40 @@ async def test_a_lock_wait_past_its_timeout_fails_the_saga_with_nothing_run(
     assert not markers  # nothing of B reached PostgreSQL
 
 
+async def test_execute_with_retries_runs_a_lock_timed_out_saga_again_until_the_keys_are_free(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    """B's first attempt gives up waiting for A's keys (nothing of it ran); `execute(retries=...)` runs
+    the same steps again as new transactions until A has ended, and B completes."""
+    doc = f"lr-{uuid.uuid4().hex[:8]}"
+    await seeded(client, doc)
+    settings, topics = runtime.settings, topics_for(runtime.settings)
+    attempts: list[TransactionResult] = []
+    async with AdvisoryLock(settings) as held:
+        first = write(Saga("A"), doc, "A").step(held.failing_step(), timeout=WAIT_S)
+        first_result = await client.submit(first)
+        await follow(settings, topics.locks, "LockEvent", lock(first.tx_id, "GRANTED"))
+        impatient = write(Saga("B", lock_wait=0.3), doc, "B")
+        retrying = asyncio.create_task(client.execute(impatient, retries=200, attempts=attempts))
+        timed_out = await follow(settings, topics.results, "TransactionResult", lambda r: r["tx_id"] == impatient.tx_id)
+        assert timed_out["status"] == "FAILED" and timed_out["error"]["error_class"] == "LockTimeoutError"
+        await held.release()
+        assert (await asyncio.wait_for(first_result, WAIT_S)).status == "compensated"
+        b = await asyncio.wait_for(retrying, WAIT_S)
+    assert b.status == "completed" and b.tx_id != impatient.tx_id  # a new transaction, the same steps
+    assert all(r.error_class == "LockTimeoutError" for r in attempts[:-1]) and attempts[-1] is b
+    assert await titles(runtime, doc) == ("B", "B", "B")
+
+
+async def test_execute_does_not_run_again_what_a_new_attempt_would_meet_too(
+    runtime: Runtime, client: Coordinator
+) -> None:
+    attempts: list[TransactionResult] = []
+    bad = Saga("bad").step(ops.sql("SELECT 1 / 0"), compensate=ops.sql("SELECT 1"))
+    result = await client.execute(bad, retries=5, attempts=attempts)
+    assert result.status in ("failed", "compensated") and attempts == [result]
+
+
 async def test_a_saga_on_free_keys_is_granted_its_locks_at_once(runtime: Runtime, client: Coordinator) -> None:
     doc = f"lf-{uuid.uuid4().hex[:8]}"
     saga = write(Saga("free"), doc, "free")
