@@ -75,10 +75,6 @@ class LockPartition:
         """Drop `tx_id` here; the grants of the waiters that now hold every key they asked here."""
         return [self._answer(woken) for woken in self.table.release(tx_id)]
 
-    def expired(self, now_ms: int) -> list[str]:
-        """Waiters here whose lock-wait deadline has passed: their transactions end (and release)."""
-        return self.table.expired(now_ms)
-
     def _answer(self, tx_id: str) -> PartitionGrant:
         if self.table.holds_all(tx_id):
             return PartitionGrant(tx_id, self.partition, True)

@@ -184,7 +184,7 @@ class EventCodec:
         if fast is not None:
             try:
                 return fast[0] + fast[1](record)
-            except Exception:
+            except Exception:  # not an exact encoding: fastavro below writes it, or raises its own error
                 pass
         try:
             schema = self.registry.current[event_type]

@@ -123,33 +123,35 @@ class _ServerPoints:
 def _reading(store: str) -> Iterator[None]:
     """A read's failure as a typed error. The store's own refusal, which a new attempt would meet again (an
     unknown table, bad Cypher), is a non-retriable StoreError; anything else (refused or lost connections,
-    a server shutting down, a driver left in a broken state by one) is StoreUnavailableError, retriable:
-    nothing of the transaction ran, and `coordinator.run` runs it again once the store is back. Seen in
-    `polycommit chaos --mode interactive`: reads during a PostgreSQL restart raised asyncpg's own errors
-    (ConnectionRefusedError, ConnectionDoesNotExistError, InternalClientError) to the application."""
+    a server shutting down, a driver left in a broken state by one, a serialization failure) is
+    StoreUnavailableError, retriable: nothing of the transaction ran, and `coordinator.run` runs it again
+    once the store is back. Seen in `polycommit chaos --mode interactive`: reads during a PostgreSQL restart
+    raised asyncpg's own errors (ConnectionRefusedError, ConnectionDoesNotExistError, InternalClientError)
+    to the application. Which is which is the store consumers' own reading of their drivers' errors
+    (polycommit/postgres_errors.py, neo4j_errors.py)."""
     try:
         yield
     except PolycommitError:
         raise
     except Exception as exc:
-        if _refused(exc):
-            raise StoreError(f"{store} refused a read: {exc}", retriable=False, store=store) from exc
+        known = _classified(exc)
+        if isinstance(known, StoreError) and not known.retriable:
+            raise StoreError(f"{store} refused a read: {known}", retriable=False, store=store, code=known.code) from exc
         raise StoreUnavailableError(f"{store} could not be read: {type(exc).__name__}: {exc}") from exc
 
 
-def _refused(exc: Exception) -> bool:
+def _classified(exc: Exception) -> BaseException | None:
+    """The driver error as the store consumers read it; None for an error of no store driver (an OSError)."""
     module = type(exc).__module__
     if module.startswith("asyncpg"):
-        import asyncpg
+        from polycommit import postgres_errors  # imported on a failure only: reads of one store load one driver
 
-        unavailable = (asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError)
-        transient = asyncpg.exceptions.TransactionRollbackError  # serialization failures, deadlocks
-        return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, (*unavailable, transient))
+        return None if postgres_errors.unreachable(exc) else postgres_errors.classify(exc)
     if module.startswith("neo4j"):
-        from neo4j.exceptions import ClientError
+        from polycommit import neo4j_errors
 
-        return isinstance(exc, ClientError)
-    return False
+        return neo4j_errors.classify(exc)
+    return None
 
 
 class StoreReads:

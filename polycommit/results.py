@@ -20,6 +20,9 @@ class StepOutcomeView:
     resolved_by: str = ""  # the operator who repaired the step by hand (status resolved_by_operator)
 
 
+SUCCEEDED = ("completed", "committed")  # a saga's success, a two-phase commit's: every effect applied
+
+
 @dataclass(frozen=True)
 class TransactionResult:
     """How a transaction ended, as the coordinator reported it."""
@@ -33,7 +36,7 @@ class TransactionResult:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("completed", "committed")
+        return self.status in SUCCEEDED
 
     @property
     def error_class(self) -> str | None:

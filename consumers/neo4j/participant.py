@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from neo4j import AsyncDriver, AsyncGraphDatabase, AsyncSession, AsyncTransaction
-from neo4j.exceptions import DriverError, Neo4jError, ServiceUnavailable, SessionExpired
+from neo4j.exceptions import DriverError, Neo4jError
 
 from consumers import timing
 from consumers.base import Marker, Participant, failed
@@ -55,21 +55,13 @@ from consumers.neo4j.effects import (
 from consumers.neo4j.first_group import FirstGroup, first_group
 from consumers.neo4j.unit import Unit, keys_to_lock, planned_groups, read_seen
 from polycommit.config import Settings
-from polycommit.errors import PolycommitError, StoreError, StoreUnavailableError
+from polycommit.errors import PolycommitError, StoreUnavailableError
 from polycommit.events import NodeRef, StepOutcome, Store
+from polycommit.neo4j_errors import classify
 
 # Imported from here by the runtime, the consistency checker (markers by label) and the tests.
 __all__ = ["MARKER_LABEL", "Neo4jParticipant", "classify"]
 
-# A timeout or a termination ends the transaction, not the request: the same work may succeed later.
-_RETRIABLE_CLIENT_CODES = frozenset(
-    {
-        "Neo.ClientError.Transaction.Terminated",
-        "Neo.ClientError.Transaction.LockClientStopped",
-        "Neo.ClientError.Transaction.TransactionTimedOut",
-        "Neo.ClientError.Transaction.TransactionTimedOutClientConfiguration",
-    }
-)
 # The longest a batch, a vote or a read may take before its connection counts as stale. The server's
 # `connection.recv_timeout_seconds` hint (120 s) did this per socket read, at the cost of a task and a
 # timer per read in the driver (~40 per batch, ~0.5 ms of CPU); one deadline per call replaces it.
@@ -78,25 +70,6 @@ CALL_DEADLINE_S = 120.0
 _ALREADY_EXISTS_CODES = frozenset(
     {"Neo.ClientError.Schema.EquivalentSchemaRuleAlreadyExists", "Neo.ClientError.Schema.ConstraintAlreadyExists"}
 )
-
-
-# -- errors -----------------------------------------------------------------------------------------
-
-
-def classify(exc: BaseException) -> BaseException:
-    """A driver or server error as polycommit's: unreachable, retriable, or permanent."""
-    if isinstance(exc, PolycommitError):
-        return exc
-    if isinstance(exc, TimeoutError):
-        return StoreUnavailableError("neo4j did not answer within the call's deadline (a stale connection)")
-    if isinstance(exc, ServiceUnavailable | SessionExpired):  # includes IncompleteCommit: redo is idempotent
-        return StoreUnavailableError(f"neo4j unreachable: {exc}")
-    if isinstance(exc, Neo4jError):
-        retriable = exc.is_retryable() or exc.code in _RETRIABLE_CLIENT_CODES
-        return StoreError(f"{exc.code}: {exc.message}", retriable=retriable, store=STORE, code=exc.code)
-    if isinstance(exc, DriverError):
-        return StoreError(f"{type(exc).__name__}: {exc}", retriable=exc.is_retryable(), store=STORE)
-    return exc
 
 
 # -- the participant ----------------------------------------------------------------------------------

@@ -143,8 +143,7 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     settings = run_settings(base, run_id)
     log_dir = base.log_dir / f"chaos-{run_id}"
     members = coordinator_parts(getattr(args, "coordinators", 1))
-    interactive = getattr(args, "mode", "saga") == "interactive"
-    detector = ["detector"] if interactive else []
+    detector = ["detector"] if interactive(args) else []
     every = [*TARGETS, *members[1:], *detector]
     targets = [t for t in args.targets.split(",") if t] if args.targets else every
     unknown = sorted(set(targets) - set(every))
@@ -192,7 +191,7 @@ async def _drive(run: ChaosRun, args: argparse.Namespace, console: Console, star
         run.cluster.on_exit = lambda e: progress.console.print(f"[yellow]{e.name} exited alone ({e.code}); restarting")
         await run.cluster.start()
         progress.update(bar, description="transactions")
-        if getattr(args, "mode", "saga") == "interactive":
+        if interactive(args):
             await _drive_increments(run, args, progress, bar, chaos, started)
             return
         hot, name = getattr(args, "hot_keys", 0), f"x{run.run_id}"
@@ -225,8 +224,7 @@ async def _drive_increments(
 ) -> None:
     """--mode interactive: the increments while the kills happen, then the results the client missed."""
     items = bench_contended.hot_transactions(f"x{run.run_id}", args.transactions, hot_keys_of(args), args.seed)
-
-    mode = IncrementMode(getattr(args, "lock_at", "access"), getattr(args, "consistency", "EVENTUAL"))
+    mode = IncrementMode.of(args)
 
     async def workload(slot: ClientSlot) -> None:
         await run_increments(
@@ -270,6 +268,10 @@ async def _under_kills(
     describe("done")
 
 
+def interactive(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "mode", "saga") == "interactive")
+
+
 def hot_keys_of(args: argparse.Namespace) -> int:
     return getattr(args, "hot_keys", 0) or INTERACTIVE_HOT_KEYS
 
@@ -294,25 +296,26 @@ async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, code
     """Check the stores, print the summary, and clean up after a clean run (keep everything otherwise)."""
     from polycommit.bus import delete_topics
 
-    interactive = getattr(args, "mode", "saga") == "interactive"
+    increments = interactive(args)
     # Interactive attempts are judged by the checker too: each written hot key against its last writer in
     # lock-grant order, the markers, the log's own rules.
-    settings, history = run.settings, (run.increments.history if interactive else run.history)
+    settings, history = run.settings, (run.increments.history if increments else run.history)
     with console.status("checking the stores"):
         # With the log's facts, as `polycommit check` judges: a shared (hot) key's expected value is its
         # last writer's in lock-grant order (applied times do not order a saga's write and a two-phase
         # commit's across stores), and the log's own classes (applied twice, undecided, orphans) count.
         _, facts = await read_log(settings)
-        shared = interactive or bool(getattr(args, "hot_keys", 0))
+        shared = increments or bool(getattr(args, "hot_keys", 0))
         report = await check(settings, history, keys_owned=not shared, log=facts)
-        keys = bench_contended.hot_keys(f"x{run.run_id}", hot_keys_of(args)) if interactive else []
-        counts = await judge_counts(settings, keys, run.increments) if interactive else None
+        keys = bench_contended.hot_keys(f"x{run.run_id}", hot_keys_of(args)) if increments else []
+        counts = await judge_counts(settings, keys, run.increments) if increments else None
     summary = summarize(run.run_id, history, run.kills, run.cluster.unexpected_exits, report, elapsed, run.errors)
     if counts is not None:
         summary["increments"] = counts
         summary["statuses"] = run.increments.statuses()  # of every attempt
         summary["transactions"] = args.transactions
-        summary["lock_at"], summary["consistency"] = args.lock_at, args.consistency
+        mode = IncrementMode.of(args)
+        summary["lock_at"], summary["consistency"] = mode.lock_at, mode.consistency
     summary["retried_after_timeout"] = len(run.retried)
     summary["exit_codes"] = codes
     summary["mix"] = dict(sorted(run.mix.items()))

@@ -23,6 +23,7 @@ What is judged:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from polycommit.config import Settings
 from polycommit.errors import ClientClosedError
 from polycommit.events import Consistency
 from polycommit.interactive import InteractiveScope, LockAt
+from polycommit.results import SUCCEEDED
 from polycommit.tooling import bench_contended
 from polycommit.tooling.bench_contended import HotTransaction
 from polycommit.tooling.bench_verify import read_values
@@ -41,7 +43,6 @@ from polycommit.tooling.checker import History
 
 RETRIES = 50  # attempts after the first: victims and lock-wait timeouts under kills
 CLIENT_LIVES = 4  # runs of one increment across client kills
-APPLIED = ("completed", "committed")  # a saga's success, a two-phase commit's
 LOCK_WAIT_S = 20.0  # a wait behind a holder a kill stalled ends, and is run again
 
 
@@ -51,6 +52,10 @@ class IncrementMode:
 
     lock_at: LockAt = "access"
     consistency: Consistency = "EVENTUAL"
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> IncrementMode:
+        return cls(getattr(args, "lock_at", cls.lock_at), getattr(args, "consistency", cls.consistency))
 
 
 @dataclass
@@ -71,9 +76,7 @@ class Increments:
     def unsent(self, tx_ids: set[str]) -> None:
         """Forget attempts that sent nothing to the coordinator (their client was killed first): they
         applied nothing and will have no result, so the count is judged without them."""
-        for tx_id in tx_ids:
-            if self.history.final(tx_id) is None and self.history.intents.pop(tx_id, None) is not None:
-                self.dropped += 1
+        self.dropped += self.history.forget(tx_ids)
 
     def count(self, *statuses: str | None) -> int:
         """Attempts whose final status is one of `statuses`; None: no result anywhere."""
@@ -81,15 +84,11 @@ class Increments:
 
     def applied(self) -> int:
         """Attempts that applied their increment: a saga completed, a two-phase commit committed."""
-        return self.count(*APPLIED)
+        return self.count(*SUCCEEDED)
 
     def statuses(self) -> dict[str, int]:
         """Attempts by final status; "unknown" for those with no result anywhere."""
-        found: dict[str, int] = {}
-        for tx_id in self.history.intents:
-            status = self.history.final(tx_id) or "unknown"
-            found[status] = found.get(status, 0) + 1
-        return dict(sorted(found.items()))
+        return self.history.statuses(absent="unknown")
 
 
 async def run_increments(

@@ -27,14 +27,10 @@ def summarize(
     errors: Sequence[str],
 ) -> dict[str, Any]:
     recoveries = [k.recovery_s for k in kills if k.recovery_s is not None]
-    statuses: dict[str, int] = {}
-    for tx_id in history.intents:
-        status = history.final(tx_id) or "none"
-        statuses[status] = statuses.get(status, 0) + 1
     return {
         "run": run_id,
         "transactions": len(history.intents),
-        "statuses": dict(sorted(statuses.items())),
+        "statuses": history.statuses(),
         "missing_results": len(history.missing()),
         "elapsed_s": round(elapsed_s, 3),
         "kills": [k.to_json() for k in kills],

@@ -43,6 +43,22 @@ class History:
         """The last terminal status heard, else the last status (e.g. `stuck`), else None."""
         return results.final(self.results.get(tx_id, []))
 
+    def statuses(self, absent: str = "none") -> dict[str, int]:
+        """Transactions by final status (sorted), `absent` for those with no result heard."""
+        found: dict[str, int] = {}
+        for tx_id in self.intents:
+            status = self.final(tx_id) or absent
+            found[status] = found.get(status, 0) + 1
+        return dict(sorted(found.items()))
+
+    def forget(self, tx_ids: set[str]) -> int:
+        """Drop invoked transactions that have no result and never will (nothing of them reached the log);
+        returns how many were dropped."""
+        dropped = [t for t in tx_ids if t in self.intents and self.final(t) is None]
+        for tx_id in dropped:
+            del self.intents[tx_id]
+        return len(dropped)
+
     def missing(self) -> list[str]:
         """Invoked transactions with no terminal result yet."""
         return [t for t in self.intents if self.final(t) not in TERMINAL]

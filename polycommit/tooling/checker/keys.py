@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from polycommit.parsed import dumps
+from polycommit.results import SUCCEEDED
 from polycommit.tooling.checker.expectations import Expect, frozen
 
-COMPLETED = ("completed", "committed")
+COMPLETED = SUCCEEDED
 UNDONE = ("compensated", "failed", "aborted")
 StepRef = tuple[str, int]  # (tx_id, step index)
 # resource (a lock key) -> the transactions granted it, in the log's order (one resource, one partition)
