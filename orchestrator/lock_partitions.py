@@ -1,5 +1,6 @@
 """The lock manager split by resource key: the protocol between a transaction and the partitions owning its
-keys, without I/O (step 1 of docs/lock-partitioning.md; not wired into the coordinator yet).
+keys, without I/O (step 1 of docs/lock-partitioning.md; the service is orchestrator/lock_manager.py; the
+coordinator does not ask it yet).
 
 Each partition of the lock manager owns the keys that hash to it and keeps one `LockTable` for them. A
 transaction does not see the partitions' tables: it sends a `PartitionRequest` (its keys of one partition,
@@ -23,6 +24,10 @@ transaction starts; at high concurrency grants travel in batches.
 Delivery: requests and releases of one partition travel on that partition of the log, so a partition
 reads each transaction's request before its release, also when it reads them again after a crash; asking
 again for what is held or queued changes nothing, and is answered again (`LockTable.request`).
+
+On the wire (orchestrator/lock_manager.py, the service) a request or release is a `LockPartitionRequest`
+record on that partition of `lock-requests`, an answer a `LockPartitionGrant` on `lock-grants`; the
+functions at the end translate, and refuse a record that contradicts where it travels.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from orchestrator.locks import EXCLUSIVE, SHARED, LockMode, LockTable
+from polycommit.errors import InvalidEventError
+from polycommit.events import LockPartitionGrant, LockPartitionRequest
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,14 @@ class PartitionGrant:
     partition: int
     granted: bool
     blockers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PartitionRelease:
+    """The transaction ended: whatever it holds or waits for in the partition goes."""
+
+    tx_id: str
+    partition: int
 
 
 class LockPartition:
@@ -74,6 +89,12 @@ class LockPartition:
     def on_release(self, tx_id: str) -> list[PartitionGrant]:
         """Drop `tx_id` here; the grants of the waiters that now hold every key they asked here."""
         return [self._answer(woken) for woken in self.table.release(tx_id)]
+
+    def on_message(self, message: PartitionRequest | PartitionRelease) -> list[PartitionGrant]:
+        """A request (its one answer) or a release (the answers it lets through), read from the log."""
+        if isinstance(message, PartitionRelease):
+            return self.on_release(message.tx_id)
+        return [self.on_request(message)]
 
     def _answer(self, tx_id: str) -> PartitionGrant:
         if self.table.holds_all(tx_id):
@@ -140,3 +161,57 @@ class Acquisition:
     def partitions(self) -> Sequence[int]:
         """Every partition its keys fall in, in the order they are asked: the round trips it costs."""
         return [r.partition for r in self._requests]
+
+
+# -- records ------------------------------------------------------------------------------------------
+
+
+def request_record(request: PartitionRequest, at_ms: int) -> LockPartitionRequest:
+    return {
+        "tx_id": request.tx_id,
+        "partition": request.partition,
+        "keys": [{"key": key, "exclusive": mode == EXCLUSIVE} for key, mode in request.keys],
+        "release": False,
+        "deadline_ms": request.deadline_ms or 0,
+        "at_ms": at_ms,
+    }
+
+
+def release_record(release: PartitionRelease, at_ms: int) -> LockPartitionRequest:
+    return {
+        "tx_id": release.tx_id,
+        "partition": release.partition,
+        "keys": [],
+        "release": True,
+        "deadline_ms": 0,
+        "at_ms": at_ms,
+    }
+
+
+def message_of(record: LockPartitionRequest, partition: int) -> PartitionRequest | PartitionRelease:
+    """A decoded record read from `partition` of lock-requests; InvalidEventError when it names another
+    partition (its keys would be judged where they do not live) or asks for nothing."""
+    if record["partition"] != partition:
+        named = record["partition"]
+        raise InvalidEventError(f"a lock request of partition {named} was read from partition {partition}")
+    if record["release"]:
+        return PartitionRelease(record["tx_id"], partition)
+    keys = {k["key"]: EXCLUSIVE if k["exclusive"] else SHARED for k in record["keys"]}
+    if not keys:
+        raise InvalidEventError(f"a lock request of {record['tx_id']} names no key")
+    deadline = record["deadline_ms"] or None
+    return PartitionRequest(record["tx_id"], partition, tuple(sorted(keys.items())), deadline)
+
+
+def grant_record(grant: PartitionGrant, at_ms: int) -> LockPartitionGrant:
+    return {
+        "tx_id": grant.tx_id,
+        "partition": grant.partition,
+        "granted": grant.granted,
+        "blockers": list(grant.blockers),
+        "at_ms": at_ms,
+    }
+
+
+def grant_of(record: LockPartitionGrant) -> PartitionGrant:
+    return PartitionGrant(record["tx_id"], record["partition"], record["granted"], tuple(record["blockers"]))

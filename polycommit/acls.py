@@ -8,6 +8,9 @@ test session's or a chaos run's topics are guarded like the default ones. A brok
 - coordinator: reads intents, outcomes, tx-state, deadlocks; writes commands.*, tx-state, decisions, results, replies,
   alerts, dead-letters, locks, and any reply topic under `<prefix>.`; group `<prefix>-coordinator`;
   transactional ids `<prefix>-coordinator-*`.
+- coordinator, as the lock manager too (orchestrator/lock_manager.py, a part of coordination that only
+  coordinators talk to): reads and writes lock-requests and lock-grants; group `<prefix>-lock-manager`;
+  transactional ids `<prefix>-lock-manager-*`.
 - consumer (every store's): reads commands.*, decisions; writes outcomes, dead-letters; groups
   `<prefix>-<store>`.
 - detector: reads locks; writes deadlocks; groups `<prefix>-detector*`.
@@ -51,6 +54,8 @@ class Operation(IntEnum):
 
 
 ALLOW = 3
+# The groups (and transactional-id prefixes) the coordinator principal runs: coordinators, lock manager.
+COORDINATION_GROUPS = ("coordinator", "lock-manager")
 
 
 @dataclass(frozen=True)
@@ -85,16 +90,18 @@ def role_grants(t: Topics, users: Mapping[str, str], stores: Sequence[str]) -> l
         grants += _topics(client, [t.intents], Operation.WRITE) + _topics(client, [t.replies], Operation.READ)
     if "coordinator" in users:
         who = f"User:{users['coordinator']}"
-        grants += _topics(who, [t.intents, t.outcomes, t.tx_state, t.deadlocks], Operation.READ)
+        reads = [t.intents, t.outcomes, t.tx_state, t.deadlocks, t.lock_requests, t.lock_grants]
+        grants += _topics(who, reads, Operation.READ)
         writes = [*commands, t.tx_state, t.decisions, t.results, t.replies, t.alerts, t.dead_letters, t.locks]
-        grants += _topics(who, writes, Operation.WRITE)
-        grants += [Grant(who, Resource.GROUP, f"{prefix}-coordinator", Operation.READ)]
+        grants += _topics(who, [*writes, t.lock_requests, t.lock_grants], Operation.WRITE)
+        grants += [Grant(who, Resource.GROUP, f"{prefix}-{group}", Operation.READ) for group in COORDINATION_GROUPS]
         # Results go to any reply topic an application creates under the deployment's prefix (admission
         # refuses polycommit's own topics as reply addresses, so this opens no command topic to a client).
         for op in (Operation.WRITE, Operation.DESCRIBE):
             grants.append(Grant(who, Resource.TOPIC, f"{prefix}.", op, Pattern.PREFIXED))
         for op in (Operation.WRITE, Operation.DESCRIBE):
-            grants.append(Grant(who, Resource.TRANSACTIONAL_ID, f"{prefix}-coordinator-", op, Pattern.PREFIXED))
+            for group in COORDINATION_GROUPS:
+                grants.append(Grant(who, Resource.TRANSACTIONAL_ID, f"{prefix}-{group}-", op, Pattern.PREFIXED))
     if "consumer" in users:
         who = f"User:{users['consumer']}"
         grants += _topics(who, [*commands, t.decisions], Operation.READ)

@@ -71,6 +71,16 @@ class Topics:
         return f"{self.prefix}.locks"
 
     @property
+    def lock_requests(self) -> str:
+        """The lock manager's input, partitioned by resource key (orchestrator/lock_manager.py)."""
+        return f"{self.prefix}.lock-requests"
+
+    @property
+    def lock_grants(self) -> str:
+        """The lock manager's answers, keyed by tx id: they reach the transaction's coordinator member."""
+        return f"{self.prefix}.lock-grants"
+
+    @property
     def deadlocks(self) -> str:
         return f"{self.prefix}.deadlocks"
 
@@ -92,6 +102,8 @@ class Topics:
             self.tx_state,
             self.decisions,
             self.locks,
+            self.lock_requests,
+            self.lock_grants,
             self.deadlocks,
             self.alerts,
             self.dead_letters,
@@ -133,7 +145,7 @@ def partition_counts(topics: Topics, wanted: Mapping[str, int] | None = None) ->
         return int(asked.get(name, asked.get(name.removeprefix(topics.prefix + "."), default)))
 
     coordinator = count(topics.intents)
-    shared = (topics.outcomes, topics.tx_state, topics.deadlocks)
+    shared = (topics.outcomes, topics.tx_state, topics.deadlocks, topics.lock_grants)
     return {name: coordinator if name in shared else count(name) for name in topics.all()}
 
 

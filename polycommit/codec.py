@@ -60,6 +60,8 @@ EVENT_TYPES = (
     "LockRequest",
     "LockReply",
     "InputPosition",
+    "LockPartitionRequest",
+    "LockPartitionGrant",
 )
 
 

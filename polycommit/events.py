@@ -235,6 +235,32 @@ class LockReply(TypedDict):
     at_ms: int
 
 
+class PartitionKey(TypedDict):
+    key: str
+    exclusive: bool
+
+
+class LockPartitionRequest(TypedDict):
+    """A transaction's keys of one lock-manager partition, asked at once, or (`release`) given up."""
+
+    tx_id: str
+    partition: int
+    keys: list[PartitionKey]
+    release: bool
+    deadline_ms: int
+    at_ms: int
+
+
+class LockPartitionGrant(TypedDict):
+    """A lock-manager partition's answer: the transaction holds its keys there, or waits for `blockers`."""
+
+    tx_id: str
+    partition: int
+    granted: bool
+    blockers: list[str]
+    at_ms: int
+
+
 class Alert(TypedDict):
     kind: str
     tx_id: str

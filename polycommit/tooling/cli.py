@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     topics.add_argument("--json", action="store_true")
 
     run = sub.add_parser("run", help="run the coordinator and/or the store consumers in this process")
-    run.add_argument("what", choices=["all", "coordinator", "detector"])
+    run.add_argument("what", choices=["all", "coordinator", "detector", "lock-manager"])
     run.add_argument(
         "--instance",
         default=None,
@@ -205,6 +205,7 @@ async def _run_until_signal(
     instance: str | None = None,
     detector: bool = False,
     metrics_port: int | None = None,
+    lock_manager: bool = False,
 ) -> int:
     from polycommit import tracing
     from polycommit.bus import create_topics
@@ -224,7 +225,13 @@ async def _run_until_signal(
         settings = dataclasses.replace(settings, coordinator_instance=instance)
     await create_topics(settings)
     runtime = Runtime(
-        settings, stores=stores, coordinator=coordinator, batch_size=batch_size, detector=detector, observe=observe
+        settings,
+        stores=stores,
+        coordinator=coordinator,
+        batch_size=batch_size,
+        detector=detector,
+        lock_manager=lock_manager,
+        observe=observe,
     )
     await runtime.start()
     gc_tuning.settle()  # what the process needs is built: the collector stops scanning it
@@ -233,7 +240,12 @@ async def _run_until_signal(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     # Supervisors (and polycommit.tooling.processes) wait for this line: flush it even when stdout is a pipe.
-    parts = [*(["coordinator"] if coordinator else []), *(["detector"] if detector else []), *stores]
+    parts = [
+        *(["coordinator"] if coordinator else []),
+        *(["detector"] if detector else []),
+        *(["lock-manager"] if lock_manager else []),
+        *stores,
+    ]
     print(f"polycommit running: {' '.join(parts)} (Ctrl-C stops)", flush=True)
     waiter = asyncio.create_task(runtime.wait())
     stopper = asyncio.create_task(stop.wait())
@@ -243,6 +255,18 @@ async def _run_until_signal(
         raise waiter.exception()  # type: ignore[misc]
     waiter.cancel()
     return 0
+
+
+async def _run(args: argparse.Namespace) -> int:
+    """`polycommit run all|coordinator|detector|lock-manager`."""
+    return await _run_until_signal(
+        STORES if args.what == "all" else (),
+        coordinator=args.what in ("all", "coordinator"),
+        instance=args.instance,
+        detector=args.what in ("all", "detector"),
+        metrics_port=args.metrics_port,
+        lock_manager=args.what == "lock-manager",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -275,14 +299,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "topics":
         return await _topics(args)
     if args.command == "run":
-        stores = STORES if args.what == "all" else ()
-        return await _run_until_signal(
-            stores,
-            coordinator=args.what != "detector",
-            instance=args.instance,
-            detector=args.what in ("all", "detector"),
-            metrics_port=args.metrics_port,
-        )
+        return await _run(args)
     if args.command == "recover":
         from polycommit.tooling.recovery import run_recover
 

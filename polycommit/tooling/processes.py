@@ -36,13 +36,13 @@ class PartStartError(RuntimeError):
 
 def part_command(part: str) -> list[str]:
     """`coordinator` (`coordinator#2`: another member, instance 2), `detector` (the deadlock detector, for
-    runs of interactive transactions) or a store name (`postgres#2`: another member of its group) -> the
-    CLI invocation."""
+    runs of interactive transactions), `lock-manager` (the lock manager partitioned by key) or a store name
+    (`postgres#2`: another member of its group) -> the CLI invocation."""
     cli = [sys.executable, "-m", "polycommit.tooling.cli"]
     name, _, member = part.partition("#")
     if name == "coordinator":
         return [*cli, "run", name, *(["--instance", member] if member else [])]
-    return [*cli, "run", part] if part == "detector" else [*cli, "consumer", name]
+    return [*cli, "run", part] if part in ("detector", "lock-manager") else [*cli, "consumer", name]
 
 
 def part_environment(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -51,6 +51,7 @@ class Runtime:
     stores: Sequence[str] = STORES
     coordinator: bool = True
     detector: bool = False  # the deadlock detector (a faust app): `polycommit run all|detector`
+    lock_manager: bool = False  # the lock manager partitioned by key: `polycommit run lock-manager`
     policy: SagaPolicy | None = None
     batch_size: int = 500
     observe: tracing.Observe = tracing.ignore  # the parts' metrics (polycommit.tooling.metrics)
@@ -76,6 +77,14 @@ class Runtime:
             ready = asyncio.Event()
             readies.append(("detector", ready))
             self._tasks.append(asyncio.create_task(Detector(self.settings).run(self._stop, ready), name="detector"))
+        if self.lock_manager:
+            from orchestrator.lock_manager import LockManagerService
+
+            ready = asyncio.Event()
+            readies.append(("lock-manager", ready))
+            # A part of coordination: it runs as the coordinator principal (polycommit/acls.py).
+            manager = LockManagerService(self.settings.as_role("coordinator"))
+            self._tasks.append(asyncio.create_task(manager.run(self._stop, ready), name="lock-manager"))
         for store in self.stores:
             participant = participant_for(store, self.settings)
             worker = StoreWorker(

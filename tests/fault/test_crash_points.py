@@ -26,7 +26,7 @@ from neo4j import AsyncGraphDatabase
 from polycommit import operations as ops
 from polycommit.client import Coordinator, Saga, TransactionResult
 from polycommit.config import Settings
-from polycommit.failpoints import FAILPOINTS, TWO_PHASE_ONLY
+from polycommit.failpoints import FAILPOINTS, LOCK_MANAGER_ONLY, TWO_PHASE_ONLY
 from polycommit.tooling.bench import LABEL, TABLE, writes
 from polycommit.tooling.chaos import kill_broker, saga_of
 from polycommit.tooling.chaos_workload import STEP_TIMEOUT_S
@@ -68,7 +68,8 @@ def owner_of(failpoint: str) -> str:
 CASES: list[tuple[str, str, str]] = [
     (name, owner_of(name), f"{name}:2" if owner_of(name) == "coordinator" else name)
     for name in FAILPOINTS
-    if name not in TWO_PHASE_ONLY  # sagas never reach those: tests/fault/test_twopc_crash_points.py
+    # Sagas never reach those: tests/fault/test_twopc_crash_points.py, tests/integration/test_lock_manager.py.
+    if name not in TWO_PHASE_ONLY | LOCK_MANAGER_ONLY
 ] + [
     ("worker.after_apply", "qdrant", "worker.after_apply"),
     ("worker.after_publish", "neo4j", "worker.after_publish"),
