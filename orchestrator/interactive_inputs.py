@@ -21,23 +21,43 @@ from typing import Any
 from orchestrator.admission import ReplyTargets, expiry_refusal, key_refusal
 from orchestrator.interactive import Interactive
 from orchestrator.interactive_model import LockRequested, VictimChosen, open_intent, verdict_on
+from orchestrator.partitioned_locking import PartitionedLocking
 from orchestrator.protocol import TransactionProtocol, Transition, TxState
 from orchestrator.registry import protocol_of
 from orchestrator.transactions import OwnedTransactions
 from orchestrator.twopc import TwoPhaseCommit
 from polycommit.bus import Publisher, Topics
 from polycommit.codec import EventCodec
-from polycommit.events import DeadlockVerdict, LockRequest
+from polycommit.errors import ProtocolError, UnsupportedError
+from polycommit.events import DeadlockVerdict, LockRequest, error_info
 
 log = logging.getLogger("orchestrator.service")
 
 INPUTS = frozenset({"LockRequest", "DeadlockVerdict"})
+NO_INTERACTIVE = (
+    "interactive transactions need the coordinator member's lock table, and this coordinator runs the lock "
+    "manager partitioned by key (POLYCOMMIT_LOCK_MANAGER=partitioned), which serves sagas only"
+)
 
 
-async def input_topics(publisher: Publisher, topics: Topics) -> list[str]:
-    """The coordinator group's topics: its inputs, and the verdicts when they are co-partitioned."""
+async def input_topics(
+    publisher: Publisher, topics: Topics, partitioned: PartitionedLocking | None = None
+) -> list[str]:
+    """The coordinator group's topics: its inputs, the verdicts when they are co-partitioned, and for
+    `partitioned` sagas the lock manager's answers (ProtocolError unless co-partitioned: a grant must reach
+    the member that owns its transaction, or that transaction waits for nothing until its lock wait ends);
+    `partitioned` learns the partitions of lock-requests."""
     inputs = topics.coordinator_inputs()
     intents, verdicts = await publisher.partitions(topics.intents), await publisher.partitions(topics.deadlocks)
+    if partitioned is not None:
+        partitioned.partitions = await publisher.partitions(topics.lock_requests)
+        grants = await publisher.partitions(topics.lock_grants)
+        if len(grants) != len(intents):
+            raise ProtocolError(
+                f"{topics.lock_grants} has {len(grants)} partitions, {topics.intents} {len(intents)}: recreate "
+                f"{topics.lock_grants} with {len(intents)} partitions to run the partitioned lock manager"
+            )
+        inputs = [*inputs, topics.lock_grants]
     if len(verdicts) == len(intents):
         return [*inputs, topics.deadlocks]
     log.error(
@@ -69,6 +89,9 @@ class InteractiveInputs:
         self.replies = replies
         self.codec = codec
         self.marker_retention_ms = marker_retention_ms
+        # Set when this coordinator cannot run interactive transactions (the partitioned lock manager):
+        # it answers each one's first request with an UnsupportedError, so the client learns at once.
+        self.refuser: Interactive | None = None
 
     def _interactive(self, state: TxState | None) -> Interactive | None:
         protocol = self.protocols.get("saga" if state is None else protocol_of(state))
@@ -108,6 +131,8 @@ class InteractiveInputs:
         tx_id = request["tx_id"]
         state = self.transactions.get(tx_id)
         protocol = self._interactive(state)
+        if protocol is None and state is None and self.refuser is not None:
+            return None, self.refuser.open(request, now, error_info(UnsupportedError.__name__, NO_INTERACTIVE, False))
         if protocol is None:
             return state, None  # its transaction runs a protocol that takes no lock requests
         if state is not None:

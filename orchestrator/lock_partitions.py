@@ -112,7 +112,10 @@ class Acquisition:
         wanted: Mapping[str, LockMode],
         partition_of: Callable[[str], int],
         deadline_ms: int | None = None,
+        granted: int = 0,
     ) -> None:
+        """`granted`: how many of its partitions granted already (a transaction's state kept elsewhere, as a
+        coordinator's snapshot keeps it)."""
         by_partition: dict[int, list[tuple[str, LockMode]]] = {}
         for key in sorted(wanted):
             by_partition.setdefault(partition_of(key), []).append((key, wanted[key]))
@@ -121,7 +124,7 @@ class Acquisition:
             PartitionRequest(tx_id, partition, tuple(keys), deadline_ms)
             for partition, keys in sorted(by_partition.items())
         ]
-        self._next = 0  # the request asked last, or to ask first
+        self._next = granted  # the request asked last, or to ask first
         self.blockers: tuple[str, ...] = ()  # whom it waits for, as the partition it waits in said
 
     @property
@@ -153,6 +156,11 @@ class Acquisition:
     def granted(self) -> list[int]:
         """The partitions that granted: the transaction holds their keys."""
         return [r.partition for r in self._requests[: self._next]]
+
+    def request(self) -> PartitionRequest | None:
+        """The request waited on now (None when done): asked again after a restart loses nothing, since a
+        partition answers a repeat again and queues it once."""
+        return None if self.done else self._requests[self._next]
 
     def asked(self) -> list[int]:
         """The partitions asked so far: the end of the transaction sends each a release."""
@@ -186,6 +194,12 @@ def release_record(release: PartitionRelease, at_ms: int) -> LockPartitionReques
         "deadline_ms": 0,
         "at_ms": at_ms,
     }
+
+
+def partition_record(message: PartitionRequest | PartitionRelease, at_ms: int) -> LockPartitionRequest:
+    if isinstance(message, PartitionRelease):
+        return release_record(message, at_ms)
+    return request_record(message, at_ms)
 
 
 def message_of(record: LockPartitionRequest, partition: int) -> PartitionRequest | PartitionRelease:

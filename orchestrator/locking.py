@@ -195,7 +195,7 @@ class Locking:
         if granted:
             first.lock_requests.extend(lock_event(first.state, k, "GRANTED", [], now, EXCLUSIVE) for k in keys)
             return first
-        t = Transition(_waiting(first.state, deadline, now))
+        t = Transition(waiting_state(first.state, deadline, now))
         t.cycles.extend((tx_id, other) for other in self.locks.mutual_waits(tx_id))
         for key in keys:  # per key: a key already its own is GRANTED, the others WAITING behind their blockers
             blockers = self.locks.blockers_on(tx_id, key)
@@ -275,7 +275,7 @@ class Locking:
         return phase not in _OWN_PHASES and self.inner.is_stuck(phase)
 
 
-def _waiting(started: TxState, deadline: int, now: int) -> TxState:
+def waiting_state(started: TxState, deadline: int, now: int) -> TxState:
     """The state of a transaction queued for its locks: the inner protocol's first state with nothing
     sent (its commands are dropped and sent only once the locks are granted, by a fresh start)."""
     state = copy_state(started, now)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
+from orchestrator.lock_partitions import PartitionGrant, PartitionRelease, PartitionRequest
 from polycommit.errors import ProtocolError
 from polycommit.events import (
     Alert,
@@ -70,7 +71,15 @@ class LocksGranted:
     """The locks a transaction was waiting for are now all its own (another transaction released them)."""
 
 
-Event = IntentReceived | OutcomeReceived | TimerDue | OperatorReceived | LocksGranted
+@dataclass(frozen=True)
+class PartitionGranted:
+    """A partition of the lock manager partitioned by key answered (orchestrator/partitioned_locking.py):
+    the transaction holds its keys there, or waits for `grant.blockers`."""
+
+    grant: PartitionGrant
+
+
+Event = IntentReceived | OutcomeReceived | TimerDue | OperatorReceived | LocksGranted | PartitionGranted
 
 
 # -- what one event did ----------------------------------------------------------------------------
@@ -102,6 +111,8 @@ class Transition:
     # that waits for it): the driver judges each at once, by the detector's rule, instead of waiting for
     # the detector's verdict (`orchestrator.interactive_model.verdict_on`).
     cycles: list[tuple[str, ...]] = field(default_factory=list)
+    # Requests and releases for the lock manager partitioned by key, each to its partition of lock-requests.
+    partition_messages: list[PartitionRequest | PartitionRelease] = field(default_factory=list)
 
     def publishes(self) -> bool:
         """Anything to publish (a transition that keeps its state object and publishes nothing changed nothing)."""
@@ -113,6 +124,7 @@ class Transition:
             or self.rejections
             or self.result is not None
             or self.lock_replies
+            or self.partition_messages
         )
 
 

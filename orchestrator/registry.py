@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 
 from orchestrator.interactive import Interactive
 from orchestrator.lock_waits import AnnouncedWaits
+from orchestrator.partitioned_locking import PartitionedLocking, Refusing
 from orchestrator.protocol import TransactionProtocol, TxState
 from orchestrator.saga import SagaPolicy, SagaProtocol
 from orchestrator.twopc import TwoPhaseCommit
@@ -19,11 +20,11 @@ from polycommit.errors import ProtocolError
 from polycommit.events import TransactionIntent
 
 
-def interactive_saga(policy: SagaPolicy, waits: AnnouncedWaits) -> Interactive:
+def interactive_saga(policy: SagaPolicy, waits: AnnouncedWaits | None = None) -> Interactive:
     """Sagas holding exclusive locks on their write keys until they end (unless an intent opts out),
     waiting for them as long as a step may take by default; and interactive transactions that take their
     locks on demand before their intent (orchestrator/interactive.py)."""
-    return Interactive(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms, waits=waits)
+    return Interactive(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms, waits=waits or AnnouncedWaits())
 
 
 def two_phase_commit(policy: SagaPolicy, waits: AnnouncedWaits) -> TwoPhaseCommit:
@@ -46,7 +47,20 @@ PROTOCOL_FOR_CONSISTENCY: Mapping[str, str] = {
 DEFAULT_PROTOCOL = "saga"  # also the protocol of snapshots written before they named one
 
 
-def protocols(policy: SagaPolicy) -> dict[str, TransactionProtocol]:
+PARTITIONED_REFUSES = (
+    "two-phase commit needs the coordinator member's lock table, and this coordinator runs the lock manager "
+    "partitioned by key (POLYCOMMIT_LOCK_MANAGER=partitioned), which serves sagas only"
+)
+
+
+def protocols(policy: SagaPolicy, lock_manager: str = "member") -> dict[str, TransactionProtocol]:
+    """Every protocol, by name. `lock_manager="partitioned"`: sagas ask the lock manager partitioned by
+    key, and two-phase commits are refused (orchestrator/partitioned_locking.py)."""
+    if lock_manager == "partitioned":
+        return {
+            "saga": PartitionedLocking(SagaProtocol(policy), lock_wait_ms=policy.default_timeout_ms),
+            "twopc": Refusing(TwoPhaseCommit(policy), PARTITIONED_REFUSES),
+        }
     waits = AnnouncedWaits()
     built = {name: factory(policy, waits) for name, factory in PROTOCOLS.items()}
     sagas, strong = built.get("saga"), built.get("twopc")

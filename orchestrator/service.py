@@ -28,6 +28,7 @@ from orchestrator.deferred import Deferred, Taken
 from orchestrator.interactive_inputs import INPUTS, InteractiveInputs, input_topics
 from orchestrator.lock_waits import waits_of
 from orchestrator.members import ActiveStandbyAssignor, assignor_for
+from orchestrator.partitioned_locking import granted, partitioned_of
 from orchestrator.protocol import (
     Event,
     HoldsLocks,
@@ -50,7 +51,7 @@ from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.deadletters import dead_letter
 from polycommit.errors import CodecError, ProtocolError
-from polycommit.events import OperatorCommand, StepOutcome, TransactionIntent, now_ms
+from polycommit.events import OperatorCommand, TransactionIntent, now_ms
 from polycommit.group_watch import GroupWatch, quietly, stop_consumer
 from projections.wait_for import REANNOUNCE_MS
 
@@ -70,7 +71,8 @@ class CoordinatorService:
     ) -> None:
         self.settings = settings
         self.policy = policy or SagaPolicy(max_payload_bytes=settings.max_payload_bytes)
-        self.protocols = registry.protocols(self.policy)
+        self.protocols = registry.protocols(self.policy, settings.lock_manager)
+        self.partitioned = partitioned_of(self.protocols)  # sagas ask the lock manager partitioned by key
         self.codec = codec or default_codec()
         self.topics = topics_for(settings)
         self.group_id = f"{settings.topic_prefix}-coordinator"
@@ -102,6 +104,8 @@ class CoordinatorService:
         self.writer = TransitionWriter(self.topics, self.codec, self.replies, self.stats, self.trace, observe)
         retention = settings.marker_retention_ms
         self.interactive = InteractiveInputs(self.transactions, self.protocols, self.replies, self.codec, retention)
+        if self.partitioned is not None:  # interactive transactions need the member's table: refused
+            self.interactive.refuser = registry.interactive_saga(self.policy)
 
     # -- state ownership ----------------------------------------------------------------------------
 
@@ -181,7 +185,8 @@ class CoordinatorService:
         await self.replies.load()
         self.transactions.partitions = len(await publisher.partitions(self.topics.intents))
         self.writer.lock_partitions = await publisher.partitions(self.topics.locks)
-        consumer.subscribe(await input_topics(publisher, self.topics), listener=Rebalance(self))
+        inputs = await input_topics(publisher, self.topics, self.partitioned)
+        consumer.subscribe(inputs, listener=Rebalance(self))
         self.inputs.consumer = consumer
         await consumer.start()
         watch = GroupWatch(consumer, member)  # aiokafka's stuck rejoin (polycommit/group_watch.py)
@@ -288,7 +293,12 @@ class CoordinatorService:
             elif decoded.event_type == "OperatorCommand" and record.topic == self.topics.intents:
                 self._on_operator(decoded.record, record, now, out, touched)  # type: ignore[arg-type]
             elif decoded.event_type == "StepOutcome" and record.topic == self.topics.outcomes:
-                self._on_outcome(decoded.record, record, now, out, touched)  # type: ignore[arg-type]
+                self.stats.outcomes += 1  # its transaction may have ended (its state is gone): then a no-op
+                event: Event = OutcomeReceived(decoded.record)  # type: ignore[arg-type]
+                self._decide(decoded.record["tx_id"], event, record, now, out, touched)
+            elif decoded.event_type == "LockPartitionGrant" and record.topic == self.topics.lock_grants:
+                event = granted(self.partitioned, decoded.record, self.transactions.get)  # type: ignore[arg-type]
+                self._decide(decoded.record["tx_id"], event, record, now, out, touched)
             elif decoded.event_type in INPUTS and record.topic in (self.topics.intents, self.topics.deadlocks):
                 await self._on_interactive(decoded.event_type, decoded.record, record, now, out, touched)
             else:
@@ -337,13 +347,6 @@ class CoordinatorService:
             self.writer.publish(t, record, out)  # refused before it opened: no state, no changelog record
         elif t is not None:
             self._apply(t, before, record, out, touched, now)
-
-    def _on_outcome(
-        self, event: StepOutcome, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]
-    ) -> None:
-        self.stats.outcomes += 1
-        # No state: the transaction already ended (its terminal state is not kept), a late or redelivered outcome.
-        self._decide(event["tx_id"], OutcomeReceived(event), record, now, out, touched)
 
     def _on_operator(
         self, command: OperatorCommand, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]

@@ -12,7 +12,7 @@ from enum import StrEnum
 
 from orchestrator import twopc_model as m
 from orchestrator.locks import LockTable
-from orchestrator.protocol import Event, IntentReceived, LocksGranted, OperatorReceived, TimerDue
+from orchestrator.protocol import Event, IntentReceived, LocksGranted, OperatorReceived, PartitionGranted, TimerDue
 from orchestrator.twopc_model import TwoPCPhase, Vote
 from polycommit.errors import ProtocolError
 from polycommit.events import SagaSnapshot
@@ -57,6 +57,8 @@ def classify(state: SagaSnapshot, event: Event, now: int, locks: LockTable, admi
         if event.intent["tx_id"] != tx_id:
             raise ProtocolError(f"{tx_id}: received the intent of {event.intent['tx_id']}")
         return TwoPCEvent.INTENT_AGAIN
+    if isinstance(event, PartitionGranted):  # two-phase commit never asks the partitioned lock manager
+        raise ProtocolError(f"{tx_id}: a partition's lock grant has no row in the two-phase commit table")
     outcome = event.outcome
     if outcome["tx_id"] != tx_id or not 0 <= outcome["step_index"] < len(state["steps"]):
         raise ProtocolError(f"{tx_id}: outcome for {outcome['tx_id']} step {outcome['step_index']}, not of this one")

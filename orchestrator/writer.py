@@ -13,6 +13,7 @@ from typing import Any
 
 from orchestrator import registry
 from orchestrator.admission import ReplyTargets
+from orchestrator.lock_partitions import partition_record
 from orchestrator.positions import Offsets, position_key, position_record
 from orchestrator.protocol import Transition, TxState
 from polycommit import lock_log, tracing
@@ -85,6 +86,9 @@ class TransitionWriter:
         self.stats.commands += len(transition.commands)
         out.extend(Outgoing(self.topics.decisions, tx_id, "Decision", d, headers=traced) for d in transition.decisions)
         out.extend(self.lock_events(transition.lock_requests))
+        for message in transition.partition_messages:  # to the partition that owns the keys
+            asked = partition_record(message, state["updated_at_ms"])
+            out.append(Outgoing(self.topics.lock_requests, tx_id, "LockPartitionRequest", asked, message.partition))
         for alert in transition.alerts:
             out.append(Outgoing(self.topics.alerts, tx_id, "Alert", alert))
             self.observe("alert", 1, {"kind": alert["kind"], "tx_id": tx_id})

@@ -173,6 +173,10 @@ class Settings:
     # How long applied-step markers are kept after a transaction ends (`polycommit prune`); the
     # coordinator refuses an intent created longer ago than this (POLYCOMMIT_MARKER_RETENTION, e.g. 7d).
     marker_retention_ms: int = 7 * 24 * 3600 * 1000
+    # Where locks are kept (POLYCOMMIT_LOCK_MANAGER): `member`, each coordinator member's own table (every
+    # protocol), or `partitioned`, the lock manager partitioned by resource key (`polycommit run
+    # lock-manager`; sagas only, orchestrator/partitioned_locking.py). Change it with nothing in flight.
+    lock_manager: str = "member"
 
     def as_role(self, role: str) -> Settings:
         """These settings with Kafka credentials of `role` (`coordinator`, `consumer`, ...), if known."""
@@ -295,7 +299,18 @@ def load_settings() -> Settings:
         coordinator_members=_env("POLYCOMMIT_COORDINATOR_MEMBERS", "active-standby"),
         consumer_instance=os.environ.get("POLYCOMMIT_CONSUMER_INSTANCE") or None,
         marker_retention_ms=parse_duration_ms(_env("POLYCOMMIT_MARKER_RETENTION", "7d")),
+        lock_manager=_lock_manager(_env("POLYCOMMIT_LOCK_MANAGER", "member")),
     )
+
+
+LOCK_MANAGERS = ("member", "partitioned")
+
+
+def _lock_manager(value: str) -> str:
+    value = value.strip().lower()
+    if value not in LOCK_MANAGERS:
+        raise ValueError(f"POLYCOMMIT_LOCK_MANAGER={value!r}: one of {', '.join(LOCK_MANAGERS)}")
+    return value
 
 
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}

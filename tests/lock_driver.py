@@ -20,8 +20,7 @@ from orchestrator.lock_partitions import (
     PartitionRelease,
     PartitionRequest,
     grant_of,
-    release_record,
-    request_record,
+    partition_record,
 )
 from orchestrator.locks import EXCLUSIVE, SHARED, LockMode
 from polycommit.bus import Outgoing, Publisher, make_reader, topic_partitions, topics_for
@@ -89,10 +88,7 @@ class LockDriver:
 
     async def send(self, message: PartitionRequest | PartitionRelease) -> None:
         assert self.publisher is not None
-        if isinstance(message, PartitionRequest):
-            record = request_record(message, now_ms())
-        else:
-            record = release_record(message, now_ms())
+        record = partition_record(message, now_ms())
         topic = topics_for(self.settings).lock_requests
         item = Outgoing(topic, message.tx_id, "LockPartitionRequest", record, message.partition)
         await self.publisher.send(item)
