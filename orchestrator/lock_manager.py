@@ -1,6 +1,7 @@
 """The lock manager process, partitioned by resource key: `lock-requests` in, `lock-grants` out, each answer
 exactly once. I/O only; the protocol (what a partition answers, how a transaction asks) is
-orchestrator/lock_partitions.py. Step 2 of docs/lock-partitioning.md: the coordinator does not ask it yet.
+orchestrator/lock_partitions.py. Step 2 of docs/lock-partitioning.md; coordinators ask it for sagas when
+POLYCOMMIT_LOCK_MANAGER=partitioned (orchestrator/partitioned_locking.py).
 
 - **Partitions.** The members of the group `<prefix>-lock-manager` share the partitions of `lock-requests`;
   a key's locks live in the partition its key hashes to, and each owned partition has one `LockPartition`

@@ -1,6 +1,6 @@
 """The lock manager split by resource key: the protocol between a transaction and the partitions owning its
-keys, without I/O (step 1 of docs/lock-partitioning.md; the service is orchestrator/lock_manager.py; the
-coordinator does not ask it yet).
+keys, without I/O (step 1 of docs/lock-partitioning.md; the service is orchestrator/lock_manager.py; sagas
+ask it through orchestrator/partitioned_locking.py).
 
 Each partition of the lock manager owns the keys that hash to it and keeps one `LockTable` for them. A
 transaction does not see the partitions' tables: it sends a `PartitionRequest` (its keys of one partition,

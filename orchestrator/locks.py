@@ -16,8 +16,8 @@ deadlock. Everything a transaction holds or waits for goes with `release` when i
 
 Limitation: one table per coordinator member (transactions are partitioned by tx id, not by key), so
 two members do not see each other's locks; members are therefore active-standby. A lock manager
-partitioned by resource key is planned in docs/lock-partitioning.md; its protocol, without I/O, is
-orchestrator/lock_partitions.py and its service orchestrator/lock_manager.py, not asked by the coordinator yet.
+partitioned by resource key (docs/lock-partitioning.md) serves sagas when POLYCOMMIT_LOCK_MANAGER=partitioned:
+orchestrator/lock_partitions.py, lock_manager.py and partitioned_locking.py; then members may run active-active.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ held partitions in the last generation; the group leader keeps the member that d
 name, if a split ever left two claiming it), else picks the lowest instance name.
 
 `partitioned` (POLYCOMMIT_COORDINATOR_MEMBERS=partitioned) splits the partitions by range as before:
-more coordinator throughput, isolation only between transactions of the same member (README: Scaling).
+more coordinator throughput, isolation only between transactions of the same member (README: Scaling) —
+unless the members ask the lock manager partitioned by key (POLYCOMMIT_LOCK_MANAGER=partitioned, sagas
+only): then one lock manager orders every member's sagas, and members may run active-active.
 """
 
 from __future__ import annotations
@@ -143,20 +145,24 @@ def lock_scope_warning(owned: set[int], partitions: int) -> str | None:
     )
 
 
-def assignment_note(instance: str, owned: set[int], partitions: int, standby: bool) -> tuple[int, str] | None:
+def assignment_note(
+    instance: str, owned: set[int], partitions: int, standby: bool, shared_locks: bool = False
+) -> tuple[int, str] | None:
     """What a member logs (level, message) when the group gave it `owned`: active or standing by, or, split
-    among members, the lock-scope warning."""
+    among members, the lock-scope warning (unless every member asks one lock manager: `shared_locks`)."""
     if standby:
         state = f"{ACTIVE_NOTE}owns all {len(owned)}" if owned else ": standing by, owns none"
         return logging.INFO, f"{NOTE_PREFIX}{instance}{state} of the transaction partitions"
+    if shared_locks:
+        return logging.INFO, f"{NOTE_PREFIX}{instance}: owns {len(owned)} of {partitions} transaction partitions"
     warning = lock_scope_warning(owned, partitions)
     return None if warning is None else (logging.WARNING, warning)
 
 
-def report_assignment(instance: str, owned: set[int], partitions: int, standby: bool) -> None:
+def report_assignment(instance: str, owned: set[int], partitions: int, standby: bool, shared_locks: bool) -> None:
     """Log what the group gave this member, on this module's logger: `polycommit run` shows it at INFO,
     so an operator (and `polycommit chaos`) sees which member is active without --verbose."""
-    note = assignment_note(instance, owned, partitions, standby)
+    note = assignment_note(instance, owned, partitions, standby, shared_locks)
     if note is not None:
         log.log(*note)
 

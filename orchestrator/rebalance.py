@@ -47,7 +47,8 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         owned = {tp.partition for tp in assigned}  # the whole assignment (eager rebalance)
         service = self.service
         service.owned = owned
-        report_assignment(service.instance, owned, service.transactions.partitions, service.standby)
+        shared = service.partitioned is not None  # every member asks one lock manager
+        report_assignment(service.instance, owned, service.transactions.partitions, service.standby, shared)
         await service.committer.assigned(owned)  # made active: fences the member active before (committer.py)
         await service.restore(owned)
 

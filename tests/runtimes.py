@@ -13,6 +13,8 @@ import asyncpg
 from polycommit.client import Coordinator
 from polycommit.config import Settings
 from polycommit.tooling import workload
+from polycommit.tooling.checker import check
+from polycommit.tooling.checker.log import read_log
 from polycommit.tooling.runtime import Runtime
 
 
@@ -63,3 +65,12 @@ async def reading_client(runtime: Runtime, timeout: float) -> AsyncIterator[Coor
     """A client whose reads of Qdrant go through the runtime's Qdrant consumer (the current one)."""
     async with Coordinator(runtime.settings, timeout=timeout, point_source=CurrentBackend(runtime)) as coordinator:
         yield coordinator
+
+
+async def violations_in_log(runtime: Runtime) -> list[Any]:
+    """The checker on every transaction of the run's log, each key's writers in the order the log's lock
+    events granted it (concurrent sagas: neither invocation nor marker times order them)."""
+    history, facts = await read_log(runtime.settings)
+    qdrant = runtime.workers["qdrant"].participant
+    report = await check(runtime.settings, history, qdrant=qdrant, keys_owned=False, log=facts)  # type: ignore[arg-type]
+    return report.violations

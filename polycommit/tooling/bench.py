@@ -47,7 +47,7 @@ from polycommit.tooling.bench_workload import (
     writes,
 )
 from polycommit.tooling.event_loop import running_loop_name
-from polycommit.tooling.processes import PARTS, Cluster
+from polycommit.tooling.processes import PARTS, Cluster, lock_manager_parts
 from polycommit.tooling.runtime import Runtime
 
 __all__ = [
@@ -84,7 +84,7 @@ def cluster_for(
     """One process per part (and the deadlock detector if asked), plus `consumers - 1` more for each scalable
     store, each a static member; `env` goes to every part's environment."""
     extra = [f"{store}#{i}" for store in scalable_stores(settings) for i in range(1, consumers)]
-    parts = [*PARTS, "detector"] if detector else list(PARTS)
+    parts = [*PARTS, *(["detector"] if detector else []), *lock_manager_parts(settings)]
     cluster = Cluster(settings, names=[*parts, *extra], supervise=False, own_session=False)
     for name, part in cluster.processes.items():
         instance = {"POLYCOMMIT_CONSUMER_INSTANCE": name.partition("#")[2]} if name in extra else {}

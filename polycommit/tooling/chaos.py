@@ -79,7 +79,7 @@ from polycommit.tooling.chaos_workload import (
 )
 from polycommit.tooling.checker import History, check
 from polycommit.tooling.checker.log import read_log
-from polycommit.tooling.processes import PARTS, Cluster
+from polycommit.tooling.processes import PARTS, Cluster, lock_manager_parts
 
 INTERACTIVE_HOT_KEYS = 10  # --mode interactive without --hot-keys
 
@@ -144,7 +144,11 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     log_dir = base.log_dir / f"chaos-{run_id}"
     members = coordinator_parts(getattr(args, "coordinators", 1))
     detector = ["detector"] if interactive(args) else []
-    every = [*TARGETS, *members[1:], *detector]
+    locker = lock_manager_parts(base)
+    if locker and args.mode != "saga":
+        console.print(f"[red]--mode {args.mode}: the partitioned lock manager serves sagas only[/red]")
+        return 2
+    every = [*TARGETS, *members[1:], *detector, *locker]
     targets = [t for t in args.targets.split(",") if t] if args.targets else every
     unknown = sorted(set(targets) - set(every))
     if unknown:
@@ -164,9 +168,10 @@ async def run_chaos(base: Settings, args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     schedule = kill_schedule(rng, args.transactions, args.kills, targets)
     console.print(f"chaos run {run_id}: topics {settings.topic_prefix}.*, logs {log_dir}, seed {args.seed}")
-    await create_topics(settings)
+    split = base.coordinator_members == "partitioned"  # each member owns a partition of the transactions
+    await create_topics(settings, {"intents": len(members)} if split else None)
     await prepare(settings)
-    parts = [*members, *(p for p in PARTS if p != "coordinator"), *detector]
+    parts = [*members, *(p for p in PARTS if p != "coordinator"), *detector, *locker]
     run = ChaosRun(run_id, settings, log_dir, schedule, Cluster(settings, log_dir, names=parts))
     started = time.monotonic()
     try:

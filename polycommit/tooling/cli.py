@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
         "--targets",
         default="",
         help="comma-separated subset of coordinator,postgres,qdrant,neo4j (processes), kafka,postgres-server,"
-        "neo4j-server (servers), client, detector (--mode interactive) (default: all; servers are those of this "
+        "neo4j-server (servers), client, detector (--mode interactive), lock-manager (POLYCOMMIT_LOCK_MANAGER="
+        "partitioned) (default: all; servers are those of this "
         "home: never shared ones)",
     )
     chaos.add_argument(
@@ -157,7 +158,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="coordinator members (active-standby): `coordinator#2`... become targets too; killing the active "
-        "one waits for a standby to take over, then starts it again",
+        "one waits for a standby to take over, then starts it again (with POLYCOMMIT_COORDINATOR_MEMBERS="
+        "partitioned, the run's intents get one partition per member: all active)",
     )
     chaos.add_argument("--json", action="store_true")
     return parser

@@ -34,6 +34,11 @@ class PartStartError(RuntimeError):
     """A part exited, or stayed silent, before printing its ready line."""
 
 
+def lock_manager_parts(settings: Settings) -> list[str]:
+    """The lock manager's process when the coordinators ask it (POLYCOMMIT_LOCK_MANAGER=partitioned)."""
+    return ["lock-manager"] if settings.lock_manager == "partitioned" else []
+
+
 def part_command(part: str) -> list[str]:
     """`coordinator` (`coordinator#2`: another member, instance 2), `detector` (the deadlock detector, for
     runs of interactive transactions), `lock-manager` (the lock manager partitioned by key) or a store name
