@@ -104,6 +104,11 @@ class LockManagerService:
         self.stats = LockManagerStats()
         self.owned: dict[TopicPartition, _Owned] = {}
         self.rejoin_deadline_s = REJOIN_DEADLINE_S
+        # Named (POLYCOMMIT_CONSUMER_INSTANCE, as the store consumers are), a static group member: restarted
+        # after a kill -9 it gets its partitions back at once, not after the session timeout (6 s), while
+        # every saga waiting for a lock of those partitions waits with it. Two live processes need two names.
+        instance = settings.consumer_instance
+        self.instance_id = f"{NAME}-{instance}" if instance else None
 
     def partition(self, number: int) -> LockPartition | None:
         """The table of an owned partition (for inspection and tests)."""
@@ -126,7 +131,7 @@ class LockManagerService:
                 return
 
     async def _session(self, stop: asyncio.Event, ready: asyncio.Event | None) -> None:
-        consumer = make_consumer(self.settings, group_id=self.group_id, client_id=NAME)
+        consumer = make_consumer(self.settings, group_id=self.group_id, client_id=NAME, instance_id=self.instance_id)
         revocations = _Revocations()
         consumer.subscribe([self.topics.lock_requests], listener=revocations)
         await consumer.start()
