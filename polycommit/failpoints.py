@@ -27,7 +27,7 @@ MEANINGS: dict[str, str] = {
     "neo4j.phase2": "the COMMIT write-set / ABORT fence applied, its outcome not yet published",
     "qdrant.phase2": "the COMMIT write-set / ABORT fence applied, its outcome not yet published",
     "coordinator.after_decision": "a Decision committed with its phase-2 commands, nothing else done yet",
-    "lock_manager.before_commit": "a lock partition's answers and offset sent in its Kafka transaction, not committed",
+    "lock_manager.before_offsets": "a lock manager's answers acknowledged, the offsets it read not committed",
 }
 FAILPOINTS: tuple[str, ...] = tuple(MEANINGS)
 # The failpoints only two-phase commit reaches (tests/fault/test_twopc_crash_points.py); sagas never do.
@@ -44,7 +44,7 @@ TWO_PHASE_ONLY: frozenset[str] = frozenset(
 )
 
 # The lock manager's (tests/integration/test_lock_manager.py); the coordinator does not ask it yet.
-LOCK_MANAGER_ONLY: frozenset[str] = frozenset({"lock_manager.before_commit"})
+LOCK_MANAGER_ONLY: frozenset[str] = frozenset({"lock_manager.before_offsets"})
 
 _hits: dict[str, int] = {}
 

@@ -56,6 +56,7 @@ class Runtime:
     batch_size: int = 500
     observe: tracing.Observe = tracing.ignore  # the parts' metrics (polycommit.tooling.metrics)
     service: CoordinatorService | None = None
+    lock_manager_service: Any = None  # orchestrator.lock_manager.LockManagerService, when it runs here
     workers: dict[str, StoreWorker] = field(default_factory=dict)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -83,7 +84,7 @@ class Runtime:
             ready = asyncio.Event()
             readies.append(("lock-manager", ready))
             # A part of coordination: it runs as the coordinator principal (polycommit/acls.py).
-            manager = LockManagerService(self.settings.as_role("coordinator"))
+            manager = self.lock_manager_service = LockManagerService(self.settings.as_role("coordinator"))
             self._tasks.append(asyncio.create_task(manager.run(self._stop, ready), name="lock-manager"))
         for store in self.stores:
             participant = participant_for(store, self.settings)
@@ -133,6 +134,8 @@ class Runtime:
             report["coordinator"] = vars(self.service.stats)
         for store, worker in self.workers.items():
             report[store] = vars(worker.stats)
+        if self.lock_manager_service is not None:
+            report["lock-manager"] = vars(self.lock_manager_service.stats)
         return report
 
     async def __aenter__(self) -> Runtime:

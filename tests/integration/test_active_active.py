@@ -36,7 +36,7 @@ pytestmark = pytest.mark.servers
 async def run(settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
     run = run_settings(settings, uuid.uuid4().hex[:8], prefix="active", edge_path=tmp_path / "edge")
     run = dataclasses.replace(run, coordinator_members="partitioned", lock_manager="partitioned")
-    await create_topics(run, {"intents": 2})
+    await create_topics(run, {"intents": 2, "lock-requests": 4})
     try:
         yield run
     finally:

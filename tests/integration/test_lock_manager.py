@@ -3,12 +3,12 @@ coordinators' side is played by tests/lock_driver.py (ordered acquisition, hold,
 
 - Transactions of up to four keys spread over the partitions, all at once: every one acquires and ends,
   no two ever hold conflicting locks, each partition answers GRANTED exactly once per transaction asking
-  it, and nothing is left locked.
+  it (nothing crashed: nothing is answered twice), and nothing is left locked.
 - A restarted manager restores a partition's holders and queues from the log: a waiter queued before the
   restart is granted by the new one when the holder releases.
-- kill -9 between a partition's answers and their commit, once it has committed others: the restarted
-  manager answers from the committed offset, and every grant is seen exactly once (an aborted
-  transaction's answers are never read, a committed one's are not given again).
+- kill -9 between a loop's acknowledged answers and the commit of the offsets it read: the restarted
+  manager folds up to the committed offset and answers the rest again (repeats the driver ignores, as the
+  coordinator does); still no conflicting holders, every transaction acquires and ends.
 - Bad records (undecodable, a request on a partition it does not name) are dead letters; the partition
   goes on answering.
 """
@@ -43,7 +43,7 @@ WORKLOAD_BOUND_S = 120.0  # a workload not done by then hangs: a failure
 @pytest.fixture
 async def run(settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
     run = run_settings(settings, uuid.uuid4().hex[:8], prefix="locks", edge_path=tmp_path / "qdrant-edge")
-    await create_topics(run)
+    await create_topics(run, {"lock-requests": 4})  # keys spread over several partitions
     try:
         yield run
     finally:
@@ -75,11 +75,16 @@ async def nothing_left(driver: LockDriver) -> None:
         await driver.release(acquisition)
 
 
-def exactly_once(driver: LockDriver, plans: dict[str, dict[str, object]]) -> None:
+def exactly_once(driver: LockDriver, plans: dict[str, dict[str, object]], at_least: bool = False) -> None:
     counts = driver.granted_counts()
     for tx_id, wanted in plans.items():
         for partition in {driver.partition_of(k) for k in wanted}:
-            assert counts[(tx_id, partition)] == 1, (tx_id, partition, counts[(tx_id, partition)])
+            count = counts[(tx_id, partition)]
+            assert count >= 1 if at_least else count == 1, (tx_id, partition, count)
+
+
+def at_least_once(driver: LockDriver, plans: dict[str, dict[str, object]]) -> None:
+    exactly_once(driver, plans, at_least=True)
 
 
 async def test_transactions_over_partitions_hold_no_conflict_and_end(run: Settings) -> None:
@@ -111,11 +116,11 @@ async def test_a_restarted_manager_grants_a_waiter_queued_before(run: Settings) 
             assert restarted.stats.restored_records >= 2  # the holder's request and the waiter's
 
 
-async def test_kill_between_answers_and_commit_answers_exactly_once(run: Settings, tmp_path: Path) -> None:
+async def test_kill_between_answers_and_offsets_answers_again_and_every_transaction_ends(
+    run: Settings, tmp_path: Path
+) -> None:
     part = PartProcess("lock-manager", run, log_path=tmp_path / "lock-manager.log")
-    # A loop commits its partitions' transactions side by side (up to 4): the 5th commit comes after at
-    # least one loop committed whole, so answers of the killed process are in the log.
-    await part.start(failpoint="lock_manager.before_commit:5")
+    await part.start(failpoint="lock_manager.before_offsets:3")  # the third loop that answered something
     try:
         async with lock_driver(run) as driver:
             plans = random_transactions(seed=11, count=16, keys=KEYS)
@@ -125,8 +130,8 @@ async def test_kill_between_answers_and_commit_answers_exactly_once(run: Setting
             await part.start()
             await asyncio.wait_for(workload, WORKLOAD_BOUND_S)
             assert driver.conflicts == []
-            assert any(at < killed_at for at in driver.answered_at), "the killed process had committed nothing"
-            exactly_once(driver, plans)  # type: ignore[arg-type]
+            assert any(at < killed_at for at in driver.answered_at), "the killed process had answered nothing"
+            at_least_once(driver, plans)  # type: ignore[arg-type]
             await nothing_left(driver)
     finally:
         if part.running:

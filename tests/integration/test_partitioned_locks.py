@@ -37,7 +37,7 @@ async def runtime(settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
     edge = Path(tmp_path_factory.mktemp("partitioned-edge"))
     run = run_settings(settings, uuid.uuid4().hex[:8], prefix="plocks", edge_path=edge)
     run = dataclasses.replace(run, lock_manager="partitioned")
-    await create_topics(run, {"intents": 2})
+    await create_topics(run, {"intents": 2, "lock-requests": 4})
     try:
         async with started_runtime(run, policy=POLICY, batch_size=200, lock_manager=True) as rt:
             yield rt
