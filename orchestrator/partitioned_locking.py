@@ -15,10 +15,10 @@ for them by messages (`Transition.partition_messages`) and learns of them by `Pa
   per partition before it starts: the price of a lock manager that is not in the coordinator's memory.
 - **Release.** When the inner state ends (or the wait times out: `lock wait timed out`, a LockTimeoutError,
   nothing ran), a release goes to every partition asked, in the same Kafka transaction as the result.
-- **Exactly once on both sides.** The coordinator publishes its requests in its loop's Kafka transaction
-  with the snapshot that counts them, and reads the grants as inputs whose positions commit with the
-  snapshots they changed; the lock manager answers in a Kafka transaction with its consumed offset. A
-  crash on either side replays the inputs that were not committed, and nothing is asked or granted twice.
+- **Crashes.** The coordinator publishes its requests in its loop's Kafka transaction with the snapshot
+  that counts them, and reads the grants as inputs whose positions commit with the snapshots they changed:
+  it asks exactly once. The lock manager answers at least once (a repeat after its crash is the same
+  answer): an answer from a partition the saga no longer waits in, or a WAITING, changes nothing here.
 - **For the checker and the detector**, its GRANTED (when it starts) and RELEASED lock events go to `locks`
   as before; there are no WAITING events: sagas asking in partition order never wait in a cycle.
 

@@ -9,8 +9,7 @@ test session's or a chaos run's topics are guarded like the default ones. A brok
   alerts, dead-letters, locks, and any reply topic under `<prefix>.`; group `<prefix>-coordinator`;
   transactional ids `<prefix>-coordinator-*`.
 - coordinator, as the lock manager too (orchestrator/lock_manager.py, a part of coordination that only
-  coordinators talk to): reads and writes lock-requests and lock-grants; group `<prefix>-lock-manager`;
-  transactional ids `<prefix>-lock-manager-*`.
+  coordinators talk to): reads and writes lock-requests and lock-grants; group `<prefix>-lock-manager`.
 - consumer (every store's): reads commands.*, decisions; writes outcomes, dead-letters; groups
   `<prefix>-<store>`.
 - detector: reads locks; writes deadlocks; groups `<prefix>-detector*`.
@@ -54,7 +53,7 @@ class Operation(IntEnum):
 
 
 ALLOW = 3
-# The groups (and transactional-id prefixes) the coordinator principal runs: coordinators, lock manager.
+# The consumer groups the coordinator principal runs: the coordinators', the lock manager's.
 COORDINATION_GROUPS = ("coordinator", "lock-manager")
 
 
@@ -100,8 +99,7 @@ def role_grants(t: Topics, users: Mapping[str, str], stores: Sequence[str]) -> l
         for op in (Operation.WRITE, Operation.DESCRIBE):
             grants.append(Grant(who, Resource.TOPIC, f"{prefix}.", op, Pattern.PREFIXED))
         for op in (Operation.WRITE, Operation.DESCRIBE):
-            for group in COORDINATION_GROUPS:
-                grants.append(Grant(who, Resource.TRANSACTIONAL_ID, f"{prefix}-{group}-", op, Pattern.PREFIXED))
+            grants.append(Grant(who, Resource.TRANSACTIONAL_ID, f"{prefix}-coordinator-", op, Pattern.PREFIXED))
     if "consumer" in users:
         who = f"User:{users['consumer']}"
         grants += _topics(who, [*commands, t.decisions], Operation.READ)
