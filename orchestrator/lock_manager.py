@@ -36,13 +36,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from orchestrator.lock_partitions import LockPartition, PartitionGrant, grant_record, message_of
+from orchestrator.lock_partitions import LockPartition, PartitionGrant, PartitionRelease, grant_record, message_of
+from polycommit import tracing
 from polycommit.bus import Outgoing, Publisher, make_consumer, make_reader, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
@@ -94,6 +95,8 @@ class _Owned:
     table: LockPartition
     next_offset: int
     committed: int  # the group's offset as this member last committed (or restored) it
+    # Each waiter's trace context (its request's headers), for the grant a release answers it with later.
+    traced: dict[str, tuple[Any, int]] = field(default_factory=dict)  # tx -> (headers, request time ns)
 
 
 class LockManagerService:
@@ -240,21 +243,35 @@ class LockManagerService:
             self.stats.records += 1
             owned.next_offset = record.offset + 1
             try:
-                grants = owned.table.on_message(message_of(self._decode(record), tp.partition))
+                message = message_of(self._decode(record), tp.partition)
             except CodecError as exc:
                 self.stats.dead_letters += 1
                 letter = dead_letter(record, exc, NAME)
                 out.append(Outgoing(self.topics.dead_letters, letter["tx_id"] or "", "DeadLetter", letter))
                 continue
-            out.extend(self._grant_records(grants, at))
+            if record.headers and not isinstance(message, PartitionRelease):
+                owned.traced[message.tx_id] = (record.headers, tracing.record_time_ns(record))
+            grants = owned.table.on_message(message)
+            out.extend(self._grant_records(owned, grants, at))
+            if isinstance(message, PartitionRelease):
+                owned.traced.pop(message.tx_id, None)
         return out
 
-    def _grant_records(self, grants: Sequence[PartitionGrant], at: int) -> list[Outgoing]:
+    def _grant_records(self, owned: _Owned, grants: Sequence[PartitionGrant], at: int) -> list[Outgoing]:
         out = []
         for grant in grants:
             if grant.granted:
                 self.stats.grants += 1
             else:
                 self.stats.waits += 1
-            out.append(Outgoing(self.topics.lock_grants, grant.tx_id, "LockPartitionGrant", grant_record(grant, at)))
+            # Traced: the answer carries its transaction's context, and a span from its request to this answer.
+            headers = None
+            if grant.tx_id in owned.traced:
+                context, requested_ns = owned.traced[grant.tx_id]
+                answered = tracing.span(tracing.LOCK_ANSWER, tracing.parent_of(context), requested_ns, tracing.now_ns())
+                headers = tracing.headers_of(answered)
+            if grant.granted:
+                owned.traced.pop(grant.tx_id, None)
+            record = grant_record(grant, at)
+            out.append(Outgoing(self.topics.lock_grants, grant.tx_id, "LockPartitionGrant", record, headers=headers))
         return out

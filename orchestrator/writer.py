@@ -88,7 +88,10 @@ class TransitionWriter:
         out.extend(self.lock_events(transition.lock_requests))
         for message in transition.partition_messages:  # to the partition that owns the keys
             asked = partition_record(message, state["updated_at_ms"])
-            out.append(Outgoing(self.topics.lock_requests, tx_id, "LockPartitionRequest", asked, message.partition))
+            requested = Outgoing(
+                self.topics.lock_requests, tx_id, "LockPartitionRequest", asked, message.partition, headers=traced
+            )
+            out.append(requested)
         for alert in transition.alerts:
             out.append(Outgoing(self.topics.alerts, tx_id, "Alert", alert))
             self.observe("alert", 1, {"kind": alert["kind"], "tx_id": tx_id})

@@ -42,6 +42,7 @@ COMMAND_FETCH = "polycommit.command.fetch"
 STORE_APPLY = "polycommit.store.apply"
 OUTCOME_PUBLISH = "polycommit.outcome.publish"
 CLIENT_RESULT = "polycommit.client.result"
+LOCK_ANSWER = "polycommit.lock_manager.answer"  # a lock request's fetch and answer, up to its grant's publish
 
 
 # What a process reports for its metrics: observe(name, value, labels). The coordinator and the consumers

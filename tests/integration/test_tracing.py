@@ -8,6 +8,7 @@ import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -103,3 +104,38 @@ async def test_every_hop_of_a_transaction_is_in_one_trace(own_topics: Settings, 
     for store in ("postgres", "qdrant", "neo4j"):
         assert sample("polycommit_step_seconds_count", {"store": store}) == 1
         assert sample("polycommit_batch_size_count", {"process": store}) >= 1
+
+
+async def test_a_saga_asking_the_partitioned_lock_manager_stays_in_one_trace(
+    own_topics: Settings, exporter: InMemorySpanExporter
+) -> None:
+    """With the lock manager partitioned by key, the trace goes through it: each partition asked answers
+    within the saga's trace (its answer span a child of the coordinator's commit of the request), and the
+    store hops follow in the same trace."""
+    topics = dataclasses.replace(own_topics, lock_manager="partitioned")
+    await create_topics(topics, {"lock-requests": 4})  # the fixture made them with the default: already there
+    await bench.prepare(topics)
+    runtime = await Runtime(topics, lock_manager=True).start()
+    try:
+        async with Coordinator(topics, timeout=60) as client:
+            saga = bench.saga_of(bench.writes(f"trace-{uuid.uuid4().hex[:6]}", 1)[0])
+            result = await client.execute(saga)
+    finally:
+        await runtime.stop()
+    assert result.status == "completed"
+    spans = _trace_of(exporter.get_finished_spans(), saga.tx_id)
+    names = [s.name for s in spans]
+    asked = runtime.service.partitioned.acquisition(_locking(saga.intent("", ""))).partitions()  # type: ignore[union-attr]
+    assert names.count(tracing.LOCK_ANSWER) == len(asked) >= 1, sorted(names)
+    for hop in (tracing.COMMAND_FETCH, tracing.STORE_APPLY, tracing.OUTCOME_PUBLISH, tracing.CLIENT_RESULT):
+        assert hop in names, f"{hop} missing from the trace: {sorted(set(names))}"
+    ids = {s.context.span_id for s in spans}
+    orphans = [
+        s.name for s in spans if s.name != tracing.TRANSACTION and (s.parent is None or s.parent.span_id not in ids)
+    ]
+    assert not orphans, f"spans whose parent is not in the trace: {orphans}"
+
+
+def _locking(intent: Any) -> Any:
+    """A state waiting for its first partition, to ask the protocol which partitions the saga asks."""
+    return {"intent": intent, "phase": "locking", "current": 0, "due_at_ms": 0}
