@@ -156,8 +156,23 @@ TABLE: dict[tuple[StrEnum, StrEnum], Handler] = {
 }
 
 
+class LockingPhases:
+    """The phase questions of a wrapper whose own phases (`LockingPhase`) sit beside its inner protocol's."""
+
+    inner: TransactionProtocol
+
+    def is_terminal(self, phase: str) -> bool:
+        return phase == LockingPhase.TIMED_OUT or self.inner.is_terminal(phase)
+
+    def is_in_flight(self, phase: str) -> bool:
+        return phase == LockingPhase.LOCKING or self.inner.is_in_flight(phase)
+
+    def is_stuck(self, phase: str) -> bool:
+        return phase not in _OWN_PHASES and self.inner.is_stuck(phase)
+
+
 @dataclass
-class Locking:
+class Locking(LockingPhases):
     """`inner`, run under exclusive locks on its write keys, on its coordinator member's lock table (one
     table for every protocol that locks: see `orchestrator.registry.protocols`)."""
 
@@ -264,15 +279,6 @@ class Locking:
             if tx_id in self.locks:
                 woken.extend(self.locks.release(tx_id))
         return woken
-
-    def is_terminal(self, phase: str) -> bool:
-        return phase == LockingPhase.TIMED_OUT or self.inner.is_terminal(phase)
-
-    def is_in_flight(self, phase: str) -> bool:
-        return phase == LockingPhase.LOCKING or self.inner.is_in_flight(phase)
-
-    def is_stuck(self, phase: str) -> bool:
-        return phase not in _OWN_PHASES and self.inner.is_stuck(phase)
 
 
 def waiting_state(started: TxState, deadline: int, now: int) -> TxState:

@@ -35,7 +35,15 @@ from dataclasses import dataclass
 
 from orchestrator import operator
 from orchestrator.lock_partitions import Acquisition, PartitionRelease, grant_of
-from orchestrator.locking import DEFAULT_LOCK_WAIT_MS, LockingPhase, lock_event, takes_locks, waiting_state, write_keys
+from orchestrator.locking import (
+    DEFAULT_LOCK_WAIT_MS,
+    LockingPhase,
+    LockingPhases,
+    lock_event,
+    takes_locks,
+    waiting_state,
+    write_keys,
+)
 from orchestrator.locks import EXCLUSIVE
 from orchestrator.protocol import (
     Event,
@@ -54,11 +62,9 @@ from polycommit.errors import LockTimeoutError, ProtocolError, UnsupportedError
 from polycommit.events import ErrorInfo, LockPartitionGrant, TransactionIntent, error_info
 from polycommit.partitioning import partition_of
 
-_OWN_PHASES: frozenset[str] = frozenset(LockingPhase)
-
 
 @dataclass
-class PartitionedLocking:
+class PartitionedLocking(LockingPhases):
     """`inner`, run under exclusive locks on its write keys, asked of the lock manager's partitions."""
 
     inner: TransactionProtocol
@@ -152,15 +158,6 @@ class PartitionedLocking:
         if held:
             keys = write_keys(t.state["intent"])
             t.lock_requests.extend(lock_event(t.state, key, "RELEASED", [], now, EXCLUSIVE) for key in keys)
-
-    def is_terminal(self, phase: str) -> bool:
-        return phase == LockingPhase.TIMED_OUT or self.inner.is_terminal(phase)
-
-    def is_in_flight(self, phase: str) -> bool:
-        return phase == LockingPhase.LOCKING or self.inner.is_in_flight(phase)
-
-    def is_stuck(self, phase: str) -> bool:
-        return phase not in _OWN_PHASES and self.inner.is_stuck(phase)
 
 
 @dataclass
