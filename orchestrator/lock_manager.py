@@ -44,7 +44,7 @@ from aiokafka.errors import KafkaError
 
 from orchestrator.lock_partitions import LockPartition, PartitionGrant, PartitionRelease, grant_record, message_of
 from polycommit import tracing
-from polycommit.bus import Outgoing, Publisher, make_consumer, make_reader, topics_for
+from polycommit.bus import Outgoing, Publisher, make_consumer, make_reader, read_assigned, topics_for
 from polycommit.codec import EventCodec, default_codec
 from polycommit.config import Settings
 from polycommit.deadletters import dead_letter
@@ -121,8 +121,8 @@ class LockManagerService:
         return None if owned is None else owned.table
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-        """Run until `stop`; a Kafka failure (a fenced producer among them) starts a new session, which
-        restores every partition it is given from the committed offsets."""
+        """Run until `stop`; a Kafka failure starts a new session, which restores every partition it is
+        given from the committed offsets."""
         delay = 0.5
         while not stop.is_set():
             try:
@@ -208,23 +208,17 @@ class LockManagerService:
 
     async def _fold(self, tp: TopicPartition, end: int, table: LockPartition) -> int:
         """Fold the committed records of `tp` before offset `end` into `table`, answering nothing."""
+
+        def fold(record: Any) -> None:
+            with contextlib.suppress(CodecError):  # a dead letter already, committed with its offset
+                table.on_message(message_of(self._decode(record), tp.partition))
+
         if end <= 0:
             return 0
         reader = make_reader(self.settings, f"{NAME}-restore")
         await reader.start()
         try:
-            reader.assign([tp])
-            await reader.seek_to_beginning(tp)
-            count = 0
-            while await reader.position(tp) < end:
-                batch = await reader.getmany(tp, timeout_ms=500, max_records=5000)
-                for record in batch.get(tp, []):
-                    if record.offset >= end:
-                        break
-                    count += 1
-                    with contextlib.suppress(CodecError):  # a dead letter already, committed with its offset
-                        table.on_message(message_of(self._decode(record), tp.partition))
-            return count
+            return await read_assigned(reader, [tp], fold, until={tp: end})
         finally:
             await reader.stop()
 

@@ -30,7 +30,7 @@ than run them beside sagas under locks the sagas cannot see.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from orchestrator import operator
@@ -81,12 +81,10 @@ class PartitionedLocking(LockingPhases):
         """The saga's side of ordered acquisition, as far as its snapshot says it got."""
         intent = state["intent"]
         wanted = dict.fromkeys(write_keys(intent), EXCLUSIVE)
-        granted = state["current"] if state["phase"] == LockingPhase.LOCKING else len(self._partitions_of(wanted))
+        # Running (or ended): every partition granted; its keys count at least as many as its partitions.
+        granted = state["current"] if state["phase"] == LockingPhase.LOCKING else len(wanted)
         deadline = state["due_at_ms"] if state["phase"] == LockingPhase.LOCKING else None
         return Acquisition(intent["tx_id"], wanted, lambda k: partition_of(k, self.partitions), deadline, granted)
-
-    def _partitions_of(self, keys: Iterable[str]) -> set[int]:
-        return {partition_of(k, self.partitions) for k in keys}
 
     def start(self, intent: TransactionIntent, now: int, refusal: ErrorInfo | None = None) -> Transition:
         first = self.inner.start(intent, now, refusal)
@@ -194,15 +192,10 @@ def partitioned_of(protocols: Mapping[str, TransactionProtocol]) -> PartitionedL
     return sagas if isinstance(sagas, PartitionedLocking) else None
 
 
-def granted(
-    partitioned: PartitionedLocking | None, grant: LockPartitionGrant, state_of: Callable[[str], TxState | None]
-) -> PartitionGranted:
+def granted(partitioned: PartitionedLocking | None, grant: LockPartitionGrant) -> PartitionGranted:
     """A grant read by the coordinator, as its transaction's event; ProtocolError (a dead letter) when this
-    coordinator asks no partition, or the transaction is not a saga (nothing else asks one)."""
-    tx_id = grant["tx_id"]
+    coordinator asks no partition. (A transaction of another protocol refuses the event itself: two-phase
+    commit has a row saying so.)"""
     if partitioned is None:
-        raise ProtocolError(f"{tx_id}: a lock grant, but this coordinator keeps its own lock table")
-    state = state_of(tx_id)
-    if state is not None and (state.get("protocol") or "saga") != partitioned.name:
-        raise ProtocolError(f"{tx_id}: a lock grant for a {state.get('protocol')} transaction")
+        raise ProtocolError(f"{grant['tx_id']}: a lock grant, but this coordinator keeps its own lock table")
     return PartitionGranted(grant_of(grant))

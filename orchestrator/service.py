@@ -297,7 +297,7 @@ class CoordinatorService:
                 event: Event = OutcomeReceived(decoded.record)  # type: ignore[arg-type]
                 self._decide(decoded.record["tx_id"], event, record, now, out, touched)
             elif decoded.event_type == "LockPartitionGrant" and record.topic == self.topics.lock_grants:
-                event = granted(self.partitioned, decoded.record, self.transactions.get)  # type: ignore[arg-type]
+                event = granted(self.partitioned, decoded.record)  # type: ignore[arg-type]
                 self._decide(decoded.record["tx_id"], event, record, now, out, touched)
             elif decoded.event_type in INPUTS and record.topic in (self.topics.intents, self.topics.deadlocks):
                 await self._on_interactive(decoded.event_type, decoded.record, record, now, out, touched)

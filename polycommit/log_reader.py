@@ -6,7 +6,7 @@ through here, read_committed, so an aborted Kafka transaction is never seen.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -55,20 +55,29 @@ async def read_topic(
         await reader.stop()
 
 
-async def read_assigned(reader: AIOKafkaConsumer, tps: Sequence[TopicPartition], handle: Callable[[Any], None]) -> int:
+async def read_assigned(
+    reader: AIOKafkaConsumer,
+    tps: Sequence[TopicPartition],
+    handle: Callable[[Any], None],
+    until: Mapping[TopicPartition, int] | None = None,
+) -> int:
     """Call `handle` on every committed record of the partitions `tps`, from the start to the end they
-    have now, with a started group-less `reader` (`make_reader`); returns how many records it read."""
+    have now (or, for a partition in `until`, to that offset, excluded), with a started group-less `reader`
+    (`make_reader`); returns how many records it read."""
     if not tps:
         return 0
     reader.assign(list(tps))
     await reader.seek_to_beginning(*tps)
     end = await reader.end_offsets(list(tps))
+    end = {tp: min(end[tp], (until or {}).get(tp, end[tp])) for tp in tps}
     remaining = {tp for tp in tps if end[tp] > 0}
     count = 0
     while remaining:
         batch = await reader.getmany(*remaining, timeout_ms=500, max_records=5000)
-        for records in batch.values():
+        for tp, records in batch.items():
             for record in records:
+                if record.offset >= end[tp]:
+                    break
                 handle(record)
                 count += 1
         for tp in list(remaining):

@@ -14,7 +14,7 @@ import importlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from consumers.base import Participant
 from consumers.worker import StoreWorker
@@ -25,6 +25,9 @@ from polycommit.config import Settings
 from polycommit.errors import UnknownStoreError
 from polycommit.events import STORES
 from polycommit.tooling import kafka_tuning
+
+if TYPE_CHECKING:
+    from orchestrator.lock_manager import LockManagerService
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class Runtime:
     batch_size: int = 500
     observe: tracing.Observe = tracing.ignore  # the parts' metrics (polycommit.tooling.metrics)
     service: CoordinatorService | None = None
-    lock_manager_service: Any = None  # orchestrator.lock_manager.LockManagerService, when it runs here
+    lock_manager_service: LockManagerService | None = None  # when it runs here
     workers: dict[str, StoreWorker] = field(default_factory=dict)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)

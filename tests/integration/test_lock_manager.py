@@ -91,7 +91,7 @@ async def test_transactions_over_partitions_hold_no_conflict_and_end(run: Settin
     async with manager(run) as service, lock_driver(run) as driver:
         assert len(spread(driver)) >= 3, "the keys must cross partitions for the test to mean anything"
         plans = random_transactions(seed=7, count=24, keys=KEYS)
-        await asyncio.wait_for(run_transactions(driver, plans, seed=7), WORKLOAD_BOUND_S)
+        await asyncio.wait_for(run_transactions(driver, plans), WORKLOAD_BOUND_S)
         assert driver.conflicts == []
         exactly_once(driver, plans)  # type: ignore[arg-type]
         assert any(not a.granted for a in driver.answers), "no transaction ever waited: the test proved little"
@@ -124,7 +124,7 @@ async def test_kill_between_answers_and_offsets_answers_again_and_every_transact
     try:
         async with lock_driver(run) as driver:
             plans = random_transactions(seed=11, count=16, keys=KEYS)
-            workload = asyncio.create_task(run_transactions(driver, plans, seed=11))
+            workload = asyncio.create_task(run_transactions(driver, plans))
             assert await part.exited(timeout=60) == -9, "the failpoint was not reached"
             killed_at = now_ms()
             await part.start()

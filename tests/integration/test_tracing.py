@@ -8,7 +8,6 @@ import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -16,10 +15,12 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from orchestrator.locking import write_keys
 from polycommit import tracing
 from polycommit.bus import create_topics, delete_topics
 from polycommit.client import Coordinator
 from polycommit.config import Settings
+from polycommit.partitioning import partition_of
 from polycommit.tooling import bench
 from polycommit.tooling.metrics import Metrics
 from polycommit.tooling.runtime import Runtime
@@ -125,7 +126,9 @@ async def test_a_saga_asking_the_partitioned_lock_manager_stays_in_one_trace(
     assert result.status == "completed"
     spans = _trace_of(exporter.get_finished_spans(), saga.tx_id)
     names = [s.name for s in spans]
-    asked = runtime.service.partitioned.acquisition(_locking(saga.intent("", ""))).partitions()  # type: ignore[union-attr]
+    assert runtime.service is not None and runtime.service.partitioned is not None
+    partitions = runtime.service.partitioned.partitions
+    asked = {partition_of(key, partitions) for key in write_keys(saga.intent("", ""))}
     assert names.count(tracing.LOCK_ANSWER) == len(asked) >= 1, sorted(names)
     for hop in (tracing.COMMAND_FETCH, tracing.STORE_APPLY, tracing.OUTCOME_PUBLISH, tracing.CLIENT_RESULT):
         assert hop in names, f"{hop} missing from the trace: {sorted(set(names))}"
@@ -134,8 +137,3 @@ async def test_a_saga_asking_the_partitioned_lock_manager_stays_in_one_trace(
         s.name for s in spans if s.name != tracing.TRANSACTION and (s.parent is None or s.parent.span_id not in ids)
     ]
     assert not orphans, f"spans whose parent is not in the trace: {orphans}"
-
-
-def _locking(intent: Any) -> Any:
-    """A state waiting for its first partition, to ask the protocol which partitions the saga asks."""
-    return {"intent": intent, "phase": "locking", "current": 0, "due_at_ms": 0}
