@@ -233,7 +233,7 @@ class CoordinatorService:
         for tp, records in batch.items():
             for record in records:
                 if positions.fresh(tp, record.offset):  # below the restored position: folded already
-                    await self._consume(record, now, out, touched)
+                    await self.consume(record, now, out, touched)
         self._fire_due(now, out, touched)
         if self._commit_failure is not None or (self._committing is not None and self._committing.done()):
             await self.drain()  # surface a failed commit before building on the state it left
@@ -284,7 +284,7 @@ class CoordinatorService:
         self.stats.commit_s += time.perf_counter() - committing
         self.observe("kafka_transaction", time.perf_counter() - committing, COORDINATOR_LABELS)
 
-    async def _consume(self, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]) -> None:
+    async def consume(self, record: Any, now: int, out: list[Outgoing], touched: dict[str, TxState]) -> None:
         self.trace.received(record)
         try:
             decoded = self.codec.decode(record.value)

@@ -30,7 +30,15 @@ from polycommit.bus import create_topics
 from polycommit.client import Coordinator, TransactionResult
 from polycommit.config import Settings
 from polycommit.errors import PolycommitError
-from polycommit.tooling import bench_contended, bench_direct, bench_output, bench_trace, cpu_meter, gc_tuning
+from polycommit.tooling import (
+    bench_contended,
+    bench_direct,
+    bench_fold,
+    bench_output,
+    bench_trace,
+    cpu_meter,
+    gc_tuning,
+)
 from polycommit.tooling.bench_args import add_arguments, check_options
 from polycommit.tooling.bench_verify import read_back, read_values
 from polycommit.tooling.bench_workload import (
@@ -313,6 +321,8 @@ async def _check_and_compare(
 async def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     levels = concurrencies(args.concurrency)
     check_options(args)
+    if args.fold:
+        return await bench_fold.report(settings, args.transactions, levels[0], args.json, Console(stderr=True))
     if args.consumers > 1 and (args.in_process or args.external):
         raise SystemExit("polycommit bench: --consumers runs consumer processes; not with --in-process/--external")
     console = Console(stderr=True)

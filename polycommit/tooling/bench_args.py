@@ -28,6 +28,12 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         action="store_true",
         help="per-hop budget of the median and p99 transaction (the parts write their spans to files of the run)",
     )
+    bench.add_argument(
+        "--fold",
+        action="store_true",
+        help="the coordinator's own CPU per saga, phase by phase: sagas folded in this process without Kafka or "
+        "stores (no server needed; --concurrency is the sagas per loop)",
+    )
     bench.add_argument("--no-direct", action="store_true", help="skip the direct-write baselines")
     bench.add_argument("--json", action="store_true")
     bench.add_argument(
