@@ -128,6 +128,7 @@ class ChaosRun:
     kills: list[Kill] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
+    reruns: list[str] = field(default_factory=list)  # sagas sent again after a lock wait or a deadlock
     mix: dict[str, int] = field(default_factory=dict)  # sagas sent of each kind (chaos_workload.mixed)
     increments: Increments = field(default_factory=Increments)  # --mode interactive
 
@@ -215,7 +216,15 @@ async def _drive(run: ChaosRun, args: argparse.Namespace, console: Console, star
 
         async def workload(slot: ClientSlot) -> None:
             await run_workload(
-                slot, run.history, sagas(), args.concurrency, run.progressed, run.errors, advance, run.retried
+                slot,
+                run.history,
+                sagas(),
+                args.concurrency,
+                run.progressed,
+                run.errors,
+                advance,
+                run.retried,
+                run.reruns,
             )
 
         await _under_kills(run, args, progress, chaos, started, workload)
@@ -322,6 +331,7 @@ async def _judge(run: ChaosRun, args: argparse.Namespace, console: Console, code
         mode = IncrementMode.of(args)
         summary["lock_at"], summary["consistency"] = mode.lock_at, mode.consistency
     summary["retried_after_timeout"] = len(run.retried)
+    summary["run_again"] = len(run.reruns)
     summary["exit_codes"] = codes
     summary["mix"] = dict(sorted(run.mix.items()))
     summary["mode"] = getattr(args, "mode", "saga")

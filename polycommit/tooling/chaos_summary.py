@@ -49,7 +49,7 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
     table = Table(title=f"polycommit chaos {summary['run']}: {summary['transactions']} {mode}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("statuses", json.dumps(summary["statuses"]))
+    table.add_row("statuses (every attempt)", json.dumps(summary["statuses"]))
     table.add_row("sagas sent (kind)", json.dumps(summary.get("mix", {})))
     table.add_row("missing results", str(summary["missing_results"]))
     table.add_row("kills", str(len(summary["kills"])))
@@ -58,6 +58,7 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
     table.add_row("processes that exited alone", str(len(summary["unexpected_exits"])))
     table.add_row("intent re-publishes", str(summary["publish_errors"]))
     table.add_row("transactions with a step retried", str(summary.get("retried_after_timeout", 0)))
+    table.add_row("sagas run again (lock wait, deadlock)", str(summary.get("run_again", 0)))
     if summary.get("mode") == "interactive":
         table.add_row("increments lock at / commit", f"{summary['lock_at']} / {summary['consistency']}")
     if summary.get("mode") in ("2pc", "mixed") or summary.get("consistency") == "STRONG":

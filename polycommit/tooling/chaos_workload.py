@@ -20,8 +20,10 @@ from typing import Any
 
 from polycommit import operations as ops
 from polycommit.bus import topics_for
-from polycommit.client import Coordinator, Saga, TransactionResult
+from polycommit.client import Coordinator, Saga, Transaction, TransactionResult
 from polycommit.config import Settings
+from polycommit.errors import DeadlockVictimError, LockTimeoutError
+from polycommit.interactive import retry_delay
 from polycommit.log_reader import read_topic
 from polycommit.tooling import bench
 from polycommit.tooling.bench import Write, keep_in_flight
@@ -30,6 +32,12 @@ from polycommit.tooling.checker import History
 from polycommit.tooling.workload import embed
 
 STEP_RETRIES = 3
+# A saga that ended with nothing of it run because it waited for its keys longer than its lock wait (behind
+# a saga that a kill stalled) or was a deadlock's victim is run again as a new transaction, as an
+# application does (`coordinator.execute(retries=...)`), at most this many times. Other failures are the
+# run's subject (a failing step, a short timeout, a vote no): never run again.
+RERUNS = 3
+RERUN_ERRORS = frozenset({LockTimeoutError.__name__, DeadlockVictimError.__name__})
 STEP_TIMEOUT_S = 30.0
 # A raw step that can never succeed: PostgreSQL refuses it with a data error, not a retriable one.
 FAILING_STEP = ops.sql("SELECT 1 / 0")
@@ -141,7 +149,7 @@ class ClientSlot:
             await self.client.close()
 
 
-async def execute(slot: ClientSlot, saga: Saga, errors: list[str]) -> TransactionResult | None:
+async def execute(slot: ClientSlot, saga: Transaction, errors: list[str]) -> TransactionResult | None:
     """Run one transaction; None when no result was heard (the client gave up, or was killed).
 
     Publishing the intent may fail while the broker is down or the client is being replaced: it is
@@ -176,18 +184,29 @@ async def run_workload(
     errors: list[str],
     on_result: Callable[[], None] | None = None,
     retried: list[str] | None = None,
+    reruns: list[str] | None = None,
 ) -> None:
-    """Keep `concurrency` transactions in flight; `retried` collects those with a step run more than once
-    (after a step timeout: an outcome was lost or late)."""
+    """Keep `concurrency` sagas in flight; `retried` collects the transactions with a step run more than
+    once (after a step timeout: an outcome was lost or late), `reruns` those that ran a saga again after a
+    lock wait or a deadlock (`RERUNS`). The history holds every attempt, each judged on its own."""
     retried = retried if retried is not None else []
+    reruns = reruns if reruns is not None else []
 
     async def one(saga: Saga) -> None:
-        history.invoke(saga)
-        result = await execute(slot, saga, errors)
-        if result is not None:
-            history.record_result(result)
-            if any(step.attempts > 1 for step in result.steps):
-                retried.append(saga.tx_id)
+        attempt: Transaction = saga
+        for run in range(RERUNS + 1):
+            if run:
+                await asyncio.sleep(retry_delay(run))  # jittered: sagas that timed out together spread out
+                attempt = attempt.again()
+                reruns.append(attempt.tx_id)
+            history.invoke(attempt)
+            result = await execute(slot, attempt, errors)
+            if result is not None:
+                history.record_result(result)
+                if any(step.attempts > 1 for step in result.steps):
+                    retried.append(attempt.tx_id)
+            if result is None or result.error_class not in RERUN_ERRORS:
+                break
         await progressed.arrived()
         if on_result is not None:
             on_result()
