@@ -260,8 +260,7 @@ class CoordinatorService:
         """Commit a loop's records with what earlier loops put off; `epoch`, a loop's, when a rebalance
         may have ended it meanwhile (a flush commits what was folded under the assignment it ends)."""
         touched, offsets, spans = taken
-        for tx_id, state in touched.items():
-            out.append(Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", self.transactions.record_of(state)))
+        out.extend(self.transactions.changelog_records(touched))
         out.extend(position_records(self.topics, offsets))
         # One Kafka transaction at a time, but the next batch is read and folded while this one commits.
         await self.drain()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from orchestrator.positions import InputPositions
 from orchestrator.protocol import TxState
 from orchestrator.registry import is_terminal
-from polycommit.bus import read_topic
+from polycommit.bus import Outgoing, read_topic
 from polycommit.codec import EventCodec
 from polycommit.config import Settings
 from polycommit.partitioning import partition_of
@@ -64,6 +64,12 @@ class OwnedTransactions:
         else:
             self.states[tx_id] = state
             self.schedule(state)
+
+    def changelog_records(self, touched: dict[str, TxState]) -> list[Outgoing]:
+        """The changelog records of the states a loop touched: each one's snapshot, or its tombstone."""
+        return [
+            Outgoing(self.changelog, tx_id, "SagaSnapshot", self.record_of(state)) for tx_id, state in touched.items()
+        ]
 
     def record_of(self, state: TxState) -> dict[str, object] | None:
         """The changelog record of a state: a snapshot while it runs, a tombstone (None) once it ended."""

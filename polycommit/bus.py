@@ -241,6 +241,14 @@ class Outgoing:
     headers: Sequence[tuple[str, bytes]] | None = None  # the W3C trace context, when traced (polycommit.tracing)
 
 
+def encoded(codec: EventCodec, item: Outgoing) -> bytes | None:
+    """The bytes a record is published as: encoded already (one event for several topics), a tombstone's
+    None, or its event encoded now."""
+    if item.encoded is not None:
+        return item.encoded
+    return None if item.record is None else codec.encode(item.event_type, item.record)
+
+
 class Publisher:
     """An idempotent (optionally transactional) producer that encodes events and sends them in batches."""
 
@@ -291,9 +299,7 @@ class Publisher:
         return partition_of(key, await self.partitions(topic))
 
     def encode(self, item: Outgoing) -> bytes | None:
-        if item.encoded is not None:
-            return item.encoded
-        return None if item.record is None else self.codec.encode(item.event_type, item.record)
+        return encoded(self.codec, item)
 
     async def publish(self, items: Sequence[Outgoing]) -> list[asyncio.Future[Any]]:
         """Queue records in per-partition batches; await the returned futures for the broker's ack."""

@@ -47,7 +47,7 @@ from polycommit.events import (
     TransactionIntent,
     now_ms,
 )
-from polycommit.interactive import InteractiveScope, LockAt, ScopeOptions, refuse_interactive, retriable, retry_delay
+from polycommit.interactive import InteractiveScope, LockAt, ScopeOptions, refuse_interactive, retriable, run_again
 from polycommit.lock_calls import LockCalls
 from polycommit.modes import refuse_unsupported
 from polycommit.reads import PointSource, StoreReads
@@ -335,16 +335,14 @@ class Coordinator:
         With `retries`, a transaction that ended with nothing of it applied for a reason a new attempt may
         not meet (`interactive.retriable`: a lock wait, a deadlock, a transient refusal once undone) runs
         again as a new one with the same steps, after a backoff. `attempts` gets every result."""
-        for attempt in range(retries + 1):
-            if attempt:
-                await asyncio.sleep(retry_delay(attempt))
-                transaction = transaction.again()
-            result = await self._execute_once(transaction, wait)
+
+        async def once(attempt: Transaction) -> TransactionResult:
+            result = await self._execute_once(attempt, wait)
             if attempts is not None:
                 attempts.append(result)
-            if not retriable(result):
-                break
-        return result
+            return result
+
+        return await run_again(transaction, retries, once, retriable)
 
     async def _execute_once(self, transaction: Transaction, wait: float | None) -> TransactionResult:
         future = await self.submit(transaction)

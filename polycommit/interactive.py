@@ -33,7 +33,7 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, get_args
 
 from polycommit import errors
 from polycommit import operations as ops
@@ -47,6 +47,8 @@ from polycommit.results import TransactionResult
 
 if TYPE_CHECKING:
     from polycommit.client import Coordinator, Transaction
+
+R = TypeVar("R")
 
 LockMode = Literal["SHARED", "EXCLUSIVE"]
 LockAt = Literal["commit", "access"]
@@ -329,6 +331,25 @@ def retry_delay(attempt: int, backoff: float = 0.05, max_backoff: float = 2.0) -
     """The wait before run `attempt` (1: the first run again): `backoff` doubled per attempt, at most
     `max_backoff`, jittered so that transactions that failed together do not all come back together."""
     return min(max_backoff, backoff * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+async def run_again(
+    transaction: Transaction,
+    retries: int,
+    once: Callable[[Transaction], Awaitable[R]],
+    again_if: Callable[[R], bool],
+) -> R:
+    """`once(transaction)`; while `again_if` its result and `retries` remain, the same steps as a new
+    transaction (`Transaction.again`) after `retry_delay`: sagas run again by `Coordinator.execute` and by
+    the chaos workload. Returns the last result."""
+    result = await once(transaction)
+    for attempt in range(1, retries + 1):
+        if not again_if(result):
+            break
+        await asyncio.sleep(retry_delay(attempt))
+        transaction = transaction.again()
+        result = await once(transaction)
+    return result
 
 
 async def run(

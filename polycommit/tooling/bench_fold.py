@@ -23,7 +23,7 @@ from rich.table import Table
 from consumers.base import Timing, outcome
 from orchestrator.protocol import TxState
 from orchestrator.service import CoordinatorService
-from polycommit.bus import Outgoing
+from polycommit.bus import Outgoing, encoded
 from polycommit.config import Settings
 from polycommit.events import STORES, now_ms
 from polycommit.tooling import gc_tuning
@@ -83,18 +83,12 @@ class OfflineCoordinator:
             offset = self._offsets.get(topic, 0)
             self._offsets[topic] = offset + 1
             await self.service.consume(InputRecord(topic, 0, offset, key, value, now), now, out, touched)
-        for tx_id, state in touched.items():
-            out.append(
-                Outgoing(self.topics.tx_state, tx_id, "SagaSnapshot", self.service.transactions.record_of(state))
-            )
-        return out
+        return [*out, *self.service.transactions.changelog_records(touched)]
 
     def encode(self, out: list[Outgoing]) -> int:
-        """Encode `out` as the loop's Kafka transaction does (an event published to two topics, once)."""
-        codec = self.service.codec
-        for o in out:
-            if o.encoded is None and o.record is not None:
-                codec.encode(o.event_type, o.record)
+        """Encode `out` as the loop's Kafka transaction does."""
+        for item in out:
+            encoded(self.service.codec, item)
         return len(out)
 
 

@@ -23,7 +23,7 @@ from polycommit.bus import topics_for
 from polycommit.client import Coordinator, Saga, Transaction, TransactionResult
 from polycommit.config import Settings
 from polycommit.errors import DeadlockVictimError, LockTimeoutError
-from polycommit.interactive import retry_delay
+from polycommit.interactive import run_again
 from polycommit.log_reader import read_topic
 from polycommit.tooling import bench
 from polycommit.tooling.bench import Write, keep_in_flight
@@ -41,6 +41,11 @@ RERUN_ERRORS = frozenset({LockTimeoutError.__name__, DeadlockVictimError.__name_
 STEP_TIMEOUT_S = 30.0
 # A raw step that can never succeed: PostgreSQL refuses it with a data error, not a retriable one.
 FAILING_STEP = ops.sql("SELECT 1 / 0")
+
+
+def rerun_after(result: TransactionResult | None) -> bool:
+    """Whether a saga's attempt ended so that chaos runs it again (`RERUN_ERRORS`); no result heard: no."""
+    return result is not None and result.error_class in RERUN_ERRORS
 
 
 @dataclass(frozen=True)
@@ -193,20 +198,18 @@ async def run_workload(
     reruns = reruns if reruns is not None else []
 
     async def one(saga: Saga) -> None:
-        attempt: Transaction = saga
-        for run in range(RERUNS + 1):
-            if run:
-                await asyncio.sleep(retry_delay(run))  # jittered: sagas that timed out together spread out
-                attempt = attempt.again()
-                reruns.append(attempt.tx_id)
-            history.invoke(attempt)
-            result = await execute(slot, attempt, errors)
+        async def attempt(transaction: Transaction) -> TransactionResult | None:
+            if transaction is not saga:
+                reruns.append(transaction.tx_id)
+            history.invoke(transaction)
+            result = await execute(slot, transaction, errors)
             if result is not None:
                 history.record_result(result)
                 if any(step.attempts > 1 for step in result.steps):
-                    retried.append(attempt.tx_id)
-            if result is None or result.error_class not in RERUN_ERRORS:
-                break
+                    retried.append(transaction.tx_id)
+            return result
+
+        await run_again(saga, RERUNS, attempt, rerun_after)
         await progressed.arrived()
         if on_result is not None:
             on_result()

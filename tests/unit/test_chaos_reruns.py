@@ -8,9 +8,9 @@ from typing import Any, cast
 
 import pytest
 
+from polycommit import interactive
 from polycommit.client import Coordinator, Transaction, TransactionResult
 from polycommit.config import load_settings
-from polycommit.tooling import chaos_workload
 from polycommit.tooling.bench_workload import saga_of, writes
 from polycommit.tooling.chaos_workload import RERUNS, ClientSlot, Progressed, run_workload
 from polycommit.tooling.checker import History
@@ -46,7 +46,7 @@ async def run_one(script: list[tuple[str, str | None]]) -> tuple[ScriptedClient,
 
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(chaos_workload, "retry_delay", lambda attempt: 0.0)
+    monkeypatch.setattr(interactive, "retry_delay", lambda attempt: 0.0)
 
 
 async def test_a_saga_timed_out_waiting_for_its_keys_runs_again_as_a_new_transaction() -> None:
